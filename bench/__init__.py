@@ -1,0 +1,1 @@
+"""gvtbench benchmarks and command line."""

@@ -1,0 +1,149 @@
+"""gvtbench: the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from bench.config import ConfigError
+
+EXIT_FAIL = 1       # the run's verdict failed
+EXIT_ERROR = 2      # the run could not be made (bad config, a node did not start...)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from bench import config
+    from bench.launch import Launcher, RunFailed
+    from bench.report import print_result
+
+    cfg = config.apply_overrides(config.load(args.config), duration=args.duration, vgpus=args.vgpus,
+                                 seed=args.seed, ops=args.ops)
+    console = Console(stderr=True)
+
+    def view(p: dict) -> Table:
+        t = Table(title=f"gvtbench run: {p['phase']}", show_edge=False)
+        for col in ("vGPU", "state", "issued", "completed", "failed"):
+            t.add_column(col, justify="right")
+        for vm, g in sorted(p["guests"].items()):
+            t.add_row(str(vm), str(g.get("state", "?")), f"{g.get('issued', 0):,}",
+                      f"{g.get('completed', 0):,}", f"{g.get('failed', 0):,}")
+        return t
+
+    live = Live(view({"phase": "starting", "guests": {}}), console=console, refresh_per_second=4,
+                transient=True, auto_refresh=False)
+    launcher = Launcher(cfg, on_progress=lambda p: (live.update(view(p)), live.refresh()))
+    try:
+        with live:
+            result = launcher.run()
+    except RunFailed as err:
+        console.print(f"[bold red]gvtbench run failed:[/] {err}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: every node stopped, shm and sockets removed[/]")
+        return 130
+    print_result(result, Console())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    return 0 if result["verdict"] == "pass" else EXIT_FAIL
+
+
+def _node(args: argparse.Namespace) -> int:
+    from bench import config
+    from nodes.node import run_node
+
+    cfg = config.load(args.config)
+    peers = {}
+    for p in args.peer:
+        name, sep, ep = p.partition("=")
+        if not sep or not name or not ep:
+            raise SystemExit(f"gvtbench node: --peer must be NAME=ENDPOINT, got {p!r}")
+        peers[name] = ep
+    return run_node(args.role, cfg, name=args.name, vm=args.vm, bind=args.bind, peers=peers,
+                    launcher=args.launcher, run_id=args.run_id, metrics_port=args.metrics_port,
+                    metrics_addr=args.metrics_addr, parent_death=args.parent_death)
+
+
+def _perf(args: argparse.Namespace) -> int:
+    if args.what == "translate":
+        from bench.perf_translate import format_translate, run_translate
+        res = run_translate(entries=args.entries, repeats=args.repeats)
+        print(json.dumps(res) if args.json else format_translate(res))
+        return 0
+    from bench.perf import format_trap, run_trap
+    res = run_trap(seconds=args.seconds)
+    print(json.dumps(res) if args.json else format_trap(res))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from bench.report import print_result
+    try:
+        with open(args.result) as f:
+            result = json.load(f)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"gvtbench report: cannot read {args.result}: {err}")
+    print_result(result)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="gvtbench", description="A distributed test bench for GVT-g "
+                                 "style mediated GPU pass-through")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="start gpu, mediator, hypervisor and guests; drive load; judge")
+    r.add_argument("config", nargs="?", help="TOML config (default: configs/smoke.toml)")
+    r.add_argument("--duration", type=float, help="seconds of load (run.duration_s)")
+    r.add_argument("--vgpus", type=int, help="number of vGPUs / guests (vgpus.count)")
+    r.add_argument("--seed", type=int, help="seed of p2m and load (run.seed)")
+    r.add_argument("--ops", type=int, help="stop each guest after N ops instead of a duration")
+    r.add_argument("--json", metavar="PATH", help="write the result as JSON")
+    r.set_defaults(fn=_run)
+    n = sub.add_parser("node", help="run one node alone (for multi-host runs)")
+    n.add_argument("role", choices=["gpu", "mediator", "hypervisor", "guest"])
+    n.add_argument("--config", help="TOML or JSON config shared by all nodes of the run")
+    n.add_argument("--name")
+    n.add_argument("--vm", type=int, default=0, help="the guest's VM id (guest only)")
+    n.add_argument("--bind", required=True, help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:5555")
+    n.add_argument("--peer", action="append", default=[], metavar="NAME=ENDPOINT")
+    n.add_argument("--launcher", help="the launcher's endpoint, when started by one")
+    n.add_argument("--run-id", default="solo", help="names this run's /dev/shm region files")
+    n.add_argument("--metrics-port", type=int, default=0, help="/metrics port (0: any free port)")
+    n.add_argument("--metrics-addr", default="127.0.0.1")
+    n.add_argument("--parent-death", action="store_true", help=argparse.SUPPRESS)
+    n.set_defaults(fn=_node)
+    p = sub.add_parser("perf", help="benchmarks: translate (C vs numpy vs Python), trap (end to end)")
+    p.add_argument("what", choices=["translate", "trap"])
+    p.add_argument("--entries", type=int, default=1_000_000)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--seconds", type=float, default=3.0, help="trap: seconds per measurement")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_perf)
+    rep = sub.add_parser("report", help="print a result JSON as a table")
+    rep.add_argument("result")
+    rep.set_defaults(fn=_report)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"gvtbench: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as err:
+        from nodes.errors import GvtError
+        if isinstance(err, GvtError):
+            print(f"gvtbench: {err.text}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Run configuration: TOML files in configs/, validated key by key.
+
+Every error names the file, the key and the reason. Unknown keys are errors too: a typo must not
+silently fall back to a default.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:         # Python 3.10
+    import tomli as tomllib         # type: ignore[no-redef]
+
+from nodes import hw
+from nodes.guest.core import MIXES
+
+
+class ConfigError(Exception):
+    def __init__(self, where: str, key: str, reason: str):
+        super().__init__(f"config {where}: {key}: {reason}")
+        self.key, self.reason = key, reason
+
+
+def _pos(v: Any) -> bool:
+    return v > 0
+
+
+def _nonneg(v: Any) -> bool:
+    return v >= 0
+
+
+def _ratio(v: Any) -> bool:
+    return 0 <= v <= 1
+
+
+# section -> key -> (types, default, check, what the check wants)
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "run": {
+        "duration_s": ((int, float), 10.0, _pos, "a number of seconds > 0"),
+        "ops": (int, 0, _nonneg, "an op count per vGPU >= 0 (0: run for duration_s)"),
+        "seed": (int, 1, _nonneg, "an integer >= 0"),
+        "transport": (str, "ipc", lambda v: v in ("ipc", "tcp"), "'ipc' or 'tcp'"),
+        "fabric": (str, "shm", lambda v: v in ("shm", "msg"), "'shm' or 'msg'"),
+        "host": (str, "127.0.0.1", lambda v: bool(v), "a host address for tcp"),
+        "start_timeout_s": ((int, float), 60.0, _pos, "seconds > 0"),
+        "drain_timeout_s": ((int, float), 60.0, _pos, "seconds > 0"),
+    },
+    "gpu": {
+        # the vfio backend (a real device) is not part of this version yet
+        "backend": (str, "sim", lambda v: v == "sim", "'sim' (the only backend so far)"),
+        "aperture_mib": (int, 1024, lambda v: v > hw.HOST_LOW_GM >> 20 and v < 4096,
+                         f"MiB of CPU-mappable GM, more than the host's {hw.HOST_LOW_GM >> 20} and < 4096"),
+    },
+    "mediator": {
+        "max_vgpus": (int, hw.GVT_MAX_VGPU - 1, lambda v: 1 <= v <= 1024, "1..1024"),
+        "translator": (str, "auto", lambda v: v in ("auto", "c", "python"), "'auto', 'c' or 'python'"),
+    },
+    "vgpus": {
+        "count": (int, 2, lambda v: 1 <= v <= 1024, "1..1024"),
+        "type": (str, "_8", lambda v: v in hw.VGPU_TYPES, f"one of {', '.join(hw.VGPU_TYPES)}"),
+        "ram_mib": (int, 64, lambda v: 1 <= v <= 65536, "MiB of guest RAM, 1..65536"),
+    },
+    "load": {
+        "mix": (dict, {"mmio-read": 0.4, "mmio-write": 0.4, "gtt-burst": 0.2}, None, ""),
+        "mode": (str, "open", lambda v: v in ("open", "closed"), "'open' or 'closed'"),
+        "rate": ((int, float), 2000.0, _pos, "ops/s per vGPU > 0"),
+        "concurrency": (int, 8, _pos, "outstanding ops > 0"),
+        "window": (int, 256, _pos, "ops in flight > 0"),
+        "burst": (int, 256, lambda v: 1 <= v <= 65536, "GGTT entries per burst, 1..65536"),
+        "invalid_gfn_ratio": ((int, float), 0.002, _ratio, "a ratio 0..1"),
+        "not_present_ratio": ((int, float), 0.01, _ratio, "a ratio 0..1"),
+        "outside_ratio": ((int, float), 0.05, _ratio, "a ratio 0..1"),
+    },
+    "thresholds": {
+        "mmio_read_p99_us": ((int, float), 0.0, _nonneg, "microseconds >= 0 (0: no threshold)"),
+        "gtt_write_p99_us": ((int, float), 0.0, _nonneg, "microseconds >= 0 (0: no threshold)"),
+        "min_ops_per_s": ((int, float), 0.0, _nonneg, "ops/s per vGPU >= 0 (0: no threshold)"),
+    },
+}
+
+
+def defaults() -> dict:
+    return {sec: {k: copy.deepcopy(spec[1]) for k, spec in keys.items()} for sec, keys in SCHEMA.items()}
+
+
+def validate(raw: dict, where: str = "<config>") -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(where, "(top)", "must be a table")
+    cfg = defaults()
+    for sec, table in raw.items():
+        if sec not in SCHEMA:
+            raise ConfigError(where, sec, f"unknown section; known: {', '.join(SCHEMA)}")
+        if not isinstance(table, dict):
+            raise ConfigError(where, sec, "must be a table")
+        for key, val in table.items():
+            spec = SCHEMA[sec].get(key)
+            name = f"{sec}.{key}"
+            if spec is None:
+                raise ConfigError(where, name, f"unknown key; known in [{sec}]: {', '.join(SCHEMA[sec])}")
+            types, _default, check, wants = spec
+            if isinstance(val, bool) or not isinstance(val, types):
+                raise ConfigError(where, name, f"must be {wants or _tname(types)}, got {val!r}")
+            if check is not None and not check(val):
+                raise ConfigError(where, name, f"must be {wants}, got {val!r}")
+            cfg[sec][key] = val
+    mix = cfg["load"]["mix"]
+    for name, w in mix.items():
+        if name not in MIXES:
+            raise ConfigError(where, f"load.mix.{name}", f"unknown mix; known: {', '.join(MIXES)}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise ConfigError(where, f"load.mix.{name}", f"weight must be a number >= 0, got {w!r}")
+    if not mix or sum(mix.values()) <= 0:
+        raise ConfigError(where, "load.mix", "needs at least one mix with a weight > 0")
+    if cfg["vgpus"]["count"] > cfg["mediator"]["max_vgpus"]:
+        raise ConfigError(where, "vgpus.count", f"{cfg['vgpus']['count']} vGPUs exceed "
+                          f"mediator.max_vgpus = {cfg['mediator']['max_vgpus']}")
+    return cfg
+
+
+def _tname(types: Any) -> str:
+    if isinstance(types, tuple):
+        return " or ".join(t.__name__ for t in types)
+    return types.__name__
+
+
+def default_config_path() -> Path:
+    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        p = base / "configs" / "smoke.toml"
+        if p.is_file():
+            return p
+    raise ConfigError("smoke.toml", "(file)", "no configs/smoke.toml here or beside the package; "
+                      "give a config path")
+
+
+def load(path: str | os.PathLike | None = None) -> dict:
+    p = Path(path) if path else default_config_path()
+    where = p.name
+    try:
+        text = p.read_bytes()
+    except OSError as err:
+        raise ConfigError(str(p), "(file)", f"cannot read: {err.strerror}") from None
+    try:
+        raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text.decode())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(where, "(syntax)", str(err)) from None
+    cfg = validate(raw, where)
+    cfg["_source"] = str(p)
+    return cfg
+
+
+def apply_overrides(cfg: dict, *, duration: float | None = None, vgpus: int | None = None,
+                    seed: int | None = None, ops: int | None = None) -> dict:
+    raw = {sec: dict(v) for sec, v in cfg.items() if not sec.startswith("_")}
+    if duration is not None:
+        raw["run"]["duration_s"] = duration
+    if vgpus is not None:
+        raw["vgpus"]["count"] = vgpus
+    if seed is not None:
+        raw["run"]["seed"] = seed
+    if ops is not None:
+        raw["run"]["ops"] = ops
+    out = validate(raw, "command line")
+    out["_source"] = cfg.get("_source", "")
+    return out
+
+
+def public(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}

@@ -1,0 +1,311 @@
+"""The launcher: starts every node as its own OS process, drives the run, takes the ledger, and
+tears everything down (processes, /dev/shm files, ipc sockets), also on Ctrl-C or a failure."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from bench import ledger
+from bench.config import public
+from nodes.errors import GvtError
+from nodes.memory import remove_run_shm, sweep_stale_shm
+from nodes.node import build_layout, vm_ids
+from nodes.runtime import Call, Post, Runtime, Sleep
+from nodes.stats import Stats
+from nodes.wire.codec import Envelope
+
+SCHEMA_VERSION = 1
+
+
+class LauncherCore:
+    role = "launcher"
+
+    def __init__(self) -> None:
+        self.stats = Stats()
+        self.ready: dict[str, dict] = {}
+        self.progress: dict[int, dict] = {}
+        self.reports: dict[int, dict] = {}
+
+    def handle(self, msg: Envelope, now: int) -> Any:
+        p = msg.payload if isinstance(msg.payload, dict) else {}
+        if msg.kind == "READY":
+            self.ready[msg.peer] = p
+        elif msg.kind == "PROGRESS":
+            self.progress[msg.vgpu] = p
+        elif msg.kind == "REPORT":
+            self.reports[msg.vgpu] = p
+            self.progress[msg.vgpu] = {**self.progress.get(msg.vgpu, {}), **p}
+        else:
+            raise GvtError("ENOTSUP", f"the launcher does not handle {msg.kind}")
+        return None
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class RunFailed(Exception):
+    pass
+
+
+class Launcher:
+    def __init__(self, cfg: dict, on_progress: Callable[[dict], None] | None = None):
+        self.cfg = cfg
+        self.on_progress = on_progress
+        self.run_id = f"{os.getpid()}x{secrets.token_hex(3)}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.tmp = ""
+        self.core = LauncherCore()
+        self.rt: Runtime | None = None
+        self.result: dict | None = None
+        self.error: str | None = None
+
+    # ---- processes -------------------------------------------------------------------------------
+    def _endpoint(self, name: str) -> str:
+        run = self.cfg["run"]
+        if run["transport"] == "ipc":
+            return f"ipc://{self.tmp}/{name}"
+        return f"tcp://{run['host']}:{free_port(run['host'])}"
+
+    def _spawn(self, role: str, name: str, eps: dict[str, str], cfg_path: str, vm: int = 0) -> None:
+        from nodes.node import needed_peers
+        cmd = [sys.executable, "-m", "bench.cli", "node", role, "--config", cfg_path, "--name", name,
+               "--bind", eps[name], "--launcher", eps["launcher"], "--run-id", self.run_id,
+               "--parent-death"]
+        for peer in needed_peers(role, self.cfg):
+            cmd += ["--peer", f"{peer}={eps[peer]}"]
+        if vm:
+            cmd += ["--vm", str(vm)]
+        log = open(os.path.join(self.tmp, f"{name}.log"), "wb")
+        self.procs[name] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                            start_new_session=True)
+        log.close()
+
+    def _log_tail(self, name: str, lines: int = 5) -> str:
+        try:
+            with open(os.path.join(self.tmp, f"{name}.log"), "rb") as f:
+                text = f.read().decode(errors="replace").strip().splitlines()
+            return " | ".join(text[-lines:])
+        except OSError:
+            return ""
+
+    def _dead(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() is not None]
+
+    # ---- the run -----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        sweep_stale_shm()
+        self.tmp = tempfile.mkdtemp(prefix="gvtb-", dir="/tmp")
+        try:
+            names = ["gpu", "mediator", "hypervisor"] + [f"guest{v}" for v in vm_ids(self.cfg)]
+            eps = {n: self._endpoint(n) for n in ["launcher", *names]}
+            cfg_path = os.path.join(self.tmp, "run.json")
+            with open(cfg_path, "w") as f:
+                json.dump(public(self.cfg), f)
+            self.rt = Runtime("launcher", "launcher", self.core, eps["launcher"])
+            self._spawn("gpu", "gpu", eps, cfg_path)
+            self._spawn("mediator", "mediator", eps, cfg_path)
+            self._spawn("hypervisor", "hypervisor", eps, cfg_path)
+            for v in vm_ids(self.cfg):
+                self._spawn("guest", f"guest{v}", eps, cfg_path, vm=v)
+            self.rt.spawn(self._orchestrate(names))
+            self.rt.run(until=lambda: self.result is not None or self.error is not None)
+            if self.error:
+                raise RunFailed(self.error)
+            return self.result
+        finally:
+            self._teardown()
+
+    def _wait(self, cond: Callable[[], bool], timeout: float, what: str) -> Iterator[Any]:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            dead = self._dead()
+            if dead:
+                raise RunFailed(f"node {dead[0]} exited (code {self.procs[dead[0]].returncode}) while "
+                                f"waiting for {what}: {self._log_tail(dead[0])}")
+            if time.monotonic() > deadline:
+                raise RunFailed(f"timed out after {timeout:g} s waiting for {what}")
+            if self.on_progress:
+                self.on_progress(self._progress_view())
+            yield Sleep(0.05)
+
+    def _progress_view(self) -> dict:
+        return {"phase": self.phase, "guests": dict(self.core.progress),
+                "duration_s": self.cfg["run"]["duration_s"], "ops": self.cfg["run"]["ops"]}
+
+    phase = "starting"
+
+    def _orchestrate(self, names: list[str]) -> Iterator[Any]:
+        try:
+            self.result = yield from self._drive(names)
+        except Exception as err:
+            self.error = getattr(err, "text", None) or str(err)
+
+    def _drive(self, names: list[str]) -> Iterator[Any]:
+        cfg, core = self.cfg, self.core
+        guests = [n for n in names if n.startswith("guest")]
+        run = cfg["run"]
+        self.phase = "starting"
+        yield from self._wait(lambda: len(core.ready) == len(names), run["start_timeout_s"],
+                              "every node to be ready")
+        failed = {n: r["error"] for n, r in core.ready.items() if r.get("error")}
+        if failed:
+            raise RunFailed("; ".join(f"{n}: {e}" for n, e in failed.items()))
+        self.phase = "load"
+        t_start = time.monotonic()
+        for g in guests:
+            yield Post(g, "START", {"load": True})
+        vms = vm_ids(cfg)
+        limit = (run["duration_s"] if not run["ops"] else 3600) + run["drain_timeout_s"]
+        yield from self._wait(lambda: len(core.reports) == len(vms) or
+                              any(core.progress.get(v, {}).get("state") == "failed" for v in vms),
+                              limit, "the guests to finish their load")
+        wall = time.monotonic() - t_start
+        # a guest whose boot failed reports on request
+        for v in vms:
+            if v not in core.reports:
+                core.reports[v] = yield Call(f"guest{v}", "REPORT")
+        self.phase = "ledger"
+        if self.on_progress:
+            self.on_progress(self._progress_view())
+        return (yield from self._ledger(names, wall))
+
+    def _ledger(self, names: list[str], wall: float) -> Iterator[Any]:
+        cfg = self.cfg
+        seed = cfg["run"]["seed"]
+        layout = build_layout(cfg)
+        yield Call("mediator", "SYNC", timeout=30)
+        vgpus = yield Call("mediator", "PARTITIONS")
+        dump = np.frombuffer((yield Call("gpu", "GGTT_DUMP", {}, timeout=30)), dtype="<u8").astype(np.uint64)
+        nonce = int.from_bytes(secrets.token_bytes(7), "little")
+        maps, probe_reasons, probes = {}, [], {}
+        for v in vm_ids(cfg):
+            plan = yield Call(f"guest{v}", "VERIFY_PLAN", {"nonce": nonce}, vgpu=v, timeout=60)
+            maps[v] = (np.frombuffer(plan["entries_idx"], "<u8").astype(np.int64),
+                       np.frombuffer(plan["entries_val"], "<u8").astype(np.uint64))
+            hit: list[int] = []
+            ops = plan["probes"]
+            for i in range(0, len(ops), 8192):
+                hit += yield Call("gpu", "GM_WRITE", {"ops": ops[i:i + 8192]}, vgpu=v, timeout=60)
+            res = yield Call(f"guest{v}", "VERIFY", {"nonce": nonce}, vgpu=v, timeout=120)
+            probes[v] = res
+            probe_reasons += ledger.check_probes(v, hit, res, layout)
+        ggtt = ledger.check_ggtt(dump, vgpus, maps, layout, seed, layout.host.base_mfn)
+        snaps = {}
+        for n in names:
+            snaps[n] = yield Call(n, "STATS", timeout=30)
+        snaps["launcher"] = self.rt.snapshot()
+        link_rows, link_reasons = ledger.check_links(snaps)
+        work_reasons = ledger.check_workloads(self.core.reports)
+        thr_reasons = self._thresholds(snaps, wall)
+        verdict, reasons = ledger.verdict(work_reasons, ggtt["reasons"], probe_reasons, link_reasons,
+                                          thr_reasons)
+        for n in names:
+            try:
+                yield Call(n, "SHUTDOWN", timeout=5)
+            except Exception:
+                pass
+        ggtt["sha256"] = hashlib.sha256(dump.tobytes()).hexdigest()
+        return self._result(snaps, vgpus, ggtt, probes, link_rows, verdict, reasons, wall)
+
+    def _thresholds(self, snaps: dict, wall: float) -> list[str]:
+        th = self.cfg["thresholds"]
+        out = []
+        for v in vm_ids(self.cfg):
+            traps = ledger.summarize_traps(snaps[f"guest{v}"], v, "guest")
+            for kind, key in (("mmio_read", "mmio_read_p99_us"), ("gtt_write", "gtt_write_p99_us")):
+                lim = th[key]
+                got = traps.get(kind, {}).get("p99_us")
+                if lim and got is not None and got > lim:
+                    out.append(f"vGPU {v}: {kind} p99 {got:.1f} us exceeds thresholds.{key} = {lim}")
+            rep = self.core.reports.get(v, {})
+            if th["min_ops_per_s"] and wall > 0:
+                rate = rep.get("completed", 0) / max(rep.get("elapsed_s") or wall, 1e-9)
+                if rate < th["min_ops_per_s"]:
+                    out.append(f"vGPU {v}: {rate:.0f} ops/s is below thresholds.min_ops_per_s = "
+                               f"{th['min_ops_per_s']}")
+        return out
+
+    def _result(self, snaps, vgpus, ggtt, probes, link_rows, verdict, reasons, wall) -> dict:
+        med = snaps["mediator"]
+        out_vgpus = []
+        for v in vgpus:
+            vm = v["id"]
+            mv = med["core"]["vgpus"].get(vm) or med["core"]["vgpus"].get(str(vm)) or {}
+            out_vgpus.append({
+                "id": vm, "type": v["type"], "weight": v["weight"], "failsafe": v["failsafe"],
+                "traps": ledger.summarize_traps(snaps[f"guest{vm}"], vm, "guest"),
+                "stages": {st: ledger.summarize_traps(snaps[n], vm, st)
+                           for st, n in (("hypervisor", "hypervisor"), ("mediator", "mediator"))},
+                "ggtt": {**mv.get("ggtt", {}), "pinned": mv.get("pinned", 0)},
+                "guest": self.core.reports.get(vm, {}),
+                "probes": {k: probes[vm][k] for k in ("probes", "landed")} if vm in probes else {},
+                "ggtt_check": ggtt["vgpus"].get(vm, {}),
+                "histograms": {k: r for k, r in _hist_rows(snaps[f"guest{vm}"]).items()},
+            })
+        return {
+            "schema": SCHEMA_VERSION,
+            "config": public(self.cfg),
+            "seed": self.cfg["run"]["seed"],
+            "translator": self.core.ready.get("mediator", {}).get("translator", "?"),
+            "wall_s": round(wall, 3),
+            "vgpus": out_vgpus,
+            "ledger": {"links": link_rows, "ggtt_outside_written": ggtt["outside_written"],
+                       "ggtt_sha256": ggtt["sha256"],
+                       "workloads": {vm: {k: r.get(k) for k in ("issued", "completed", "failed", "pending")}
+                                     for vm, r in self.core.reports.items()}},
+            "verdict": verdict,
+            "reasons": reasons,
+        }
+
+    # ---- teardown --------------------------------------------------------------------------------
+    def _teardown(self) -> None:
+        deadline = time.monotonic() + 5
+        for name, p in self.procs.items():
+            while p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 5
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        if self.rt is not None:
+            self.rt.close()
+            self.rt = None
+        remove_run_shm(self.run_id)
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _hist_rows(snap: dict) -> dict:
+    from nodes.metrics import TRAP_LATENCY
+    fam = snap["stats"].get(TRAP_LATENCY)
+    if not fam:
+        return {}
+    return {row[0][1]: row[1] for row in fam["rows"]}
+

@@ -1,0 +1,141 @@
+"""The checks that give a run its verdict: pure functions over what the nodes reported."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nodes import hw
+from nodes.memory import Layout, make_p2m
+
+U64 = np.uint64
+
+
+def expected_host_entries(vals: np.ndarray, p2m: np.ndarray, scratch_mfn: int, cache_gfns: int) -> np.ndarray:
+    """What GVT-FACTS says the physical GGTT must hold for these guest entries, computed from the
+    p2m without the mediator's code: present + RAM gfn -> machine frame; present + bad gfn ->
+    scratch, present; not present -> scratch, not present."""
+    addr = U64(hw.PTE_ADDR_MASK)
+    present = (vals & U64(hw.PTE_PRESENT)) != 0
+    gfn = ((vals & addr) >> U64(hw.PAGE_SHIFT)).astype(np.int64)
+    ram = present & (gfn < len(p2m))
+    frame = np.full(len(vals), scratch_mfn, dtype=U64)
+    frame[ram] = p2m[gfn[ram]]
+    flags = vals & ~addr
+    flags[~present] &= ~U64(hw.PTE_PRESENT)
+    return flags | ((frame << U64(hw.PAGE_SHIFT)) & addr)
+
+
+def check_ggtt(dump: np.ndarray, vgpus: list[dict], guest_maps: dict[int, tuple[np.ndarray, np.ndarray]],
+               layout: Layout, seed: int, scratch_mfn: int) -> dict:
+    reasons: list[str] = []
+    owned = np.zeros(len(dump), dtype=bool)
+    scratch_entry = U64(hw.pte_encode(scratch_mfn, 0))
+    per_vgpu = {}
+    for v in vgpus:
+        p = v["partition"]
+        vm = v["id"]
+        a0, an = p["aperture_base"] >> 12, p["aperture_size"] >> 12
+        h0, hn = p["hidden_base"] >> 12, p["hidden_size"] >> 12
+        glob = np.concatenate([np.arange(a0, a0 + an), np.arange(h0, h0 + hn)])
+        owned[glob] = True
+        expect = np.full(len(dump), scratch_entry, dtype=U64)
+        region = layout.vm_region(vm)
+        idx, vals = guest_maps.get(vm, (np.zeros(0, np.int64), np.zeros(0, U64)))
+        inside = owned[idx] if len(idx) else np.zeros(0, bool)
+        if len(idx) and not inside.all():
+            reasons.append(f"vGPU {vm}: the guest's map holds entries outside its partition")
+        p2m = make_p2m(region, seed)
+        expect[idx] = expected_host_entries(vals, p2m, scratch_mfn, 0)
+        got = dump[glob]
+        want = expect[glob]
+        bad = np.flatnonzero(got != want)
+        frames = (got & U64(hw.PTE_ADDR_MASK)) >> U64(hw.PAGE_SHIFT)
+        pres = (got & U64(hw.PTE_PRESENT)) != 0
+        foreign = pres & (frames != U64(scratch_mfn)) & ((frames < U64(region.base_mfn)) |
+                                                         (frames >= U64(region.end_mfn)))
+        per_vgpu[vm] = {"entries": int(len(glob)), "mapped": int(len(idx)), "mismatched": int(len(bad)),
+                        "foreign": int(foreign.sum())}
+        if len(bad):
+            i = int(glob[bad[0]])
+            reasons.append(f"vGPU {vm}: {len(bad)} physical GGTT entries differ from the translation "
+                           f"of the guest's entries (first: index {i:#x} is {int(dump[i]):#x}, "
+                           f"expected {int(expect[i]):#x})")
+        if foreign.any():
+            reasons.append(f"vGPU {vm}: {int(foreign.sum())} GGTT entries point outside VM {vm}'s RAM")
+    outside = np.flatnonzero(~owned & (dump != 0))
+    if len(outside):
+        reasons.append(f"{len(outside)} physical GGTT entries outside every vGPU partition were "
+                       f"written (first: index {int(outside[0]):#x})")
+    return {"vgpus": per_vgpu, "outside_written": int(len(outside)), "reasons": reasons}
+
+
+def check_probes(vm: int, mfns_hit: list[int], verify: dict, layout: Layout) -> list[str]:
+    region = layout.vm_region(vm)
+    reasons = []
+    stray = [m for m in mfns_hit if not region.base_mfn <= m < region.end_mfn]
+    if stray:
+        reasons.append(f"vGPU {vm}: {len(stray)} GPU writes through its GGTT hit machine frames "
+                       f"outside its RAM (first {stray[0]:#x})")
+    if verify["landed"] != verify["probes"]:
+        reasons.append(f"vGPU {vm}: {verify['probes'] - verify['landed']} of {verify['probes']} GPU "
+                       f"writes through its GM did not land in its own page: "
+                       + "; ".join(verify["misses"][:3]))
+    return reasons
+
+
+def check_workloads(reports: dict[int, dict]) -> list[str]:
+    reasons = []
+    for vm, r in sorted(reports.items()):
+        if r.get("boot_error"):
+            reasons.append(f"guest {vm}: boot failed: {r['boot_error']}")
+        if r["pending"]:
+            reasons.append(f"guest {vm}: {r['pending']} operations still pending at the end")
+        if r["issued"] != r["completed"] + r["failed"] + r["pending"]:
+            reasons.append(f"guest {vm}: issued {r['issued']} != completed {r['completed']} + failed "
+                           f"{r['failed']} + pending {r['pending']}: an operation was lost or doubled")
+        if r["failed"]:
+            why = "; ".join(f"{k} (x{v})" for k, v in list(r["fail_reasons"].items())[:3])
+            reasons.append(f"guest {vm}: {r['failed']} operations failed: {why}")
+        if r["mismatches"]:
+            reasons.append(f"guest {vm}: {r['mismatches']} register reads returned a stale value")
+    return reasons
+
+
+def check_links(snapshots: dict[str, dict]) -> tuple[list[dict], list[str]]:
+    """Per directed link: what one end sent must equal what the other received, with no gaps.
+    Taken after the load has drained, so only the launcher's own STATS traffic is in flight."""
+    rows, reasons = [], []
+    for name, snap in sorted(snapshots.items()):
+        for peer, c in sorted(snap["links"].items()):
+            other = snapshots.get(peer, {}).get("links", {}).get(name)
+            received = other["received"] if other else None
+            row = {"from": name, "to": peer, "sent": c["sent"], "received": received,
+                   "gaps": other["gaps"] if other else None}
+            rows.append(row)
+            if other is None:
+                continue
+            # a node's snapshot is taken before it answers the launcher's STATS: that one reply
+            # reaches the launcher after the count was taken
+            expect = c["sent"] + (1 if peer == "launcher" else 0)
+            if received != expect:
+                reasons.append(f"link {name} -> {peer}: sent {c['sent']}, received {received}")
+            if other["gaps"]:
+                reasons.append(f"link {name} -> {peer}: {other['gaps']} messages never arrived")
+    return rows, reasons
+
+
+def verdict(*reason_lists: list[str]) -> tuple[str, list[str]]:
+    reasons = [r for rs in reason_lists for r in rs]
+    return ("fail" if reasons else "pass"), reasons
+
+
+def summarize_traps(snap: dict, vm: int, stage: str) -> dict[str, Any]:
+    from nodes.metrics import TRAP_LATENCY
+    from nodes.stats import hist_from_snapshot
+    out = {}
+    for kind in hw.TRAP_KINDS:
+        h = hist_from_snapshot(snap["stats"], TRAP_LATENCY, vgpu=vm, kind=kind, stage=stage)
+        if h.n:
+            out[kind] = h.summary_us()
+    return out

@@ -1,0 +1,51 @@
+"""Turning a result into something to read: a terminal table (rich)."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+KINDS = ("mmio_read", "mmio_write", "gtt_write")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:,.1f}"
+
+
+def print_result(result: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    t = Table(title=f"gvtbench: {len(result['vgpus'])} vGPUs, seed {result['seed']}, "
+                    f"translator {result['translator']}, {result.get('wall_s', 0):.1f} s")
+    t.add_column("vGPU", justify="right")
+    t.add_column("type")
+    t.add_column("trap kind")
+    t.add_column("count", justify="right")
+    t.add_column("p50 us", justify="right")
+    t.add_column("p99 us", justify="right")
+    t.add_column("p99.9 us", justify="right")
+    for v in result["vgpus"]:
+        first = True
+        for kind in KINDS:
+            s = v["traps"].get(kind)
+            if not s:
+                continue
+            t.add_row(str(v["id"]) if first else "", v["type"] if first else "", kind, f"{s['count']:,}",
+                      _fmt(s["p50_us"]), _fmt(s["p99_us"]), _fmt(s["p999_us"]))
+            first = False
+        if first:
+            t.add_row(str(v["id"]), v["type"], "(no traps)", "", "", "", "")
+    console.print(t)
+    g = Table(title="GGTT entries translated by the mediator")
+    for col in ("vGPU", "ok", "scratch", "not present", "dropped", "pinned", "GPU probes landed"):
+        g.add_column(col, justify="right")
+    for v in result["vgpus"]:
+        c, p = v.get("ggtt", {}), v.get("probes", {})
+        g.add_row(str(v["id"]), f"{c.get('ok', 0):,}", f"{c.get('scratch', 0):,}",
+                  f"{c.get('not_present', 0):,}", f"{c.get('dropped', 0):,}", f"{c.get('pinned', 0):,}",
+                  f"{p.get('landed', 0):,}/{p.get('probes', 0):,}")
+    console.print(g)
+    if result["verdict"] == "pass":
+        console.print("[bold green]verdict: pass[/]")
+    else:
+        console.print("[bold red]verdict: fail[/]")
+        for r in result["reasons"]:
+            console.print(f"  - {r}")

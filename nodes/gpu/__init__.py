@@ -1,0 +1,1 @@
+"""The physical GPU: backend `sim` (a model) or `vfio` (a real device)."""

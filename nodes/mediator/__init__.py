@@ -1,0 +1,1 @@
+"""The mediator role: trap-and-emulate of MMIO, GGTT shadowing and workload scheduling."""

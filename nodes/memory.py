@@ -1,0 +1,311 @@
+"""Machine memory and the fabric: the one way any node reads or writes a machine frame (mfn).
+
+Machine memory is a set of regions: the host pool (owner: the mediator) and each VM's RAM (owner:
+its hypervisor). Backend `shm` maps a region's file in /dev/shm directly (same host); backend `msg`
+sends DMA_READ / DMA_WRITE to the region's owner (any host). Both give the same bytes.
+"""
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from nodes.errors import GvtError, need
+from nodes.hw import PAGE_SIZE
+from nodes.runtime import Call
+
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "gvtbench-"
+FIRST_MFN = 0x1000       # machine frames below this belong to nobody: a stray access faults
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str           # "host" or "vm<N>"
+    base_mfn: int
+    frames: int
+    owner: str          # node name that serves DMA for it
+    vm: int             # 0 for the host pool
+
+    @property
+    def end_mfn(self) -> int:
+        return self.base_mfn + self.frames
+
+
+class Layout:
+    """Where each region sits in machine frame space; derived from the config alone, so every
+    node (on any host) computes the same layout."""
+
+    def __init__(self, regions: list[Region]):
+        self.regions = sorted(regions, key=lambda r: r.base_mfn)
+        self._bases = [r.base_mfn for r in self.regions]
+        self.by_name = {r.name: r for r in self.regions}
+
+    @classmethod
+    def build(cls, host_pool_frames: int, vm_frames: dict[int, int], hypervisor: str = "hypervisor",
+              mediator: str = "mediator") -> "Layout":
+        regions = [Region("host", FIRST_MFN, host_pool_frames, mediator, 0)]
+        nxt = FIRST_MFN + host_pool_frames
+        for vm in sorted(vm_frames):
+            regions.append(Region(f"vm{vm}", nxt, vm_frames[vm], hypervisor, vm))
+            nxt += vm_frames[vm]
+        return cls(regions)
+
+    def region_of(self, mfn: int) -> Region | None:
+        i = bisect.bisect_right(self._bases, mfn) - 1
+        if i >= 0 and mfn < self.regions[i].end_mfn:
+            return self.regions[i]
+        return None
+
+    def vm_region(self, vm: int) -> Region:
+        return self.by_name[f"vm{vm}"]
+
+    @property
+    def host(self) -> Region:
+        return self.by_name["host"]
+
+    def to_wire(self) -> list:
+        return [[r.name, r.base_mfn, r.frames, r.owner, r.vm] for r in self.regions]
+
+
+def make_p2m(region: Region, seed: int) -> np.ndarray:
+    """The VM's guest-physical -> machine map: a seeded permutation of its region, never the
+    identity, so an address the mediator forgot to translate lands on a wrong page."""
+    rng = np.random.default_rng([seed, region.vm, 0x9E37])
+    perm = rng.permutation(region.frames).astype(np.uint64)
+    if region.frames > 1 and np.array_equal(perm, np.arange(region.frames, dtype=np.uint64)):
+        perm = np.roll(perm, 1)
+    return perm + np.uint64(region.base_mfn)
+
+
+def shm_path(run_id: str, region: str) -> str:
+    return os.path.join(SHM_DIR, f"{SHM_PREFIX}{run_id}-{region}")
+
+
+class RegionMemory:
+    """The bytes of one region: a /dev/shm file (shm) or anonymous memory (msg)."""
+
+    def __init__(self, region: Region, buf: mmap.mmap, path: str | None, owned: bool):
+        self.region, self.buf, self.path, self.owned = region, buf, path, owned
+        self.view = memoryview(buf)
+
+    @classmethod
+    def create(cls, region: Region, backend: str, run_id: str) -> "RegionMemory":
+        size = region.frames * PAGE_SIZE
+        if backend == "shm":
+            path = shm_path(run_id, region.name)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                buf = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+            return cls(region, buf, path, True)
+        return cls(region, mmap.mmap(-1, size), None, True)
+
+    @classmethod
+    def attach(cls, region: Region, run_id: str) -> "RegionMemory":
+        path = shm_path(run_id, region.name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise GvtError("ENOENT", f"region {region.name} has no shm file {path}: is its owner "
+                           f"{region.owner} running on this host with the shm fabric?") from None
+        try:
+            buf = mmap.mmap(fd, region.frames * PAGE_SIZE)
+        finally:
+            os.close(fd)
+        return cls(region, buf, path, False)
+
+    def _span(self, mfn: int, off: int, n: int) -> int:
+        if not (0 <= off and n >= 0 and off + n <= PAGE_SIZE):
+            raise GvtError("EINVAL", f"access of {n} bytes at offset {off} crosses a page")
+        return (mfn - self.region.base_mfn) * PAGE_SIZE + off
+
+    def read(self, mfn: int, off: int, n: int) -> bytes:
+        a = self._span(mfn, off, n)
+        return bytes(self.view[a:a + n])
+
+    def write(self, mfn: int, off: int, data: bytes) -> None:
+        a = self._span(mfn, off, len(data))
+        self.view[a:a + len(data)] = data
+
+    def close(self, unlink: bool) -> None:
+        try:
+            self.view.release()
+            self.buf.close()
+        except (BufferError, ValueError):
+            pass
+        if unlink and self.path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class OwnedMemory:
+    """The regions a node owns, and its service of DMA requests from the fabric's msg backend."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.mem: dict[str, RegionMemory] = {}
+
+    def add(self, rm: RegionMemory) -> None:
+        self.mem[rm.region.name] = rm
+
+    def lookup(self, mfn: int) -> RegionMemory:
+        r = self.layout.region_of(mfn)
+        rm = self.mem.get(r.name) if r else None
+        if rm is None:
+            raise GvtError("EFAULT", f"mfn {mfn:#x} is not in a region this node owns")
+        return rm
+
+    def dma_read(self, payload: Any) -> list[bytes]:
+        out = []
+        for op in need(payload, "ops", (list, tuple), "DMA_READ"):
+            mfn, off, n = _op3(op, "DMA_READ")
+            out.append(self.lookup(mfn).read(mfn, off, n))
+        return out
+
+    def dma_write(self, payload: Any) -> int:
+        ops = need(payload, "ops", (list, tuple), "DMA_WRITE")
+        checked = []
+        for op in ops:      # validate all before writing any: a bad batch changes nothing
+            mfn, off, data = _op3(op, "DMA_WRITE")
+            if not isinstance(data, bytes):
+                raise GvtError("EINVAL", "DMA_WRITE data must be bytes")
+            rm = self.lookup(mfn)
+            rm._span(mfn, off, len(data))
+            checked.append((rm, mfn, off, data))
+        for rm, mfn, off, data in checked:
+            rm.write(mfn, off, data)
+        return len(checked)
+
+    def close(self) -> None:
+        for rm in self.mem.values():
+            rm.close(unlink=rm.owned)
+        self.mem.clear()
+
+
+def _op3(op: Any, what: str) -> tuple[int, int, Any]:
+    if not isinstance(op, (list, tuple)) or len(op) != 3 or type(op[0]) is not int or type(op[1]) is not int:
+        raise GvtError("EINVAL", f"{what} op must be [mfn, offset, len|data]")
+    if what == "DMA_READ" and type(op[2]) is not int:
+        raise GvtError("EINVAL", "DMA_READ length must be an integer")
+    return op[0], op[1], op[2]
+
+
+class Fabric:
+    """Reads and writes of machine memory for a node that does not own it (the gpu's DMA).
+
+    Methods are task fragments: `data = yield from fabric.read(...)`. With shm they complete
+    without yielding; with msg they yield one Call per owner.
+    """
+
+    def __init__(self, layout: Layout, backend: str, run_id: str, owned: OwnedMemory | None = None):
+        if backend not in ("shm", "msg"):
+            raise GvtError("EINVAL", f"fabric backend must be 'shm' or 'msg', not {backend!r}")
+        self.layout, self.backend, self.run_id = layout, backend, run_id
+        self.owned = owned
+        self._attached: dict[str, RegionMemory] = {}
+
+    def _region(self, mfn: int) -> Region:
+        r = self.layout.region_of(mfn)
+        if r is None:
+            raise GvtError("EFAULT", f"DMA to mfn {mfn:#x}, which is in no memory region")
+        return r
+
+    def _local(self, r: Region) -> RegionMemory | None:
+        if self.owned is not None and r.name in self.owned.mem:
+            return self.owned.mem[r.name]
+        if self.backend == "shm":
+            rm = self._attached.get(r.name)
+            if rm is None:
+                rm = self._attached[r.name] = RegionMemory.attach(r, self.run_id)
+            return rm
+        return None
+
+    def read_many(self, ops: list[tuple[int, int, int]]) -> Iterator[Any]:
+        """ops: (mfn, off, len) -> list of bytes, in order."""
+        out: list[bytes | None] = [None] * len(ops)
+        remote: dict[str, list[int]] = {}
+        for i, (mfn, off, n) in enumerate(ops):
+            r = self._region(mfn)
+            rm = self._local(r)
+            if rm is not None:
+                out[i] = rm.read(mfn, off, n)
+            else:
+                remote.setdefault(r.owner, []).append(i)
+        for owner, idxs in remote.items():
+            got = yield Call(owner, "DMA_READ", {"ops": [list(ops[i]) for i in idxs]})
+            for i, data in zip(idxs, got):
+                out[i] = data
+        return out
+
+    def write_many(self, ops: list[tuple[int, int, bytes]]) -> Iterator[Any]:
+        remote: dict[str, list[list]] = {}
+        for mfn, off, data in ops:
+            r = self._region(mfn)
+            rm = self._local(r)
+            if rm is not None:
+                rm.write(mfn, off, data)
+            else:
+                remote.setdefault(r.owner, []).append([mfn, off, data])
+        for owner, batch in remote.items():
+            yield Call(owner, "DMA_WRITE", {"ops": batch})
+        return len(ops)
+
+    def close(self) -> None:
+        for rm in self._attached.values():
+            rm.close(unlink=False)
+        self._attached.clear()
+
+
+def sweep_stale_shm() -> list[str]:
+    """Remove region files of runs whose launcher is gone (a crash or SIGKILL of a launcher)."""
+    removed = []
+    pat = re.compile(rf"^{SHM_PREFIX}(\d+)x[0-9a-f]+-")
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        m = pat.match(name)
+        if m and not _pid_alive(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+def remove_run_shm(run_id: str) -> list[str]:
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if name.startswith(f"{SHM_PREFIX}{run_id}-"):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,16 @@
+"""Metric families shared by several roles, declared once so names and labels agree."""
+from __future__ import annotations
+
+from nodes.stats import Stats
+
+TRAP_LATENCY = "gvtbench_trap_latency_seconds"
+TRAPS = "gvtbench_traps"
+
+
+def declare_trap_metrics(stats: Stats) -> None:
+    stats.histogram(TRAP_LATENCY,
+                    "Trap latency: guest = issue to completion as the vCPU sees it (open loop: from "
+                    "the intended issue time); hypervisor = trap to the mediator's completion; "
+                    "mediator = emulation; gpu = the physical access",
+                    ["vgpu", "kind", "stage"])
+    stats.counter(TRAPS, "Guest accesses trapped and emulated", ["vgpu", "kind", "stage"])
