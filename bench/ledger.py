@@ -30,7 +30,7 @@ def check_ggtt(dump: np.ndarray, vgpus: list[dict], guest_maps: dict[int, tuple[
                layout: Layout, seed: int, scratch_mfn: int) -> dict:
     reasons: list[str] = []
     owned = np.zeros(len(dump), dtype=bool)
-    scratch_entry = U64(hw.pte_encode(scratch_mfn, 0))
+    reset_entry = U64(hw.pte_encode(scratch_mfn, hw.PTE_PRESENT))     # entries never written
     per_vgpu = {}
     for v in vgpus:
         p = v["partition"]
@@ -39,7 +39,7 @@ def check_ggtt(dump: np.ndarray, vgpus: list[dict], guest_maps: dict[int, tuple[
         h0, hn = p["hidden_base"] >> 12, p["hidden_size"] >> 12
         glob = np.concatenate([np.arange(a0, a0 + an), np.arange(h0, h0 + hn)])
         owned[glob] = True
-        expect = np.full(len(dump), scratch_entry, dtype=U64)
+        expect = np.full(len(dump), reset_entry, dtype=U64)
         region = layout.vm_region(vm)
         idx, vals = guest_maps.get(vm, (np.zeros(0, np.int64), np.zeros(0, U64)))
         inside = owned[idx] if len(idx) else np.zeros(0, bool)

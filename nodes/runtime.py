@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import heapq
+import select
 import signal
 import time
 from dataclasses import dataclass
@@ -137,8 +138,7 @@ class Runtime:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.bind(bind)
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.poller = zmq.Poller()
-        self.poller.register(self.router, zmq.POLLIN)
+        self._fd_cache: list[int] = []
         self._hwm, self._send_timeout_ms = hwm, send_timeout_ms
         self.links: dict[str, Link] = {}
         self._by_ident: dict[bytes, Link] = {}
@@ -173,7 +173,6 @@ class Runtime:
         link = Link(peer, s, None)
         self.links[peer] = link
         self._dealers[s] = link
-        self.poller.register(s, zmq.POLLIN)
         return link
 
     def hello_task(self, peers: Iterable[str]):
@@ -455,19 +454,31 @@ class Runtime:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         try:
             while not self.stopping and not (until and until()):
-                now = monotonic_ns()
-                wake = now + 100_000_000
-                if self._deadlines:
-                    wake = min(wake, self._deadlines[0][0])
-                if next_wake is not None:
-                    w = next_wake(now)
-                    if w is not None:
-                        wake = min(wake, w)
-                timeout_ms = max(0, (wake - now + 999_999) // 1_000_000)
-                for sock, _ in self.poller.poll(timeout_ms):
+                # zmq_poll sleeps in whole milliseconds, which would add up to 1 ms of timer
+                # lateness to an open-loop schedule; select() on the sockets' signalling fds
+                # sleeps to the microsecond. The fds are edge-triggered: ask each socket for
+                # pending input before sleeping, and drain it.
+                socks = self._socks
+                ready = [s for s in socks if s.getsockopt(zmq.EVENTS) & zmq.POLLIN]
+                if not ready:
+                    now = monotonic_ns()
+                    wake = now + 100_000_000
+                    if self._deadlines:
+                        wake = min(wake, self._deadlines[0][0])
+                    if next_wake is not None:
+                        w = next_wake(now)
+                        if w is not None:
+                            wake = min(wake, w)
+                    if wake > now:
+                        try:
+                            select.select(self._fds, (), (), (wake - now) / 1e9)
+                        except InterruptedError:
+                            pass
+                    ready = [s for s in socks if s.getsockopt(zmq.EVENTS) & zmq.POLLIN]
+                for sock in ready:
                     self._drain(sock)
                 now = monotonic_ns()
-                if self._deadlines:
+                if self._deadlines and self._deadlines[0][0] <= now:
                     self._expire(now)
                 if tick is not None:
                     self._run_actions(tick(now))
@@ -477,6 +488,16 @@ class Runtime:
                     fn()
                 except Exception:
                     pass
+
+    @property
+    def _socks(self) -> list[zmq.Socket]:
+        return [self.router, *self._dealers]
+
+    @property
+    def _fds(self) -> list[int]:
+        if len(self._fd_cache) != 1 + len(self._dealers):
+            self._fd_cache = [s.getsockopt(zmq.FD) for s in self._socks]
+        return self._fd_cache
 
     def close(self) -> None:
         if self._http is not None:

@@ -42,7 +42,9 @@ class GgttShadow:
         self.scratch_mfn = scratch_mfn
         self.scratch_entry = hw.pte_encode(scratch_mfn, 0)
         self.vggtt = np.zeros(n, dtype=U64)
-        self.host = np.full(n, self.scratch_entry, dtype=U64)
+        # a new vGPU's host entries: the scratch page, present (kernel: intel_vgpu_reset_ggtt)
+        self.reset_entry = hw.pte_encode(scratch_mfn, hw.PTE_PRESENT)
+        self.host = np.full(n, self.reset_entry, dtype=U64)
         self.mapped_gfn = np.full(n, -1, dtype=np.int64)      # the gfn this entry holds pinned
         self.cache = np.zeros(cache_gfns, dtype=U64)          # gfn -> mfn (0: not pinned)
         self.pins = np.zeros(cache_gfns, dtype=np.int64)      # entries holding each gfn
@@ -162,8 +164,8 @@ class GgttShadow:
         new_gfn = np.where(holds, gfn, -1)
         yield from self._commit(loc, out, new_gfn)
 
-    def _scratch(self, loc: np.ndarray) -> Iterator[Any]:
-        out = np.full(len(loc), self.scratch_entry, dtype=U64)
+    def _scratch(self, loc: np.ndarray, entry: int | None = None) -> Iterator[Any]:
+        out = np.full(len(loc), self.scratch_entry if entry is None else entry, dtype=U64)
         yield from self._commit(loc, out, np.full(len(loc), -1, dtype=np.int64))
 
     def _commit(self, loc: np.ndarray, out: np.ndarray, new_gfn: np.ndarray) -> Iterator[Any]:
@@ -190,11 +192,11 @@ class GgttShadow:
         yield Post(self.gpu, "MMIO_WRITE", {"off": hw.GFX_FLSH_CNTL, "size": 4, "val": 1}, vgpu=self.vgpu)
 
     def scratch_all(self) -> Iterator[Any]:
-        """Point every entry of the partition at the scratch page (a new vGPU, or a reset)."""
+        """Point every entry of the partition at the scratch page, present (a new vGPU, a reset)."""
         loc = np.arange(len(self.vggtt), dtype=np.int64)
         self.vggtt[:] = 0
         self.partial.clear()
-        yield from self._scratch(loc)
+        yield from self._scratch(loc, self.reset_entry)
 
     def pinned_gfns(self) -> int:
         return int(np.count_nonzero(self.pins))
