@@ -17,9 +17,9 @@ import numpy as np
 from nodes import hw
 from nodes.errors import GvtError, need
 from nodes.metrics import TRAP_LATENCY, TRAPS, declare_trap_metrics
-from nodes.runtime import Call, Post
+from nodes.runtime import Call, Post, Sleep
 from nodes.stats import Stats
-from nodes.wire.codec import Envelope
+from nodes.wire.codec import Envelope, RemoteError
 
 MIXES = ("mmio-read", "mmio-write", "gtt-burst")
 N_GPRS = 16
@@ -83,12 +83,24 @@ class GuestCore:
         return Post(self.hv, "MMIO_WRITE", {"off": off, "size": size, "val": val, "w": self.wno},
                     vgpu=self.vm)
 
+    def _first_read(self, off: int, size: int, patience_s: float = 30.0) -> Iterator[Any]:
+        """The first access waits for the vGPU to exist: nodes started by hand, one per host,
+        come up in any order, and the mediator answers ENODEV until it has created the vGPU."""
+        deadline = self.clock() + int(patience_s * 1e9)
+        while True:
+            try:
+                return (yield from self._read(off, size))
+            except RemoteError as err:
+                if err.code not in ("ENODEV", "ETIMEDOUT") or self.clock() > deadline:
+                    raise
+            yield Sleep(0.1)
+
     # ---- boot ------------------------------------------------------------------------------
     def boot(self) -> Iterator[Any]:
         """i915 on GVT-g: detect the PV page, balloon, then enable execlists."""
         self.state = "booting"
         if self.gvt_aware:
-            magic = yield from self._read(hw.PVINFO_BASE + hw.PV_MAGIC_OFF, 8)
+            magic = yield from self._first_read(hw.PVINFO_BASE + hw.PV_MAGIC_OFF, 8)
             if magic != hw.PV_MAGIC:
                 raise GvtError("ENODEV", f"PV info magic is {magic:#x}, not vGTvGTvG: not a GVT-g vGPU")
             ver = yield from self._read(hw.PVINFO_BASE + hw.PV_VERSION_MAJOR_OFF, 4)
@@ -293,7 +305,7 @@ class GuestCore:
         except Exception as err:
             self.boot_error = str(err)
             self.state = "failed"
-            raise GvtError("EIO", f"boot failed: {err}") from None
+            raise GvtError(getattr(err, "code", "EIO"), f"boot failed: {err}") from None
         if isinstance(p, dict) and p.get("load", True):
             self.start(self.clock())
         return pv

@@ -1,0 +1,33 @@
+import os
+import tempfile
+
+import pytest
+
+from bench import config
+
+
+@pytest.fixture
+def small_cfg():
+    """A short run: two guests, a fixed number of ops (so contents depend on the seed only)."""
+    def make(**over):
+        raw = {"run": {"duration_s": 2, "ops": 300, "seed": 11},
+               "vgpus": {"count": 2, "ram_mib": 16},
+               "load": {"mode": "closed", "concurrency": 8, "burst": 64,
+                        "mix": {"mmio-read": 0.4, "mmio-write": 0.4, "gtt-burst": 0.2}}}
+        for key, val in over.items():
+            sec, _, k = key.partition("__")
+            raw.setdefault(sec, {})[k] = val
+        return config.validate(raw, "test")
+    return make
+
+
+@pytest.fixture
+def short_ipc_dir():
+    d = tempfile.mkdtemp(prefix="gvtt-", dir="/tmp")
+    yield d
+    for f in os.listdir(d):
+        try:
+            os.unlink(os.path.join(d, f))
+        except OSError:
+            pass
+    os.rmdir(d)

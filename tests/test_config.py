@@ -1,0 +1,42 @@
+import subprocess
+import sys
+
+import pytest
+
+from bench import config
+
+
+def test_default_config_loads():
+    cfg = config.load()
+    assert cfg["vgpus"]["count"] == 2 and cfg["run"]["duration_s"] == 10
+
+
+@pytest.mark.parametrize("text,key,words", [
+    ("[run]\nduration_s = -1\n", "run.duration_s", "> 0"),
+    ("[run]\ntransport = 'udp'\n", "run.transport", "'ipc' or 'tcp'"),
+    ("[vgpus]\ntype = '_3'\n", "vgpus.type", "_8"),
+    ("[vgpus]\ncount = 'two'\n", "vgpus.count", "got 'two'"),
+    ("[load]\nratte = 5\n", "load.ratte", "unknown key"),
+    ("[lode]\nrate = 5\n", "lode", "unknown section"),
+    ("[load]\nmix = { 'mmio-reed' = 1.0 }\n", "load.mix.mmio-reed", "unknown mix"),
+    ("[vgpus]\ncount = 9\n", "vgpus.count", "max_vgpus"),
+    ("[run\n", "(syntax)", ""),
+])
+def test_bad_config_names_key_and_reason(tmp_path, text, key, words):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(p)
+    assert key in str(e.value) and words in str(e.value) and "bad.toml" in str(e.value)
+
+
+def test_cli_reports_bad_config_and_exits_2(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[load]\nrate = 0\n")
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(p)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2
+    assert "load.rate" in r.stderr and "> 0" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(tmp_path / "nope.toml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot read" in r.stderr

@@ -1,0 +1,122 @@
+"""Full runs: real processes, real ZeroMQ sockets, both transports and both fabrics."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench.launch import Launcher
+
+
+def _shm_files(run_id):
+    return [f for f in os.listdir("/dev/shm") if f.startswith(f"gvtbench-{run_id}-")]
+
+
+def _run(cfg):
+    launcher = Launcher(cfg)
+    result = launcher.run()
+    # teardown leaves nothing behind
+    assert _shm_files(launcher.run_id) == []
+    assert not os.path.exists(launcher.tmp)
+    for p in launcher.procs.values():
+        assert p.poll() is not None
+    return result
+
+
+@pytest.mark.parametrize("transport,fabric", [("ipc", "shm"), ("tcp", "msg")])
+def test_full_run_passes(small_cfg, transport, fabric):
+    res = _run(small_cfg(run__transport=transport, run__fabric=fabric))
+    assert res["verdict"] == "pass", res["reasons"]
+    assert res["schema"] == 1 and res["seed"] == 11 and res["translator"] in ("c", "python")
+    for v in res["vgpus"]:
+        assert v["type"] == "_8"
+        assert set(v["traps"]) >= {"mmio_read", "mmio_write", "gtt_write"}
+        for s in v["traps"].values():
+            assert s["count"] > 0 and 0 < s["p50_us"] <= s["p99_us"] <= s["p999_us"]
+        assert v["ggtt"]["ok"] > 0 and v["ggtt"]["dropped"] >= 0
+        assert v["probes"]["probes"] > 0 and v["probes"]["landed"] == v["probes"]["probes"]
+        assert v["guest"]["issued"] == 300 == v["guest"]["completed"]
+    assert all(r["received"] is None or r["received"] >= r["sent"] for r in res["ledger"]["links"])
+
+
+def test_same_seed_same_ggtt_across_transports_and_fabrics(small_cfg):
+    a = _run(small_cfg(run__transport="ipc", run__fabric="shm"))
+    b = _run(small_cfg(run__transport="tcp", run__fabric="msg"))
+    c = _run(small_cfg(run__transport="ipc", run__fabric="msg", run__seed=12))
+    assert a["verdict"] == b["verdict"] == c["verdict"] == "pass"
+    assert a["ledger"]["ggtt_sha256"] == b["ledger"]["ggtt_sha256"]
+    assert a["ledger"]["ggtt_sha256"] != c["ledger"]["ggtt_sha256"]
+
+
+def test_pure_python_translator_run(small_cfg):
+    res = _run(small_cfg(mediator__translator="python"))
+    assert res["verdict"] == "pass", res["reasons"]
+    assert res["translator"] == "python"
+
+
+def test_cli_run_writes_json_and_exit_code(tmp_path):
+    out = tmp_path / "r.json"
+    cfgf = tmp_path / "c.toml"
+    cfgf.write_text('[run]\nops = 100\nduration_s = 2\n[vgpus]\ncount = 1\nram_mib = 16\n'
+                    '[load]\nmode = "closed"\nburst = 32\n')
+    p = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(cfgf), "--json", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "verdict: pass" in p.stdout and "mmio_read" in p.stdout
+    import json
+    res = json.loads(out.read_text())
+    assert {"schema", "config", "seed", "translator", "vgpus", "ledger", "verdict", "reasons"} <= set(res)
+    # a threshold nobody can meet fails the verdict and the exit code
+    cfgf.write_text(cfgf.read_text() + "[thresholds]\nmmio_read_p99_us = 0.001\n")
+    p = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(cfgf)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 1 and "verdict: fail" in p.stdout and "mmio_read p99" in p.stdout
+
+
+def test_ctrl_c_leaves_no_process_and_no_shm(tmp_path):
+    cfgf = tmp_path / "c.toml"
+    cfgf.write_text('[run]\nduration_s = 60\n[vgpus]\ncount = 1\nram_mib = 16\n')
+    p = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", str(cfgf)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    prefix = f"gvtbench-{p.pid}x"
+    while time.monotonic() < deadline:      # wait until the nodes made their regions
+        if len([f for f in os.listdir("/dev/shm") if f.startswith(prefix)]) >= 2:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the run never created its shm regions")
+    p.send_signal(signal.SIGINT)
+    _out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert [f for f in os.listdir("/dev/shm") if f.startswith(prefix)] == []
+    ps = subprocess.run(["pgrep", "-f", f"--run-id {p.pid}x"], capture_output=True, text=True)
+    assert ps.stdout.strip() == ""
+
+
+def test_killed_launcher_nodes_exit_and_files_are_swept(tmp_path):
+    cfgf = tmp_path / "c.toml"
+    cfgf.write_text('[run]\nduration_s = 60\n[vgpus]\ncount = 1\nram_mib = 16\n')
+    p = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", str(cfgf)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    prefix = f"gvtbench-{p.pid}x"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if len([f for f in os.listdir("/dev/shm") if f.startswith(prefix)]) >= 2:
+            break
+        time.sleep(0.05)
+    p.kill()
+    p.wait()
+    # the nodes die with their parent and remove the regions they own
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        ps = subprocess.run(["pgrep", "-f", f"--run-id {p.pid}x"], capture_output=True, text=True)
+        if not ps.stdout.strip():
+            break
+        time.sleep(0.1)
+    assert not ps.stdout.strip(), "nodes outlived their launcher"
+    from nodes.memory import sweep_stale_shm
+    sweep_stale_shm()
+    assert [f for f in os.listdir("/dev/shm") if f.startswith(prefix)] == []
