@@ -104,9 +104,12 @@ class MediatorCore:
             if op == "r":
                 return self._trap_read(vgpu, need(p, "off", int), need(p, "size", int), now)
             if op == "w":
-                offs = np.frombuffer(need(p, "off", bytes), dtype="<u4")
-                sizes = np.frombuffer(need(p, "size", bytes), dtype=np.uint8)
-                vals = np.frombuffer(need(p, "val", bytes), dtype="<u8")
+                off_b, size_b, val_b = need(p, "off", bytes), need(p, "size", bytes), need(p, "val", bytes)
+                if len(off_b) % 4 or len(val_b) % 8:
+                    raise GvtError("EINVAL", "TRAP write batch needs packed u32 offsets and u64 values")
+                offs = np.frombuffer(off_b, dtype="<u4")
+                sizes = np.frombuffer(size_b, dtype=np.uint8)
+                vals = np.frombuffer(val_b, dtype="<u8")
                 if not len(offs) == len(sizes) == len(vals):
                     raise GvtError("EINVAL", "TRAP write batch has fields of different lengths")
                 return self._trap_writes(vgpu, offs, sizes, vals, now)
@@ -138,7 +141,8 @@ class MediatorCore:
     def _trap_writes(self, vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.ndarray,
                      now: int) -> Iterator[Any]:
         """A batch of posted writes, in guest order. Runs of 8-byte GGTT writes go as one batch."""
-        gtt8 = (offs >= hw.GTT_OFFSET) & (sizes == 8)
+        # only aligned 8-byte GGTT writes take the batch path; a misaligned one is refused below
+        gtt8 = (offs >= hw.GTT_OFFSET) & (sizes == 8) & ((offs & 7) == 0)
         n = len(offs)
         bounds = [0, *(np.flatnonzero(np.diff(gtt8.astype(np.int8))) + 1).tolist(), n]
         n_mmio = n_gtt = 0
