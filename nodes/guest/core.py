@@ -69,6 +69,11 @@ class GuestCore:
         self.next_op = 0            # index of the next op in the open-loop schedule
         self.end_ns = 0
         self.boot_error: str | None = None
+        self._mix_names = [m for m in self.load.mix if self.load.mix[m] > 0]
+        self._draw_mix: list[int] = []
+        self._draw_gpr: list[int] = []
+        self._draw_val: list[int] = []
+        self._draw_i = 0
         self.stats = Stats()
         declare_trap_metrics(self.stats)
         self.stats.counter("gvtbench_guest_ops", "Load operations by mix and status", ["vgpu", "mix", "status"])
@@ -173,22 +178,28 @@ class GuestCore:
             return None
         return self.t0 + int(self.next_op * 1e9 / self.load.rate)
 
-    def _pick_mix(self) -> str:
-        names = list(self.load.mix)
-        w = np.array([self.load.mix[n] for n in names], dtype=float)
-        return names[int(self.rng.choice(len(names), p=w / w.sum()))]
+    def _draw(self) -> tuple[str, int, int]:
+        """The next op's mix, GPR and value. Drawn in blocks: numpy per call costs more than a
+        whole trap's worth of Python, and the generator must not slow the system it measures."""
+        if self._draw_i >= len(self._draw_mix):
+            n = 4096
+            cum = np.cumsum([self.load.mix[m] for m in self._mix_names], dtype=float)
+            self._draw_mix = np.searchsorted(cum / cum[-1], self.rng.random(n), side="right").tolist()
+            self._draw_gpr = self.rng.integers(0, N_GPRS, n).tolist()
+            self._draw_val = self.rng.integers(0, 1 << 32, n, dtype=np.int64).tolist()
+            self._draw_i = 0
+        i = self._draw_i
+        self._draw_i += 1
+        return self._mix_names[min(self._draw_mix[i], len(self._mix_names) - 1)], self._draw_gpr[i], self._draw_val[i]
 
     def _issue(self, intended: int) -> Any:
-        mix = self._pick_mix()
+        mix, k, val = self._draw()
         self.issued += 1
         if mix == "mmio-read":
             self.reads_inflight += 1
             # what the read must return is fixed now, in issue order, not when the task first runs
-            k = int(self.rng.integers(N_GPRS))
             return self._op_read(intended, k, self.gpr[k])
         if mix == "mmio-write":
-            k = int(self.rng.integers(N_GPRS))
-            val = int(self.rng.integers(1 << 32))
             self.gpr[k] = val
             post = self._post_write(hw.RCS_GPR0 + 4 * k, val)
             self.inflight_writes.append((self.wno, intended, "mmio_write", 1))
