@@ -67,6 +67,21 @@ def test_standalone_nodes_metrics(tmp_path):
         assert 'gvtbench_traps_total{kind="gtt_write",stage="mediator",vgpu="1"}' in med
         gpu = _scrape(ports["gpu"])
         assert "gvtbench_gpu_ggtt_writes_total" in gpu
+        # the MSI path: a mediator-side peer asks the hypervisor to inject; the guest counts an IRQ
+        injector = RawPeer(eps["hypervisor"], name="msi-tester")
+        try:
+            assert injector.hello()[0] == "REPLY"
+            for _ in range(3):
+                assert injector.call("INJECT_MSI", {"vector": 0x41}, vgpu=1)[0] == "REPLY"
+            r = injector.call("INJECT_MSI", {}, vgpu=9)
+            assert r[0] == "ERROR" and r[6]["code"] == "ENODEV"
+        finally:
+            injector.close()
+        deadline = time.monotonic() + 10
+        while 'gvtbench_guest_irqs_total{vgpu="1"} 3.0' not in _scrape(ports["guest1"]):
+            assert time.monotonic() < deadline, "the guest never saw the 3 interrupts"
+            time.sleep(0.05)
+        assert 'gvtbench_msi_injected_total{vgpu="1"} 3.0' in _scrape(ports["hypervisor"])
     finally:
         for name, ep in eps.items():
             try:
