@@ -1,0 +1,104 @@
+"""The verdict's checks must fail when the evidence is wrong: each is fed a corrupted input."""
+import numpy as np
+
+from bench import ledger
+from nodes import hw
+from nodes.mediator.vgpu import GmAllocator
+from nodes.memory import Layout, make_p2m
+from nodes.stats import LogHistogram
+
+SEED = 4
+
+
+def _setup():
+    layout = Layout.build(1024, {1: 2048, 2: 2048})
+    alloc = GmAllocator(1024 * hw.MiB)
+    vgpus = [{"id": v, "partition": alloc.allocate("_8").to_wire()} for v in (1, 2)]
+    scratch = layout.host.base_mfn
+    dump = np.zeros(hw.GGTT_ENTRIES, dtype=np.uint64)
+    for v in vgpus:        # a new vGPU: every entry at scratch, present
+        p = v["partition"]
+        for base, size in ((p["aperture_base"], p["aperture_size"]), (p["hidden_base"], p["hidden_size"])):
+            dump[base >> 12:(base + size) >> 12] = hw.pte_encode(scratch, hw.PTE_PRESENT)
+    # guest 1 maps three entries: RAM gfn, bad gfn, not present
+    i0 = vgpus[0]["partition"]["aperture_base"] >> 12
+    idx = np.array([i0, i0 + 1, i0 + 2])
+    vals = np.array([hw.pte_encode(5, 3), hw.pte_encode(99999, 1), hw.pte_encode(6, 2)], dtype=np.uint64)
+    p2m = make_p2m(layout.vm_region(1), SEED)
+    dump[i0] = hw.pte_encode(int(p2m[5]), 3)
+    dump[i0 + 1] = hw.pte_encode(scratch, 1)
+    dump[i0 + 2] = hw.pte_encode(scratch, 2)
+    return layout, vgpus, dump, {1: (idx, vals)}, scratch, i0
+
+
+def test_correct_ggtt_passes():
+    layout, vgpus, dump, maps, scratch, _ = _setup()
+    res = ledger.check_ggtt(dump, vgpus, maps, layout, SEED, scratch)
+    assert res["reasons"] == [] and res["vgpus"][1]["mapped"] == 3
+
+
+def test_untranslated_entry_is_caught():
+    layout, vgpus, dump, maps, scratch, i0 = _setup()
+    dump[i0] = hw.pte_encode(5, 3)          # the gfn itself: the mediator forgot to translate
+    res = ledger.check_ggtt(dump, vgpus, maps, layout, SEED, scratch)
+    assert any("differ" in r for r in res["reasons"])
+    assert any("outside VM 1" in r for r in res["reasons"])
+
+
+def test_entry_into_another_vm_is_caught():
+    layout, vgpus, dump, maps, scratch, i0 = _setup()
+    dump[i0] = hw.pte_encode(layout.vm_region(2).base_mfn + 1, 3)
+    res = ledger.check_ggtt(dump, vgpus, maps, layout, SEED, scratch)
+    assert res["vgpus"][1]["foreign"] == 1
+
+
+def test_write_outside_partitions_is_caught():
+    layout, vgpus, dump, maps, scratch, _ = _setup()
+    dump[5] = hw.pte_encode(1234, 1)         # inside the host's range
+    res = ledger.check_ggtt(dump, vgpus, maps, layout, SEED, scratch)
+    assert res["outside_written"] == 1 and any("outside every vGPU" in r for r in res["reasons"])
+
+
+def test_workload_accounting():
+    good = {"issued": 10, "completed": 10, "failed": 0, "pending": 0, "mismatches": 0,
+            "fail_reasons": {}, "boot_error": None}
+    assert ledger.check_workloads({1: good}) == []
+    lost = dict(good, completed=9)
+    assert any("lost or doubled" in r for r in ledger.check_workloads({1: lost}))
+    stale = dict(good, mismatches=2)
+    assert any("stale" in r for r in ledger.check_workloads({1: stale}))
+    failed = dict(good, completed=9, failed=1, fail_reasons={"EFAULT: x": 1})
+    assert any("EFAULT" in r for r in ledger.check_workloads({1: failed}))
+
+
+def test_link_conservation():
+    snaps = {"a": {"links": {"b": {"sent": 5, "received": 3, "gaps": 0}}},
+             "b": {"links": {"a": {"sent": 3, "received": 5, "gaps": 0}}}}
+    assert ledger.check_links(snaps)[1] == []
+    snaps["b"]["links"]["a"]["received"] = 4
+    snaps["b"]["links"]["a"]["gaps"] = 1
+    reasons = ledger.check_links(snaps)[1]
+    assert any("sent 5, received 4" in r for r in reasons) and any("never arrived" in r for r in reasons)
+
+
+def test_probe_outside_own_ram_is_caught():
+    layout, *_ = _setup()
+    own = layout.vm_region(1).base_mfn
+    ok = {"probes": 2, "landed": 2, "misses": []}
+    assert ledger.check_probes(1, [own, own + 1], ok, layout) == []
+    assert ledger.check_probes(1, [own, layout.vm_region(2).base_mfn], ok, layout)
+    assert ledger.check_probes(1, [own], {"probes": 2, "landed": 1, "misses": ["GM 0x0"]}, layout)
+
+
+def test_log_histogram_quantiles_and_buckets():
+    h = LogHistogram()
+    for v in range(1, 10001):
+        h.record(v * 1000)              # 1 us .. 10 ms, uniform
+    assert abs(h.quantile_ns(0.5) / 5_000_000 - 1) < 0.03
+    assert abs(h.quantile_ns(0.99) / 9_900_000 - 1) < 0.03
+    b = dict(h.prom_buckets())
+    assert b["1e-06"] == 1 and b["+Inf"] == 10000 and b["1.0"] == 10000
+    assert abs(b["0.001"] - 1000) <= 1
+    h2 = LogHistogram.from_dict(h.to_dict())
+    h2.merge(h)
+    assert h2.n == 20000 and h2.quantile_ns(0.5) == h.quantile_ns(0.5)
