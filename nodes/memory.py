@@ -11,7 +11,7 @@ import mmap
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -266,39 +266,35 @@ class Fabric:
         self._attached.clear()
 
 
-def sweep_stale_shm() -> list[str]:
-    """Remove region files of runs whose launcher is gone (a crash or SIGKILL of a launcher)."""
+def _remove_shm(keep: Callable[[str], bool]) -> list[str]:
     removed = []
-    pat = re.compile(rf"^{SHM_PREFIX}(\d+)x[0-9a-f]+-")
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return removed
     for name in names:
-        m = pat.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+        if name.startswith(SHM_PREFIX) and not keep(name):
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
                 removed.append(name)
             except OSError:
                 pass
     return removed
+
+
+def sweep_stale_shm() -> list[str]:
+    """Remove region files of runs whose launcher is gone (a crash or SIGKILL of a launcher)."""
+    pat = re.compile(rf"^{SHM_PREFIX}(\d+)x[0-9a-f]+-")
+
+    def keep(name: str) -> bool:
+        m = pat.match(name)
+        return not m or _pid_alive(int(m.group(1)))
+    return _remove_shm(keep)
 
 
 def remove_run_shm(run_id: str) -> list[str]:
-    removed = []
-    try:
-        names = os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return removed
-    for name in names:
-        if name.startswith(f"{SHM_PREFIX}{run_id}-"):
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-                removed.append(name)
-            except OSError:
-                pass
-    return removed
+    """Remove every region file of one run."""
+    return _remove_shm(lambda name: not name.startswith(f"{SHM_PREFIX}{run_id}-"))
 
 
 def _pid_alive(pid: int) -> bool:
