@@ -26,7 +26,10 @@ def _run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
 
     def view(p: dict) -> Table:
-        t = Table(title=f"gvtbench run: {p['phase']}", show_edge=False)
+        title = f"gvtbench run: {p['phase']}"
+        if p["phase"] == "load" and not p.get("ops"):
+            title += f" {p.get('elapsed_s', 0):.0f}/{p['duration_s']:g} s"
+        t = Table(title=title, show_edge=False)
         for col in ("vGPU", "state", "issued", "completed", "failed"):
             t.add_column(col, justify="right")
         for vm, g in sorted(p["guests"].items()):
@@ -34,7 +37,7 @@ def _run(args: argparse.Namespace) -> int:
                       f"{g.get('completed', 0):,}", f"{g.get('failed', 0):,}")
         return t
 
-    live = Live(view({"phase": "starting", "guests": {}}), console=console, refresh_per_second=4,
+    live = Live(view({"phase": "starting", "guests": {}, "duration_s": 0}), console=console, refresh_per_second=4,
                 transient=True, auto_refresh=False)
     launcher = Launcher(cfg, on_progress=lambda p: (live.update(view(p)), live.refresh()))
     try:

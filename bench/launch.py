@@ -144,10 +144,12 @@ class Launcher:
             yield Sleep(0.05)
 
     def _progress_view(self) -> dict:
-        return {"phase": self.phase, "guests": dict(self.core.progress),
+        elapsed = time.monotonic() - self.t_load if self.t_load else 0.0
+        return {"phase": self.phase, "guests": dict(self.core.progress), "elapsed_s": elapsed,
                 "duration_s": self.cfg["run"]["duration_s"], "ops": self.cfg["run"]["ops"]}
 
     phase = "starting"
+    t_load = 0.0
 
     def _orchestrate(self, names: list[str]) -> Iterator[Any]:
         try:
@@ -166,7 +168,7 @@ class Launcher:
         if failed:
             raise RunFailed("; ".join(f"{n}: {e}" for n, e in failed.items()))
         self.phase = "load"
-        t_start = time.monotonic()
+        t_start = self.t_load = time.monotonic()
         for g in guests:
             yield Post(g, "START", {"load": True})
         vms = vm_ids(cfg)
