@@ -79,7 +79,7 @@ def _perf(args: argparse.Namespace) -> int:
         print(json.dumps(res) if args.json else format_translate(res))
         return 0
     from bench.perf import format_trap, run_trap
-    res = run_trap(seconds=args.seconds)
+    res = run_trap(seconds=args.seconds, rounds=args.rounds)
     print(json.dumps(res) if args.json else format_trap(res))
     return 0
 
@@ -125,6 +125,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--entries", type=int, default=1_000_000)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--seconds", type=float, default=3.0, help="trap: seconds per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="trap: alternating echo/read rounds")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_perf)
     rep = sub.add_parser("report", help="print a result JSON as a table")
