@@ -1,0 +1,25 @@
+"""The benchmark commands run and report every promised field (no timing is asserted here)."""
+import json
+import subprocess
+import sys
+
+
+def test_perf_translate_json():
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "translate", "--entries", "20000",
+                        "--repeats", "1", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for key in ("entries", "c_s", "numpy_s", "python_s", "c_vs_python", "c_vs_numpy"):
+        assert res[key] > 0
+    assert res["entries"] == 20000
+
+
+def test_perf_trap_json():
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "trap", "--seconds", "0.5",
+                        "--rounds", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for key in ("mmio_read_p50_us", "mmio_read_p99_us", "echo_p50_us", "read_vs_echo",
+                "posted_writes_per_s", "gtt_entries_per_s"):
+        assert res[key] > 0, key
+    assert len(res["rounds"]) == 1
