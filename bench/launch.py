@@ -21,7 +21,8 @@ from bench import ledger
 from bench.config import public
 from nodes.errors import GvtError
 from nodes.memory import remove_run_shm, sweep_stale_shm
-from nodes.node import build_layout, vm_ids
+from nodes.metrics import TRAP_LATENCY
+from nodes.node import build_layout, needed_peers, vm_ids
 from nodes.runtime import Call, Post, Runtime, Sleep
 from nodes.stats import Stats
 from nodes.wire.codec import Envelope
@@ -82,7 +83,6 @@ class Launcher:
         return f"tcp://{run['host']}:{free_port(run['host'])}"
 
     def _spawn(self, role: str, name: str, eps: dict[str, str], cfg_path: str, vm: int = 0) -> None:
-        from nodes.node import needed_peers
         cmd = [sys.executable, "-m", "bench.cli", "node", role, "--config", cfg_path, "--name", name,
                "--bind", eps[name], "--launcher", eps["launcher"], "--run-id", self.run_id,
                "--parent-death"]
@@ -305,7 +305,6 @@ class Launcher:
 
 
 def _hist_rows(snap: dict) -> dict:
-    from nodes.metrics import TRAP_LATENCY
     fam = snap["stats"].get(TRAP_LATENCY)
     if not fam:
         return {}

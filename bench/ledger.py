@@ -7,6 +7,8 @@ import numpy as np
 
 from nodes import hw
 from nodes.memory import Layout, make_p2m
+from nodes.metrics import TRAP_LATENCY
+from nodes.stats import hist_from_snapshot
 
 U64 = np.uint64
 
@@ -131,8 +133,6 @@ def verdict(*reason_lists: list[str]) -> tuple[str, list[str]]:
 
 
 def summarize_traps(snap: dict, vm: int, stage: str) -> dict[str, Any]:
-    from nodes.metrics import TRAP_LATENCY
-    from nodes.stats import hist_from_snapshot
     out = {}
     for kind in hw.TRAP_KINDS:
         h = hist_from_snapshot(snap["stats"], TRAP_LATENCY, vgpu=vm, kind=kind, stage=stage)

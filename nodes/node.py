@@ -149,7 +149,7 @@ def run_node(role: str, cfg: dict, *, name: str | None, vm: int, bind: str, peer
                                              "metrics_port": port, "pid": os.getpid(),
                                              "setup": result, **info})
         elif role == "guest":
-            rt.spawn(core.core._start_task({"load": True}))
+            rt.spawn(core.core.boot_and_start({"load": True}))
 
     rt.spawn(startup())
     try:

@@ -17,6 +17,7 @@ import heapq
 import select
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass
 from types import GeneratorType
 from typing import Any, Callable, Hashable, Iterable
@@ -148,7 +149,7 @@ class Runtime:
         self._pending: dict[tuple[str, int], tuple[_Task, Call]] = {}
         self._deadlines: list[tuple[int, str, int]] = []
         self._lanes_busy: set[Hashable] = set()
-        self._lane_queue: dict[Hashable, list[Envelope]] = {}
+        self._lane_queue: dict[Hashable, deque[Envelope]] = {}
         self._sleep_seq = 0
         self.stopping = False
         self.on_stop: list[Callable[[], None]] = []
@@ -315,15 +316,16 @@ class Runtime:
             except zmq.ZMQError:
                 pass
         elif err is not None:
-            self.rstats.inc("gvtbench_handler_errors", (getattr(err, "code", None) or "EIO",))
-            hook = getattr(self.core, "task_failed", None)
-            if hook is not None:
-                hook(err)
+            self._count_failure(err)
         if task.lane is not None:
             self._lanes_busy.discard(task.lane)
             queue = self._lane_queue.get(task.lane)
             while queue and task.lane not in self._lanes_busy:
-                self._run_handler(queue.pop(0), task.lane)
+                self._run_handler(queue.popleft(), task.lane)
+
+    def _count_failure(self, err: BaseException) -> None:
+        """A failure nobody waits for (a posted message, a task with no requester): counted."""
+        self.rstats.inc("gvtbench_handler_errors", (getattr(err, "code", None) or "EIO",))
 
     def _run_actions(self, actions: Iterable[Any] | None) -> None:
         if not actions:
@@ -333,13 +335,9 @@ class Runtime:
                 try:
                     self.post(a.peer, a.kind, a.payload, a.vgpu)
                 except (GvtError, zmq.ZMQError) as err:
-                    hook = getattr(self.core, "task_failed", None)
-                    if hook is not None:
-                        hook(err)
+                    self._count_failure(err)
             elif isinstance(a, GeneratorType):
                 self.spawn(a)
-            elif isinstance(a, tuple):          # (generator, lane)
-                self.spawn(a[0], None, a[1])
 
     # ---- receiving ---------------------------------------------------------------------------
     def _on_frame(self, link: Link | None, ident: bytes | None, frame: bytes) -> None:
@@ -391,7 +389,7 @@ class Runtime:
         lane_fn = getattr(self.core, "lane", None)
         lane = lane_fn(env) if lane_fn is not None else None
         if lane is not None and lane in self._lanes_busy:
-            self._lane_queue.setdefault(lane, []).append(env)
+            self._lane_queue.setdefault(lane, deque()).append(env)
             return
         self._run_handler(env, lane)
 
@@ -402,10 +400,7 @@ class Runtime:
             if env.wants_reply:
                 self._reply_error(env, err)
             else:
-                self.rstats.inc("gvtbench_handler_errors", (getattr(err, "code", None) or "EIO",))
-                hook = getattr(self.core, "task_failed", None)
-                if hook is not None:
-                    hook(err)
+                self._count_failure(err)
             return
         outbox = getattr(self.core, "outbox", None)
         if outbox:
