@@ -15,9 +15,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from nodes.errors import GvtError, need
+from nodes.actions import Call
+from nodes.errors import GvtError
 from nodes.hw import PAGE_SIZE
-from nodes.runtime import Call
+from nodes.wire.codec import check_reply_size
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "gvtbench-"
@@ -151,6 +152,8 @@ class RegionMemory:
 class OwnedMemory:
     """The regions a node owns, and its service of DMA requests from the fabric's msg backend."""
 
+    KINDS = ("DMA_READ", "DMA_WRITE")
+
     def __init__(self, layout: Layout):
         self.layout = layout
         self.mem: dict[str, RegionMemory] = {}
@@ -165,20 +168,14 @@ class OwnedMemory:
             raise GvtError("EFAULT", f"mfn {mfn:#x} is not in a region this node owns")
         return rm
 
-    def dma_read(self, payload: Any) -> list[bytes]:
-        out = []
-        for op in need(payload, "ops", (list, tuple), "DMA_READ"):
-            mfn, off, n = _op3(op, "DMA_READ")
-            out.append(self.lookup(mfn).read(mfn, off, n))
-        return out
-
-    def dma_write(self, payload: Any) -> int:
-        ops = need(payload, "ops", (list, tuple), "DMA_WRITE")
+    def serve(self, msg: Any, now: int) -> Any:
+        """DMA_READ / DMA_WRITE from the gpu (payload checked by the wire schema)."""
+        ops = msg.payload["ops"]
+        if msg.kind == "DMA_READ":
+            check_reply_size(sum(op[2] for op in ops), len(ops), "DMA_READ")
+            return [self.lookup(mfn).read(mfn, off, n) for mfn, off, n in ops]
         checked = []
-        for op in ops:      # validate all before writing any: a bad batch changes nothing
-            mfn, off, data = _op3(op, "DMA_WRITE")
-            if not isinstance(data, bytes):
-                raise GvtError("EINVAL", "DMA_WRITE data must be bytes")
+        for mfn, off, data in ops:  # check all before writing any: a bad batch changes nothing
             rm = self.lookup(mfn)
             rm._span(mfn, off, len(data))
             checked.append((rm, mfn, off, data))
@@ -190,14 +187,6 @@ class OwnedMemory:
         for rm in self.mem.values():
             rm.close(unlink=rm.owned)
         self.mem.clear()
-
-
-def _op3(op: Any, what: str) -> tuple[int, int, Any]:
-    if not isinstance(op, (list, tuple)) or len(op) != 3 or type(op[0]) is not int or type(op[1]) is not int:
-        raise GvtError("EINVAL", f"{what} op must be [mfn, offset, len|data]")
-    if what == "DMA_READ" and type(op[2]) is not int:
-        raise GvtError("EINVAL", "DMA_READ length must be an integer")
-    return op[0], op[1], op[2]
 
 
 class Fabric:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-from typing import Any
+from typing import Any, Iterator
 
-from nodes import hw
+from nodes.actions import Post, Sleep
 from nodes.errors import GvtError
+from nodes.hw import MiB, PAGE_SIZE
 from nodes.memory import Fabric, Layout, OwnedMemory, RegionMemory
-from nodes.runtime import Post, Runtime, Sleep, die_with_parent
+from nodes.runtime import Keys, Runtime, die_with_parent
+from nodes.wire.schema import guest_name
 
 ROLES = ("gpu", "mediator", "hypervisor", "guest")
 HOST_POOL_FRAMES = 4096         # 16 MiB: scratch page, and later shadow tables and contexts
@@ -21,12 +22,20 @@ PROGRESS_EVERY_NS = 250_000_000
 
 
 def build_layout(cfg: dict) -> Layout:
-    frames = cfg["vgpus"]["ram_mib"] * (hw.MiB // hw.PAGE_SIZE)
+    frames = cfg["vgpus"]["ram_mib"] * (MiB // PAGE_SIZE)
     return Layout.build(HOST_POOL_FRAMES, {vm: frames for vm in vm_ids(cfg)})
 
 
 def vm_ids(cfg: dict) -> list[int]:
     return list(range(1, cfg["vgpus"]["count"] + 1))
+
+
+def node_names(cfg: dict) -> list[str]:
+    return ["gpu", "mediator", "hypervisor"] + [guest_name(v) for v in vm_ids(cfg)]
+
+
+def node_name(role: str, vm: int = 0) -> str:
+    return guest_name(vm) if role == "guest" else role
 
 
 def needed_peers(role: str, cfg: dict) -> list[str]:
@@ -37,7 +46,7 @@ def needed_peers(role: str, cfg: dict) -> list[str]:
     return {"mediator": ["gpu"], "hypervisor": ["mediator"], "guest": ["hypervisor"]}[role]
 
 
-def select_translator(name: str):
+def select_translator(name: str) -> tuple[Any, str]:
     from nodes.mediator import translate as t
     if name == "auto":
         return t.translate_entries, t.TRANSLATOR
@@ -58,7 +67,8 @@ class _GuestDriver:
         out = self.core.tick(now)
         if self.launcher and self.core.state == "running" and now >= self.next_progress:
             self.next_progress = now + PROGRESS_EVERY_NS
-            out.append(Post(self.launcher, "PROGRESS", self.core.progress(), vgpu=self.core.vm))
+            out.append(Post(self.launcher, "PROGRESS", {"report": self.core.progress()},
+                            vgpu=self.core.vm))
         return out
 
     def next_wake(self, now: int) -> int | None:
@@ -68,58 +78,60 @@ class _GuestDriver:
         return w
 
 
-def run_node(role: str, cfg: dict, *, name: str | None, vm: int, bind: str, peers: dict[str, str],
-             launcher: str | None, run_id: str, metrics_port: int = 0, metrics_addr: str = "127.0.0.1",
-             parent_death: bool = False) -> int:
+def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
+             launcher: str | None, run_id: str, keys_dir: str | None = None, metrics_port: int = 0,
+             metrics_addr: str = "127.0.0.1", parent_death: bool = False) -> int:
     if role not in ROLES:
         raise GvtError("EINVAL", f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+    if role == "guest" and vm not in vm_ids(cfg):
+        raise GvtError("EINVAL", f"guest --vm {vm} is not one of the configured VMs {vm_ids(cfg)}")
     if parent_death:
         die_with_parent()
-    clock = time.monotonic_ns
+    name = node_name(role, vm)
+    tcp = bind.startswith("tcp://") or any(ep.startswith("tcp://") for ep in peers.values())
+    if tcp and not keys_dir:
+        raise GvtError("EPERM", "tcp links are authenticated with CURVE keys: pass --keys DIR "
+                       "(make the keys of a run with `gvtbench keys DIR --config ...`)")
+    keys = Keys.load(keys_dir, name) if keys_dir else None
+    run = cfg["run"]
     layout = build_layout(cfg)
-    seed = cfg["run"]["seed"]
-    backend = cfg["run"]["fabric"]
     owned = OwnedMemory(layout)
-    setup = None
+    setup: Iterator[Any] | None = None
     info: dict[str, Any] = {}
+    core: Any
     if role == "gpu":
         from nodes.gpu.sim import GpuSim
-        fabric = Fabric(layout, backend, run_id)
-        core: Any = GpuSim(fabric, clock)
-        name = name or "gpu"
+        core = GpuSim(Fabric(layout, run["fabric"], run_id))
     elif role == "mediator":
         from nodes.mediator.core import MediatorCore
-        owned.add(RegionMemory.create(layout.host, backend, run_id))
-        translate, tname = select_translator(cfg["mediator"]["translator"])
-        core = MediatorCore(layout, owned, aperture_size=cfg["gpu"]["aperture_mib"] * hw.MiB,
-                            max_vgpus=cfg["mediator"]["max_vgpus"], clock=clock, translate=translate)
-        info["translator"] = tname
+        owned.add(RegionMemory.create(layout.host, run["fabric"], run_id))
+        translate, info["translator"] = select_translator(cfg["mediator"]["translator"])
+        core = MediatorCore(layout, aperture_size=cfg["gpu"]["aperture_mib"] * MiB,
+                            max_vgpus=cfg["mediator"]["max_vgpus"], translate=translate)
         setup = core.setup([(v, cfg["vgpus"]["type"]) for v in vm_ids(cfg)])
-        name = name or "mediator"
     elif role == "hypervisor":
         from nodes.hypervisor.core import HypervisorCore
         mems = {}
         for v in vm_ids(cfg):
-            rm = RegionMemory.create(layout.vm_region(v), backend, run_id)
-            owned.add(rm)
-            mems[v] = rm
-        core = HypervisorCore(layout, owned, mems, seed, clock=clock)
-        name = name or "hypervisor"
+            mems[v] = RegionMemory.create(layout.vm_region(v), run["fabric"], run_id)
+            owned.add(mems[v])
+        core = HypervisorCore(layout, mems, run["seed"], call_timeout=run["call_timeout_s"])
     else:
         from nodes.guest.core import GuestCore, LoadSpec
-        if vm not in vm_ids(cfg):
-            raise GvtError("EINVAL", f"guest --vm {vm} is not one of the configured VMs {vm_ids(cfg)}")
         ld = cfg["load"]
         spec = LoadSpec(mix=dict(ld["mix"]), mode=ld["mode"], rate=float(ld["rate"]),
                         concurrency=ld["concurrency"], window=ld["window"], burst=ld["burst"],
                         invalid_gfn_ratio=ld["invalid_gfn_ratio"], not_present_ratio=ld["not_present_ratio"],
-                        outside_ratio=ld["outside_ratio"], duration_s=float(cfg["run"]["duration_s"]),
-                        ops=cfg["run"]["ops"])
-        name = name or f"guest{vm}"
-        core = _GuestDriver(GuestCore(vm, layout.vm_region(vm).frames, seed, spec, clock=clock,
-                                      launcher="launcher" if launcher else None), "launcher" if launcher else None)
+                        outside_ratio=ld["outside_ratio"], duration_s=float(run["duration_s"]),
+                        ops=run["ops"])
+        ctl = "launcher" if launcher else None
+        core = _GuestDriver(GuestCore(vm, layout.vm_region(vm).frames, run["seed"], spec,
+                                      launcher=ctl), ctl)
 
-    rt = Runtime(name, role, core, bind)
+    rt = Runtime(name, role, core, bind, vgpus=vm_ids(cfg), keys=keys,
+                 link_silent_s=run["link_silent_s"])
+    if owned.mem:
+        rt.engine.serve(OwnedMemory.KINDS, owned.serve)
     rt.on_stop.append(owned.close)
     if role == "gpu":
         rt.on_stop.append(core.fabric.close)
@@ -129,10 +141,10 @@ def run_node(role: str, cfg: dict, *, name: str | None, vm: int, bind: str, peer
             raise GvtError("EINVAL", f"{role} needs --peer {p}=ENDPOINT")
         rt.connect(p, peers[p])
     if launcher:
-        rt.connect("launcher", launcher)
+        rt.connect("launcher", launcher, control=True)
     port = rt.serve_metrics(metrics_addr, metrics_port)
 
-    def startup():
+    def startup() -> Iterator[Any]:
         try:
             yield from rt.hello_task(wanted + (["launcher"] if launcher else []))
             result = (yield from setup) if setup is not None else None
@@ -149,7 +161,7 @@ def run_node(role: str, cfg: dict, *, name: str | None, vm: int, bind: str, peer
                                              "metrics_port": port, "pid": os.getpid(),
                                              "setup": result, **info})
         elif role == "guest":
-            rt.spawn(core.core.boot_and_start({"load": True}))
+            rt.spawn(core.core.boot_and_start(True, None))
 
     rt.spawn(startup())
     try:

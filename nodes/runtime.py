@@ -1,121 +1,57 @@
-"""The thin runtime shared by every role: sockets, the poll loop, timers and the metrics endpoint.
+"""The thin runtime shared by every role: ZeroMQ sockets and the poll loop, the HELLO handshake and
+the control kinds (STATS, SHUTDOWN), link authentication, heartbeats, and the metrics endpoint.
+What a message means is decided by NodeEngine (nodes/engine.py) and the role's core.
 
-A role's logic is a sans-IO core object:
-    core.handle(msg, now)  -> a reply value, or a task (generator)
-    core.lane(msg)         -> optional key; messages of one lane are handled one at a time, in order
-    core.tick(now)         -> actions to run after each drain of the sockets (flushes, load)
-    core.next_wake(now)    -> optional monotonic ns at which tick wants to run again
-    core.outbox            -> optional list of actions queued by handle(), run before its task
-    core.stats             -> nodes.stats.Stats, exported on /metrics and in STATS replies
-A task is a generator that yields Call (send a request, resume with its result or an exception),
-Post (send a one-way message, resume at once) or Sleep; its return value is the reply.
+Links. Each node binds one ROUTER; it connects one DEALER to each peer it needs and says HELLO
+first. On a ROUTER a peer is a link only after its HELLO: its name must be one of this run's node
+names whose role connects to this node (nodes.wire.schema.CONNECTS_TO). With CURVE (every tcp
+link the launcher makes, or `gvtbench node --keys`), the name comes from the peer's key: each
+node accepts only the public keys of the roles that may connect to it, checked by pyzmq's
+authenticator, and every frame's User-Id must be its link's name. A peer with no key or a wrong
+one never gets past the handshake; that is counted. ipc endpoints must sit in a directory only
+this user can enter.
+
+Bounds. Every socket refuses frames over the frame limit (ZMQ_MAXMSGSIZE) and queues at most
+HWM frames per peer; sends never block: a full queue or a peer that has gone is a counted drop
+(for a task: an error it can handle). A connecting peer sends HEARTBEAT when it has been quiet;
+a ROUTER link silent for link_silent_s, or found gone by a send, is dropped.
 """
 from __future__ import annotations
 
 import ctypes
-import heapq
+import os
 import select
 import signal
 import time
-from collections import deque
 from dataclasses import dataclass
-from types import GeneratorType
-from typing import Any, Callable, Hashable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 import zmq
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
-from nodes.errors import GvtError
-from nodes.stats import LogHistogram, Stats
+from nodes.actions import Call
+from nodes.engine import NodeEngine
+from nodes.errors import GvtError, WireError
+from nodes.metrics.export import LinkCollector, StatsCollector, serve_metrics
 from nodes.wire.codec import (
-    FLAG_WANT_REPLY, MAX_FRAME, PROTOCOL_VERSION, Envelope, RemoteError, WireError, decode, encode,
-    encode_error, encode_reply,
+    HEARTBEAT_S, LINK_SILENT_S, MAX_FRAME, MAX_OUTSTANDING, MAX_POSTED_WRITES, PROTOCOL_VERSION,
+    Envelope, decode, encode, encode_error, encode_reply,
 )
+from nodes.wire.link import Link, SendFailed
+from nodes.wire.schema import CONNECTS_TO, role_of
 
 monotonic_ns = time.monotonic_ns
-DEFAULT_TIMEOUT_S = 10.0
-DRAIN_BATCH = 512
-
-
-@dataclass(slots=True)
-class Call:
-    """A request from a task: resumes with the peer's result, or raises RemoteError/CallTimeout."""
-    peer: str
-    kind: str
-    payload: Any = None
-    vgpu: int = 0
-    timeout: float = DEFAULT_TIMEOUT_S
-
-
-@dataclass(slots=True)
-class Post:
-    """A one-way message: no reply, ordered with everything else on its link."""
-    peer: str
-    kind: str
-    payload: Any = None
-    vgpu: int = 0
-
-
-@dataclass(slots=True)
-class Sleep:
-    """Resume the task after this many seconds."""
-    seconds: float
-
-
-class CallTimeout(GvtError):
-    def __init__(self, peer: str, kind: str, timeout: float):
-        super().__init__("ETIMEDOUT", f"{peer} did not answer {kind} within {timeout:g} s")
-
-
-class Link:
-    """One peer: a DEALER we connected, or an identity on our ROUTER. Counts for conservation."""
-
-    __slots__ = ("name", "role", "sock", "ident", "tx_seq", "rx_seq", "sent", "received",
-                 "gaps", "dups", "ready")
-
-    def __init__(self, name: str, sock: zmq.Socket, ident: bytes | None):
-        self.name, self.sock, self.ident = name, sock, ident
-        self.role = ""
-        self.tx_seq = 0
-        self.rx_seq = 0
-        self.sent = 0
-        self.received = 0
-        self.gaps = 0       # sequence numbers never seen: messages lost on the way to us
-        self.dups = 0
-        self.ready = ident is not None
-
-    def send(self, frame: bytes) -> None:
-        if self.ident is None:
-            self.sock.send(frame)
-        else:
-            self.sock.send_multipart((self.ident, frame))
-        self.sent += 1
-
-    def next_seq(self) -> int:
-        self.tx_seq += 1
-        return self.tx_seq
-
-    def note_rx(self, seq: int) -> None:
-        self.received += 1
-        if seq == self.rx_seq + 1:
-            self.rx_seq = seq
-        elif seq > self.rx_seq:
-            self.gaps += seq - self.rx_seq - 1
-            self.rx_seq = seq
-        else:
-            self.dups += 1
-
-    def counters(self) -> dict:
-        return {"sent": self.sent, "received": self.received, "gaps": self.gaps, "dups": self.dups,
-                "tx_seq": self.tx_seq, "rx_seq": self.rx_seq}
-
-
-class _Task:
-    __slots__ = ("gen", "origin", "lane")
-
-    def __init__(self, gen: GeneratorType, origin: Envelope | None, lane: Hashable | None):
-        self.gen, self.origin, self.lane = gen, origin, lane
+HWM = 10_000                    # frames queued per peer and direction
+DRAIN_PER_SOCKET = 64           # frames taken from one socket before the next gets its turn
+DRAIN_BUDGET = 256             # frames per loop iteration, across sockets
+HOUSEKEEPING_NS = 500_000_000
+_HANDSHAKE_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
+                     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+                     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "other"}
 
 
 def die_with_parent() -> None:
@@ -127,103 +63,264 @@ def die_with_parent() -> None:
         pass
 
 
+# ---- keys ----------------------------------------------------------------------------------------
+@dataclass
+class Keys:
+    """CURVE material of one node: its own key pair and every node's public key, by name."""
+    public: bytes
+    secret: bytes
+    peers: dict[str, bytes]
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, name: str) -> "Keys":
+        d = Path(directory)
+        own = d / f"{name}.key_secret"
+        if not own.is_file():
+            raise GvtError("ENOENT", f"keys directory {d} has no secret key {own.name} for {name} "
+                           f"(make them with `gvtbench keys`)")
+        public, secret = zmq.auth.load_certificate(own)
+        peers = {}
+        for f in sorted(d.glob("*.key")):
+            try:
+                role_of(f.stem)
+            except GvtError:
+                continue
+            peers[f.stem] = zmq.auth.load_certificate(f)[0]
+        return cls(public, secret, peers)
+
+
+def make_keys(directory: str | os.PathLike, names: Iterable[str]) -> Path:
+    """A certificate (NAME.key public, NAME.key_secret secret) per node name, in a directory only
+    this user can enter."""
+    d = Path(directory)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    for name in names:
+        role_of(name)
+        for f in (d / f"{name}.key", d / f"{name}.key_secret"):
+            f.unlink(missing_ok=True)
+        zmq.auth.create_certificates(d, name)
+        os.chmod(d / f"{name}.key_secret", 0o600)
+    return d
+
+
+class _KeyAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP authenticator, told which public keys may connect and whose they are: the
+    User-Id of an authenticated connection is the node name of its key."""
+
+    def __init__(self, ctx: zmq.Context, names_by_key: dict[bytes, str]):
+        super().__init__(ctx)
+        self.names_by_key = names_by_key
+
+    def callback(self, domain: str, z85_key: bytes) -> bool:
+        return z85_key in self.names_by_key
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.names_by_key[z85.encode(client_public_key)]
+
+
+def check_ipc_bind(endpoint: str) -> None:
+    """An ipc endpoint must live in a directory that is this user's and closed to others."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://"):]
+    if path.startswith("@"):
+        raise GvtError("EPERM", f"{endpoint}: abstract ipc sockets have no permissions; use a path "
+                       f"in a private directory")
+    directory = os.path.dirname(os.path.abspath(path))
+    st = os.stat(directory)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise GvtError("EPERM", f"ipc endpoint {endpoint}: its directory {directory} must belong to "
+                       f"this user and be closed to others (mode 700, as `mktemp -d` makes it)")
+
+
+# ---- the runtime ---------------------------------------------------------------------------------
 class Runtime:
-    def __init__(self, name: str, role: str, core: Any, bind: str, *,
-                 max_frame: int = MAX_FRAME, hwm: int = 200_000, send_timeout_ms: int = 5000,
-                 limits: dict | None = None):
+    def __init__(self, name: str, role: str, core: Any, bind: str, *, vgpus: Iterable[int],
+                 keys: Keys | None = None, max_frame: int = MAX_FRAME,
+                 link_silent_s: float = LINK_SILENT_S, heartbeat_s: float = HEARTBEAT_S):
         self.name, self.role, self.core = name, role, core
+        self.vgpus = frozenset(vgpus)
         self.max_frame = max_frame
-        self.limits = limits or {}
+        self.keys = keys
+        self.link_silent_ns = int(link_silent_s * 1e9)
+        self.heartbeat_ns = int(heartbeat_s * 1e9)
+        self.engine = NodeEngine(name, role, core, vgpus=self.vgpus, clock=monotonic_ns,
+                                 max_frame=max_frame)
+        self.engine.serve(["STATS"], lambda env, now: self.snapshot())
+        self.engine.serve(["SHUTDOWN"], self._shutdown)
+        st = self.engine.stats
+        st.counter("gvtbench_handshake_failures",
+                   "Connections refused in the ZeroMQ handshake (no key, a wrong key), by reason",
+                   ["reason"])
+        st.counter("gvtbench_links_dropped", "Links dropped, by reason (gone, silent, replaced)",
+                   ["reason"])
+        st.counter("gvtbench_disconnects", "Connections to this node's socket that ended (a peer "
+                   "left, or sent a frame over the limit)")
         self.ctx = zmq.Context()
-        self.router = self._socket(zmq.ROUTER, hwm, send_timeout_ms)
+        self._auth: _KeyAuthenticator | None = None
+        self.router = self._socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if keys is not None:
+            allowed = {pub: n for n, pub in keys.peers.items() if self._may_connect(n)}  # z85 keys
+            self._auth = _KeyAuthenticator(self.ctx, allowed)
+            self._auth.start()
+            self._auth.configure_curve_callback("*", credentials_provider=self._auth)
+            self.router.curve_server = True
+            self.router.curve_publickey = keys.public
+            self.router.curve_secretkey = keys.secret
+        self._monitor = self.router.get_monitor_socket(sum(_HANDSHAKE_EVENTS) | zmq.EVENT_DISCONNECTED)
+        check_ipc_bind(bind)
         self.router.bind(bind)
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._fd_cache: list[int] = []
-        self._poller = zmq.Poller()
-        self._poller.register(self.router, zmq.POLLIN)
-        self._hwm, self._send_timeout_ms = hwm, send_timeout_ms
-        self.links: dict[str, Link] = {}
         self._by_ident: dict[bytes, Link] = {}
         self._dealers: dict[zmq.Socket, Link] = {}
-        self._pending: dict[tuple[str, int], tuple[_Task, Call]] = {}
-        self._deadlines: list[tuple[int, str, int]] = []
-        self._lanes_busy: set[Hashable] = set()
-        self._lane_queue: dict[Hashable, deque[Envelope]] = {}
-        self._sleep_seq = 0
+        self._poller = zmq.Poller()
+        self._poller.register(self.router, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self._fd_cache: list[int] = []
+        self._next_housekeeping = 0
         self.stopping = False
         self.on_stop: list[Callable[[], None]] = []
-        self.rstats = Stats()
-        self.rstats.counter("gvtbench_bad_frames", "Frames refused as malformed, by reason", ["reason"])
-        self.rstats.counter("gvtbench_handler_errors", "Requests answered with an error, by code", ["code"])
         self.metrics_port: int | None = None
-        self._http = None
+        self._http: Any = None
 
-    def _socket(self, kind: int, hwm: int, send_timeout_ms: int) -> zmq.Socket:
+    def _socket(self, kind: int) -> zmq.Socket:
         s = self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, hwm)
-        s.setsockopt(zmq.RCVHWM, hwm)
-        s.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+        s.setsockopt(zmq.SNDHWM, HWM)
+        s.setsockopt(zmq.RCVHWM, HWM)
+        s.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
+        s.setsockopt(zmq.HEARTBEAT_IVL, 2000)       # tcp: find dead connections
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
         return s
 
-    # ---- links ---------------------------------------------------------------------------
-    def connect(self, peer: str, endpoint: str) -> Link:
-        """A DEALER to a peer's ROUTER; the HELLO handshake runs as a task (see hello_task)."""
-        s = self._socket(zmq.DEALER, self._hwm, self._send_timeout_ms)
+    def _may_connect(self, name: str) -> bool:
+        role, vm = role_of(name)
+        return role in CONNECTS_TO[self.role] and (role != "guest" or vm in self.vgpus)
+
+    def _max_outstanding(self, name: str) -> int:
+        # a guest speaks for its VM; the other roles for every VM of the run
+        return MAX_OUTSTANDING * (1 if role_of(name)[0] == "guest" else max(1, len(self.vgpus)))
+
+    # ---- links we open -----------------------------------------------------------------------
+    def connect(self, peer: str, endpoint: str, control: bool = False) -> Link:
+        """A DEALER to a peer's ROUTER; the HELLO runs as a task (hello_task)."""
+        s = self._socket(zmq.DEALER)
         s.setsockopt(zmq.IDENTITY, self.name.encode())
+        if self.keys is not None:
+            server = self.keys.peers.get(peer)
+            if server is None:
+                raise GvtError("ENOENT", f"no public key {peer}.key for peer {peer}")
+            s.curve_serverkey = server
+            s.curve_publickey = self.keys.public
+            s.curve_secretkey = self.keys.secret
         s.connect(endpoint)
-        link = Link(peer, s, None)
-        self.links[peer] = link
+
+        def send(frame: bytes) -> None:
+            try:
+                s.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                raise SendFailed("EAGAIN", f"the queue to {peer} is full") from None
+            except zmq.ZMQError as err:
+                raise SendFailed("EHOSTUNREACH", f"send to {peer} failed: {err}") from None
+
+        link = Link(peer, send, control=control, max_outstanding=self._max_outstanding(peer))
+        self.engine.add_link(link)
         self._dealers[s] = link
         self._poller.register(s, zmq.POLLIN)
         return link
 
-    def hello_task(self, peers: Iterable[str]):
-        """Handshake with each peer: version check both ways, limits exchanged."""
+    def hello_task(self, peers: Iterable[str]) -> Iterator[Any]:
+        """HELLO to each peer we connected to: the protocol version checked both ways."""
         for peer in peers:
             info = yield Call(peer, "HELLO", self._hello_payload(), timeout=30.0)
-            if not isinstance(info, dict) or info.get("version") != PROTOCOL_VERSION:
-                raise GvtError("EPROTO", f"peer {peer} speaks protocol "
-                               f"{info.get('version') if isinstance(info, dict) else '?'}, "
-                               f"this node speaks {PROTOCOL_VERSION}")
-            link = self.links[peer]
-            link.role = info.get("role", "")
-            link.ready = True
+            if info["version"] != PROTOCOL_VERSION:
+                raise GvtError("EPROTO", f"peer {peer} speaks protocol {info['version']}, this node "
+                               f"speaks {PROTOCOL_VERSION}")
+            self.engine.links[peer].version = info["version"]
         return True
 
     def _hello_payload(self) -> dict:
         return {"name": self.name, "role": self.role, "version": PROTOCOL_VERSION,
-                "max_frame": self.max_frame, **self.limits}
+                "max_frame": self.max_frame, "max_outstanding": MAX_OUTSTANDING,
+                "max_posted_writes": MAX_POSTED_WRITES}
 
-    def _on_hello(self, ident: bytes, env: Envelope) -> None:
+    # ---- links that connect to us ----------------------------------------------------------------
+    def _router_send(self, ident: bytes, frame: bytes) -> None:
+        try:
+            self.router.send_multipart((ident, frame), zmq.NOBLOCK)
+        except zmq.Again:
+            raise SendFailed("EAGAIN", "the peer's queue is full") from None
+        except zmq.ZMQError as err:
+            link = self._by_ident.get(ident)
+            if link is not None and not link.gone_at:
+                link.gone_at = monotonic_ns()       # dropped at the next housekeeping
+            raise SendFailed("EHOSTUNREACH", f"the peer has gone ({err})") from None
+
+    def _on_hello(self, ident: bytes, env: Envelope, uid: str | None, now: int) -> None:
         p = env.payload
-        if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not p["name"]:
-            self._refuse(self.router, ident, env.seq, "EINVAL", "HELLO needs a map with a name")
-            return
-        if p.get("version") != PROTOCOL_VERSION:
+        link = self._by_ident.get(ident)
+        if p["version"] != PROTOCOL_VERSION:
             self._count_bad("version")
-            self._refuse(self.router, ident, env.seq, "EPROTO",
-                         f"protocol version mismatch: peer speaks {p.get('version')!r}, "
-                         f"{self.name} speaks {PROTOCOL_VERSION}")
+            raise GvtError("EPROTO", f"protocol version mismatch: peer speaks {p['version']}, "
+                           f"{self.name} speaks {PROTOCOL_VERSION}"
+                           + (" (this link keeps its version)" if link else ""))
+        if link is not None:            # HELLO again on a live link: answered again
+            self._reply_hello(link, env, now)
             return
         name = p["name"]
-        link = self._by_ident.get(ident)
-        if link is None:
-            if name in self.links:
-                self._refuse(self.router, ident, env.seq, "EEXIST",
-                             f"a peer named {name!r} is already connected")
-                return
-            link = Link(name, self.router, ident)
-            self.links[name] = link
-            self._by_ident[ident] = link
-        link.role = p.get("role", "")
-        link.note_rx(env.seq)
-        link.send(encode_reply(link.next_seq(), env.seq, 0, monotonic_ns(), self._hello_payload()))
+        role, vm = role_of(name)
+        if uid is not None and name != uid:
+            raise GvtError("EPERM", f"this connection's key is {uid}'s; it cannot speak as {name}")
+        if p["role"] != role:
+            raise GvtError("EINVAL", f"{name} is a {role}, not a {p['role'][:16]}")
+        if not self._may_connect(name):
+            raise GvtError("EPERM", f"{name} may not connect to {self.name}"
+                           + (f": VM {vm} is not in this run" if role == "guest" else ""))
+        old = self.engine.links.get(name)
+        if old is not None:
+            if old in self._dealers.values() or not self._is_gone(old, now):
+                raise GvtError("EEXIST", f"a peer named {name} is connected already")
+            self._drop(old, "replaced", now)
+        link = Link(name, lambda frame: self._router_send(ident, frame),
+                    max_outstanding=self._max_outstanding(name))
+        link.version = p["version"]
+        self._by_ident[ident] = link
+        self.engine.add_link(link)
+        self._reply_hello(link, env, now)
 
-    def _refuse(self, sock: zmq.Socket, ident: bytes | None, reply_to: int, code: str, text: str):
-        """An error answer on a connection that is not (yet) a link (no per-link seq to use)."""
-        frame = encode_error(1, reply_to, 0, monotonic_ns(), code, text)
+    def _reply_hello(self, link: Link, env: Envelope, now: int) -> None:
+        link.note_rx(env.seq, now)
+        try:
+            link.send(lambda s: encode_reply(s, env.seq, 0, now, self._hello_payload()), self.max_frame, now)
+        except SendFailed:
+            pass                        # gone already: housekeeping drops it
+
+    def _is_gone(self, link: Link, now: int) -> bool:
+        """Whether a link's peer has gone: known, or found now by sending it a HEARTBEAT."""
+        if not link.gone_at:
+            try:
+                self._heartbeat(link, now)
+            except SendFailed:
+                pass
+        return bool(link.gone_at)
+
+    def _heartbeat(self, link: Link, now: int) -> None:
+        link.send(lambda s: encode("HEARTBEAT", s, 0, 0, now, 0, None), self.max_frame, now,
+                  counted=False)
+
+    def _drop(self, link: Link, reason: str, now: int) -> None:
+        for ident, l in list(self._by_ident.items()):
+            if l is link:
+                del self._by_ident[ident]
+        if self.engine.links.get(link.name) is link:
+            self.engine.drop_link(link.name, now)
+        self.engine.stats.inc("gvtbench_links_dropped", (reason,))
+
+    def _refuse(self, ident: bytes | None, sock: zmq.Socket, seq: int, code: str, text: str) -> None:
+        """An error answer where there is no link (yet) whose sequence numbers to use."""
+        frame = encode_error(1, seq or 1, 0, monotonic_ns(), code, text)
         try:
             if ident is None:
                 sock.send(frame, zmq.NOBLOCK)
@@ -233,222 +330,150 @@ class Runtime:
             pass
 
     def _count_bad(self, reason: str) -> None:
-        self.rstats.inc("gvtbench_bad_frames", (reason,))
-
-    # ---- sending ---------------------------------------------------------------------------
-    def _link(self, peer: str) -> Link:
-        link = self.links.get(peer)
-        if link is None:
-            raise GvtError("ENOTCONN", f"{self.name} has no link to {peer!r}")
-        return link
-
-    def post(self, peer: str, kind: str, payload: Any = None, vgpu: int = 0) -> None:
-        link = self._link(peer)
-        link.send(encode(kind, link.next_seq(), 0, vgpu, monotonic_ns(), 0, payload))
-
-    def _send_call(self, task: _Task, call: Call) -> None:
-        link = self._link(call.peer)
-        seq = link.next_seq()
-        link.send(encode(call.kind, seq, 0, call.vgpu, monotonic_ns(), FLAG_WANT_REPLY, call.payload))
-        self._pending[(link.name, seq)] = (task, call)
-        deadline = monotonic_ns() + int(call.timeout * 1e9)
-        heapq.heappush(self._deadlines, (deadline, link.name, seq))
-
-    def _reply(self, origin: Envelope, result: Any) -> None:
-        link = self.links.get(origin.peer)
-        if link is not None:
-            link.send(encode_reply(link.next_seq(), origin.seq, origin.vgpu, monotonic_ns(), result))
-
-    def _reply_error(self, origin: Envelope, exc: BaseException) -> None:
-        code = getattr(exc, "code", None) or "EIO"
-        text = getattr(exc, "text", None) or f"{type(exc).__name__}: {exc}"
-        self.rstats.inc("gvtbench_handler_errors", (code,))
-        link = self.links.get(origin.peer)
-        if link is not None:
-            link.send(encode_error(link.next_seq(), origin.seq, origin.vgpu, monotonic_ns(), code, text))
-
-    # ---- tasks -------------------------------------------------------------------------------
-    def spawn(self, gen: GeneratorType, origin: Envelope | None = None,
-              lane: Hashable | None = None) -> None:
-        task = _Task(gen, origin, lane)
-        if lane is not None:
-            self._lanes_busy.add(lane)
-        self._step(task, None, None)
-
-    def _step(self, task: _Task, value: Any, exc: BaseException | None) -> None:
-        gen = task.gen
-        while True:
-            try:
-                action = gen.throw(exc) if exc is not None else gen.send(value)
-            except StopIteration as stop:
-                self._finish(task, stop.value, None)
-                return
-            except Exception as err:        # a failing task never takes the node down
-                self._finish(task, None, err)
-                return
-            value, exc = None, None
-            try:
-                if type(action) is Post:
-                    self.post(action.peer, action.kind, action.payload, action.vgpu)
-                elif type(action) is Call:
-                    self._send_call(task, action)
-                    return
-                elif type(action) is Sleep:
-                    self._sleep_seq += 1
-                    key = ("", -self._sleep_seq)
-                    self._pending[key] = (task, None)
-                    heapq.heappush(self._deadlines, (monotonic_ns() + int(action.seconds * 1e9), *key))
-                    return
-                else:
-                    raise GvtError("EINVAL", f"task yielded {type(action).__name__}, not Call/Post")
-            except (GvtError, zmq.ZMQError) as err:
-                exc = err if isinstance(err, GvtError) else GvtError(
-                    "EHOSTUNREACH", f"send to {getattr(action, 'peer', '?')} failed: {err}")
-
-    def _finish(self, task: _Task, result: Any, err: BaseException | None) -> None:
-        origin = task.origin
-        if origin is not None and origin.wants_reply:
-            try:
-                if err is None:
-                    self._reply(origin, result)
-                else:
-                    self._reply_error(origin, err)
-            except zmq.ZMQError:
-                pass
-        elif err is not None:
-            self._count_failure(err)
-        if task.lane is not None:
-            self._lanes_busy.discard(task.lane)
-            queue = self._lane_queue.get(task.lane)
-            while queue and task.lane not in self._lanes_busy:
-                self._run_handler(queue.popleft(), task.lane)
-
-    def _count_failure(self, err: BaseException) -> None:
-        """A failure nobody waits for (a posted message, a task with no requester): counted."""
-        self.rstats.inc("gvtbench_handler_errors", (getattr(err, "code", None) or "EIO",))
-
-    def _run_actions(self, actions: Iterable[Any] | None) -> None:
-        if not actions:
-            return
-        for a in actions:
-            if type(a) is Post:
-                try:
-                    self.post(a.peer, a.kind, a.payload, a.vgpu)
-                except (GvtError, zmq.ZMQError) as err:
-                    self._count_failure(err)
-            elif isinstance(a, GeneratorType):
-                self.spawn(a)
+        self.engine.stats.inc("gvtbench_bad_frames", (reason,))
 
     # ---- receiving ---------------------------------------------------------------------------
-    def _on_frame(self, link: Link | None, ident: bytes | None, frame: bytes) -> None:
+    def _on_frame(self, link: Link | None, ident: bytes | None, frame: bytes, uid: str | None,
+                  now: int) -> None:
+        sock = self.router if ident is not None else None
         try:
             env = decode(frame, self.max_frame)
         except WireError as err:
             self._count_bad(err.code)
             if link is not None:
-                try:
-                    link.send(encode_error(link.next_seq(), err.seq, 0, monotonic_ns(), err.code, err.text))
-                except zmq.ZMQError:
-                    pass
-            else:
-                self._refuse(self.router, ident, err.seq, err.code, err.text)
+                self.engine.send_error(link, Envelope("?", err.seq or 1, 0, 0, 0, 1, None), err)
+            elif sock is not None:
+                self._refuse(ident, sock, err.seq, err.code, err.text)
+            return
+        if ident is not None and uid is not None and link is not None and uid != link.name:
+            self._count_bad("auth")     # another key speaking on this link's identity
+            self._refuse(ident, self.router, env.seq, "EPERM",
+                         f"this connection's key is {uid}'s, not {link.name}'s")
+            return
+        if env.kind == "HELLO":
+            if ident is None:           # only the side that connected says HELLO
+                self._count_bad("EPROTO")
+                self.engine.send_error(link, env, GvtError("EPROTO", "HELLO comes from the side "
+                                                            "that connects"))
+                return
+            try:
+                self._on_hello(ident, env, uid, now)
+            except GvtError as err:
+                self.engine.stats.inc("gvtbench_refused_messages", ("?", "HELLO", err.code))
+                self._refuse(ident, self.router, env.seq, err.code, err.text)
             return
         if link is None:
-            if env.kind == "HELLO":
-                self._on_hello(ident, env)
-            else:
-                self._count_bad("no_hello")
-                self._refuse(self.router, ident, env.seq, "EPROTO",
-                             f"{env.kind} before HELLO: say HELLO with protocol version first")
+            self._count_bad("no_hello")
+            self._refuse(ident, self.router, env.seq, "EPROTO",
+                         f"{env.kind} before HELLO: say HELLO with protocol version first")
             return
-        link.note_rx(env.seq)
-        env.peer = link.name
-        kind = env.kind
-        if kind == "REPLY" or kind == "ERROR":
-            entry = self._pending.pop((link.name, env.reply_to), None)
-            if entry is None:
-                return      # a reply after its timeout: the task has moved on
-            task, call = entry
-            if kind == "REPLY":
-                self._step(task, env.payload, None)
-            else:
-                p = env.payload if isinstance(env.payload, dict) else {}
-                self._step(task, None, RemoteError(str(p.get("code", "EIO")), str(p.get("text", "")),
-                                                   link.name, call.kind))
+        if env.kind == "HEARTBEAT":
+            link.note_rx(env.seq, now, counted=False)
             return
-        if kind == "HELLO":         # a repeated HELLO on a live link: answer again
-            link.send(encode_reply(link.next_seq(), env.seq, 0, monotonic_ns(), self._hello_payload()))
-            return
-        if kind == "STATS":
-            self._reply(env, self.snapshot())
-            return
-        if kind == "SHUTDOWN":
-            self._reply(env, True)
-            self.stopping = True
-            return
-        lane_fn = getattr(self.core, "lane", None)
-        lane = lane_fn(env) if lane_fn is not None else None
-        if lane is not None and lane in self._lanes_busy:
-            self._lane_queue.setdefault(lane, deque()).append(env)
-            return
-        self._run_handler(env, lane)
+        self.engine.deliver(link, env, now)
 
-    def _run_handler(self, env: Envelope, lane: Hashable | None) -> None:
-        try:
-            result = self.core.handle(env, monotonic_ns())
-        except Exception as err:
-            if env.wants_reply:
-                self._reply_error(env, err)
-            else:
-                self._count_failure(err)
-            return
-        outbox = getattr(self.core, "outbox", None)
-        if outbox:
-            # work the handler queued (a flush of posted writes) goes out before its own task
-            self.core.outbox = []
-            self._run_actions(outbox)
-        if isinstance(result, GeneratorType):
-            self.spawn(result, env, lane)
-        elif env.wants_reply:
-            self._reply(env, result)
+    def _drain_router(self, budget: int) -> int:
+        if self.keys is None:
+            return self._drain_router_plain(budget)
+        for n in range(budget):
+            try:
+                parts = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return n
+            now = monotonic_ns()
+            if len(parts) != 2:
+                self._count_bad("multipart")
+                self._refuse(parts[0].bytes, self.router, 0, "EBADMSG", "one frame per message")
+                continue
+            ident, frame = parts[0].bytes, parts[1].bytes
+            self._on_frame(self._by_ident.get(ident), ident, frame, parts[1].get("User-Id"), now)
+        return budget
 
-    def _drain(self, sock: zmq.Socket) -> None:
-        for _ in range(DRAIN_BATCH):
+    def _drain_router_plain(self, budget: int) -> int:
+        """Two recv calls per message rather than recv_multipart: the hot path of every node."""
+        recv = self.router.recv
+        for n in range(budget):
+            try:
+                ident = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return n
+            frame = recv(zmq.NOBLOCK) if self.router.rcvmore else b""
+            if self.router.rcvmore or not frame:
+                while self.router.rcvmore:
+                    recv(zmq.NOBLOCK)
+                self._count_bad("multipart")
+                self._refuse(ident, self.router, 0, "EBADMSG", "one frame per message")
+                continue
+            self._on_frame(self._by_ident.get(ident), ident, frame, None, monotonic_ns())
+        return budget
+
+    def _drain_dealer(self, sock: zmq.Socket, budget: int) -> int:
+        link = self._dealers[sock]
+        for n in range(budget):
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                return n
+            if len(parts) != 1:
+                self._count_bad("multipart")
+                continue
+            self._on_frame(link, None, parts[0], None, monotonic_ns())
+        return budget
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                ev = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
                 return
-            if sock is self.router:
-                ident = parts[0]
-                if len(parts) != 2:
-                    self._count_bad("multipart")
-                    self._refuse(self.router, ident, 0, "EBADMSG", "one frame per message")
-                    continue
-                self._on_frame(self._by_ident.get(ident), ident, parts[1])
-            else:
-                link = self._dealers[sock]
-                if len(parts) != 1:
-                    self._count_bad("multipart")
-                    continue
-                self._on_frame(link, None, parts[0])
+            reason = _HANDSHAKE_EVENTS.get(ev["event"])
+            if reason:
+                self.engine.stats.inc("gvtbench_handshake_failures", (reason,))
+            elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                self.engine.stats.inc("gvtbench_disconnects")
 
-    def _expire(self, now: int) -> None:
-        dl = self._deadlines
-        while dl and dl[0][0] <= now:
-            _, peer, seq = heapq.heappop(dl)
-            entry = self._pending.pop((peer, seq), None)
-            if entry is not None:
-                task, call = entry
-                if call is None:        # a Sleep ran out
-                    self._step(task, None, None)
-                else:
-                    self._step(task, None, CallTimeout(peer, call.kind, call.timeout))
+    def _drain(self, ready: list) -> None:
+        """Take frames from the ready sockets in turn, so a flood on one does not starve the
+        others, up to a budget per loop iteration."""
+        socks = [s for s, _ in ready]
+        budget = DRAIN_BUDGET
+        while socks and budget > 0:
+            for s in list(socks):
+                if s is self._monitor:
+                    self._drain_monitor()
+                    socks.remove(s)
+                    continue
+                take = min(DRAIN_PER_SOCKET, budget)
+                got = self._drain_router(take) if s is self.router else self._drain_dealer(s, take)
+                budget -= got
+                if got < take:
+                    socks.remove(s)
 
-    # ---- loop ------------------------------------------------------------------------------
+    # ---- control ------------------------------------------------------------------------------
+    def _shutdown(self, env: Envelope, now: int) -> bool:
+        self.stopping = True
+        return True
+
+    def _housekeeping(self, now: int) -> None:
+        self._next_housekeeping = now + HOUSEKEEPING_NS
+        for link in list(self._by_ident.values()):
+            if link.gone_at:
+                self._drop(link, "gone", now)
+            elif now - link.last_rx > self.link_silent_ns and link.outstanding == 0:
+                self._drop(link, "silent", now)
+        for link in self._dealers.values():
+            if now - link.last_tx > self.heartbeat_ns and link.version:
+                try:
+                    self._heartbeat(link, now)
+                except SendFailed:
+                    pass
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def spawn(self, task: Any) -> None:
+        self.engine.sched.spawn(task, monotonic_ns())
+
     def run(self, until: Callable[[], bool] | None = None) -> None:
-        core = self.core
-        tick = getattr(core, "tick", None)
-        next_wake = getattr(core, "next_wake", None)
+        engine = self.engine
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         try:
             while not self.stopping and not (until and until()):
@@ -456,29 +481,25 @@ class Runtime:
                 # lateness to an open-loop schedule; select() on the sockets' signalling fds
                 # sleeps to the microsecond. The fds are edge-triggered, so zmq_poll(0) asks
                 # for pending input before sleeping, and every ready socket is drained.
-                ready = self._poller.poll(0)        # zmq_poll in C: cheap, no enum boxing
+                ready = self._poller.poll(0)
                 if not ready:
                     now = monotonic_ns()
-                    wake = now + 100_000_000
-                    if self._deadlines:
-                        wake = min(wake, self._deadlines[0][0])
-                    if next_wake is not None:
-                        w = next_wake(now)
-                        if w is not None:
-                            wake = min(wake, w)
+                    wake = min(now + 100_000_000, self._next_housekeeping)
+                    w = engine.next_wake(now)
+                    if w is not None:
+                        wake = min(wake, w)
                     if wake > now:
                         try:
                             select.select(self._fds, (), (), (wake - now) / 1e9)
                         except InterruptedError:
                             pass
                     ready = self._poller.poll(0)
-                for sock, _ev in ready:
-                    self._drain(sock)
+                if ready:
+                    self._drain(ready)
                 now = monotonic_ns()
-                if self._deadlines and self._deadlines[0][0] <= now:
-                    self._expire(now)
-                if tick is not None:
-                    self._run_actions(tick(now))
+                engine.step(now)
+                if now >= self._next_housekeeping:
+                    self._housekeeping(now)
         finally:
             for fn in self.on_stop:
                 try:
@@ -488,76 +509,32 @@ class Runtime:
 
     @property
     def _fds(self) -> list[int]:
-        if len(self._fd_cache) != 1 + len(self._dealers):
-            self._fd_cache = [s.getsockopt(zmq.FD) for s in (self.router, *self._dealers)]
+        socks = [self.router, *self._dealers, self._monitor]
+        if len(self._fd_cache) != len(socks):
+            self._fd_cache = [s.getsockopt(zmq.FD) for s in socks]
         return self._fd_cache
 
     def close(self) -> None:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self._auth is not None:
+            self._auth.stop()
+        self.router.disable_monitor()
         self.ctx.destroy(linger=0)
 
     # ---- observability -----------------------------------------------------------------------
     def snapshot(self) -> dict:
         snap_fn = getattr(self.core, "snapshot", None)
         return {"name": self.name, "role": self.role,
-                "links": {n: l.counters() for n, l in self.links.items()},
-                "runtime": self.rstats.snapshot(),
+                "links": {n: l.counters() for n, l in self.engine.links.items()},
+                "runtime": self.engine.stats.snapshot(),
                 "stats": self.core.stats.snapshot(),
                 "core": snap_fn() if snap_fn else {}}
 
     def serve_metrics(self, addr: str = "127.0.0.1", port: int = 0) -> int:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_StatsCollector(self, self.core.stats))
-        registry.register(_StatsCollector(self, self.rstats))
-        registry.register(_LinkCollector(self))
-        server, _thread = start_http_server(port, addr=addr, registry=registry)
-        self._http = server
-        self.metrics_port = server.server_port
+        self._http, self.metrics_port = serve_metrics(
+            [StatsCollector(self.core.stats), StatsCollector(self.engine.stats),
+             LinkCollector(lambda: self.engine.links, lambda: self.engine.sched.pending_calls)],
+            addr, port)
         return self.metrics_port
-
-
-class _StatsCollector:
-    def __init__(self, rt: Runtime, stats: Stats):
-        self.rt, self.stats = rt, stats
-
-    def collect(self):
-        for fam in list(self.stats.families.values()):
-            rows = list(fam.values.items())
-            labels = list(fam.labels)
-            if fam.type == "histogram":
-                m = HistogramMetricFamily(fam.name, fam.help, labels=labels)
-                for lv, h in rows:
-                    assert isinstance(h, LogHistogram)
-                    m.add_metric([str(v) for v in lv], h.prom_buckets(), h.total_ns / 1e9)
-            elif fam.type == "counter":
-                m = CounterMetricFamily(fam.name, fam.help, labels=labels)
-                for lv, v in rows:
-                    m.add_metric([str(x) for x in lv], v)
-            else:
-                m = GaugeMetricFamily(fam.name, fam.help, labels=labels)
-                for lv, v in rows:
-                    m.add_metric([str(x) for x in lv], v)
-            yield m
-
-
-class _LinkCollector:
-    def __init__(self, rt: Runtime):
-        self.rt = rt
-
-    def collect(self):
-        sent = CounterMetricFamily("gvtbench_link_messages", "Messages on a link, by peer and direction",
-                                   labels=["peer", "direction"])
-        gaps = CounterMetricFamily("gvtbench_link_lost_messages",
-                                   "Sequence numbers a peer sent that never arrived", labels=["peer"])
-        for name, link in list(self.rt.links.items()):
-            sent.add_metric([name, "tx"], link.sent)
-            sent.add_metric([name, "rx"], link.received)
-            gaps.add_metric([name], link.gaps)
-        yield sent
-        yield gaps
-        pend = GaugeMetricFamily("gvtbench_pending_calls", "Requests awaiting a reply")
-        pend.add_metric([], len(self.rt._pending))
-        yield pend
-

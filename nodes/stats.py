@@ -10,6 +10,8 @@ import math
 from collections import defaultdict
 from typing import Iterable
 
+import numpy as np
+
 PER_DECADE = 100
 # Prometheus bucket edges, 1 us .. 1 s in quarter decades; each is an edge of the fine buckets.
 PROM_EDGES_S = [float(f"{10 ** (k / 4) * 1e-6:.6g}") for k in range(0, 25)]
@@ -34,11 +36,44 @@ class LogHistogram:
         self.n += n
         self.total_ns += ns * n
 
+    def record_many(self, ns: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """record() for an array of latencies (each `weights[i]` samples of `ns[i]`)."""
+        if not len(ns):
+            return
+        v = np.maximum(np.asarray(ns, dtype=np.float64), 1.0)
+        keys = np.ceil(np.log10(v) * PER_DECADE - 1e-9).astype(np.int64)
+        uniq, inv = np.unique(keys, return_inverse=True)
+        if weights is None:
+            counts = np.bincount(inv)
+            n, total = len(v), int(v.sum())
+        else:
+            w = np.asarray(weights, dtype=np.int64)
+            counts = np.bincount(inv, weights=w).astype(np.int64)
+            n, total = int(w.sum()), int((v * w).sum())
+        for k, c in zip(uniq.tolist(), counts.tolist()):
+            self.counts[k] += c
+        self.n += n
+        self.total_ns += total
+
     def merge(self, other: "LogHistogram") -> None:
         for k, c in other.counts.items():
             self.counts[k] += c
         self.n += other.n
         self.total_ns += other.total_ns
+
+    def minus(self, base: "LogHistogram") -> "LogHistogram":
+        """The samples recorded since `base` was a copy of this histogram."""
+        h = LogHistogram()
+        for k, c in self.counts.items():
+            d = c - base.counts.get(k, 0)
+            if d:
+                h.counts[k] = d
+        h.n = self.n - base.n
+        h.total_ns = self.total_ns - base.total_ns
+        return h
+
+    def copy(self) -> "LogHistogram":
+        return LogHistogram.from_dict(self.to_dict())
 
     def quantile_ns(self, q: float) -> float:
         """The q-quantile, as the geometric middle of the bucket that holds it (nan if empty)."""

@@ -1,4 +1,8 @@
-"""Metric families shared by several roles, declared once so names and labels agree."""
+"""Metric families shared by several roles, declared once so names and labels agree.
+
+Cores count into plain nodes.stats.Stats objects; nodes.metrics.export turns them into
+Prometheus families on scrape (the only module that imports prometheus_client).
+"""
 from __future__ import annotations
 
 from nodes.stats import Stats

@@ -1,0 +1,72 @@
+"""What a sans-IO core may ask of its shell.
+
+A core's handlers return a value (the reply) or a task: a generator that yields these actions.
+The shell performs each one and resumes the task: a Call with its reply (or raises the GvtError
+it met: RemoteError, CallTimeout), a Post, Signal or Wait at once or when the event is set, a
+Sleep after the time has passed. The task's return value is the reply to the request that
+started it. Time is given to cores, never read by them: `now` comes with every message and tick,
+and a finished Call carries the time its reply arrived in `done_at`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodes.errors import CallTimeout, GvtError  # noqa: F401  (re-exported for cores)
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+@dataclass(slots=True)
+class Call:
+    """A request: the task resumes with the peer's reply, or the GvtError raised in its place."""
+    peer: str
+    kind: str
+    payload: Any = None
+    vgpu: int = 0
+    timeout: float = DEFAULT_TIMEOUT_S
+    done_at: int = 0            # set by the shell: monotonic ns when the reply (or timeout) came
+
+
+@dataclass(slots=True)
+class Post:
+    """A one-way message: no reply, ordered with everything else on its link."""
+    peer: str
+    kind: str
+    payload: Any = None
+    vgpu: int = 0
+
+
+@dataclass(slots=True)
+class Sleep:
+    """Resume after this many seconds. Sleep(0) yields: the task resumes after the shell has
+    looked at its sockets again, so other work gets a turn (round robin)."""
+    seconds: float
+
+
+@dataclass(eq=False, slots=True)
+class Event:
+    """A one-shot event a core creates; tasks Wait for it, a core Signals it."""
+    name: str = ""
+    is_set: bool = False
+
+
+@dataclass(slots=True)
+class Wait:
+    """Resume once `event` is set (at once if it is already)."""
+    event: Event
+
+
+@dataclass(slots=True)
+class Signal:
+    """Set `event` and resume the tasks waiting for it, in the order they began to wait."""
+    event: Event
+
+
+@dataclass(slots=True)
+class Spawn:
+    """Start another task (from tick or an outbox); it answers nobody."""
+    task: Any = field(repr=False)
+
+
+YIELD = Sleep(0.0)
