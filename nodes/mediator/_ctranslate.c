@@ -100,8 +100,9 @@ translate_one(uint64_t e, const uint64_t *cache, uint64_t ncache, uint64_t scrat
      * then ORs in all ones, which is exactly CACHE_INVALID. */
     const uint64_t in_range = (uint64_t)0 - (uint64_t)(gfn < ncache);
     const uint64_t v = cache[gfn & in_range] | ~in_range;
-    /* Not present and invalid share one formula: with bit 0 already clear, "drop the present
-     * bit" is a no-op, so both are flags | scratch. */
+    /* Not present and invalid both point at scratch. A present entry keeps its flag bits (an
+     * invalid one stays present); a not-present one is the scratch frame alone, as the
+     * kernel builds it from zero (emulate_ggtt_mmio_write). */
     const uint64_t use_scratch = (present ^ 1) | (uint64_t)(v == CACHE_INVALID);
     const uint64_t miss = present & (uint64_t)(v == CACHE_MISS);
     const uint64_t scratch_m = (uint64_t)0 - use_scratch;      /* all ones when scratch */
@@ -113,7 +114,8 @@ translate_one(uint64_t e, const uint64_t *cache, uint64_t ncache, uint64_t scrat
     if (miss)
         missing[c->missing++] = gfn;
     /* A miss produces 0 so a half-translated range never maps a stale page. */
-    return ((e & ~PTE_ADDR_MASK) | addr) & (miss - 1);
+    const uint64_t flags = e & ~PTE_ADDR_MASK & ((uint64_t)0 - present);
+    return (flags | addr) & (miss - 1);
 }
 
 /*

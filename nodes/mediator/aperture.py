@@ -1,19 +1,22 @@
-"""vGPU types and the partitioning of graphics memory and fences among vGPUs (gvt/vgpu.c)."""
+"""Graphics memory and fences of vGPUs (gvt/aperture_gm.c): each vGPU gets a contiguous share of
+the CPU-mappable (aperture, "low") GM, of the hidden ("high") GM and of the fence registers,
+after the host's share; its fence i is physical fence fence_base + i."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nodes import hw
+from nodes.actions import Post
 from nodes.errors import GvtError
+from nodes.hw import gtt, partition, regs
 
 
 @dataclass(frozen=True)
 class Partition:
-    aperture_base: int      # GM address; the vGPU's share of the CPU-mappable ("low") GM
+    aperture_base: int      # GM address of the vGPU's aperture share
     aperture_size: int
-    hidden_base: int        # its share of the hidden ("high") GM
+    hidden_base: int        # GM address of its hidden share
     hidden_size: int
-    fence_base: int
+    fence_base: int         # first physical fence register
     fence_num: int
 
     def contains_gm(self, gm: int) -> bool:
@@ -26,21 +29,43 @@ class Partition:
                 "fence_base": self.fence_base, "fence_num": self.fence_num}
 
 
-class GmAllocator:
-    """First-fit allocation of aperture and hidden GM and of fences, after the host's share."""
+def type_info(vgpu_type: str) -> tuple[int, int, int, int]:
+    """(low GM, high GM, fences, weight) of a vGPU type."""
+    try:
+        return partition.VGPU_TYPES[vgpu_type]
+    except KeyError:
+        raise GvtError("EINVAL", f"unknown vGPU type {vgpu_type!r}; known: "
+                       f"{', '.join(partition.VGPU_TYPES)}") from None
 
-    def __init__(self, aperture_size: int, gm_size: int = hw.GM_SIZE):
-        if aperture_size <= hw.HOST_LOW_GM or aperture_size % hw.MiB:
-            raise GvtError("EINVAL", f"aperture of {aperture_size} bytes leaves nothing for vGPUs "
-                           f"after the host's {hw.HOST_LOW_GM >> 20} MiB")
+
+Free = list[tuple[int, int]]        # (base, length) runs, sorted
+
+
+class GmAllocator:
+    """First-fit allocation of aperture GM, hidden GM and fences, after the host's share.
+
+    available() counts the vGPUs of a type that allocate() can really place: whole shares that
+    fit in free runs, not the free total (the kernel counts the total, so fragmentation can make
+    it promise a vGPU that creation then fails to place)."""
+
+    def __init__(self, aperture_size: int, gm_size: int = gtt.GM_SIZE):
+        if aperture_size <= partition.HOST_LOW_GM or aperture_size % (1 << 20):
+            raise GvtError("EINVAL", f"an aperture of {aperture_size} bytes leaves nothing for "
+                           f"vGPUs after the host's {partition.HOST_LOW_GM >> 20} MiB")
         self.aperture_size = aperture_size
         self.gm_size = gm_size
-        self.low_free = [(hw.HOST_LOW_GM, aperture_size - hw.HOST_LOW_GM)]
-        self.high_free = [(aperture_size + hw.HOST_HIGH_GM, gm_size - aperture_size - hw.HOST_HIGH_GM)]
-        self.fences_free = [(hw.HOST_FENCES, hw.TOTAL_FENCES - hw.HOST_FENCES)]
+        self.low_free: Free = [(partition.HOST_LOW_GM, aperture_size - partition.HOST_LOW_GM)]
+        self.high_free: Free = [(aperture_size + partition.HOST_HIGH_GM,
+                                 gm_size - aperture_size - partition.HOST_HIGH_GM)]
+        self.fences_free: Free = [(partition.HOST_FENCES,
+                                   partition.TOTAL_FENCES - partition.HOST_FENCES)]
 
     @staticmethod
-    def _take(free: list[tuple[int, int]], size: int) -> int | None:
+    def _fits(free: Free, size: int) -> int:
+        return sum(length // size for _base, length in free)
+
+    @staticmethod
+    def _take(free: Free, size: int) -> int | None:
         for i, (base, length) in enumerate(free):
             if length >= size:
                 free[i] = (base + size, length - size)
@@ -48,22 +73,21 @@ class GmAllocator:
         return None
 
     @staticmethod
-    def _give(free: list[tuple[int, int]], base: int, size: int) -> None:
+    def _give(free: Free, base: int, size: int) -> None:
         free.append((base, size))
         free.sort()
-        merged: list[tuple[int, int]] = []
-        for b, l in free:
+        merged: Free = []
+        for b, n in free:
             if merged and merged[-1][0] + merged[-1][1] == b:
-                merged[-1] = (merged[-1][0], merged[-1][1] + l)
-            elif l:
-                merged.append((b, l))
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            elif n:
+                merged.append((b, n))
         free[:] = merged
 
     def available(self, vgpu_type: str) -> int:
         low, high, fences, _ = type_info(vgpu_type)
-        return min(sum(l for _, l in self.low_free) // low,
-                   sum(l for _, l in self.high_free) // high,
-                   sum(l for _, l in self.fences_free) // fences)
+        return min(self._fits(self.low_free, low), self._fits(self.high_free, high),
+                   self._fits(self.fences_free, fences))
 
     def allocate(self, vgpu_type: str) -> Partition:
         low, high, fences, _ = type_info(vgpu_type)
@@ -87,9 +111,11 @@ class GmAllocator:
         self._give(self.fences_free, p.fence_base, p.fence_num)
 
 
-def type_info(vgpu_type: str) -> tuple[int, int, int, int]:
-    try:
-        return hw.VGPU_TYPES[vgpu_type]
-    except KeyError:
-        raise GvtError("EINVAL", f"unknown vGPU type {vgpu_type!r}; known: "
-                       f"{', '.join(hw.VGPU_TYPES)}") from None
+def write_fence(part: Partition, fence: int, value: int, gpu: str, vgpu: int) -> list[Post]:
+    """The physical register writes that load the vGPU's fence `fence` with `value`
+    (intel_vgpu_write_fence): low dword 0 first, so the fence is off while it changes, then the
+    high dword, then the low one. Posts on one link arrive in order, so no posting read is needed."""
+    lo = regs.fence_lo(part.fence_base + fence)
+    return [Post(gpu, "MMIO_WRITE", {"off": lo, "size": 4, "val": 0}, vgpu=vgpu),
+            Post(gpu, "MMIO_WRITE", {"off": lo + 4, "size": 4, "val": value >> 32}, vgpu=vgpu),
+            Post(gpu, "MMIO_WRITE", {"off": lo, "size": 4, "val": value & 0xFFFFFFFF}, vgpu=vgpu)]

@@ -1,50 +1,36 @@
-"""The GVT-g mediator core: vGPUs, trap emulation, GGTT shadowing. Sans-IO: messages in, tasks out."""
+"""The GVT-g mediator core: creates vGPUs and routes their trapped accesses to the rooms that
+emulate them (mmio -> handlers, gtt; vgpu for resets). Sans-IO: messages and the time in,
+replies and tasks out."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-import numpy as np
-
-from nodes import hw
-from nodes.errors import GvtError, need
-from nodes.mediator.gtt import GgttShadow
-from nodes.mediator.handlers import VRegs
+from nodes.actions import Call
+from nodes.errors import GvtError
+from nodes.hw import bar0, partition
+from nodes.mediator import mmio
+from nodes.mediator.aperture import GmAllocator
 from nodes.mediator.translate import translate_entries
-from nodes.mediator.vgpu import GmAllocator, Partition, type_info
-from nodes.memory import Layout, OwnedMemory
+from nodes.mediator.vgpu import VGpu, declare_vgpu_metrics
+from nodes.memory import Layout
 from nodes.metrics import TRAP_LATENCY, TRAPS, declare_trap_metrics
-from nodes.runtime import Call
 from nodes.stats import Stats
 from nodes.wire.codec import Envelope
+from nodes.wire.schema import unpack_write_batch
 
 # Guest-physical space above RAM that the hypervisor refuses to pin (an MMIO hole): gfns in it
-# take the "pin failed" path, gfns past it the "invalid gfn" path.
+# take the "pin failed" path, gfns past it the "not guest RAM" path without a call.
 GFN_HOLE_FRAMES = 4096
-
-
-class VGpu:
-    def __init__(self, vgpu_id: int, vgpu_type: str, part: Partition, ggtt: GgttShadow):
-        self.id, self.type, self.part, self.ggtt = vgpu_id, vgpu_type, part, ggtt
-        self.weight = type_info(vgpu_type)[3]
-        self.vregs = VRegs(vgpu_id, part)
-
-    @property
-    def failsafe(self) -> str | None:
-        return self.vregs.failsafe
-
-    def info(self) -> dict:
-        return {"id": self.id, "type": self.type, "weight": self.weight, "failsafe": self.failsafe,
-                "partition": self.part.to_wire(), "pv_notified": self.vregs.pv_notified}
 
 
 class MediatorCore:
     role = "mediator"
 
-    def __init__(self, layout: Layout, owned: OwnedMemory, *, aperture_size: int = 1024 * hw.MiB,
-                 max_vgpus: int = hw.GVT_MAX_VGPU - 1, clock: Callable[[], int],
+    def __init__(self, layout: Layout, *, aperture_size: int = 1024 << 20,
+                 max_vgpus: int = partition.GVT_MAX_VGPU - 1,
                  translate: Callable[..., Any] = translate_entries,
                  hypervisor: str = "hypervisor", gpu: str = "gpu"):
-        self.layout, self.owned, self.clock = layout, owned, clock
+        self.layout = layout
         self.alloc = GmAllocator(aperture_size)
         self.max_vgpus = max_vgpus
         self.translate = translate
@@ -53,35 +39,35 @@ class MediatorCore:
         self.vgpus: dict[int, VGpu] = {}
         self.stats = Stats()
         declare_trap_metrics(self.stats)
+        declare_vgpu_metrics(self.stats)
         self.stats.counter("gvtbench_ggtt_entries_translated",
                            "Guest GGTT entries emulated, by result", ["vgpu", "result"])
-        self.stats.gauge("gvtbench_vgpu_failsafe", "1 while a vGPU is in failsafe mode", ["vgpu"])
         self.stats.gauge("gvtbench_pinned_pages", "Guest pages pinned for GGTT mappings", ["vgpu"])
 
     # ---- device model ------------------------------------------------------------------------
     def create_vgpu(self, vgpu_id: int, vgpu_type: str) -> VGpu:
         if vgpu_id in self.vgpus:
             raise GvtError("EEXIST", f"vGPU {vgpu_id} exists already")
-        if not 1 <= vgpu_id:
+        if vgpu_id < 1:
             raise GvtError("EINVAL", "vGPU id 0 is the idle vGPU; ids start at 1")
         if len(self.vgpus) >= self.max_vgpus:
             raise GvtError("ENOSPC", f"the mediator is set to at most {self.max_vgpus} vGPUs "
-                           f"(upstream GVT-g: {hw.GVT_MAX_VGPU - 1})")
+                           f"(upstream GVT-g: {partition.GVT_MAX_VGPU - 1})")
         region = self.layout.by_name.get(f"vm{vgpu_id}")
         if region is None:
             raise GvtError("ENOENT", f"no guest RAM region for VM {vgpu_id} in the memory layout")
         part = self.alloc.allocate(vgpu_type)
-        ggtt = GgttShadow(vgpu_id, part, region.frames + GFN_HOLE_FRAMES, self.scratch_mfn,
-                          self.hypervisor, self.gpu, self.translate)
-        vgpu = self.vgpus[vgpu_id] = VGpu(vgpu_id, vgpu_type, part, ggtt)
-        self.stats.set("gvtbench_vgpu_failsafe", (vgpu_id,), 0)
+        vgpu = VGpu(vgpu_id, vgpu_type, part, stats=self.stats, scratch_mfn=self.scratch_mfn,
+                    gfns=region.frames + GFN_HOLE_FRAMES, hypervisor=self.hypervisor, gpu=self.gpu,
+                    translate=self.translate)
+        self.vgpus[vgpu_id] = vgpu
         return vgpu
 
     def setup(self, specs: list[tuple[int, str]]) -> Iterator[Any]:
         """Create the configured vGPUs; every GGTT entry of each starts at the scratch page."""
         for vgpu_id, vgpu_type in specs:
             vgpu = self.create_vgpu(vgpu_id, vgpu_type)
-            yield from vgpu.ggtt.scratch_all()
+            yield from vgpu.ggtt.reset()
         yield Call(self.gpu, "SYNC")
         return [v.info() for v in self.vgpus.values()]
 
@@ -93,104 +79,63 @@ class MediatorCore:
 
     # ---- messages ------------------------------------------------------------------------------
     def lane(self, msg: Envelope) -> Any:
-        # accesses of one vGPU are emulated one at a time, in the order the guest made them
-        return msg.vgpu if msg.kind == "TRAP" else None
+        # a vGPU's accesses are emulated one at a time, in the order the guest made them
+        return msg.vgpu if msg.kind in ("TRAP_READ", "TRAP_WRITE", "VGPU_RESET") else None
 
     def handle(self, msg: Envelope, now: int) -> Any:
         kind, p = msg.kind, msg.payload
-        if kind == "TRAP":
+        if kind == "TRAP_READ":
+            return mmio.emulate_read(self._vgpu(msg.vgpu), p["off"], p["size"])
+        if kind == "TRAP_WRITE":
             vgpu = self._vgpu(msg.vgpu)
-            op = need(p, "op", str, "TRAP")
-            if op == "r":
-                return self._trap_read(vgpu, need(p, "off", int), need(p, "size", int), now)
-            if op == "w":
-                off_b, size_b, val_b = need(p, "off", bytes), need(p, "size", bytes), need(p, "val", bytes)
-                if len(off_b) % 4 or len(val_b) % 8:
-                    raise GvtError("EINVAL", "TRAP write batch needs packed u32 offsets and u64 values")
-                offs = np.frombuffer(off_b, dtype="<u4")
-                sizes = np.frombuffer(size_b, dtype=np.uint8)
-                vals = np.frombuffer(val_b, dtype="<u8")
-                if not len(offs) == len(sizes) == len(vals):
-                    raise GvtError("EINVAL", "TRAP write batch has fields of different lengths")
-                return self._trap_writes(vgpu, offs, sizes, vals, now)
-            raise GvtError("EINVAL", f"TRAP op must be 'r' or 'w', not {op[:16]!r}")
-        if kind == "DMA_READ":
-            return self.owned.dma_read(p)
-        if kind == "DMA_WRITE":
-            return self.owned.dma_write(p)
+            return self._trap_write(vgpu, *unpack_write_batch(p))
         if kind == "SYNC":
             return self._sync()
         if kind == "PARTITIONS":
             return [v.info() for v in self.vgpus.values()]
+        if kind == "VGPU_RESET":
+            return self._reset(self._vgpu(msg.vgpu))
         raise GvtError("ENOTSUP", f"the mediator does not handle {kind}")
 
+    def _trap_write(self, vgpu: VGpu, offs: Any, sizes: Any, vals: Any) -> Iterator[Any]:
+        res = yield from mmio.emulate_writes(vgpu, offs, sizes, vals)
+        if res["gtt"]:
+            self._export_ggtt(vgpu)
+        return res
+
     def _sync(self) -> Iterator[Any]:
-        # a read on the gpu link lands after every posted GGTT write before it
+        # a request on the gpu link is answered after every posted write before it
         return (yield Call(self.gpu, "SYNC"))
 
-    def _trap_read(self, vgpu: VGpu, off: int, size: int, now: int) -> int:
-        if off >= hw.GTT_OFFSET:
-            val = vgpu.ggtt.read(off, size)
-        elif off < hw.MMIO_SIZE:
-            val = vgpu.vregs.read(off, size)
-        else:
-            raise GvtError("EFAULT", f"BAR0 offset {off:#x} is in the hole between MMIO and GTT")
-        self._observe(vgpu.id, hw.trap_kind(off, False), now, 1)
-        return val
+    def _reset(self, vgpu: VGpu) -> Iterator[Any]:
+        yield from vgpu.reset_device()
+        yield Call(self.gpu, "SYNC")
+        self._export_ggtt(vgpu)
+        return vgpu.info()
 
-    def _trap_writes(self, vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.ndarray,
-                     now: int) -> Iterator[Any]:
-        """A batch of posted writes, in guest order. Runs of 8-byte GGTT writes go as one batch."""
-        # only aligned 8-byte GGTT writes take the batch path; a misaligned one is refused below
-        gtt8 = (offs >= hw.GTT_OFFSET) & (sizes == 8) & ((offs & 7) == 0)
-        n = len(offs)
-        bounds = [0, *(np.flatnonzero(np.diff(gtt8.astype(np.int8))) + 1).tolist(), n]
-        n_mmio = n_gtt = 0
-        errors = []
-        for a, b in zip(bounds, bounds[1:]):
-            if a == b:
-                continue
-            if gtt8[a]:
-                idx = (offs[a:b].astype(np.int64) - hw.GTT_OFFSET) >> 3
-                yield from vgpu.ggtt.write_entries(idx, vals[a:b], shadow=vgpu.failsafe is None)
-                n_gtt += b - a
-                continue
-            for i in range(a, b):
-                off, size, val = int(offs[i]), int(sizes[i]), int(vals[i])
-                try:
-                    if off >= hw.GTT_OFFSET:
-                        if size != 4:
-                            raise GvtError("EINVAL", f"GTT write of {size} bytes at {off:#x}")
-                        yield from vgpu.ggtt.write_half(off, val, shadow=vgpu.failsafe is None)
-                        n_gtt += 1
-                    elif off < hw.MMIO_SIZE:
-                        was = vgpu.failsafe
-                        vgpu.vregs.write(off, size, val)
-                        if vgpu.failsafe and not was:
-                            self.stats.set("gvtbench_vgpu_failsafe", (vgpu.id,), 1)
-                        n_mmio += 1
-                    else:
-                        raise GvtError("EFAULT", f"write to BAR0 hole at {off:#x}")
-                except GvtError as err:     # one bad access must not lose the rest of the batch
-                    errors.append(err.text)
-        if n_mmio:
-            self._observe(vgpu.id, "mmio_write", now, n_mmio)
-        if n_gtt:
-            self._observe(vgpu.id, "gtt_write", now, n_gtt)
-            self._export_ggtt(vgpu)
-        return {"n": n, "errors": errors[:8], "n_errors": len(errors)}
+    OBSERVED = frozenset({"TRAP_READ", "TRAP_WRITE"})
 
-    def _observe(self, vgpu_id: int, kind: str, start: int, n: int) -> None:
-        lab = (vgpu_id, kind, "mediator")
-        self.stats.hist(TRAP_LATENCY, lab).record(self.clock() - start, n)
+    def observe(self, msg: Envelope, result: Any, elapsed_ns: int) -> None:
+        """The shell measured how long a request took to emulate: the mediator stage."""
+        if msg.kind == "TRAP_READ":
+            kind = bar0.trap_kind(bar0.decode(msg.payload["off"], msg.payload["size"]), False)
+            self._record(msg.vgpu, kind, elapsed_ns, 1)
+        elif msg.kind == "TRAP_WRITE":
+            for kind, n in (("mmio_write", result["mmio"]), ("gtt_write", result["gtt"])):
+                if n:
+                    self._record(msg.vgpu, kind, elapsed_ns, n)
+
+    def _record(self, vgpu: int, kind: str, elapsed_ns: int, n: int) -> None:
+        lab = (vgpu, kind, "mediator")
+        self.stats.hist(TRAP_LATENCY, lab).record(elapsed_ns, n)
         self.stats.inc(TRAPS, lab, n)
 
     def _export_ggtt(self, vgpu: VGpu) -> None:
         for result, count in vgpu.ggtt.counts.items():
             self.stats.set("gvtbench_ggtt_entries_translated", (vgpu.id, result), count)
-        self.stats.set("gvtbench_pinned_pages", (vgpu.id,), vgpu.ggtt.pinned_gfns())
+        self.stats.set("gvtbench_pinned_pages", (vgpu.id,), vgpu.pins.count())
 
     def snapshot(self) -> dict:
-        return {"vgpus": {v.id: {**v.info(), "ggtt": dict(v.ggtt.counts),
-                                 "pinned": v.ggtt.pinned_gfns(), "pin_calls": v.ggtt.pin_calls}
+        return {"vgpus": {v.id: {**v.info(), "ggtt": dict(v.ggtt.counts), "pinned": v.pins.count(),
+                                 "pin_calls": v.pins.pin_calls}
                           for v in self.vgpus.values()}}

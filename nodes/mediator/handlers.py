@@ -1,105 +1,244 @@
-"""MMIO emulation of one vGPU: virtual registers and the PV info page (gvt/handlers.c).
+"""MMIO emulation of a vGPU's registers (gvt/handlers.c): a table from register offset to its
+attributes (reset value, read-only bits, masked) and hooks.
 
-Every access hits the vGPU's vregs. Registers with attributes in nodes.hw.REG_ATTRS get them
-(read-only bits keep their old value, masked registers take bits 31:16 as a write enable);
-everything else is a plain read/write vreg, as GVT-g's default MMIO handler does.
+A write to a register in the table goes as intel_vgpu_mmio_reg_rw does: a fully read-only
+register ignores it; read-only bits keep their value; the write hook (or a plain store) runs;
+then, for a masked register, bits 31:16 of the written value select which of bits 15:0 change.
+Registers outside the table are plain virtual registers. Two ranges take raw accesses through
+their own hooks: the PV info page and the fence registers.
+
+Hooks: read(vgpu, off, size) -> value; a dword write hook (vgpu, off, data); a range write hook
+(vgpu, off, size, val). A write hook may return actions (a list or a generator of Call/Post),
+which the caller performs in order: the fence hook posts the physical fence writes, and the ELSP
+hook of workload submission will read guest memory and submit to the gpu.
 """
 from __future__ import annotations
 
-from nodes import hw
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
 from nodes.errors import GvtError
-from nodes.mediator.vgpu import Partition
+from nodes.hw import pvinfo, regs
+from nodes.mediator import interrupt
+from nodes.mediator.aperture import write_fence
 from nodes.regfile import read_dwords, write_dwords
 
+if TYPE_CHECKING:
+    from nodes.mediator.vgpu import VGpu
+
 FAILSAFE_UNSUPPORTED_GUEST = "unsupported_guest"
-FAILSAFE_GUEST_ERR = "guest_error"
 FAILSAFE_INSUFFICIENT_RESOURCE = "insufficient_resource"
+FAILSAFE_GUEST_ERR = "guest_error"
 
-# PV info fields the guest may write; the rest of the page is read-only to it.
-_PV_WRITABLE = {hw.PV_DISPLAY_READY, hw.PV_G2V_NOTIFY, hw.PV_EXECLIST_DESC_LO, hw.PV_EXECLIST_DESC_HI,
-                *range(hw.PV_PDP0_LO, hw.PV_PDP0_LO + 32, 4)}
-VGT_CAPS = hw.VGT_CAPS_FULL_PPGTT | hw.VGT_CAPS_HWSP_EMULATION | hw.VGT_CAPS_HUGE_GTT
-
-
-class VRegs:
-    def __init__(self, vgpu_id: int, part: Partition):
-        self.vgpu_id = vgpu_id
-        self.part = part
-        self.regs: dict[int, int] = {}
-        self.pv_notified = False        # set once the guest has read the PV info page
-        self.failsafe: str | None = None
-        self.engine_resets = 0
-        self.g2v_notifications: list[int] = []
-        self.reset()
-
-    def reset(self) -> None:
-        """Device-model reset: vregs to their reset values, PV state and failsafe cleared."""
-        self.regs = {off: attrs[0] for off, attrs in hw.REG_ATTRS.items()}
-        p = self.part
-        pv = {hw.PV_MAGIC_OFF: hw.PV_MAGIC & 0xFFFFFFFF, hw.PV_MAGIC_OFF + 4: hw.PV_MAGIC >> 32,
-              hw.PV_VERSION_MAJOR_OFF: hw.PV_VERSION_MAJOR | (hw.PV_VERSION_MINOR << 16),
-              hw.PV_VGT_ID_OFF: self.vgpu_id, hw.PV_CAPS_OFF: VGT_CAPS,
-              hw.PV_AVAIL_MAPPABLE_BASE: p.aperture_base, hw.PV_AVAIL_MAPPABLE_SIZE: p.aperture_size,
-              hw.PV_AVAIL_NONMAPPABLE_BASE: p.hidden_base,
-              hw.PV_AVAIL_NONMAPPABLE_SIZE: p.hidden_size, hw.PV_AVAIL_FENCE_NUM: p.fence_num}
-        for off, val in pv.items():
-            self.regs[hw.PVINFO_BASE + off] = val
-        self.pv_notified = False
-        self.failsafe = None
-
-    def read(self, off: int, size: int) -> int:
-        _check(off, size)
-        if hw.PVINFO_BASE <= off < hw.PVINFO_BASE + hw.PVINFO_SIZE:
-            self.pv_notified = True
-        return read_dwords(self.regs, off, size)
-
-    def write(self, off: int, size: int, val: int) -> None:
-        _check(off, size)
-        if size == 8:
-            self.write(off, 4, val & 0xFFFFFFFF)
-            self.write(off + 4, 4, val >> 32)
-            return
-        if hw.PVINFO_BASE <= off < hw.PVINFO_BASE + hw.PVINFO_SIZE:
-            self._pv_write(off - hw.PVINFO_BASE, size, val)
-            return
-        base = off & ~3
-        attrs = hw.REG_ATTRS.get(base)
-        if attrs is None:
-            write_dwords(self.regs, off, size, val)
-            return
-        if size != 4:
-            raise GvtError("EINVAL", f"register {base:#x} takes only 4-byte writes")
-        _reset, ro_mask, masked = attrs
-        old = self.regs.get(base, 0)
-        new = hw.masked_write(old, val) if masked else val & 0xFFFFFFFF
-        if base == hw.RCS_BASE + hw.RING_GFX_MODE:
-            self._gfx_mode_write(val)
-        elif base == hw.GDRST:
-            # the engines of this vGPU are reset at once; hardware clears the request bits
-            self.engine_resets += 1
-            new = 0
-        self.regs[base] = (new & ~ro_mask) | (old & ro_mask)
-
-    def _gfx_mode_write(self, val: int) -> None:
-        enables = val & (val >> 16)     # masked: a bit is set only where its mask bit is set
-        wants = enables & (hw.GFX_MODE_PPGTT_ENABLE | hw.GFX_MODE_RUN_LIST_ENABLE)
-        if wants and not self.pv_notified and self.failsafe is None:
-            # a guest that never looked at the PV page is not a GVT-g aware i915
-            self.failsafe = FAILSAFE_UNSUPPORTED_GUEST
-
-    def _pv_write(self, rel: int, size: int, val: int) -> None:
-        if size != 4 or (rel & ~3) not in _PV_WRITABLE:
-            return      # read-only PV fields ignore guest writes
-        self.regs[hw.PVINFO_BASE + rel] = val & 0xFFFFFFFF
-        if rel == hw.PV_G2V_NOTIFY:
-            self.g2v_notifications.append(val)
-
-    def execlists_enabled(self) -> bool:
-        return bool(self.regs.get(hw.RCS_BASE + hw.RING_GFX_MODE, 0) & hw.GFX_MODE_RUN_LIST_ENABLE)
+Actions = Iterable[Any] | None
+DwordHook = Callable[["VGpu", int, int], Actions]
 
 
-def _check(off: int, size: int) -> None:
-    if size not in (1, 2, 4, 8) or off % size:
-        raise GvtError("EINVAL", f"MMIO access of {size} bytes at {off:#x} is not naturally aligned")
-    if not 0 <= off < hw.MMIO_SIZE:
-        raise GvtError("EFAULT", f"MMIO offset {off:#x} is outside the 2 MiB register range")
+@dataclass(frozen=True, slots=True)
+class MmioInfo:
+    reset: int = 0
+    ro_mask: int = 0            # bits a guest write cannot change; all ones: a read-only register
+    masked: bool = False        # F_MODE_MASK
+    write: DwordHook | None = None
+
+
+MMIO: dict[int, MmioInfo] = {}          # dword offset -> attributes
+
+
+def _reg(off: int, size: int = 4, **attrs: Any) -> None:
+    for d in range(off, off + size, 4):
+        MMIO[d] = MmioInfo(**attrs)
+
+
+def _ring(rel: int, size: int = 4, **attrs: Any) -> None:
+    """A per-ring register, for every engine (the kernel's MMIO_RING_*)."""
+    for base in regs.ENGINES.values():
+        _reg(base + rel, size, **attrs)
+
+
+# ---- hooks ----------------------------------------------------------------------------------
+def ring_mode_write(vgpu: VGpu, off: int, data: int) -> None:
+    """GFX_MODE (ring_mode_mmio_write): a masked-enable of bit 0 is stripped and sends the vGPU to
+    failsafe; enabling PPGTT or execlists before the guest read the PV page means it is not a
+    GVT-g aware i915: failsafe too. The rest of the write lands either way."""
+    vgpu.vregs[off] = data & ~regs.masked_enable(regs.GFX_MODE_BIT0)
+    if regs.masked_bits_enabled(data, regs.GFX_MODE_BIT0):
+        vgpu.enter_failsafe(FAILSAFE_UNSUPPORTED_GUEST)
+        return
+    if (regs.masked_bits_enabled(data, regs.GFX_MODE_PPGTT_ENABLE)
+            or regs.masked_bits_enabled(data, regs.GFX_MODE_RUN_LIST_ENABLE)) and not vgpu.pv_notified:
+        vgpu.enter_failsafe(FAILSAFE_UNSUPPORTED_GUEST)
+
+
+def gdrst_write(vgpu: VGpu, off: int, data: int) -> None:
+    """GDRST (gdrst_mmio_write): bit 0 resets the whole GT, the engine bits their engines; the
+    register reads 0 afterwards, the acknowledgement the guest waits for."""
+    vgpu.vregs[off] = data
+    if data & regs.GRDOM_FULL:
+        engines = frozenset(regs.ENGINES)
+    else:
+        engines = frozenset(e for bit, e in regs.GRDOM_ENGINES.items() if data & bit)
+        if data & regs.GRDOM_GUC:
+            vgpu.vregs[regs.GUC_STATUS] = vgpu.vregs.get(regs.GUC_STATUS, 0) | regs.GS_MIA_IN_RESET
+    if engines:
+        vgpu.reset_engines(engines)
+    vgpu.vregs[off] = 0
+
+
+def force_wake_write(vgpu: VGpu, off: int, data: int) -> None:
+    """A force-wake request (mul_force_wake_write) is acknowledged at once in its ack register,
+    so a driver that spins on the ack proceeds."""
+    old = vgpu.vregs.get(off, 0)
+    mask = data >> 16
+    new = (data & 0xFFFF0000) | (old & 0xFFFF & ~mask) | (data & mask)
+    vgpu.vregs[off] = new
+    vgpu.vregs[regs.FORCEWAKE_ACK[off]] = new & 0xFFFF
+
+
+def pv_read(vgpu: VGpu, off: int, size: int) -> int:
+    """Any read of the PV info page marks the guest as GVT-g aware (pvinfo_mmio_read)."""
+    vgpu.pv_notified = True
+    return read_dwords(vgpu.vregs, off, size)
+
+
+def pv_write(vgpu: VGpu, off: int, size: int, val: int) -> None:
+    """pvinfo_mmio_write: writes of any size land at the fields a guest may write; a write into
+    rsv5 is a guest asking for resources it cannot have: failsafe; others are ignored."""
+    rel = off - pvinfo.BASE
+    if pvinfo.RSV5 <= rel < pvinfo.RSV5 + pvinfo.RSV5_SIZE:
+        vgpu.enter_failsafe(FAILSAFE_INSUFFICIENT_RESOURCE)
+        return
+    if rel not in pvinfo.GUEST_WRITABLE:
+        return
+    if rel == pvinfo.G2V_NOTIFY:
+        vgpu.g2v_notifications.append(val & 0xFFFFFFFF)
+    write_dwords(vgpu.vregs, off, size, val)
+
+
+def _fence_num(vgpu: VGpu, off: int) -> int:
+    """The vGPU fence an access touches; past the vGPU's fences the access is refused, and a
+    guest that never read the PV page is not GVT-g aware (sanitize_fence_mmio_access)."""
+    n = (off - regs.FENCE_BASE) // regs.FENCE_STRIDE
+    if n >= vgpu.part.fence_num:
+        if not vgpu.pv_notified:
+            vgpu.enter_failsafe(FAILSAFE_UNSUPPORTED_GUEST)
+        raise GvtError("EINVAL", f"fence register {n} is past vGPU {vgpu.id}'s "
+                       f"{vgpu.part.fence_num} fences")
+    return n
+
+
+def fence_read(vgpu: VGpu, off: int, size: int) -> int:
+    _fence_num(vgpu, off)
+    return read_dwords(vgpu.vregs, off, size)
+
+
+def fence_write(vgpu: VGpu, off: int, size: int, val: int) -> Actions:
+    """The vGPU's fence n is physical fence fence_base + n: the new value goes to the gpu."""
+    n = _fence_num(vgpu, off)
+    write_dwords(vgpu.vregs, off, size, val)
+    lo = regs.fence_lo(n)
+    value = vgpu.vregs.get(lo, 0) | vgpu.vregs.get(lo + 4, 0) << 32
+    return write_fence(vgpu.part, n, value, vgpu.gpu, vgpu.id)
+
+
+# ---- the table ------------------------------------------------------------------------------------
+_ring(regs.RING_MODE, masked=True, write=ring_mode_write)
+_ring(regs.RING_MI_MODE, masked=True)
+_ring(regs.RING_INSTPM, masked=True)
+_ring(regs.RING_EXECLIST_STATUS, regs.RING_EXECLIST_STATUS_SIZE, ro_mask=0xFFFFFFFF)
+_ring(regs.RING_CSB, regs.RING_CSB_SIZE, ro_mask=0xFFFFFFFF)
+_ring(regs.RING_CSB_PTR, masked=True, reset=regs.CSB_PTR_RESET)
+_ring(regs.RING_IMR, reset=0xFFFFFFFF)
+_reg(regs.MASTER_IRQ, write=interrupt.master_irq_write)
+for _isr in regs.IRQ_ISRS:
+    _reg(_isr + regs.IMR_OFF, reset=0xFFFFFFFF)
+    _reg(_isr + regs.IIR_OFF, write=interrupt.iir_write)
+    _reg(_isr + regs.IER_OFF)
+_reg(regs.GDRST, write=gdrst_write)
+for _req in regs.FORCEWAKE_ACK:
+    _reg(_req, write=force_wake_write)
+
+# (start, end, read hook, write hook) of the ranges that take raw accesses
+RANGES: tuple[tuple[int, int, Callable[..., int], Callable[..., Actions]], ...] = (
+    (pvinfo.BASE, pvinfo.BASE + pvinfo.SIZE, pv_read, pv_write),
+    (regs.FENCE_BASE, regs.FENCE_BASE + regs.FENCE_SLOTS * regs.FENCE_STRIDE, fence_read, fence_write),
+)
+
+RESET_VALUES = {off: info.reset for off, info in MMIO.items() if info.reset}
+
+
+# ---- access ---------------------------------------------------------------------------------------
+def mmio_read(vgpu: VGpu, off: int, size: int) -> int:
+    for start, end, read, _write in RANGES:
+        if start <= off < end:
+            return read(vgpu, off, size)
+    return read_dwords(vgpu.vregs, off, size)
+
+
+def mmio_write(vgpu: VGpu, off: int, size: int, val: int) -> Actions:
+    """A guest write to a register (not in failsafe). Returns the actions a hook asked for."""
+    for start, end, _read, write in RANGES:
+        if start <= off < end:
+            return write(vgpu, off, size, val)
+    if size == 8:
+        lo = _dword_write(vgpu, off, 4, val & 0xFFFFFFFF)
+        hi = _dword_write(vgpu, off + 4, 4, val >> 32)
+        return [*(lo or ()), *(hi or ())] if lo or hi else None
+    return _dword_write(vgpu, off, size, val)
+
+
+def _dword_write(vgpu: VGpu, off: int, size: int, val: int) -> Actions:
+    base = off & ~3
+    info = MMIO.get(base)
+    if info is None:
+        write_dwords(vgpu.vregs, off, size, val)
+        return None
+    if info.ro_mask == 0xFFFFFFFF:
+        return None
+    old = vgpu.vregs.get(base, 0)
+    if size < 4:                # a narrower write changes its bytes of the register
+        shift = (off & 3) * 8
+        bytes_mask = ((1 << (8 * size)) - 1) << shift
+        data = (old & ~bytes_mask) | ((val << shift) & bytes_mask)
+    else:
+        data = val & 0xFFFFFFFF
+    if info.ro_mask:
+        data = (data & ~info.ro_mask) | (old & info.ro_mask)
+    actions = None
+    if info.write is not None:
+        actions = info.write(vgpu, base, data)
+    else:
+        vgpu.vregs[base] = data
+    if info.masked:
+        vgpu.vregs[base] = regs.masked_update(old, vgpu.vregs.get(base, 0))
+    return actions
+
+
+# ---- reset ----------------------------------------------------------------------------------------
+def reset_mmio(vgpu: VGpu, dmlr: bool) -> None:
+    """Registers back to their reset values (intel_vgpu_reset_mmio): all of them for a
+    device-model reset, those below 0x44200 (the engines') for a GT reset."""
+    if dmlr:
+        vgpu.vregs.clear()
+        vgpu.vregs.update(RESET_VALUES)
+        return
+    for off in [o for o in vgpu.vregs if o < regs.MMIO_RESET_LIMIT]:
+        del vgpu.vregs[off]
+    vgpu.vregs.update({o: v for o, v in RESET_VALUES.items() if o < regs.MMIO_RESET_LIMIT})
+
+
+def populate_pvinfo(vgpu: VGpu) -> None:
+    """The PV info page a guest reads to find it runs on GVT-g (populate_pvinfo_page). The
+    fields a guest writes (g2v_notify, the PDPs, the execlist descriptor) are left alone."""
+    p = vgpu.part
+    fields = {
+        pvinfo.MAGIC_OFF: pvinfo.MAGIC & 0xFFFFFFFF, pvinfo.MAGIC_OFF + 4: pvinfo.MAGIC >> 32,
+        pvinfo.VERSION_MAJOR_OFF: pvinfo.VERSION_MAJOR | pvinfo.VERSION_MINOR << 16,
+        pvinfo.DISPLAY_READY: 0, pvinfo.VGT_ID: vgpu.id, pvinfo.VGT_CAPS: pvinfo.CAPS,
+        pvinfo.AVAIL_MAPPABLE_BASE: p.aperture_base, pvinfo.AVAIL_MAPPABLE_SIZE: p.aperture_size,
+        pvinfo.AVAIL_NONMAPPABLE_BASE: p.hidden_base, pvinfo.AVAIL_NONMAPPABLE_SIZE: p.hidden_size,
+        pvinfo.AVAIL_FENCE_NUM: p.fence_num,
+        pvinfo.CURSOR_X_HOT: 0xFFFFFFFF, pvinfo.CURSOR_Y_HOT: 0xFFFFFFFF,
+    }
+    for rel, val in fields.items():
+        vgpu.vregs[pvinfo.BASE + rel] = val

@@ -3,7 +3,8 @@
 The mediator keeps a per-vGPU cache indexed by gfn: 0 means "not pinned yet", all ones means
 "pinning failed", anything else is the mfn. For each guest entry e at index i:
 
-* not present: out[i] = e's flags with present cleared, pointing at the scratch page
+* not present: out[i] = the scratch page alone, no flag bits (the kernel builds the host entry
+  of a not-present guest entry from zero)
 * present, gfn outside the cache or cached invalid: flags kept (present too), scratch page
 * present, cache miss: out[i] = 0 and the gfn is appended to `missing`; the caller pins the
   missing gfns, fills the cache and calls again
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nodes.hw import PAGE_SHIFT, PTE_ADDR_MASK, PTE_PRESENT
+from nodes.hw.gtt import ADDR_MASK as PTE_ADDR_MASK, PAGE_SHIFT, PTE_PRESENT
 
 CACHE_MISS = 0                      # cache[gfn] == 0: gfn not pinned yet
 CACHE_INVALID = 0xFFFFFFFFFFFFFFFF  # cache[gfn]: pin failed, gfn invalid
@@ -114,8 +115,7 @@ def translate_entries_python(guest: Any, cache: Any, scratch_mfn: int, out: Any,
     n_ok = n_scratch = n_not_present = n_missing = 0
     for i, e in enumerate(g):
         if not e & PTE_PRESENT:
-            # bit 0 is already clear, so "present cleared" needs no extra masking
-            o[i] = (e & flag_mask) | scratch_addr
+            o[i] = scratch_addr
             n_not_present += 1
             continue
         gfn = (e & addr_mask) >> PAGE_SHIFT
@@ -159,7 +159,8 @@ def translate_entries_numpy(guest: Any, cache: Any, scratch_mfn: int, out: Any,
         v = np.full(n, _INVALID, dtype=_U)
     use_scratch = ~present | (v == _INVALID)
     miss = present & (v == _U(CACHE_MISS))
-    res = (g & _FLAGS) | np.where(use_scratch, _U(scratch << PAGE_SHIFT), (v << _SHIFT) & _ADDR)
+    res = np.where(present, g & _FLAGS, _U(0)) | np.where(use_scratch, _U(scratch << PAGE_SHIFT),
+                                                         (v << _SHIFT) & _ADDR)
     res[miss] = 0
     # The result is complete before anything is stored, so out may be guest itself.
     np.frombuffer(om, dtype=_U)[:n] = res

@@ -1,0 +1,99 @@
+"""A vGPU's BAR0 accesses, as the mediator emulates them (gvt/mmio.c): the one BAR0 decode, then
+the GGTT or the registers, or in failsafe the virtual copies only (failsafe_emulate_mmio_rw: no
+read-only bits, no masking, no hooks, no shadowing)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from nodes.actions import YIELD
+from nodes.errors import GvtError
+from nodes.hw import bar0, gtt
+from nodes.mediator import handlers
+from nodes.regfile import read_dwords, write_dwords
+
+if TYPE_CHECKING:
+    from nodes.mediator.vgpu import VGpu
+
+# Work of one turn of a write batch before other vGPUs get theirs: single accesses count 1,
+# entries of a run of 8-byte GGTT writes (vectorised) 1/32.
+TURN_WORK = 128
+GGTT_RUN_COST = 32
+ERRORS_KEPT = 8
+
+
+def emulate_read(vgpu: VGpu, off: int, size: int) -> int:
+    space = bar0.decode(off, size)
+    if vgpu.failsafe is not None:
+        if space == "gtt":
+            return vgpu.ggtt.read_virtual(off, size)
+        return read_dwords(vgpu.vregs, off, size)
+    if space == "gtt":
+        return vgpu.ggtt.read(off, size)
+    return handlers.mmio_read(vgpu, off, size)
+
+
+def emulate_write(vgpu: VGpu, off: int, size: int, val: int) -> Any:
+    """One write; returns the actions it needs performed (or None)."""
+    space = bar0.decode(off, size)
+    if vgpu.failsafe is not None:
+        if space == "gtt":
+            vgpu.ggtt.write_virtual(off, size, val)
+        else:
+            write_dwords(vgpu.vregs, off, size, val)
+        return None
+    if space == "gtt":
+        return vgpu.ggtt.write(off, size, val)
+    return handlers.mmio_write(vgpu, off, size, val)
+
+
+def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.ndarray) -> Iterator[Any]:
+    """A batch of writes in guest order (a task). Runs of aligned 8-byte GGTT writes are shadowed
+    as one vectorised update; a refused access is reported and the rest still apply. Other vGPUs
+    get a turn every TURN_WORK of work. Returns the TRAP_WRITE reply."""
+    n = len(offs)
+    codes = bar0.decode_many(offs, sizes)
+    run = (codes == bar0.GTT) & (sizes == 8)
+    bounds = [0, *(np.flatnonzero(np.diff(run.astype(np.int8))) + 1).tolist(), n]
+    n_mmio = n_gtt = 0
+    errors: list[str] = []
+    n_errors = work = 0
+    for a, b in zip(bounds, bounds[1:]):
+        if a == b:
+            continue
+        if run[a] and vgpu.failsafe is None:
+            step = TURN_WORK * GGTT_RUN_COST
+            for c in range(a, b, step):
+                d = min(b, c + step)
+                try:
+                    yield from vgpu.ggtt.write_entries(gtt.index_of(offs[c:d].astype(np.int64)), vals[c:d])
+                    n_gtt += d - c
+                except GvtError as err:     # the run's pins could not be had: none of it applied
+                    n_errors += d - c
+                    if len(errors) < ERRORS_KEPT:
+                        errors.append(str(err))
+                work += (d - c) // GGTT_RUN_COST + 1
+                if work >= TURN_WORK:
+                    work = 0
+                    yield YIELD
+            continue
+        for i in range(a, b):
+            off, size = int(offs[i]), int(sizes[i])
+            try:
+                actions = emulate_write(vgpu, off, size, int(vals[i]))
+                if actions:
+                    yield from actions
+                if off >= bar0.GTT_OFFSET:
+                    n_gtt += 1
+                else:
+                    n_mmio += 1
+            except GvtError as err:         # one bad access must not lose the rest of the batch
+                n_errors += 1
+                if len(errors) < ERRORS_KEPT:
+                    errors.append(str(err))
+            work += 1
+            if work >= TURN_WORK:
+                work = 0
+                yield YIELD
+    return {"n": n, "n_errors": n_errors, "errors": errors, "mmio": n_mmio, "gtt": n_gtt}

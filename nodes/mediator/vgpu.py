@@ -1,0 +1,80 @@
+"""A vGPU (gvt/vgpu.c): its partition, virtual registers, GGTT shadow and pins, failsafe state,
+and its resets (intel_gvt_reset_vgpu_locked)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+from nodes.hw import regs
+from nodes.mediator import execlist, handlers
+from nodes.mediator.aperture import Partition, type_info, write_fence
+from nodes.mediator.gtt import GgttShadow
+from nodes.mediator.pins import GfnPins
+from nodes.stats import Stats
+
+FAILSAFE_GAUGE = "gvtbench_vgpu_failsafe"
+
+
+def declare_vgpu_metrics(stats: Stats) -> None:
+    stats.gauge(FAILSAFE_GAUGE, "1 while a vGPU is in failsafe mode", ["vgpu"])
+    stats.counter("gvtbench_vgpu_failsafe_entered", "Times a vGPU entered failsafe, by reason",
+                  ["vgpu", "reason"])
+    stats.counter("gvtbench_vgpu_resets", "vGPU resets, by kind (engine, gt, device)",
+                  ["vgpu", "kind"])
+
+
+class VGpu:
+    def __init__(self, vgpu_id: int, vgpu_type: str, part: Partition, *, stats: Stats,
+                 scratch_mfn: int, gfns: int, hypervisor: str, gpu: str,
+                 translate: Callable[..., Any]):
+        self.id, self.type, self.part = vgpu_id, vgpu_type, part
+        self.weight = type_info(vgpu_type)[3]
+        self.stats = stats
+        self.hypervisor, self.gpu = hypervisor, gpu
+        self.vregs: dict[int, int] = {}         # dword offset -> value
+        self.pv_notified = False                # set by any read of the PV info page
+        self.failsafe: str | None = None        # the reason, while in failsafe
+        self.g2v_notifications: list[int] = []
+        self.pins = GfnPins(vgpu_id, gfns, hypervisor)
+        self.ggtt = GgttShadow(vgpu_id, part, self.pins, scratch_mfn, gpu, translate)
+        handlers.reset_mmio(self, dmlr=True)
+        handlers.populate_pvinfo(self)
+        stats.set(FAILSAFE_GAUGE, (vgpu_id,), 0)
+
+    def enter_failsafe(self, reason: str) -> None:
+        """Stop emulating this vGPU's registers and GGTT; only its virtual copies change from now
+        on (mmio.c failsafe_emulate_mmio_rw). The first reason is kept."""
+        if self.failsafe is None:
+            self.failsafe = reason
+            self.stats.set(FAILSAFE_GAUGE, (self.id,), 1)
+            self.stats.inc("gvtbench_vgpu_failsafe_entered", (self.id, reason))
+
+    def reset_engines(self, engines: frozenset[str]) -> None:
+        """A guest's GDRST (not a device-model reset): the engines' execlist state, and for all
+        engines a GT reset: the registers below 0x44200 and the PV info page. The GGTT, fences,
+        failsafe and pv_notified stay."""
+        for e in engines:
+            execlist.reset_engine(self, e)
+        gt = engines == frozenset(regs.ENGINES)
+        if gt:
+            handlers.reset_mmio(self, dmlr=False)
+            handlers.populate_pvinfo(self)
+        self.stats.inc("gvtbench_vgpu_resets", (self.id, "gt" if gt else "engine"))
+
+    def reset_device(self) -> Iterator[Any]:
+        """A device-model reset (intel_gvt_reset_vgpu): every engine, the GGTT's host entries,
+        the fences, all registers, the PV page; failsafe and pv_notified are cleared."""
+        for e in regs.ENGINES:
+            execlist.reset_engine(self, e)
+        yield from self.ggtt.reset()
+        for i in range(self.part.fence_num):
+            yield from write_fence(self.part, i, 0, self.gpu, self.id)
+        handlers.reset_mmio(self, dmlr=True)
+        handlers.populate_pvinfo(self)
+        self.failsafe = None
+        self.stats.set(FAILSAFE_GAUGE, (self.id,), 0)
+        self.pv_notified = False
+        self.stats.inc("gvtbench_vgpu_resets", (self.id, "device"))
+
+    def info(self) -> dict:
+        return {"id": self.id, "type": self.type, "weight": self.weight, "failsafe": self.failsafe,
+                "partition": self.part.to_wire(), "pv_notified": self.pv_notified}
