@@ -1,29 +1,39 @@
 """Guest core (sans-IO): the i915 driver model's boot sequence, its GGTT mappings, and the load.
 
-Every access goes to BAR0 through the hypervisor. Reads are requests; writes are posted: they
-carry the guest's own write number `w`, and the hypervisor answers WRITE_DONE(upto=w) once the
-mediator has emulated them. Latency is measured from the intended issue time (open loop), so a
-slow system cannot hide its queueing.
+Every access goes to BAR0 through the hypervisor. Reads are requests; writes are posted: each
+message carries the guest's own write number `w`, and the hypervisor answers WRITE_DONE for a
+range of numbers with their outcome: ok, failed (not applied), or unknown (the mediator did not
+answer in time: it may apply them later). Latency is measured from the intended issue time (open
+loop), so a slow system cannot hide its queueing.
+
+The register check is the one Jepsen makes of a register with indeterminate writes: a read must
+return the value of the last write before it that was applied, or of any write between that one
+and the read whose outcome is unknown.
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
-from nodes import hw
-from nodes.errors import GvtError, need
+from nodes.actions import Call, Post, Sleep
+from nodes.errors import GvtError
+from nodes.hw import PAGE_SHIFT, PAGE_SIZE, bar0, gtt, pvinfo, regs
 from nodes.metrics import TRAP_LATENCY, TRAPS, declare_trap_metrics
-from nodes.runtime import Call, Post, Sleep
-from nodes.stats import Stats
-from nodes.wire.codec import Envelope, RemoteError
+from nodes.stats import LogHistogram, Stats
+from nodes.wire.codec import MAX_OUTSTANDING, MAX_POSTED_WRITES
+from nodes.wire.schema import pack_write_batch
 
 MIXES = ("mmio-read", "mmio-write", "gtt-burst")
-N_GPRS = 16
+_MIX = {"gtt_write": "gtt-burst", "mmio_write": "mmio-write"}     # posted trap kind -> its mix
+N_GPRS = regs.RING_GPRS
 TOKEN = struct.Struct("<IIQ")       # vm, GGTT index, nonce: 16 bytes written by the gpu probe
+VERIFY_CHUNK = 16384                # probe tokens read back per GPA_READ
+PLAN_PAGE = 16384                   # GGTT entries (and their probes) per VERIFY_PLAN page
+FIRST_READ_PATIENCE_S = 30.0
 
 
 @dataclass
@@ -42,34 +52,48 @@ class LoadSpec:
     ops: int = 0                    # > 0: stop after this many ops instead of the duration
 
 
+class _Write:
+    """A posted write op in flight."""
+    __slots__ = ("intended", "kind", "n", "gpr")
+
+    def __init__(self, intended: int, kind: str, n: int, gpr: list | None):
+        self.intended, self.kind, self.n, self.gpr = intended, kind, n, gpr
+
+
 class GuestCore:
     role = "guest"
 
     def __init__(self, vm: int, ram_frames: int, seed: int, load: LoadSpec, *,
-                 clock: Callable[[], int], hypervisor: str = "hypervisor", launcher: str = "launcher",
-                 gvt_aware: bool = True):
+                 hypervisor: str = "hypervisor", launcher: str | None = "launcher",
+                 gvt_aware: bool = True, max_posted: int = MAX_POSTED_WRITES,
+                 max_outstanding: int = MAX_OUTSTANDING):
         self.vm, self.ram_frames, self.load = vm, ram_frames, load
-        self.clock = clock
         self.hv, self.launcher = hypervisor, launcher
         self.gvt_aware = gvt_aware
+        self.max_posted, self.max_outstanding = max_posted, max_outstanding
         self.rng = np.random.default_rng([seed, vm, 0x6E57])
         self.state = "idle"
         self.pv: dict[str, int] = {}
         self.ranges: list[tuple[int, int]] = []     # (first GGTT index, count): aperture, hidden
         self.map: np.ndarray | None = None          # what this guest last wrote to each of its entries
-        self.gpr = [0] * N_GPRS
-        self.wno = 0                                # posted writes issued
-        self.inflight_writes: deque[tuple[int, int, str, int]] = deque()   # (w, intended, kind, n)
+        # per GPR: the value of the newest write known applied, and [w, value, outcome] of the
+        # writes after it (outcome None while pending)
+        self.gpr_base = [0] * N_GPRS
+        self.gpr_hist: list[list[list]] = [[] for _ in range(N_GPRS)]
+        self.wno = 0                                # posted write messages sent
+        self.writes: dict[int, _Write] = {}         # w -> op, in w order
+        self.writes_in_flight = 0                   # individual writes of those ops
         self.reads_inflight = 0
-        self.issued = self.completed = self.failed = 0
+        self.issued = self.completed = self.failed = self.unknown = 0
         self.mismatches = 0
         self.fail_reasons: dict[str, int] = {}
+        self._latency_base: dict[str, LogHistogram] = {}    # the histograms when the load began
         self.irqs = 0
         self.t0 = 0
         self.next_op = 0            # index of the next op in the open-loop schedule
         self.end_ns = 0
         self.boot_error: str | None = None
-        self._mix_names = [m for m in self.load.mix if self.load.mix[m] > 0]
+        self.last_reply_at = 0                      # when the last boot read was answered
         self._draw_mix: list[int] = []
         self._draw_gpr: list[int] = []
         self._draw_val: list[int] = []
@@ -82,76 +106,110 @@ class GuestCore:
 
     # ---- BAR0 access helpers (task fragments) ----------------------------------------------------
     def _read(self, off: int, size: int = 4) -> Iterator[Any]:
-        return (yield Call(self.hv, "MMIO_READ", {"off": off, "size": size}, vgpu=self.vm))
+        call = Call(self.hv, "MMIO_READ", {"off": off, "size": size}, vgpu=self.vm)
+        val = yield call
+        self.last_reply_at = call.done_at
+        return val
 
     def _post_write(self, off: int, val: int, size: int = 4) -> Post:
         self.wno += 1
         return Post(self.hv, "MMIO_WRITE", {"off": off, "size": size, "val": val, "w": self.wno},
                     vgpu=self.vm)
 
-    def _first_read(self, off: int, size: int, patience_s: float = 30.0) -> Iterator[Any]:
+    def _first_read(self, off: int, size: int) -> Iterator[Any]:
         """The first access waits for the vGPU to exist: nodes started by hand, one per host,
         come up in any order, and the mediator answers ENODEV until it has created the vGPU."""
-        deadline = self.clock() + int(patience_s * 1e9)
-        while True:
+        tries = int(FIRST_READ_PATIENCE_S / 0.1)
+        for attempt in range(tries):
             try:
                 return (yield from self._read(off, size))
-            except RemoteError as err:
-                if err.code not in ("ENODEV", "ETIMEDOUT") or self.clock() > deadline:
+            except GvtError as err:
+                if err.code not in ("ENODEV", "ETIMEDOUT", "EHOSTUNREACH", "ECONNRESET") \
+                        or attempt == tries - 1:
                     raise
             yield Sleep(0.1)
+        raise GvtError("ETIMEDOUT", "no vGPU answered")     # not reached: the loop raises
 
     # ---- boot ------------------------------------------------------------------------------
     def boot(self) -> Iterator[Any]:
-        """i915 on GVT-g: detect the PV page, balloon, then enable execlists."""
+        """i915 on GVT-g: detect the PV page, balloon, reset the CSB pointers, enable execlists."""
         self.state = "booting"
         if self.gvt_aware:
-            magic = yield from self._first_read(hw.PVINFO_BASE + hw.PV_MAGIC_OFF, 8)
-            if magic != hw.PV_MAGIC:
+            magic = yield from self._first_read(pvinfo.BASE + pvinfo.MAGIC_OFF, 8)
+            if magic != pvinfo.MAGIC:
                 raise GvtError("ENODEV", f"PV info magic is {magic:#x}, not vGTvGTvG: not a GVT-g vGPU")
-            ver = yield from self._read(hw.PVINFO_BASE + hw.PV_VERSION_MAJOR_OFF, 4)
+            ver = yield from self._read(pvinfo.BASE + pvinfo.VERSION_MAJOR_OFF, 4)
             major, minor = ver & 0xFFFF, ver >> 16
-            if major != hw.PV_VERSION_MAJOR:
+            if major != pvinfo.VERSION_MAJOR:
                 raise GvtError("EPROTO", f"PV interface version {major}.{minor} is not supported")
             pv = {}
-            for name, off in (("vgt_id", hw.PV_VGT_ID_OFF), ("caps", hw.PV_CAPS_OFF),
-                              ("ap_base", hw.PV_AVAIL_MAPPABLE_BASE), ("ap_size", hw.PV_AVAIL_MAPPABLE_SIZE),
-                              ("hi_base", hw.PV_AVAIL_NONMAPPABLE_BASE),
-                              ("hi_size", hw.PV_AVAIL_NONMAPPABLE_SIZE), ("fences", hw.PV_AVAIL_FENCE_NUM)):
-                pv[name] = yield from self._read(hw.PVINFO_BASE + off, 4)
+            for name, off in (("vgt_id", pvinfo.VGT_ID), ("caps", pvinfo.VGT_CAPS),
+                              ("ap_base", pvinfo.AVAIL_MAPPABLE_BASE),
+                              ("ap_size", pvinfo.AVAIL_MAPPABLE_SIZE),
+                              ("hi_base", pvinfo.AVAIL_NONMAPPABLE_BASE),
+                              ("hi_size", pvinfo.AVAIL_NONMAPPABLE_SIZE),
+                              ("fences", pvinfo.AVAIL_FENCE_NUM)):
+                pv[name] = yield from self._read(pvinfo.BASE + off, 4)
             pv["version"] = major
             self.pv = pv
             # balloon: everything outside avail_rs is reserved and never used by this guest
-            self.ranges = [(pv["ap_base"] >> hw.PAGE_SHIFT, pv["ap_size"] >> hw.PAGE_SHIFT),
-                           (pv["hi_base"] >> hw.PAGE_SHIFT, pv["hi_size"] >> hw.PAGE_SHIFT)]
+            self.ranges = [(gtt.index_of_gm(pv["ap_base"]), gtt.index_of_gm(pv["ap_size"])),
+                           (gtt.index_of_gm(pv["hi_base"]), gtt.index_of_gm(pv["hi_size"]))]
             self.map = np.zeros(sum(n for _, n in self.ranges), dtype=np.uint64)
-        gfx_mode = hw.RCS_BASE + hw.RING_GFX_MODE
-        yield self._post_write(gfx_mode, hw.masked_enable(hw.GFX_MODE_RUN_LIST_ENABLE))
-        self.inflight_writes.append((self.wno, self.clock(), "boot", 1))
+        # execlists_sanitize -> reset_csb_pointers: both pointers to the last entry, then a
+        # posting read that must show them
+        csb_ptr = regs.ring("rcs", regs.RING_CSB_PTR)
+        yield self._boot_write(csb_ptr, regs.csb_ptr_guest_reset())
+        ptr = yield from self._read(csb_ptr, 4)
+        want = regs.csb_ptr_guest_reset() & 0xFFFF
+        if ptr & 0x7FF != want:
+            raise GvtError("EIO", f"the CSB pointer reads {ptr:#x} after a reset to {want:#x}")
+        gfx_mode = regs.ring("rcs", regs.RING_MODE)
+        yield self._boot_write(gfx_mode, regs.masked_enable(regs.GFX_MODE_RUN_LIST_ENABLE))
         mode = yield from self._read(gfx_mode, 4)
-        if not mode & hw.GFX_MODE_RUN_LIST_ENABLE:
+        if not mode & regs.GFX_MODE_RUN_LIST_ENABLE:
             raise GvtError("EIO", f"execlists did not turn on: GFX_MODE reads {mode:#x}")
         self.state = "booted"
         return dict(self.pv)
 
+    def _boot_write(self, off: int, val: int) -> Post:
+        post = self._post_write(off, val)
+        self.writes[self.wno] = _Write(0, "boot", 1, None)
+        self.writes_in_flight += 1
+        return post
+
     # ---- load ------------------------------------------------------------------------------
-    def start(self, now: int) -> None:
+    def start(self, now: int, spec: dict | None = None) -> None:
         if self.map is None:
             raise GvtError("EAGAIN", "the guest has not booted (or is not GVT-g aware): no GM to use")
+        if spec:
+            try:
+                self.load = dataclasses.replace(self.load, **spec)
+            except TypeError as err:
+                raise GvtError("EINVAL", f"START spec: {err}") from None
         self.state = "running"
         self.t0 = now
         self.next_op = 0
+        self.issued = self.completed = self.failed = self.unknown = self.mismatches = 0
+        fam = self.stats.families[TRAP_LATENCY].values
+        self._latency_base = {lab[1]: h.copy() for lab, h in fam.items()}
+        self._mix_names = [m for m in self.load.mix if self.load.mix[m] > 0]
+        self._draw_mix = []
         self.end_ns = now + int(self.load.duration_s * 1e9)
 
     def _due(self, now: int) -> bool:
-        if self.load.ops and self.issued >= self.load.ops:
-            return False
-        if not self.load.ops and now >= self.end_ns:
-            return False
-        return True
+        if self.load.ops:
+            return self.issued < self.load.ops
+        return now < self.end_ns
 
     def _inflight(self) -> int:
-        return self.reads_inflight + len(self.inflight_writes)
+        return self.reads_inflight + len(self.writes)
+
+    def _room(self) -> bool:
+        """The hypervisor's limits are this guest's flow control: requests in flight and
+        posted writes not yet done."""
+        return (self.reads_inflight < self.max_outstanding
+                and self.writes_in_flight + self.load.burst + 4 <= self.max_posted)
 
     def tick(self, now: int) -> list[Any]:
         if self.state != "running":
@@ -160,18 +218,19 @@ class GuestCore:
         ld = self.load
         if ld.mode == "open":
             period = 1e9 / ld.rate
-            while self._due(now) and self._inflight() < ld.window:
+            while self._due(now) and self._inflight() < ld.window and self._room():
                 intended = self.t0 + int(self.next_op * period)
                 if intended > now:
                     break
                 self.next_op += 1
                 out.append(self._issue(intended))
         else:
-            while self._due(now) and self._inflight() < ld.concurrency:
+            while self._due(now) and self._inflight() < ld.concurrency and self._room():
                 out.append(self._issue(now))
         if not self._due(now) and self._inflight() == 0:
             self.state = "drained"
-            out.append(Post(self.launcher, "REPORT", self.report(), vgpu=self.vm))
+            if self.launcher:
+                out.append(Post(self.launcher, "LOAD_DONE", {"report": self.report(now)}, vgpu=self.vm))
         return out
 
     def next_wake(self, now: int) -> int | None:
@@ -198,28 +257,33 @@ class GuestCore:
         self.issued += 1
         if mix == "mmio-read":
             self.reads_inflight += 1
-            # what the read must return is fixed now, in issue order, not when the task first runs
-            return self._op_read(intended, k, self.gpr[k])
+            # what the read may return is fixed now, in issue order: the writes before it
+            return self._op_read(intended, k, self.gpr_base[k], list(self.gpr_hist[k]))
         if mix == "mmio-write":
-            self.gpr[k] = val
-            post = self._post_write(hw.RCS_GPR0 + 4 * k, val)
-            self.inflight_writes.append((self.wno, intended, "mmio_write", 1))
+            post = self._post_write(regs.RCS_GPR0 + 4 * k, val)
+            entry = [self.wno, val, None, k]
+            self.gpr_hist[k].append(entry)
+            self.writes[self.wno] = _Write(intended, "mmio_write", 1, entry)
+            self.writes_in_flight += 1
             return post
         return self._gtt_burst(intended)
 
-    def _op_read(self, intended: int, k: int, expect: int) -> Iterator[Any]:
+    def _op_read(self, intended: int, k: int, base: int, before: list[list]) -> Iterator[Any]:
+        call = Call(self.hv, "MMIO_READ", {"off": regs.RCS_GPR0 + 4 * k, "size": 4}, vgpu=self.vm)
         try:
-            val = yield from self._read(hw.RCS_GPR0 + 4 * k, 4)
-        except Exception as err:
-            self._fail("mmio-read", str(err))
+            val = yield call
+        except GvtError as err:
+            self._fail("mmio-read", err.text)
             return
         finally:
             self.reads_inflight -= 1
-        self._complete("mmio_read", "mmio-read", intended, 1)
-        if val != expect:
-            # posted writes are ordered before a later read: a stale value is a mediator bug
+        self._complete("mmio_read", "mmio-read", intended, call.done_at, 1)
+        allowed = _register_values(base, before)
+        if val not in allowed:
+            # posted writes are ordered before a later read: anything else is a mediator bug
             self.mismatches += 1
-            self._fail_reason(f"GPR{k} read {val:#x}, last written {expect:#x}")
+            self._fail_reason(f"GPR{k} read {val:#x}, expected one of "
+                              f"{', '.join(f'{v:#x}' for v in sorted(allowed)[:4])}")
 
     def _gtt_burst(self, intended: int) -> Post:
         ld, rng = self.load, self.rng
@@ -231,33 +295,33 @@ class GuestCore:
         gfns = rng.integers(0, self.ram_frames, n, dtype=np.int64)
         bad = rng.random(n) < ld.invalid_gfn_ratio
         gfns[bad] = self.ram_frames + rng.integers(0, 1 << 20, int(bad.sum()))
-        vals = (gfns.astype(np.uint64) << np.uint64(hw.PAGE_SHIFT)) | np.uint64(hw.PTE_PRESENT | hw.PTE_RW)
+        vals = (gfns.astype(np.uint64) << np.uint64(PAGE_SHIFT)) | np.uint64(gtt.PTE_PRESENT | gtt.PTE_RW)
         absent = rng.random(n) < ld.not_present_ratio
-        vals[absent] &= ~np.uint64(hw.PTE_PRESENT)
+        vals[absent] &= ~np.uint64(gtt.PTE_PRESENT)
         local = start + (0 if r == 0 else self.ranges[0][1])
         self.map[local:local + n] = vals
         if rng.random() < ld.outside_ratio:
             # probe the ballooned space: these writes must be dropped by the mediator
             probe = self._outside_indices(4)
             idx = np.concatenate([idx, probe])
-            vals = np.concatenate([vals, np.full(len(probe), hw.pte_encode(1), dtype=np.uint64)])
+            vals = np.concatenate([vals, np.full(len(probe), gtt.encode(1), dtype=np.uint64)])
         self.wno += 1
-        self.inflight_writes.append((self.wno, intended, "gtt_write", len(idx)))
-        offs = (idx * 8 + hw.GTT_OFFSET).astype("<u4")
-        return Post(self.hv, "MMIO_WRITE_BATCH",
-                    {"off": offs.tobytes(), "size": bytes([8]) * len(idx),
-                     "val": vals.astype("<u8").tobytes(), "w": self.wno}, vgpu=self.vm)
+        self.writes[self.wno] = _Write(intended, "gtt_write", len(idx), None)
+        self.writes_in_flight += len(idx)
+        payload = pack_write_batch(gtt.offset_of(idx), np.full(len(idx), 8), vals)
+        payload["w"] = self.wno
+        return Post(self.hv, "MMIO_WRITE_BATCH", payload, vgpu=self.vm)
 
     def _outside_indices(self, n: int) -> np.ndarray:
-        out = []
+        out: list[int] = []
         while len(out) < n:
-            i = int(self.rng.integers(hw.GGTT_ENTRIES))
+            i = int(self.rng.integers(gtt.ENTRIES))
             if not any(f <= i < f + c for f, c in self.ranges):
                 out.append(i)
         return np.array(out, dtype=np.int64)
 
-    def _complete(self, kind: str, mix: str, intended: int, n: int) -> None:
-        lat = self.clock() - intended
+    def _complete(self, kind: str, mix: str, intended: int, end: int, n: int) -> None:
+        lat = end - intended
         lab = (self.vm, kind, "guest")
         self.stats.hist(TRAP_LATENCY, lab).record(lat, n)
         self.stats.inc(TRAPS, lab, n)
@@ -274,52 +338,89 @@ class GuestCore:
             self.fail_reasons[reason] = self.fail_reasons.get(reason, 0) + 1
 
     # ---- messages ----------------------------------------------------------------------------
-    def handle(self, msg: Envelope, now: int) -> Any:
+    def handle(self, msg: Any, now: int) -> Any:
         kind, p = msg.kind, msg.payload
         if kind == "WRITE_DONE":
-            upto = need(p, "upto", int)
-            failed = p.get("failed")
-            q = self.inflight_writes
-            while q and q[0][0] <= upto:
-                _w, intended, tkind, n = q.popleft()
-                if tkind == "boot":         # part of boot, not of the load
-                    continue
-                mix = "gtt-burst" if tkind == "gtt_write" else "mmio-write"
-                if failed:
-                    self._fail(mix, f"posted write failed: {failed}")
-                else:
-                    self._complete(tkind, mix, intended, n)
-            if p.get("n_errors"):
-                for e in p.get("errors", [])[:4]:
-                    self._fail_reason(f"mediator refused a write: {e}")
-            return None
+            return self._write_done(p, now)
         if kind == "IRQ":
             self.irqs += 1
             self.stats.inc("gvtbench_guest_irqs", (self.vm,))
             return None
         if kind == "START":
-            return self.boot_and_start(p)
+            return self.boot_and_start(p.get("load", True), p.get("spec"))
         if kind == "VERIFY_PLAN":
-            return self.verify_plan(need(p, "nonce", int))
+            return self.verify_plan(p["nonce"], p["page"])
         if kind == "VERIFY":
-            return self.verify(need(p, "nonce", int))
+            return self.verify(p["nonce"])
         if kind == "REPORT":
-            return self.report()
+            return self.report(now)
         raise GvtError("ENOTSUP", f"the guest does not handle {kind}")
 
-    def boot_and_start(self, p: Any) -> Iterator[Any]:
+    def _write_done(self, p: dict, now: int) -> None:
+        first, last, status = p["first"], p["last"], p["status"]
+        writes = self.writes
+        if writes and next(iter(writes)) >= first:
+            done = []
+            for w in writes:
+                if w > last:
+                    break
+                done.append(w)
+        elif last - first <= len(writes):   # out of order (a refused write): look them up
+            done = [w for w in range(first, last + 1) if w in writes]
+        else:
+            done = [w for w in writes if first <= w <= last]
+        ok: dict[str, tuple[list[int], list[int]]] = {}      # kind -> (intended, n) of ops done
+        for w in done:
+            op = writes.pop(w)
+            self.writes_in_flight -= op.n
+            if op.gpr is not None:
+                self._settle_gpr(op.gpr, status)
+            if op.kind == "boot":       # part of boot, not of the load
+                continue
+            if status == "ok":
+                t, n = ok.setdefault(op.kind, ([], []))
+                t.append(op.intended)
+                n.append(op.n)
+            elif status == "unknown":
+                self.unknown += 1
+                self.stats.inc("gvtbench_guest_ops", (self.vm, _MIX[op.kind], "unknown"))
+            else:
+                self._fail(_MIX[op.kind], f"posted write failed: {p.get('reason', status)}")
+        for kind, (intended, n) in ok.items():
+            # one WRITE_DONE settles many ops: their latencies are recorded in one go
+            lab = (self.vm, kind, "guest")
+            self.stats.hist(TRAP_LATENCY, lab).record_many(now - np.array(intended, dtype=np.int64), n)
+            self.stats.inc(TRAPS, lab, sum(n))
+            self.stats.inc("gvtbench_guest_ops", (self.vm, _MIX[kind], "completed"), len(n))
+            self.completed += len(n)
+        if p["n_errors"]:
+            for e in p["errors"][:4]:
+                self._fail_reason(f"mediator refused a write: {e}")
+        return None
+
+    def _settle_gpr(self, entry: list, status: str) -> None:
+        entry[2] = status
+        if status != "ok":
+            return
+        # an applied write hides every write to its register before it
+        k = entry[3]
+        hist = self.gpr_hist[k]
+        i = next(j for j, e in enumerate(hist) if e is entry)
+        self.gpr_base[k] = entry[1]
+        del hist[:i + 1]
+
+    def boot_and_start(self, load: bool, spec: dict | None) -> Iterator[Any]:
         try:
-            pv = yield from self.boot()
+            if self.state in ("idle", "failed"):
+                pv = yield from self.boot()
+            else:
+                pv = dict(self.pv)
         except GvtError as err:
             self.boot_error = err.text
             self.state = "failed"
             raise
-        except Exception as err:
-            self.boot_error = str(err)
-            self.state = "failed"
-            raise GvtError(getattr(err, "code", "EIO"), f"boot failed: {err}") from None
-        if isinstance(p, dict) and p.get("load", True):
-            self.start(self.clock())
+        if load:
+            self.start(self.last_reply_at, spec)    # the load starts when boot ended
         return pv
 
     # ---- verdict -----------------------------------------------------------------------------
@@ -332,48 +433,83 @@ class GuestCore:
         written = self.map != 0
         return glob[written], self.map[written]
 
-    def _probe_plan(self, nonce: int) -> list[tuple[int, int, int, bytes]]:
-        """(gm, gfn, offset in page, token) for each present entry with a RAM gfn; entries that
-        share a gfn get different 16-byte slots of the page."""
+    def _probe_plan(self, nonce: int) -> tuple[np.ndarray, np.ndarray, list]:
+        """The mapped entries, and (position, gm, gfn, offset in page, token) for each present
+        entry with a RAM gfn; entries that share a gfn get different 16-byte slots of the page."""
         idx, vals = self.mapped_entries()
-        present = (vals & np.uint64(hw.PTE_PRESENT)) != 0
-        gfns = ((vals & np.uint64(hw.PTE_ADDR_MASK)) >> np.uint64(hw.PAGE_SHIFT)).astype(np.int64)
+        present = gtt.present(vals)
+        gfns = gtt.frame_of(vals).astype(np.int64)
         use = present & (gfns < self.ram_frames)
         slots: dict[int, int] = {}
         plan = []
-        for i, g in zip(idx[use].tolist(), gfns[use].tolist()):
+        for pos, i, g in zip(np.flatnonzero(use).tolist(), idx[use].tolist(), gfns[use].tolist()):
             k = slots.get(g, 0)
-            if k >= hw.PAGE_SIZE // TOKEN.size:
+            if k >= PAGE_SIZE // TOKEN.size:
                 continue
             slots[g] = k + 1
-            plan.append((i * hw.PAGE_SIZE + 16 * k, g, 16 * k, TOKEN.pack(self.vm, i, nonce)))
-        return plan
+            plan.append((pos, gtt.gm_of(i) + 16 * k, g, 16 * k, TOKEN.pack(self.vm, i, nonce)))
+        return idx, vals, plan
 
-    def verify_plan(self, nonce: int) -> dict:
-        idx, vals = self.mapped_entries()
-        plan = self._probe_plan(nonce)
-        self._plan = (nonce, plan)      # VERIFY of the same nonce checks exactly these probes
-        return {"entries_idx": idx.astype("<u8").tobytes(), "entries_val": vals.astype("<u8").tobytes(),
-                "probes": [[gm, tok] for gm, _g, _o, tok in plan], "ram_frames": self.ram_frames}
+    def _plan_of(self, nonce: int) -> tuple[np.ndarray, np.ndarray, list]:
+        if self._plan is None or self._plan[0] != nonce:
+            self._plan = (nonce, self._probe_plan(nonce))
+        return self._plan[1]
+
+    def verify_plan(self, nonce: int, page: int) -> dict:
+        """One page of the plan: the mapped entries in [page * PLAN_PAGE, ...) and their probes.
+        VERIFY of the same nonce checks exactly these probes."""
+        idx, vals, plan = self._plan_of(nonce)
+        a, b = page * PLAN_PAGE, (page + 1) * PLAN_PAGE
+        return {"entries_idx": idx[a:b].astype("<u8").tobytes(),
+                "entries_val": vals[a:b].astype("<u8").tobytes(),
+                "probes": [[gm, tok] for pos, gm, _g, _o, tok in plan if a <= pos < b],
+                "pages": max(1, -(-len(idx) // PLAN_PAGE)), "ram_frames": self.ram_frames}
 
     def verify(self, nonce: int) -> Iterator[Any]:
         """After the gpu wrote each probe token through GM, read them back from guest RAM."""
-        plan = self._plan[1] if self._plan and self._plan[0] == nonce else self._probe_plan(nonce)
-        ops = [[g * hw.PAGE_SIZE + o, TOKEN.size] for _gm, g, o, _t in plan]
+        _idx, _vals, plan = self._plan_of(nonce)
+        ops = [[g * PAGE_SIZE + o, TOKEN.size] for _pos, _gm, g, o, _t in plan]
         got: list[bytes] = []
-        for i in range(0, len(ops), 16384):
-            got += yield Call(self.hv, "GPA_READ", {"ops": ops[i:i + 16384]}, vgpu=self.vm)
-        bad = [(gm, tok, data) for (gm, _g, _o, tok), data in zip(plan, got) if data != tok]
+        for i in range(0, len(ops), VERIFY_CHUNK):
+            got += yield Call(self.hv, "GPA_READ", {"ops": ops[i:i + VERIFY_CHUNK]}, vgpu=self.vm)
+        bad = [(gm, tok, data) for (_pos, gm, _g, _o, tok), data in zip(plan, got) if data != tok]
         return {"probes": len(plan), "landed": len(plan) - len(bad),
                 "misses": [f"GM {gm:#x}: expected {tok.hex()}, guest RAM has {data.hex()}"
                            for gm, tok, data in bad[:8]]}
 
-    def report(self) -> dict:
+    def report(self, now: int) -> dict:
         return {"vm": self.vm, "state": self.state, "issued": self.issued, "completed": self.completed,
-                "failed": self.failed, "pending": self._inflight(), "mismatches": self.mismatches,
-                "fail_reasons": dict(self.fail_reasons), "irqs": self.irqs, "boot_error": self.boot_error,
-                "pv": self.pv, "elapsed_s": (self.clock() - self.t0) / 1e9 if self.t0 else 0.0}
+                "failed": self.failed, "unknown": self.unknown, "pending": self._inflight(),
+                "mismatches": self.mismatches, "fail_reasons": dict(self.fail_reasons),
+                "irqs": self.irqs, "boot_error": self.boot_error, "pv": self.pv,
+                "elapsed_s": (now - self.t0) / 1e9 if self.t0 else 0.0,
+                "latency": self.latency()}
+
+    def latency(self) -> dict[str, dict]:
+        """Latency of this load run (since START) by trap kind: p50/p99/p99.9 in us."""
+        out = {}
+        for lab, h in self.stats.families[TRAP_LATENCY].values.items():
+            base = self._latency_base.get(lab[1])
+            run = h.minus(base) if base is not None else h
+            if run.n:
+                out[lab[1]] = run.summary_us()
+        return out
 
     def progress(self) -> dict:
         return {"vm": self.vm, "issued": self.issued, "completed": self.completed, "failed": self.failed,
-                "state": self.state}
+                "unknown": self.unknown, "state": self.state}
+
+
+def _register_values(base: int, before: list[list]) -> set[int]:
+    """The values a read may return, given the writes to its register before it, oldest first,
+    as [w, value, outcome, gpr] (outcome None: not known yet) after the newest write known applied,
+    whose value is `base`."""
+    allowed: set[int] = set()
+    for _w, val, outcome, _k in reversed(before):
+        if outcome == "failed":
+            continue                # never applied
+        allowed.add(val)
+        if outcome == "ok":
+            return allowed          # applied: it hides the writes before it
+    allowed.add(base)
+    return allowed

@@ -1,41 +1,47 @@
-"""Hypervisor core (sans-IO). Hosts many VMs: their RAM and p2m, the forwarding of trapped BAR0
-accesses to the mediator, and the hypervisor calls the mediator makes (as kvmgt offers them).
+"""Hypervisor core (sans-IO). Hosts many VMs: their RAM and p2m, the trap of their BAR0 accesses
+to the mediator, and the hypervisor calls the mediator makes (as kvmgt offers them).
 
-Posted guest writes are pipelined: they are queued per VM and sent to the mediator as one TRAP
-batch when the runtime has drained its sockets (or the batch is full); a guest read first flushes
-its VM's queue, and travels on the same link, so it is emulated after those writes.
+Posted guest writes are queued per VM and go to the mediator as TRAP_WRITE batches when the shell
+has drained its sockets. A VM has at most a few batches in flight, so a VM that floods waits in
+its own queue rather than in the link the mediator shares with every VM; past a bound its writes
+are refused (EAGAIN in WRITE_DONE): backpressure toward that guest. A read waits until the
+writes its guest made before it have gone out, then travels on the same link, so the mediator
+emulates it after them.
 """
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable, Iterator
+from collections import deque
+from typing import Any, Iterator
 
 import numpy as np
 
-from nodes import hw
-from nodes.errors import GvtError, need
-from nodes.memory import Layout, OwnedMemory, RegionMemory, make_p2m
+from nodes.actions import Call, Event, Post, Signal, Wait
+from nodes.errors import GvtError, OutcomeUnknown
+from nodes.hw import PAGE_SHIFT, PAGE_SIZE, bar0
+from nodes.memory import Layout, RegionMemory, make_p2m
 from nodes.metrics import TRAP_LATENCY, TRAPS, declare_trap_metrics
-from nodes.runtime import Call, Post
 from nodes.stats import Stats
-from nodes.wire.codec import Envelope
+from nodes.wire.codec import MAX_POSTED_WRITES, Envelope, check_reply_size
+from nodes.wire.schema import guest_name
 
+BATCH_MAX = 4096                # writes per TRAP_WRITE
+BATCHES_IN_FLIGHT = 4
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+ERRORS_KEPT = 8
 
 
-def guest_name(vm: int) -> str:
-    return f"guest{vm}"
+class _Writes:
+    """Posted writes of one VM, in guest order, that go to the mediator as one batch."""
+    __slots__ = ("off", "size", "val", "first", "last", "arrivals")
 
-
-class _WriteQueue:
-    __slots__ = ("off", "size", "val", "upto", "arrivals")
-
-    def __init__(self) -> None:
+    def __init__(self, first: int) -> None:
         self.off = bytearray()
         self.size = bytearray()
         self.val = bytearray()
-        self.upto = 0               # the guest's seq of the last write queued
+        self.first = first          # the guest's number of the first and last write message here
+        self.last = first
         self.arrivals: list[tuple[int, int, int]] = []     # (arrival ns, n mmio, n gtt)
 
     def __len__(self) -> int:
@@ -47,14 +53,17 @@ class Vm:
         self.id, self.mem, self.p2m = vm, mem, p2m
         self.frames = len(p2m)
         self.pins = np.zeros(self.frames, dtype=np.int64)
-        self.queue = _WriteQueue()
+        self.fifo: deque[_Writes | Event] = deque()     # writes to send, and reads held behind them
+        self.queued = 0             # writes in the fifo
+        self.in_flight = 0          # writes sent, not answered
+        self.batches = 0            # TRAP_WRITE calls in flight
         self.msi_injected = 0
 
     def gpa_to_mfn(self, gpa: int, n: int) -> tuple[int, int]:
-        gfn, off = gpa >> hw.PAGE_SHIFT, gpa & (hw.PAGE_SIZE - 1)
-        if gpa < 0 or gfn >= self.frames:
+        gfn, off = gpa >> PAGE_SHIFT, gpa & (PAGE_SIZE - 1)
+        if gfn >= self.frames:
             raise GvtError("EFAULT", f"gpa {gpa:#x} is outside VM {self.id}'s RAM")
-        if off + n > hw.PAGE_SIZE:
+        if off + n > PAGE_SIZE:
             raise GvtError("EINVAL", f"access of {n} bytes at gpa {gpa:#x} crosses a page")
         return int(self.p2m[gfn]), off
 
@@ -62,146 +71,189 @@ class Vm:
 class HypervisorCore:
     role = "hypervisor"
 
-    def __init__(self, layout: Layout, owned: OwnedMemory, vms: dict[int, RegionMemory], seed: int,
-                 *, clock: Callable[[], int], mediator: str = "mediator", batch_max: int = 8192):
-        self.layout, self.owned, self.clock = layout, owned, clock
+    def __init__(self, layout: Layout, vms: dict[int, RegionMemory], seed: int, *,
+                 mediator: str = "mediator", batch_max: int = BATCH_MAX,
+                 batches_in_flight: int = BATCHES_IN_FLIGHT, max_posted: int = MAX_POSTED_WRITES,
+                 call_timeout: float = 10.0):
+        self.layout = layout
         self.mediator = mediator
-        self.batch_max = batch_max
+        self.batch_max, self.batches_in_flight = batch_max, batches_in_flight
+        self.max_posted, self.call_timeout = max_posted, call_timeout
         self.vms = {vm: Vm(vm, mem, make_p2m(mem.region, seed)) for vm, mem in vms.items()}
-        self._vm_of_link = {guest_name(vm): vm for vm in self.vms}
+        self._dirty: set[int] = set()       # VMs whose fifo has something to send
         self.outbox: list[Any] = []
         self.stats = Stats()
         declare_trap_metrics(self.stats)
-        self.stats.counter("gvtbench_msi_injected", "MSIs injected into guests", ["vgpu"])
-        self.stats.counter("gvtbench_trap_batches", "TRAP write batches sent to the mediator", ["vgpu"])
-        self.stats.counter("gvtbench_guest_access_refused", "Guest accesses refused by the trap layer",
-                           ["vgpu"])
-        self.stats.gauge("gvtbench_hv_pinned_pages", "Guest pages pinned by the mediator", ["vgpu"])
+        s = self.stats
+        s.counter("gvtbench_msi_injected", "MSIs injected into guests", ["vgpu"])
+        s.counter("gvtbench_trap_batches", "TRAP_WRITE batches sent to the mediator", ["vgpu"])
+        s.counter("gvtbench_posted_writes", "Posted guest writes, by outcome", ["vgpu", "status"])
+        s.gauge("gvtbench_hv_posted_writes", "Posted writes of a VM queued or in flight", ["vgpu"])
+        s.gauge("gvtbench_hv_pinned_pages", "Guest pages pinned by the mediator", ["vgpu"])
+
+    def _vm(self, vm_id: int) -> Vm:
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise GvtError("ENODEV", f"this hypervisor hosts no VM {vm_id}")
+        return vm
 
     # ---- messages ------------------------------------------------------------------------------
     def handle(self, msg: Envelope, now: int) -> Any:
         kind, p = msg.kind, msg.payload
-        guest_vm = self._vm_of_link.get(msg.peer)
-        if guest_vm is not None:
-            if msg.vgpu != guest_vm:
-                # a guest speaks only for its own VM
-                raise GvtError("EPERM", f"{msg.peer} may not act for VM {msg.vgpu}")
-            return self._from_guest(self.vms[guest_vm], msg, now)
-        if kind in ("GFN_PIN", "GFN_UNPIN", "GPA_READ", "GPA_WRITE", "INJECT_MSI"):
-            vm = self.vms.get(msg.vgpu)
-            if vm is None:
-                raise GvtError("ENODEV", f"this hypervisor hosts no VM {msg.vgpu}")
-            if kind == "GFN_PIN":
-                return self.pin(vm, _u64s(need(p, "gfns", bytes), "gfns"))
-            if kind == "GFN_UNPIN":
-                return self.unpin(vm, _u64s(need(p, "gfns", bytes), "gfns"))
-            if kind == "GPA_READ":
-                return self.gpa_read(vm, need(p, "ops", (list, tuple)))
-            if kind == "GPA_WRITE":
-                return self.gpa_write(vm, need(p, "ops", (list, tuple)))
+        vm = self._vm(msg.vgpu)
+        if kind == "MMIO_WRITE":
+            off = p["off"]
+            return self._posted(vm, _U32.pack(off), bytes((p["size"],)), _U64.pack(p["val"]), 1,
+                                int(off >= bar0.GTT_OFFSET), p.get("w", 0), now)
+        if kind == "MMIO_WRITE_BATCH":
+            offs, sizes, vals = p["off"], p["size"], p["val"]
+            n = len(sizes)
+            if len(offs) != 4 * n or len(vals) != 8 * n:
+                raise GvtError("EINVAL", f"a write batch needs as many offsets, sizes and values; "
+                               f"got {len(offs) // 4}, {n} and {len(vals) // 8}")
+            n_gtt = int(np.count_nonzero(np.frombuffer(offs, dtype="<u4") >= bar0.GTT_OFFSET))
+            return self._posted(vm, offs, sizes, vals, n, n_gtt, p.get("w", 0), now)
+        if kind == "MMIO_READ":
+            return self._read(vm, p["off"], p["size"])
+        if kind == "GPA_READ":
+            return self.gpa_read(vm, p["ops"])
+        if kind == "GPA_WRITE":
+            return self.gpa_write(vm, p["ops"])
+        if kind == "GFN_PIN":
+            return {"mfns": self.pin(vm, _u64s(p["gfns"])).tobytes()}
+        if kind == "GFN_UNPIN":
+            return self.unpin(vm, _u64s(p["gfns"]))
+        if kind == "INJECT_MSI":
             vm.msi_injected += 1
             self.stats.inc("gvtbench_msi_injected", (vm.id,))
-            return self._inject(vm, p)
-        if kind == "DMA_READ":
-            return self.owned.dma_read(p)
-        if kind == "DMA_WRITE":
-            return self.owned.dma_write(p)
-        raise GvtError("ENOTSUP", f"the hypervisor does not handle {kind} from {msg.peer}")
-
-    def _inject(self, vm: Vm, p: Any) -> None:
-        self.outbox.append(Post(guest_name(vm.id), "IRQ", p if isinstance(p, dict) else {}, vgpu=vm.id))
-
-    def _from_guest(self, vm: Vm, msg: Envelope, now: int) -> Any:
-        kind, p = msg.kind, msg.payload
-        if kind == "MMIO_WRITE":
-            off, size, val = need(p, "off", int), need(p, "size", int), need(p, "val", int)
-            w = _write_no(p)
-            if not (0 <= off < 1 << 32 and 0 <= size < 256 and 0 <= val < 1 << 64):
-                self.stats.inc("gvtbench_guest_access_refused", (vm.id,))
-                raise GvtError("EINVAL", "MMIO_WRITE offset, size or value out of range")
-            q = vm.queue
-            q.off += _U32.pack(off)
-            q.size.append(size)
-            q.val += _U64.pack(val)
-            q.upto = w
-            gtt = off >= hw.GTT_OFFSET
-            q.arrivals.append((now, 0 if gtt else 1, 1 if gtt else 0))
-            if len(q) >= self.batch_max:
-                self.outbox.append(self._flush(vm))
+            irq = {"vector": p["vector"]} if "vector" in p else {}
+            self.outbox.append(Post(guest_name(vm.id), "IRQ", irq, vgpu=vm.id))
             return None
-        if kind == "MMIO_WRITE_BATCH":
-            offs, sizes, vals = need(p, "off", bytes), need(p, "size", bytes), need(p, "val", bytes)
-            n = len(sizes)
-            w = _write_no(p)
-            if len(offs) != 4 * n or len(vals) != 8 * n:
-                self.stats.inc("gvtbench_guest_access_refused", (vm.id,))
-                raise GvtError("EINVAL", "MMIO_WRITE_BATCH needs 4-byte offsets, 1-byte sizes and "
-                               "8-byte values, as many of each")
-            q = vm.queue
-            q.off += offs
-            q.size += sizes
-            q.val += vals
-            q.upto = w
-            n_gtt = int(np.count_nonzero(np.frombuffer(offs, dtype="<u4") >= hw.GTT_OFFSET))
-            q.arrivals.append((now, n - n_gtt, n_gtt))
-            if len(q) >= self.batch_max:
-                self.outbox.append(self._flush(vm))
+        raise GvtError("ENOTSUP", f"the hypervisor does not handle {kind}")
+
+    def _posted(self, vm: Vm, offs: bytes, sizes: bytes, vals: bytes, n: int, n_gtt: int, w: int,
+                now: int) -> None:
+        if vm.queued + vm.in_flight + n > self.max_posted:
+            self.stats.inc("gvtbench_posted_writes", (vm.id, "refused"), n)
+            self.outbox.append(self._done(vm, w, w, n, "failed",
+                                          f"EAGAIN: VM {vm.id} has {vm.queued + vm.in_flight} posted "
+                                          f"writes queued or in flight, the limit is {self.max_posted}"))
             return None
-        if kind == "MMIO_READ":
-            off, size = need(p, "off", int), need(p, "size", int)
-            if len(vm.queue):
-                self.outbox.append(self._flush(vm))
-            return self._read(vm, off, size, now)
-        if kind == "GPA_READ":
-            return self.gpa_read(vm, need(p, "ops", (list, tuple)))
-        if kind == "GPA_WRITE":
-            return self.gpa_write(vm, need(p, "ops", (list, tuple)))
-        raise GvtError("ENOTSUP", f"a guest cannot send {kind} to the hypervisor")
+        tail = vm.fifo[-1] if vm.fifo else None
+        if not isinstance(tail, _Writes) or len(tail) + n > self.batch_max:
+            tail = _Writes(w)
+            vm.fifo.append(tail)
+        tail.off += offs
+        tail.size += sizes
+        tail.val += vals
+        tail.last = w
+        tail.arrivals.append((now, n - n_gtt, n_gtt))
+        vm.queued += n
+        self._dirty.add(vm.id)
+        return None
 
-    def _read(self, vm: Vm, off: int, size: int, now: int) -> Iterator[Any]:
-        kind = hw.trap_kind(off, False)
-        val = yield Call(self.mediator, "TRAP", {"op": "r", "off": off, "size": size}, vgpu=vm.id)
-        lab = (vm.id, kind, "hypervisor")
-        self.stats.hist(TRAP_LATENCY, lab).record(self.clock() - now)
-        self.stats.inc(TRAPS, lab)
-        return val
+    def _read(self, vm: Vm, off: int, size: int) -> Iterator[Any]:
+        held = None
+        if vm.fifo:                 # writes made before this read have not all gone out yet
+            held = Event("read")
+            vm.fifo.append(held)
+            self.outbox.extend(self._pump(vm))
+        return self._trap_read(vm, off, size, held)
 
-    def _flush(self, vm: Vm) -> Iterator[Any]:
-        q = vm.queue
-        vm.queue = _WriteQueue()
+    def _trap_read(self, vm: Vm, off: int, size: int, held: Event | None) -> Iterator[Any]:
+        if held is not None:
+            yield Wait(held)
+        return (yield Call(self.mediator, "TRAP_READ", {"off": off, "size": size}, vgpu=vm.id,
+                           timeout=self.call_timeout))
+
+    def _pump(self, vm: Vm) -> list[Any]:
+        """Send what the VM's fifo may send now: batches while it has batches to spare, and the
+        reads held behind writes that have gone."""
+        out: list[Any] = []
+        fifo = vm.fifo
+        while fifo:
+            head = fifo[0]
+            if isinstance(head, Event):
+                fifo.popleft()
+                out.append(Signal(head))
+                continue
+            if vm.batches >= self.batches_in_flight:
+                break
+            fifo.popleft()
+            vm.queued -= len(head)
+            vm.in_flight += len(head)
+            vm.batches += 1
+            out.append(self._write_batch(vm, head))
+        if not fifo:
+            self._dirty.discard(vm.id)
+        return out
+
+    def _write_batch(self, vm: Vm, q: _Writes) -> Iterator[Any]:
         self.stats.inc("gvtbench_trap_batches", (vm.id,))
-        return self._write_batch(vm, q)
-
-    def _write_batch(self, vm: Vm, q: _WriteQueue) -> Iterator[Any]:
-        payload = {"op": "w", "off": bytes(q.off), "size": bytes(q.size), "val": bytes(q.val)}
+        call = Call(self.mediator, "TRAP_WRITE", {"off": bytes(q.off), "size": bytes(q.size),
+                                                  "val": bytes(q.val)},
+                    vgpu=vm.id, timeout=self.call_timeout)
+        n = len(q)
         try:
-            res = yield Call(self.mediator, "TRAP", payload, vgpu=vm.id)
-            done = {"upto": q.upto, "n": len(q), "n_errors": res.get("n_errors", 0) if isinstance(res, dict) else 0,
-                    "errors": res.get("errors", []) if isinstance(res, dict) else []}
-        except GvtError as err:
-            done = {"upto": q.upto, "n": len(q), "failed": err.text}
-        except Exception as err:     # RemoteError and friends: the guest learns why
-            done = {"upto": q.upto, "n": len(q), "failed": str(err)}
-        end = self.clock()
-        for arrived, n_mmio, n_gtt in q.arrivals:
-            for kind, n in (("mmio_write", n_mmio), ("gtt_write", n_gtt)):
-                if n:
-                    lab = (vm.id, kind, "hypervisor")
-                    self.stats.hist(TRAP_LATENCY, lab).record(end - arrived, n)
-                    self.stats.inc(TRAPS, lab, n)
-        yield Post(guest_name(vm.id), "WRITE_DONE", done, vgpu=vm.id)
+            res = yield call
+            done = self._done(vm, q.first, q.last, n, "ok", None, res["n_errors"], res["errors"])
+            self._observe_writes(vm, q, call.done_at)
+        except OutcomeUnknown as err:       # it may have been applied, or may be yet
+            done = self._done(vm, q.first, q.last, n, "unknown", str(err))
+        except GvtError as err:             # refused, or never sent: not applied
+            done = self._done(vm, q.first, q.last, n, "failed", str(err))
+        finally:
+            vm.in_flight -= n
+            vm.batches -= 1
+            if vm.fifo:
+                self._dirty.add(vm.id)
+            self.stats.set("gvtbench_hv_posted_writes", (vm.id,), vm.queued + vm.in_flight)
+        try:
+            yield done
+        except GvtError:
+            pass                            # the guest has gone: nobody to tell
+
+    def _done(self, vm: Vm, first: int, last: int, n: int, status: str, reason: str | None,
+              n_errors: int = 0, errors: list[str] | None = None) -> Post:
+        self.stats.inc("gvtbench_posted_writes", (vm.id, status), n)
+        p: dict[str, Any] = {"first": first, "last": last, "n": n, "status": status,
+                             "n_errors": n_errors, "errors": list(errors or ())[:ERRORS_KEPT]}
+        if reason:
+            p["reason"] = reason
+        return Post(guest_name(vm.id), "WRITE_DONE", p, vgpu=vm.id)
+
+    def _observe_writes(self, vm: Vm, q: _Writes, end: int) -> None:
+        """Each write's hypervisor stage: from its arrival to the mediator's answer."""
+        a = np.array(q.arrivals, dtype=np.int64)
+        for col, kind in ((1, "mmio_write"), (2, "gtt_write")):
+            n = a[:, col]
+            if n.any():
+                lab = (vm.id, kind, "hypervisor")
+                self.stats.hist(TRAP_LATENCY, lab).record_many(end - a[:, 0], n)
+                self.stats.inc(TRAPS, lab, int(n.sum()))
+
+    OBSERVED = frozenset({"MMIO_READ"})
+
+    def observe(self, msg: Envelope, result: Any, elapsed_ns: int) -> None:
+        """A guest read answered: the hypervisor stage, measured by the shell."""
+        if msg.kind == "MMIO_READ":
+            kind = bar0.trap_kind(bar0.decode(msg.payload["off"], msg.payload["size"]), False)
+            lab = (msg.vgpu, kind, "hypervisor")
+            self.stats.hist(TRAP_LATENCY, lab).record(elapsed_ns)
+            self.stats.inc(TRAPS, lab)
 
     def tick(self, now: int) -> list[Any]:
         out = self.outbox
         self.outbox = []
-        for vm in self.vms.values():
-            if len(vm.queue):
-                out.append(self._flush(vm))
+        for vm_id in list(self._dirty):
+            vm = self.vms[vm_id]
+            out.extend(self._pump(vm))
+            self.stats.set("gvtbench_hv_posted_writes", (vm_id,), vm.queued + vm.in_flight)
         return out
 
     # ---- hypervisor calls ------------------------------------------------------------------------
-    def pin(self, vm: Vm, gfns: np.ndarray) -> dict:
-        """gfn -> mfn for each; 0 where the gfn is not guest RAM (the pin fails)."""
+    def pin(self, vm: Vm, gfns: np.ndarray) -> np.ndarray:
+        """gfn -> mfn for each; 0 where the gfn is not guest RAM (that pin fails)."""
         gfns = gfns.astype(np.int64)
         ok = (gfns >= 0) & (gfns < vm.frames)
         mfns = np.zeros(len(gfns), dtype="<u8")
@@ -209,7 +261,7 @@ class HypervisorCore:
         mfns[ok] = vm.p2m[good]
         np.add.at(vm.pins, good, 1)
         self.stats.set("gvtbench_hv_pinned_pages", (vm.id,), int(np.count_nonzero(vm.pins)))
-        return {"mfns": mfns.tobytes()}
+        return mfns
 
     def unpin(self, vm: Vm, gfns: np.ndarray) -> int:
         gfns = gfns.astype(np.int64)
@@ -220,40 +272,24 @@ class HypervisorCore:
         return len(good)
 
     def gpa_read(self, vm: Vm, ops: list) -> list[bytes]:
+        check_reply_size(sum(n for _gpa, n in ops), len(ops), "GPA_READ")
         out = []
-        for op in ops:
-            if not (isinstance(op, (list, tuple)) and len(op) == 2 and type(op[0]) is int and type(op[1]) is int):
-                raise GvtError("EINVAL", "GPA_READ op must be [gpa, length]")
-            mfn, off = vm.gpa_to_mfn(op[0], op[1])
-            out.append(vm.mem.read(mfn, off, op[1]))
+        for gpa, n in ops:
+            mfn, off = vm.gpa_to_mfn(gpa, n)
+            out.append(vm.mem.read(mfn, off, n))
         return out
 
     def gpa_write(self, vm: Vm, ops: list) -> int:
-        checked = []
-        for op in ops:
-            if not (isinstance(op, (list, tuple)) and len(op) == 2 and type(op[0]) is int
-                    and isinstance(op[1], bytes)):
-                raise GvtError("EINVAL", "GPA_WRITE op must be [gpa, data]")
-            mfn, off = vm.gpa_to_mfn(op[0], len(op[1]))
-            checked.append((mfn, off, op[1]))
-        for mfn, off, data in checked:
+        checked = [(*vm.gpa_to_mfn(gpa, len(data)), data) for gpa, data in ops]
+        for mfn, off, data in checked:      # all checked first: a bad op changes nothing
             vm.mem.write(mfn, off, data)
         return len(checked)
 
     def snapshot(self) -> dict:
-        return {"vms": {vm.id: {"pinned": int(np.count_nonzero(vm.pins)), "msi": vm.msi_injected}
+        return {"vms": {vm.id: {"pinned": int(np.count_nonzero(vm.pins)), "msi": vm.msi_injected,
+                                "posted": vm.queued + vm.in_flight}
                         for vm in self.vms.values()}}
 
 
-def _write_no(p: dict) -> int:
-    """The guest's own number of its latest posted write, echoed in WRITE_DONE."""
-    w = p.get("w", 0)
-    if type(w) is not int:
-        raise GvtError("EINVAL", "field 'w' (write number) must be an integer")
-    return w
-
-
-def _u64s(b: bytes, field: str) -> np.ndarray:
-    if len(b) % 8:
-        raise GvtError("EINVAL", f"field {field!r} must hold packed little-endian u64 values")
+def _u64s(b: bytes) -> np.ndarray:
     return np.frombuffer(b, dtype="<u8")
