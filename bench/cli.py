@@ -67,9 +67,24 @@ def _node(args: argparse.Namespace) -> int:
         if not sep or not name or not ep:
             raise SystemExit(f"gvtbench node: --peer must be NAME=ENDPOINT, got {p!r}")
         peers[name] = ep
-    return run_node(args.role, cfg, name=args.name, vm=args.vm, bind=args.bind, peers=peers,
-                    launcher=args.launcher, run_id=args.run_id, metrics_port=args.metrics_port,
-                    metrics_addr=args.metrics_addr, parent_death=args.parent_death)
+    return run_node(args.role, cfg, vm=args.vm, bind=args.bind, peers=peers,
+                    launcher=args.launcher, run_id=args.run_id, keys_dir=args.keys,
+                    metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
+                    parent_death=args.parent_death)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from bench import config
+    from nodes.node import node_names
+    from nodes.runtime import make_keys
+
+    cfg = config.load(args.config)
+    names = node_names(cfg) + ["launcher"]
+    d = make_keys(args.dir, names)
+    print(f"CURVE keys of {len(names)} nodes in {d} (NAME.key public, NAME.key_secret secret):")
+    print("  " + " ".join(names))
+    print("give each node's host every *.key and only that node's own NAME.key_secret")
+    return 0
 
 
 def _perf(args: argparse.Namespace) -> int:
@@ -110,16 +125,20 @@ def parser() -> argparse.ArgumentParser:
     n = sub.add_parser("node", help="run one node alone (for multi-host runs)")
     n.add_argument("role", choices=["gpu", "mediator", "hypervisor", "guest"])
     n.add_argument("--config", help="TOML or JSON config shared by all nodes of the run")
-    n.add_argument("--name")
     n.add_argument("--vm", type=int, default=0, help="the guest's VM id (guest only)")
     n.add_argument("--bind", required=True, help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:5555")
     n.add_argument("--peer", action="append", default=[], metavar="NAME=ENDPOINT")
     n.add_argument("--launcher", help="the launcher's endpoint, when started by one")
     n.add_argument("--run-id", default="solo", help="names this run's /dev/shm region files")
+    n.add_argument("--keys", metavar="DIR", help="CURVE keys of the run (gvtbench keys); needed on tcp")
     n.add_argument("--metrics-port", type=int, default=0, help="/metrics port (0: any free port)")
     n.add_argument("--metrics-addr", default="127.0.0.1")
     n.add_argument("--parent-death", action="store_true", help=argparse.SUPPRESS)
     n.set_defaults(fn=_node)
+    k = sub.add_parser("keys", help="make the CURVE keys of a run's nodes (for tcp links)")
+    k.add_argument("dir", help="directory to write them to (made with mode 700)")
+    k.add_argument("--config", help="the run's config: which guests there are")
+    k.set_defaults(fn=_keys)
     p = sub.add_parser("perf", help="benchmarks: translate (C vs numpy vs Python), trap (end to end)")
     p.add_argument("what", choices=["translate", "trap"])
     p.add_argument("--entries", type=int, default=1_000_000)

@@ -16,8 +16,8 @@ try:
 except ModuleNotFoundError:         # Python 3.10
     import tomli as tomllib         # type: ignore[no-redef]
 
-from nodes import hw
 from nodes.guest.core import MIXES
+from nodes.hw import partition
 
 
 class ConfigError(Exception):
@@ -49,20 +49,26 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "host": (str, "127.0.0.1", lambda v: bool(v), "a host address for tcp"),
         "start_timeout_s": ((int, float), 60.0, _pos, "seconds > 0"),
         "drain_timeout_s": ((int, float), 60.0, _pos, "seconds > 0"),
+        "call_timeout_s": ((int, float), 10.0, _pos,
+                           "seconds > 0 a trapped access may take before its outcome is unknown"),
+        "link_silent_s": ((int, float), 30.0, lambda v: v >= 1,
+                          "seconds >= 1 after which a silent peer's link is dropped"),
     },
     "gpu": {
         # the vfio backend (a real device) is not part of this version yet
         "backend": (str, "sim", lambda v: v == "sim", "'sim' (the only backend so far)"),
-        "aperture_mib": (int, 1024, lambda v: v > hw.HOST_LOW_GM >> 20 and v < 4096,
-                         f"MiB of CPU-mappable GM, more than the host's {hw.HOST_LOW_GM >> 20} and < 4096"),
+        "aperture_mib": (int, 1024, lambda v: v > partition.HOST_LOW_GM >> 20 and v < 4096,
+                         f"MiB of CPU-mappable GM, more than the host's "
+                         f"{partition.HOST_LOW_GM >> 20} and < 4096"),
     },
     "mediator": {
-        "max_vgpus": (int, hw.GVT_MAX_VGPU - 1, lambda v: 1 <= v <= 1024, "1..1024"),
+        "max_vgpus": (int, partition.GVT_MAX_VGPU - 1, lambda v: 1 <= v <= 1024, "1..1024"),
         "translator": (str, "auto", lambda v: v in ("auto", "c", "python"), "'auto', 'c' or 'python'"),
     },
     "vgpus": {
         "count": (int, 2, lambda v: 1 <= v <= 1024, "1..1024"),
-        "type": (str, "_8", lambda v: v in hw.VGPU_TYPES, f"one of {', '.join(hw.VGPU_TYPES)}"),
+        "type": (str, "_8", lambda v: v in partition.VGPU_TYPES,
+                 f"one of {', '.join(partition.VGPU_TYPES)}"),
         "ram_mib": (int, 64, lambda v: 1 <= v <= 65536, "MiB of guest RAM, 1..65536"),
     },
     "load": {

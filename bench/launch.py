@@ -19,15 +19,19 @@ import numpy as np
 
 from bench import ledger
 from bench.config import public
+from nodes.actions import Call, Post, Sleep
 from nodes.errors import GvtError
+from nodes.hw import gtt
 from nodes.memory import remove_run_shm, sweep_stale_shm
 from nodes.metrics import TRAP_LATENCY
-from nodes.node import build_layout, needed_peers, vm_ids
-from nodes.runtime import Call, Post, Runtime, Sleep
+from nodes.node import build_layout, needed_peers, node_names, vm_ids
+from nodes.runtime import Keys, Runtime, make_keys
 from nodes.stats import Stats
 from nodes.wire.codec import Envelope
 
 SCHEMA_VERSION = 1
+DUMP_CHUNK = 65536          # GGTT entries per GGTT_DUMP (512 KiB: inside the frame limit)
+PROBE_CHUNK = 8192          # probes per GM_WRITE
 
 
 class LauncherCore:
@@ -40,14 +44,14 @@ class LauncherCore:
         self.reports: dict[int, dict] = {}
 
     def handle(self, msg: Envelope, now: int) -> Any:
-        p = msg.payload if isinstance(msg.payload, dict) else {}
+        p = msg.payload
         if msg.kind == "READY":
             self.ready[msg.peer] = p
         elif msg.kind == "PROGRESS":
-            self.progress[msg.vgpu] = p
-        elif msg.kind == "REPORT":
-            self.reports[msg.vgpu] = p
-            self.progress[msg.vgpu] = {**self.progress.get(msg.vgpu, {}), **p}
+            self.progress[msg.vgpu] = p["report"]
+        elif msg.kind == "LOAD_DONE":
+            self.reports[msg.vgpu] = p["report"]
+            self.progress[msg.vgpu] = {**self.progress.get(msg.vgpu, {}), **p["report"]}
         else:
             raise GvtError("ENOTSUP", f"the launcher does not handle {msg.kind}")
         return None
@@ -74,6 +78,8 @@ class Launcher:
         self.rt: Runtime | None = None
         self.result: dict | None = None
         self.error: str | None = None
+        self.keys_dir = ""
+        self.eps: dict[str, str] = {}
 
     # ---- processes -------------------------------------------------------------------------------
     def _endpoint(self, name: str) -> str:
@@ -83,13 +89,15 @@ class Launcher:
         return f"tcp://{run['host']}:{free_port(run['host'])}"
 
     def _spawn(self, role: str, name: str, eps: dict[str, str], cfg_path: str, vm: int = 0) -> None:
-        cmd = [sys.executable, "-m", "bench.cli", "node", role, "--config", cfg_path, "--name", name,
+        cmd = [sys.executable, "-m", "bench.cli", "node", role, "--config", cfg_path,
                "--bind", eps[name], "--launcher", eps["launcher"], "--run-id", self.run_id,
                "--parent-death"]
         for peer in needed_peers(role, self.cfg):
             cmd += ["--peer", f"{peer}={eps[peer]}"]
         if vm:
             cmd += ["--vm", str(vm)]
+        if self.keys_dir:
+            cmd += ["--keys", self.keys_dir]
         log = open(os.path.join(self.tmp, f"{name}.log"), "wb")
         self.procs[name] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                             start_new_session=True)
@@ -107,22 +115,32 @@ class Launcher:
         return [n for n, p in self.procs.items() if p.poll() is not None]
 
     # ---- the run -----------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, drive: Callable[["Launcher", list[str]], Iterator[Any]] | None = None,
+            guests: list[int] | None = None) -> dict:
+        """Start the nodes (every guest, or those of `guests`), run `drive` (by default: load,
+        then the ledger) and tear everything down. Returns what `drive` returned."""
         sweep_stale_shm()
-        self.tmp = tempfile.mkdtemp(prefix="gvtb-", dir="/tmp")
+        self.tmp = tempfile.mkdtemp(prefix="gvtb-", dir="/tmp")     # mode 700: ipc is private
         try:
-            names = ["gpu", "mediator", "hypervisor"] + [f"guest{v}" for v in vm_ids(self.cfg)]
-            eps = {n: self._endpoint(n) for n in ["launcher", *names]}
+            vms = vm_ids(self.cfg) if guests is None else guests
+            names = [n for n in node_names(self.cfg) if not n.startswith("guest")]
+            names += [f"guest{v}" for v in vms]
+            eps = self.eps = {n: self._endpoint(n) for n in ["launcher", *node_names(self.cfg)]}
             cfg_path = os.path.join(self.tmp, "run.json")
             with open(cfg_path, "w") as f:
                 json.dump(public(self.cfg), f)
-            self.rt = Runtime("launcher", "launcher", self.core, eps["launcher"])
-            self._spawn("gpu", "gpu", eps, cfg_path)
-            self._spawn("mediator", "mediator", eps, cfg_path)
-            self._spawn("hypervisor", "hypervisor", eps, cfg_path)
-            for v in vm_ids(self.cfg):
-                self._spawn("guest", f"guest{v}", eps, cfg_path, vm=v)
-            self.rt.spawn(self._orchestrate(names))
+            keys = None
+            if self.cfg["run"]["transport"] == "tcp":
+                self.keys_dir = str(make_keys(os.path.join(self.tmp, "keys"),
+                                              ["launcher", *node_names(self.cfg)]))
+                keys = Keys.load(self.keys_dir, "launcher")
+            self.rt = Runtime("launcher", "launcher", self.core, eps["launcher"],
+                              vgpus=vm_ids(self.cfg), keys=keys,
+                              link_silent_s=self.cfg["run"]["link_silent_s"])
+            for n in names:
+                role = n if not n.startswith("guest") else "guest"
+                self._spawn(role, n, eps, cfg_path, vm=int(n[5:]) if role == "guest" else 0)
+            self.rt.spawn(self._orchestrate(drive or Launcher._drive, names))
             self.rt.run(until=lambda: self.result is not None or self.error is not None)
             if self.error:
                 raise RunFailed(self.error)
@@ -151,27 +169,32 @@ class Launcher:
     phase = "starting"
     t_load = 0.0
 
-    def _orchestrate(self, names: list[str]) -> Iterator[Any]:
+    def _orchestrate(self, drive: Callable[["Launcher", list[str]], Iterator[Any]],
+                     names: list[str]) -> Iterator[Any]:
         try:
-            self.result = yield from self._drive(names)
+            self.result = yield from drive(self, names)
         except Exception as err:
             self.error = getattr(err, "text", None) or str(err)
+
+    def wait_ready(self, names: list[str]) -> Iterator[Any]:
+        core = self.core
+        self.phase = "starting"
+        yield from self._wait(lambda: all(n in core.ready for n in names),
+                              self.cfg["run"]["start_timeout_s"], "every node to be ready")
+        failed = {n: r["error"] for n, r in core.ready.items() if r.get("error")}
+        if failed:
+            raise RunFailed("; ".join(f"{n}: {e}" for n, e in failed.items()))
 
     def _drive(self, names: list[str]) -> Iterator[Any]:
         cfg, core = self.cfg, self.core
         guests = [n for n in names if n.startswith("guest")]
         run = cfg["run"]
-        self.phase = "starting"
-        yield from self._wait(lambda: len(core.ready) == len(names), run["start_timeout_s"],
-                              "every node to be ready")
-        failed = {n: r["error"] for n, r in core.ready.items() if r.get("error")}
-        if failed:
-            raise RunFailed("; ".join(f"{n}: {e}" for n, e in failed.items()))
+        yield from self.wait_ready(names)
         self.phase = "load"
         t_start = self.t_load = time.monotonic()
         for g in guests:
             yield Post(g, "START", {"load": True})
-        vms = vm_ids(cfg)
+        vms = [int(g[5:]) for g in guests]
         limit = (run["duration_s"] if not run["ops"] else 3600) + run["drain_timeout_s"]
         yield from self._wait(lambda: len(core.reports) == len(vms) or
                               any(core.progress.get(v, {}).get("state") == "failed" for v in vms),
@@ -192,17 +215,27 @@ class Launcher:
         layout = build_layout(cfg)
         yield Call("mediator", "SYNC", timeout=30)
         vgpus = yield Call("mediator", "PARTITIONS")
-        dump = np.frombuffer((yield Call("gpu", "GGTT_DUMP", {}, timeout=30)), dtype="<u8").astype(np.uint64)
+        dump = np.empty(gtt.ENTRIES, dtype=np.uint64)
+        for start in range(0, gtt.ENTRIES, DUMP_CHUNK):
+            chunk = yield Call("gpu", "GGTT_DUMP", {"start": start, "count": DUMP_CHUNK}, timeout=30)
+            dump[start:start + DUMP_CHUNK] = np.frombuffer(chunk, dtype="<u8")
         nonce = int.from_bytes(secrets.token_bytes(7), "little")
         maps, probe_reasons, probes = {}, [], {}
         for v in vm_ids(cfg):
-            plan = yield Call(f"guest{v}", "VERIFY_PLAN", {"nonce": nonce}, vgpu=v, timeout=60)
-            maps[v] = (np.frombuffer(plan["entries_idx"], "<u8").astype(np.int64),
-                       np.frombuffer(plan["entries_val"], "<u8").astype(np.uint64))
-            hit: list[int] = []
-            ops = plan["probes"]
-            for i in range(0, len(ops), 8192):
-                hit += yield Call("gpu", "GM_WRITE", {"ops": ops[i:i + 8192]}, vgpu=v, timeout=60)
+            idx, vals, hit = [], [], []
+            page, pages = 0, 1
+            while page < pages:
+                plan = yield Call(f"guest{v}", "VERIFY_PLAN", {"nonce": nonce, "page": page},
+                                  vgpu=v, timeout=60)
+                pages = plan["pages"]
+                idx.append(np.frombuffer(plan["entries_idx"], "<u8").astype(np.int64))
+                vals.append(np.frombuffer(plan["entries_val"], "<u8").astype(np.uint64))
+                ops = plan["probes"]
+                for i in range(0, len(ops), PROBE_CHUNK):
+                    hit += yield Call("gpu", "GM_WRITE", {"ops": ops[i:i + PROBE_CHUNK]}, vgpu=v,
+                                      timeout=60)
+                page += 1
+            maps[v] = (np.concatenate(idx), np.concatenate(vals))
             res = yield Call(f"guest{v}", "VERIFY", {"nonce": nonce}, vgpu=v, timeout=120)
             probes[v] = res
             probe_reasons += ledger.check_probes(v, hit, res, layout)
@@ -268,7 +301,8 @@ class Launcher:
             "vgpus": out_vgpus,
             "ledger": {"links": link_rows, "ggtt_outside_written": ggtt["outside_written"],
                        "ggtt_sha256": ggtt["sha256"],
-                       "workloads": {vm: {k: r.get(k) for k in ("issued", "completed", "failed", "pending")}
+                       "workloads": {vm: {k: r.get(k) for k in ("issued", "completed", "failed",
+                                                                 "unknown", "pending")}
                                      for vm, r in self.core.reports.items()}},
             "verdict": verdict,
             "reasons": reasons,

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from nodes import hw
+from nodes.hw import PAGE_SHIFT, bar0, gtt
 from nodes.memory import Layout, make_p2m
 from nodes.metrics import TRAP_LATENCY
 from nodes.stats import hist_from_snapshot
@@ -13,32 +13,32 @@ from nodes.stats import hist_from_snapshot
 U64 = np.uint64
 
 
-def expected_host_entries(vals: np.ndarray, p2m: np.ndarray, scratch_mfn: int, cache_gfns: int) -> np.ndarray:
-    """What GVT-FACTS says the physical GGTT must hold for these guest entries, computed from the
-    p2m without the mediator's code: present + RAM gfn -> machine frame; present + bad gfn ->
-    scratch, present; not present -> scratch, not present."""
-    addr = U64(hw.PTE_ADDR_MASK)
-    present = (vals & U64(hw.PTE_PRESENT)) != 0
-    gfn = ((vals & addr) >> U64(hw.PAGE_SHIFT)).astype(np.int64)
+def expected_host_entries(vals: np.ndarray, p2m: np.ndarray, scratch_mfn: int) -> np.ndarray:
+    """What the kernel's emulate_ggtt_mmio_write makes of these guest entries, computed from the
+    p2m without the mediator's code: present + RAM gfn -> the guest entry with the machine
+    frame; present + bad gfn -> the guest entry with the scratch frame (still present); not
+    present -> the scratch frame alone (the host entry is built from zero)."""
+    addr = U64(gtt.ADDR_MASK)
+    present = gtt.present(vals)
+    gfn = gtt.frame_of(vals).astype(np.int64)
     ram = present & (gfn < len(p2m))
     frame = np.full(len(vals), scratch_mfn, dtype=U64)
     frame[ram] = p2m[gfn[ram]]
-    flags = vals & ~addr
-    flags[~present] &= ~U64(hw.PTE_PRESENT)
-    return flags | ((frame << U64(hw.PAGE_SHIFT)) & addr)
+    flags = np.where(present, vals & ~addr, U64(0))
+    return flags | ((frame << U64(PAGE_SHIFT)) & addr)
 
 
 def check_ggtt(dump: np.ndarray, vgpus: list[dict], guest_maps: dict[int, tuple[np.ndarray, np.ndarray]],
                layout: Layout, seed: int, scratch_mfn: int) -> dict:
     reasons: list[str] = []
     owned = np.zeros(len(dump), dtype=bool)
-    reset_entry = U64(hw.pte_encode(scratch_mfn, hw.PTE_PRESENT))     # entries never written
+    reset_entry = U64(gtt.encode(scratch_mfn, gtt.PTE_PRESENT))     # entries never written
     per_vgpu = {}
     for v in vgpus:
         p = v["partition"]
         vm = v["id"]
-        a0, an = p["aperture_base"] >> 12, p["aperture_size"] >> 12
-        h0, hn = p["hidden_base"] >> 12, p["hidden_size"] >> 12
+        a0, an = gtt.index_of_gm(p["aperture_base"]), gtt.index_of_gm(p["aperture_size"])
+        h0, hn = gtt.index_of_gm(p["hidden_base"]), gtt.index_of_gm(p["hidden_size"])
         glob = np.concatenate([np.arange(a0, a0 + an), np.arange(h0, h0 + hn)])
         owned[glob] = True
         expect = np.full(len(dump), reset_entry, dtype=U64)
@@ -48,12 +48,12 @@ def check_ggtt(dump: np.ndarray, vgpus: list[dict], guest_maps: dict[int, tuple[
         if len(idx) and not inside.all():
             reasons.append(f"vGPU {vm}: the guest's map holds entries outside its partition")
         p2m = make_p2m(region, seed)
-        expect[idx] = expected_host_entries(vals, p2m, scratch_mfn, 0)
+        expect[idx] = expected_host_entries(vals, p2m, scratch_mfn)
         got = dump[glob]
         want = expect[glob]
         bad = np.flatnonzero(got != want)
-        frames = (got & U64(hw.PTE_ADDR_MASK)) >> U64(hw.PAGE_SHIFT)
-        pres = (got & U64(hw.PTE_PRESENT)) != 0
+        frames = gtt.frame_of(got)
+        pres = gtt.present(got)
         foreign = pres & (frames != U64(scratch_mfn)) & ((frames < U64(region.base_mfn)) |
                                                          (frames >= U64(region.end_mfn)))
         per_vgpu[vm] = {"entries": int(len(glob)), "mapped": int(len(idx)), "mismatched": int(len(bad)),
@@ -93,14 +93,17 @@ def check_workloads(reports: dict[int, dict]) -> list[str]:
             reasons.append(f"guest {vm}: boot failed: {r['boot_error']}")
         if r["pending"]:
             reasons.append(f"guest {vm}: {r['pending']} operations still pending at the end")
-        if r["issued"] != r["completed"] + r["failed"] + r["pending"]:
+        unknown = r.get("unknown", 0)
+        if r["issued"] != r["completed"] + r["failed"] + unknown + r["pending"]:
             reasons.append(f"guest {vm}: issued {r['issued']} != completed {r['completed']} + failed "
-                           f"{r['failed']} + pending {r['pending']}: an operation was lost or doubled")
+                           f"{r['failed']} + unknown {unknown} + pending {r['pending']}: an "
+                           f"operation was lost or doubled")
         if r["failed"]:
             why = "; ".join(f"{k} (x{v})" for k, v in list(r["fail_reasons"].items())[:3])
             reasons.append(f"guest {vm}: {r['failed']} operations failed: {why}")
         if r["mismatches"]:
-            reasons.append(f"guest {vm}: {r['mismatches']} register reads returned a stale value")
+            reasons.append(f"guest {vm}: {r['mismatches']} register reads returned a value no write "
+                           f"before them could have left")
     return reasons
 
 
@@ -134,7 +137,7 @@ def verdict(*reason_lists: list[str]) -> tuple[str, list[str]]:
 
 def summarize_traps(snap: dict, vm: int, stage: str) -> dict[str, Any]:
     out = {}
-    for kind in hw.TRAP_KINDS:
+    for kind in bar0.TRAP_KINDS:
         h = hist_from_snapshot(snap["stats"], TRAP_LATENCY, vgpu=vm, kind=kind, stage=stage)
         if h.n:
             out[kind] = h.summary_us()

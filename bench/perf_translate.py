@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nodes.hw import PAGE_SHIFT, PTE_ADDR_MASK, PTE_PRESENT
+from nodes.hw.gtt import ADDR_MASK as PTE_ADDR_MASK, PAGE_SHIFT, PTE_PRESENT
 from nodes.mediator.translate import CACHE_INVALID, get_translator
 
 CACHE_GFNS = 262144          # 1 GiB of guest memory in 4 KiB pages
