@@ -1,180 +1,193 @@
-"""A synchronous, in-process driver for the sans-IO cores, and a small mediator test bench.
+"""Sans-IO test bench: real cores in real NodeEngines, wired by an in-memory network.
 
-`drive` runs a task (the generator a core's `handle` returns) to completion: each `Call` is
-answered by the peer function registered for its peer name (its reply resumes the task, a
-GvtError it raises is thrown into the task as a RemoteError, as the runtime would deliver an
-ERROR reply), each `Post` is recorded and then delivered to its peer (if one is registered).
+Every frame goes through the real codec and schemas and is delivered in the order it was sent;
+tasks run on the real scheduler (nodes.tasks), the same one the runtime uses. Time is virtual:
+when nothing is in flight the clock jumps to the next deadline. Nothing under test is mocked.
 
-`make_bench` builds REAL cores wired to each other: a MediatorCore, a HypervisorCore and a
-GpuSim sharing one memory Layout, with anonymous memory. Nothing under test is mocked.
+    net = SimNet(vgpus=[1, 2])
+    net.add("gpu", GpuSim(...)); net.connect("mediator", "gpu")
+    value = net.call("hypervisor", "mediator", "TRAP_READ", {"off": ..., "size": 4}, vgpu=1)
 """
 from __future__ import annotations
 
-import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from types import GeneratorType
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from nodes import hw
-from nodes.errors import GvtError
+from nodes.actions import Call, Post
+from nodes.engine import NodeEngine
+from nodes.errors import GvtError, WireError
 from nodes.gpu.sim import GpuSim
+from nodes.guest.core import GuestCore, LoadSpec
+from nodes.hw import gtt, partition
 from nodes.hypervisor.core import HypervisorCore
 from nodes.mediator.core import MediatorCore
 from nodes.mediator.translate import translate_entries
 from nodes.memory import Fabric, Layout, OwnedMemory, RegionMemory
-from nodes.runtime import Call, Post, Sleep
-from nodes.wire.codec import Envelope, RemoteError
-
-Peer = Callable[[Any], Any]     # Call | Post -> reply value
+from nodes.wire.codec import Envelope, decode
+from nodes.wire.link import Link
+from nodes.wire.schema import pack_write_batch, role_of
 
 HOST_POOL_FRAMES = 4096
 VM_FRAMES = {1: 16384, 2: 16384}
 SEED = 1234
 
 
-class PostDeliveryError(AssertionError):
-    """A peer refused a one-way message: in a real run that would be a silent loss."""
+class SimNet:
+    def __init__(self, vgpus: Iterable[int] = (1, 2), start_ns: int = 1_000_000_000):
+        self.vgpus = list(vgpus)
+        self.now = start_ns
+        self.engines: dict[str, NodeEngine] = {}
+        self.frames: deque[tuple[str, str, bytes]] = deque()
+        self.log: list[tuple[str, str, Envelope]] = []
+        self.lose: Callable[[str, str, Envelope], bool] | None = None    # frames the network loses
 
+    def clock(self) -> int:
+        return self.now
 
-def drive(gen: Any, peers: dict[str, Peer], *, on_call: Callable[[Call], None] | None = None,
-          ) -> tuple[Any, list[Post]]:
-    """Run `gen` to completion. Returns (its return value, every Post it yielded, in order).
+    def add(self, name: str, core: Any, services: dict[Iterable[str], Callable] | None = None) -> NodeEngine:
+        e = NodeEngine(name, role_of(name)[0], core, vgpus=self.vgpus, clock=self.clock)
+        for kinds, handler in (services or {}).items():
+            e.serve(kinds, handler)
+        self.engines[name] = e
+        return e
 
-    A value that is not a generator is a handler's immediate reply: returned as is.
-    A peer function that itself returns a generator gets that task driven with the same peers.
-    """
-    posts: list[Post] = []
-    if not isinstance(gen, GeneratorType):
-        return gen, posts
-    value: Any = None
-    exc: BaseException | None = None
-    while True:
-        try:
-            action = gen.throw(exc) if exc is not None else gen.send(value)
-        except StopIteration as stop:
-            return stop.value, posts
-        value, exc = None, None
-        if type(action) is Call:
-            if on_call is not None:
-                on_call(action)
-            fn = peers.get(action.peer)
-            if fn is None:
-                raise AssertionError(f"task called unknown peer {action.peer!r} ({action.kind})")
-            try:
-                reply = fn(action)
-                if isinstance(reply, GeneratorType):
-                    reply, sub_posts = drive(reply, peers, on_call=on_call)
-                    posts.extend(sub_posts)
-                value = reply
-            except GvtError as err:      # what the runtime turns an ERROR reply into
-                exc = RemoteError(err.code, err.text, action.peer, action.kind)
-        elif type(action) is Post:
-            posts.append(action)
-            fn = peers.get(action.peer)
-            if fn is not None:
+    def connect(self, a: str, b: str, control: bool = False) -> tuple[Link, Link]:
+        """`a` connects to `b` (as a DEALER to b's ROUTER): a link on each side."""
+        def sender(src: str, dst: str) -> Callable[[bytes], None]:
+            return lambda frame: self.frames.append((src, dst, frame))
+        la = Link(b, sender(a, b), control=control, max_outstanding=1 << 20)
+        lb = Link(a, sender(b, a), max_outstanding=1 << 20)
+        la.version = lb.version = 2
+        self.engines[a].add_link(la)
+        self.engines[b].add_link(lb)
+        return la, lb
+
+    def run(self, until: Callable[[], bool] | None = None, max_steps: int = 1_000_000,
+            advance: bool = True) -> None:
+        """Deliver frames and step every engine until `until()` holds or nothing is left to do
+        (with `advance`, idle time jumps to the next deadline)."""
+        for _ in range(max_steps):
+            while self.frames:
+                src, dst, frame = self.frames.popleft()
+                eng = self.engines[dst]
                 try:
-                    r = fn(action)
-                    if isinstance(r, GeneratorType):
-                        _, sub_posts = drive(r, peers, on_call=on_call)
-                        posts.extend(sub_posts)
-                except GvtError as err:
-                    raise PostDeliveryError(f"{action.peer} refused posted {action.kind}: {err}") from err
-        elif type(action) is Sleep:
-            raise AssertionError("a mediator task slept; the synchronous driver does not model time")
-        else:
-            raise AssertionError(f"task yielded {type(action).__name__}, not Call/Post")
+                    env = decode(frame)
+                except WireError as err:        # as the runtime does: counted and answered
+                    eng.stats.inc("gvtbench_bad_frames", (err.code,))
+                    eng.send_error(eng.links[src], Envelope("?", err.seq or 1, 0, 0, 0, 1, None), err)
+                    continue
+                if self.lose is not None and self.lose(src, dst, env):
+                    continue
+                self.log.append((src, dst, env))
+                eng.deliver(eng.links[src], env, self.now)
+                if until is not None and until():
+                    return
+            for e in self.engines.values():
+                e.step(self.now)
+            if self.frames:
+                continue
+            if until is not None and until():
+                return
+            wakes = [w for e in self.engines.values() if (w := e.next_wake(self.now)) is not None]
+            if not wakes or not advance:
+                return
+            self.now = max(self.now + 1, min(wakes))
+        raise AssertionError("the network did not settle")
+
+    def spawn(self, node: str, task: Any) -> dict:
+        """Run a task on a node; returns a box that gets 'value' or 'error' when it ends."""
+        box: dict = {}
+
+        def wrapper() -> Any:
+            try:
+                box["value"] = yield from task
+            except GvtError as err:
+                box["error"] = err
+        self.engines[node].sched.spawn(wrapper(), self.now)
+        return box
+
+    def call(self, src: str, dst: str, kind: str, payload: Any = None, vgpu: int = 0,
+             timeout: float = 10.0) -> Any:
+        """A request from node `src` to `dst`, run to its answer (a GvtError is raised)."""
+        def task() -> Any:
+            return (yield Call(dst, kind, payload, vgpu=vgpu, timeout=timeout))
+        box = self.spawn(src, task())
+        self.run(until=lambda: bool(box))
+        if "error" in box:
+            raise box["error"]
+        assert box, f"{kind} from {src} to {dst} never ended"
+        return box["value"]
+
+    def post(self, src: str, dst: str, kind: str, payload: Any = None, vgpu: int = 0) -> None:
+        def task() -> Any:
+            yield Post(dst, kind, payload, vgpu=vgpu)
+        self.spawn(src, task())
+        self.run()
+
+    def sent(self, kind: str, src: str | None = None, dst: str | None = None) -> list[Envelope]:
+        return [e for s, d, e in self.log if e.kind == kind and src in (None, s) and dst in (None, d)]
 
 
-# ---- TRAP payloads -------------------------------------------------------------------------------
-def pack_writes(writes: Iterable[tuple[int, int, int]]) -> dict:
-    """[(off, size, val), ...] -> a TRAP write-batch payload (op "w", packed fields)."""
-    writes = list(writes)
-    return {"op": "w",
-            "off": b"".join(struct.pack("<I", o) for o, _, _ in writes),
-            "size": bytes(s for _, s, _ in writes),
-            "val": b"".join(struct.pack("<Q", v & 0xFFFFFFFFFFFFFFFF) for _, _, v in writes)}
-
-
-def gtt_off(index: int) -> int:
-    """BAR0 offset of GGTT entry `index`."""
-    return hw.GTT_OFFSET + index * hw.GTT_ENTRY_SIZE
-
-
-# ---- the bench -----------------------------------------------------------------------------------
+# ---- a mediator with its real hypervisor and gpu ---------------------------------------------------
 @dataclass
 class Bench:
+    net: SimNet
     layout: Layout
     mediator: MediatorCore
     hv: HypervisorCore
     gpu: GpuSim
-    memories: list[RegionMemory]
-    calls: list[Call] = field(default_factory=list)      # every Call any driven task made
-    posts: list[Post] = field(default_factory=list)      # every Post any driven task made
-    seq: int = 0
-
-    # peers as the mediator sees them
-    def _env(self, kind: str, vgpu: int, payload: Any, peer: str) -> Envelope:
-        self.seq += 1
-        return Envelope(kind, self.seq, 0, vgpu, 0, 1, payload, peer=peer)
-
-    def _hypervisor(self, msg: Call | Post) -> Any:
-        return self.hv.handle(self._env(msg.kind, msg.vgpu, msg.payload, "mediator"), time.monotonic_ns())
-
-    def _gpu(self, msg: Call | Post) -> Any:
-        return self.gpu.handle(self._env(msg.kind, msg.vgpu, msg.payload, "mediator"), time.monotonic_ns())
-
-    @property
-    def peers(self) -> dict[str, Peer]:
-        return {self.mediator.hypervisor: self._hypervisor, self.mediator.gpu: self._gpu}
-
-    def run(self, task: Any) -> Any:
-        """Drive a mediator task (or take an immediate value), logging its Calls and Posts."""
-        value, posts = drive(task, self.peers, on_call=self.calls.append)
-        self.posts.extend(posts)
-        return value
-
-    def send(self, kind: str, payload: Any, vgpu: int = 0) -> Any:
-        """A message from the hypervisor to the mediator, handled and driven to its reply."""
-        env = self._env(kind, vgpu, payload, "hypervisor")
-        return self.run(self.mediator.handle(env, time.monotonic_ns()))
+    memories: list[RegionMemory] = field(default_factory=list)
 
     def setup(self, specs: list[tuple[int, str]]) -> Any:
-        return self.run(self.mediator.setup(specs))
+        box = self.net.spawn("mediator", self.mediator.setup(specs))
+        self.net.run(until=lambda: bool(box))
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
-    # guest traps
+    def clear_log(self) -> None:
+        self.net.log.clear()
+
+    # guest accesses, as the hypervisor traps them
     def trap_read(self, vgpu: int, off: int, size: int) -> int:
-        return self.send("TRAP", {"op": "r", "off": off, "size": size}, vgpu)
+        return self.net.call("hypervisor", "mediator", "TRAP_READ", {"off": off, "size": size}, vgpu)
 
     def trap_writes(self, vgpu: int, writes: Iterable[tuple[int, int, int]]) -> dict:
-        return self.send("TRAP", pack_writes(writes), vgpu)
+        writes = list(writes)
+        payload = pack_write_batch([w[0] for w in writes], [w[1] for w in writes],
+                                   [w[2] & 0xFFFFFFFFFFFFFFFF for w in writes])
+        return self.net.call("hypervisor", "mediator", "TRAP_WRITE", payload, vgpu)
 
     def trap_write(self, vgpu: int, off: int, size: int, val: int) -> dict:
         return self.trap_writes(vgpu, [(off, size, val)])
 
     def ggtt_write(self, vgpu: int, index: int, entry: int) -> dict:
-        return self.trap_write(vgpu, gtt_off(index), 8, entry)
+        return self.trap_write(vgpu, gtt.offset_of(index), 8, entry)
 
     def ggtt_write_half(self, vgpu: int, index: int, high: bool, dword: int) -> dict:
-        return self.trap_write(vgpu, gtt_off(index) + (4 if high else 0), 4, dword)
+        return self.trap_write(vgpu, gtt.offset_of(index) + (4 if high else 0), 4, dword)
 
     def ggtt_read(self, vgpu: int, index: int) -> int:
-        return self.trap_read(vgpu, gtt_off(index), 8)
+        return self.trap_read(vgpu, gtt.offset_of(index), 8)
+
+    def control(self, kind: str, payload: Any = None, vgpu: int = 0) -> Any:
+        return self.net.call("launcher", "mediator", kind, payload, vgpu)
 
     # observations
     def phys(self, index: int) -> int:
         return int(self.gpu.ggtt[index])
 
-    def calls_of(self, kind: str) -> list[Call]:
-        return [c for c in self.calls if c.kind == kind]
+    def calls_of(self, kind: str) -> list[Envelope]:
+        return [e for e in self.net.sent(kind) if e.wants_reply]
 
-    def posts_of(self, kind: str) -> list[Post]:
-        return [p for p in self.posts if p.kind == kind]
+    def posts_of(self, kind: str) -> list[Envelope]:
+        return [e for e in self.net.sent(kind) if not e.wants_reply]
 
     def pinned_gfns_in_calls(self) -> list[int]:
-        """Every gfn the mediator asked to pin, across all GFN_PIN calls (with repeats)."""
         out: list[int] = []
         for c in self.calls_of("GFN_PIN"):
             out += np.frombuffer(c.payload["gfns"], dtype="<u8").tolist()
@@ -194,13 +207,33 @@ class Bench:
             rm.close(unlink=False)
 
 
+class Recorder:
+    """A peer that keeps what it is sent (a guest's view of WRITE_DONE and IRQ, say)."""
+    def __init__(self) -> None:
+        self.got: list[Envelope] = []
+
+    def handle(self, msg: Envelope, now: int) -> Any:
+        self.got.append(msg)
+        return None
+
+    def of(self, kind: str) -> list[dict]:
+        return [m.payload for m in self.got if m.kind == kind]
+
+
+class _Launcher:
+    """The launcher's end of control links: it answers nothing, it only asks."""
+    def handle(self, msg: Envelope, now: int) -> Any:
+        raise GvtError("ENOTSUP", f"the test launcher does not handle {msg.kind}")
+
+
 def make_bench(*, translate: Callable[..., Any] = translate_entries,
                vm_frames: dict[int, int] | None = None, host_frames: int = HOST_POOL_FRAMES,
-               aperture_size: int = 1024 * hw.MiB, max_vgpus: int = hw.GVT_MAX_VGPU - 1,
-               seed: int = SEED) -> Bench:
-    """A real mediator, hypervisor and gpu on one Layout, with anonymous ("msg") memory."""
+               aperture_size: int = 1024 << 20, max_vgpus: int = partition.GVT_MAX_VGPU - 1,
+               seed: int = SEED, guests: Iterable[int] = (), call_timeout: float = 10.0) -> Bench:
+    """A real mediator, hypervisor and gpu (and guests) on one Layout, with anonymous memory."""
     vm_frames = dict(VM_FRAMES if vm_frames is None else vm_frames)
     layout = Layout.build(host_frames, vm_frames)
+    net = SimNet(vgpus=sorted(vm_frames))
     m_owned = OwnedMemory(layout)
     host_mem = RegionMemory.create(layout.host, "msg", "test")
     m_owned.add(host_mem)
@@ -208,9 +241,41 @@ def make_bench(*, translate: Callable[..., Any] = translate_entries,
     h_owned = OwnedMemory(layout)
     for rm in vms.values():
         h_owned.add(rm)
-    clock = time.monotonic_ns
-    mediator = MediatorCore(layout, m_owned, aperture_size=aperture_size, max_vgpus=max_vgpus,
-                            clock=clock, translate=translate)
-    hv = HypervisorCore(layout, h_owned, vms, seed, clock=clock)
-    gpu = GpuSim(Fabric(layout, "msg", "test"), clock)
-    return Bench(layout, mediator, hv, gpu, [host_mem, *vms.values()])
+    mediator = MediatorCore(layout, aperture_size=aperture_size, max_vgpus=max_vgpus, translate=translate)
+    hv = HypervisorCore(layout, vms, seed, call_timeout=call_timeout)
+    gpu = GpuSim(Fabric(layout, "msg", "test"))
+    net.add("gpu", gpu)
+    net.add("mediator", mediator, {OwnedMemory.KINDS: m_owned.serve})
+    net.add("hypervisor", hv, {OwnedMemory.KINDS: h_owned.serve})
+    net.add("launcher", _Launcher())
+    net.connect("mediator", "gpu")
+    net.connect("hypervisor", "mediator")
+    net.connect("gpu", "hypervisor")
+    for name in ("gpu", "mediator", "hypervisor"):
+        net.connect(name, "launcher", control=True)
+    for vm in guests:
+        add_guest(net, vm, vm_frames[vm], seed)
+    return Bench(net, layout, mediator, hv, gpu, [host_mem, *vms.values()])
+
+
+def add_peer(net: SimNet, name: str, connect_to: str = "hypervisor") -> Recorder:
+    """A recording stand-in for node `name`, connected as that node would be."""
+    rec = Recorder()
+    net.add(name, rec)
+    net.connect(name, connect_to)
+    return rec
+
+
+def add_guest(net: SimNet, vm: int, ram_frames: int, seed: int = SEED, load: LoadSpec | None = None,
+              **kw: Any) -> GuestCore:
+    g = GuestCore(vm, ram_frames, seed, load or LoadSpec(), launcher=None, **kw)
+    name = f"guest{vm}"
+    net.add(name, g)
+    net.connect(name, "hypervisor")
+    net.connect(name, "launcher", control=True)
+    return g
+
+
+def wall_ns() -> int:
+    """For micro-benchmarks of the harness itself."""
+    return time.perf_counter_ns()

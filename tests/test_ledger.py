@@ -2,8 +2,9 @@
 import numpy as np
 
 from bench import ledger
-from nodes import hw
-from nodes.mediator.vgpu import GmAllocator
+from nodes.hw import MiB
+from nodes.hw import gtt
+from nodes.mediator.aperture import GmAllocator
 from nodes.memory import Layout, make_p2m
 from nodes.stats import LogHistogram
 
@@ -12,22 +13,22 @@ SEED = 4
 
 def _setup():
     layout = Layout.build(1024, {1: 2048, 2: 2048})
-    alloc = GmAllocator(1024 * hw.MiB)
+    alloc = GmAllocator(1024 * MiB)
     vgpus = [{"id": v, "partition": alloc.allocate("_8").to_wire()} for v in (1, 2)]
     scratch = layout.host.base_mfn
-    dump = np.zeros(hw.GGTT_ENTRIES, dtype=np.uint64)
+    dump = np.zeros(gtt.ENTRIES, dtype=np.uint64)
     for v in vgpus:        # a new vGPU: every entry at scratch, present
         p = v["partition"]
         for base, size in ((p["aperture_base"], p["aperture_size"]), (p["hidden_base"], p["hidden_size"])):
-            dump[base >> 12:(base + size) >> 12] = hw.pte_encode(scratch, hw.PTE_PRESENT)
+            dump[base >> 12:(base + size) >> 12] = gtt.encode(scratch, gtt.PTE_PRESENT)
     # guest 1 maps three entries: RAM gfn, bad gfn, not present
     i0 = vgpus[0]["partition"]["aperture_base"] >> 12
     idx = np.array([i0, i0 + 1, i0 + 2])
-    vals = np.array([hw.pte_encode(5, 3), hw.pte_encode(99999, 1), hw.pte_encode(6, 2)], dtype=np.uint64)
+    vals = np.array([gtt.encode(5, 3), gtt.encode(99999, 1), gtt.encode(6, 2)], dtype=np.uint64)
     p2m = make_p2m(layout.vm_region(1), SEED)
-    dump[i0] = hw.pte_encode(int(p2m[5]), 3)
-    dump[i0 + 1] = hw.pte_encode(scratch, 1)
-    dump[i0 + 2] = hw.pte_encode(scratch, 2)
+    dump[i0] = gtt.encode(int(p2m[5]), 3)
+    dump[i0 + 1] = gtt.encode(scratch, 1)
+    dump[i0 + 2] = gtt.encode(scratch, 0)     # not present: the scratch frame alone
     return layout, vgpus, dump, {1: (idx, vals)}, scratch, i0
 
 
@@ -37,9 +38,18 @@ def test_correct_ggtt_passes():
     assert res["reasons"] == [] and res["vgpus"][1]["mapped"] == 3
 
 
+def test_not_present_entry_keeping_guest_flags_is_caught():
+    """Rule 10: the kernel builds a not-present host entry from zero, so guest flag bits in it
+    are a mediator bug the ledger must see."""
+    layout, vgpus, dump, maps, scratch, i0 = _setup()
+    dump[i0 + 2] = gtt.encode(scratch, 2)
+    res = ledger.check_ggtt(dump, vgpus, maps, layout, SEED, scratch)
+    assert any("differ" in r for r in res["reasons"])
+
+
 def test_untranslated_entry_is_caught():
     layout, vgpus, dump, maps, scratch, i0 = _setup()
-    dump[i0] = hw.pte_encode(5, 3)          # the gfn itself: the mediator forgot to translate
+    dump[i0] = gtt.encode(5, 3)          # the gfn itself: the mediator forgot to translate
     res = ledger.check_ggtt(dump, vgpus, maps, layout, SEED, scratch)
     assert any("differ" in r for r in res["reasons"])
     assert any("outside VM 1" in r for r in res["reasons"])
@@ -47,26 +57,29 @@ def test_untranslated_entry_is_caught():
 
 def test_entry_into_another_vm_is_caught():
     layout, vgpus, dump, maps, scratch, i0 = _setup()
-    dump[i0] = hw.pte_encode(layout.vm_region(2).base_mfn + 1, 3)
+    dump[i0] = gtt.encode(layout.vm_region(2).base_mfn + 1, 3)
     res = ledger.check_ggtt(dump, vgpus, maps, layout, SEED, scratch)
     assert res["vgpus"][1]["foreign"] == 1
 
 
 def test_write_outside_partitions_is_caught():
     layout, vgpus, dump, maps, scratch, _ = _setup()
-    dump[5] = hw.pte_encode(1234, 1)         # inside the host's range
+    dump[5] = gtt.encode(1234, 1)         # inside the host's range
     res = ledger.check_ggtt(dump, vgpus, maps, layout, SEED, scratch)
     assert res["outside_written"] == 1 and any("outside every vGPU" in r for r in res["reasons"])
 
 
 def test_workload_accounting():
-    good = {"issued": 10, "completed": 10, "failed": 0, "pending": 0, "mismatches": 0,
+    good = {"issued": 10, "completed": 10, "failed": 0, "unknown": 0, "pending": 0, "mismatches": 0,
             "fail_reasons": {}, "boot_error": None}
     assert ledger.check_workloads({1: good}) == []
     lost = dict(good, completed=9)
     assert any("lost or doubled" in r for r in ledger.check_workloads({1: lost}))
     stale = dict(good, mismatches=2)
-    assert any("stale" in r for r in ledger.check_workloads({1: stale}))
+    assert any("no write before them" in r for r in ledger.check_workloads({1: stale}))
+    # a write whose outcome is unknown is neither lost nor failed
+    indeterminate = dict(good, completed=8, unknown=2)
+    assert ledger.check_workloads({1: indeterminate}) == []
     failed = dict(good, completed=9, failed=1, fail_reasons={"EFAULT: x": 1})
     assert any("EFAULT" in r for r in ledger.check_workloads({1: failed}))
 

@@ -1,14 +1,18 @@
-"""Malformed frames, protocol mismatches and bad payloads, sent to each role's real process."""
+"""Malformed frames, protocol mismatches and bad payloads, sent to each role's real process by a
+raw peer that speaks the wire by hand. The node answers with the reason, counts what it refused
+(on /metrics) and keeps serving."""
 import msgpack
 import pytest
 
-from wireclient import RawPeer, start_node, stop
+from wireclient import RawPeer, free_port, metric, scrape, start_node, stop, wait_for
 
+# the name a raw peer may take towards each role (nodes.wire.schema.CONNECTS_TO), and a request
+# kind that peer may send with a bad payload
 ROLE_ARGS = {
-    "gpu": [],
-    "mediator": ["--peer", "gpu=ipc:///tmp/gvtt-nobody-gpu"],
-    "hypervisor": ["--peer", "mediator=ipc:///tmp/gvtt-nobody-med"],
-    "guest": ["--peer", "hypervisor=ipc:///tmp/gvtt-nobody-hv", "--vm", "1"],
+    "gpu": ([], "mediator", "MMIO_READ"),
+    "mediator": (["--peer", "gpu=ipc:///tmp/gvtt-nobody-gpu"], "hypervisor", "TRAP_READ"),
+    "hypervisor": (["--peer", "mediator=ipc:///tmp/gvtt-nobody-med"], "guest1", "MMIO_READ"),
+    "guest": (["--peer", "hypervisor=ipc:///tmp/gvtt-nobody-hv", "--vm", "1"], None, None),
 }
 
 
@@ -20,19 +24,26 @@ def cfg_file(tmp_path):
 
 
 @pytest.mark.parametrize("role", list(ROLE_ARGS))
-def test_node_survives_bad_frames(role, cfg_file, short_ipc_dir):
+def test_node_survives_bad_frames(role, cfg_file, short_ipc_dir, tmp_path):
+    args, name, kind = ROLE_ARGS[role]
     ep = f"ipc://{short_ipc_dir}/n"
-    proc = start_node(role, cfg_file, ep, *ROLE_ARGS[role])
-    peer = RawPeer(ep)
+    port = free_port()
+    proc = start_node(role, cfg_file, ep, *args, metrics_port=port, log=tmp_path / "node.log")
+    peer = RawPeer(ep, name or "guest1")
     try:
         # before HELLO: refused, with the reason
-        r = peer.call("STATS")
+        r = peer.call("MMIO_READ", {"off": 0, "size": 4})
         assert r[0] == "ERROR" and r[6]["code"] == "EPROTO" and "HELLO" in r[6]["text"]
         # protocol version mismatch is refused with both versions named
         r = peer.hello(version=99)
         assert r[0] == "ERROR" and r[6]["code"] == "EPROTO" and "99" in r[6]["text"]
-        r = peer.hello()
-        assert r[0] == "REPLY" and r[6]["version"] == 1
+        if name is None:
+            # nobody connects to a guest: any name is refused
+            r = peer.hello()
+            assert r[0] == "ERROR" and r[6]["code"] == "EPERM"
+        else:
+            r = peer.hello()
+            assert r[0] == "REPLY" and r[6]["version"] == 2 and r[6]["max_frame"] == 1 << 20
         # not msgpack
         r = peer.raw(b"\xc1\xc1 definitely not msgpack")
         assert r[0] == "ERROR" and r[6]["code"] == "EBADMSG"
@@ -45,27 +56,31 @@ def test_node_survives_bad_frames(role, cfg_file, short_ipc_dir):
         # unknown kind
         r = peer.call("FROBNICATE", {})
         assert r[0] == "ERROR" and r[6]["code"] == "EPROTO" and "FROBNICATE" in r[6]["text"]
-        # oversized
-        r = peer.raw(msgpack.packb(("MMIO_WRITE", 99, 0, 0, 0, 1, b"x" * (33 << 20))))
-        assert r[0] == "ERROR" and r[6]["code"] == "EMSGSIZE"
-        # a known kind with a bad payload
-        r = peer.call("MMIO_READ", {"off": "zero", "size": 4})
-        assert r[0] == "ERROR" and r[6]["code"] in ("EINVAL", "ENOTSUP", "EPERM")
+        if kind:
+            # a known kind with a bad payload: refused naming the field
+            r = peer.call(kind, {"off": "zero", "size": 4}, vgpu=1)
+            assert r[0] == "ERROR" and r[6]["code"] == "EINVAL" and "'off'" in r[6]["text"]
+            # a kind this peer's role may not send
+            r = peer.call("GGTT_DUMP", {"start": 0, "count": 1})
+            assert r[0] == "ERROR" and r[6]["code"] == "EPERM"
         # and the node still serves, and counted what it refused
-        r = peer.call("STATS")
-        assert r[0] == "REPLY"
-        bad = r[6]["runtime"]["gvtbench_bad_frames"]["rows"]
-        assert sum(v for _labels, v in bad) >= 5
+        text = wait_for(lambda: (t := scrape(port)) and metric(t, "gvtbench_bad_frames_total") >= 4 and t,
+                        10, "the bad frames to be counted")
+        assert metric(text, "gvtbench_bad_frames_total", reason="EBADMSG") >= 3
+        assert metric(text, "gvtbench_bad_frames_total", reason="version") == 1
+        if kind:
+            assert metric(text, "gvtbench_bad_frames_total", reason="EINVAL") == 1
+            assert metric(text, "gvtbench_refused_messages_total", kind="GGTT_DUMP", code="EPERM") == 1
         assert proc.poll() is None
     finally:
         peer.close()
         stop(proc)
 
 
-def test_gpu_serves_mmio_and_refuses_bad_accesses(cfg_file, short_ipc_dir):
+def test_gpu_serves_mmio_and_refuses_bad_accesses(cfg_file, short_ipc_dir, tmp_path):
     ep = f"ipc://{short_ipc_dir}/g"
-    proc = start_node("gpu", cfg_file, ep)
-    peer = RawPeer(ep)
+    proc = start_node("gpu", cfg_file, ep, log=tmp_path / "gpu.log")
+    peer = RawPeer(ep, "mediator")
     try:
         assert peer.hello()[0] == "REPLY"
         gtt = 8 << 20
@@ -75,8 +90,8 @@ def test_gpu_serves_mmio_and_refuses_bad_accesses(cfg_file, short_ipc_dir):
         assert r[0] == "ERROR" and r[6]["code"] == "EFAULT"
         r = peer.call("MMIO_READ", {"off": 2, "size": 4})             # misaligned
         assert r[0] == "ERROR" and r[6]["code"] == "EINVAL"
-        r = peer.call("GM_WRITE", {"ops": [[7 << 12, b"abc"]]})        # entry not present
-        assert r[0] == "ERROR" and r[6]["code"] == "EFAULT"
+        r = peer.call("MMIO_READ", {"off": 0, "size": 4}, vgpu=7)      # not a vGPU of the run
+        assert r[0] == "ERROR" and r[6]["code"] == "ENODEV"
     finally:
         peer.close()
         stop(proc)

@@ -1,39 +1,72 @@
-"""A raw ZeroMQ peer for tests: speaks the envelope by hand, so it can also speak it wrongly."""
+"""A raw ZeroMQ peer for tests: it speaks the documented protocol by hand, so it can also speak it
+wrongly, and standalone nodes started as a person would start them on separate hosts."""
+from __future__ import annotations
+
+import os
+import re
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
 
 import msgpack
 import zmq
+import zmq.auth
 
 from nodes.wire.codec import PROTOCOL_VERSION
 
 
 class RawPeer:
-    def __init__(self, endpoint: str, name: str = "tester"):
+    """A DEALER with identity `name`. With `keys` (a `gvtbench keys` directory) it uses the
+    certificate `key_name` (default: its name) and authenticates the server as `server`."""
+
+    def __init__(self, endpoint: str, name: str = "tester", *, keys: str | Path | None = None,
+                 key_name: str | None = None, server: str | None = None, identity: str | None = None):
         self.ctx = zmq.Context()
         self.s = self.ctx.socket(zmq.DEALER)
         self.s.setsockopt(zmq.LINGER, 0)
-        self.s.setsockopt(zmq.IDENTITY, name.encode())
+        self.s.setsockopt(zmq.IDENTITY, (identity or name).encode())
         self.s.setsockopt(zmq.RCVTIMEO, 10000)
+        if keys is not None:
+            pub, sec = zmq.auth.load_certificate(Path(keys) / f"{key_name or name}.key_secret")
+            self.s.curve_publickey, self.s.curve_secretkey = pub, sec
+            self.s.curve_serverkey = zmq.auth.load_certificate(Path(keys) / f"{server}.key")[0]
         self.s.connect(endpoint)
         self.name = name
         self.seq = 0
 
-    def raw(self, frame: bytes):
-        self.s.send(frame)
+    def send(self, kind: str, payload: Any = None, vgpu: int = 0, want_reply: bool = True) -> int:
+        self.seq += 1
+        doc = (kind, self.seq, 0, vgpu, time.monotonic_ns(), 1 if want_reply else 0, payload)
+        self.s.send(msgpack.packb(doc, use_bin_type=True))
+        return self.seq
+
+    def recv(self, timeout_ms: int = 10000) -> Any:
+        if not self.s.poll(timeout_ms):
+            return None
         return msgpack.unpackb(self.s.recv(), raw=False, strict_map_key=False)
 
-    def call(self, kind, payload=None, vgpu=0, version=None):
-        self.seq += 1
-        doc = (kind, self.seq, 0, vgpu, time.monotonic_ns(), 1, payload)
-        return self.raw(msgpack.packb(doc, use_bin_type=True))
+    def raw(self, frame: bytes, timeout_ms: int = 10000) -> Any:
+        self.s.send(frame)
+        return self.recv(timeout_ms)
 
-    def hello(self, version=PROTOCOL_VERSION):
-        return self.call("HELLO", {"name": self.name, "role": "test", "version": version})
+    def call(self, kind: str, payload: Any = None, vgpu: int = 0, timeout_ms: int = 10000) -> Any:
+        seq = self.send(kind, payload, vgpu)
+        while True:
+            r = self.recv(timeout_ms)
+            if r is None or r[2] == seq:
+                return r
 
-    def close(self):
+    def hello(self, version: int = PROTOCOL_VERSION, name: str | None = None, role: str | None = None) -> Any:
+        name = name or self.name
+        if role is None:
+            role = re.sub(r"\d+$", "", name) if re.fullmatch(r"(guest\d+|gpu|mediator|hypervisor|launcher)", name) else "test"
+        return self.call("HELLO", {"name": name, "role": role, "version": version})
+
+    def close(self) -> None:
         self.ctx.destroy(linger=0)
 
 
@@ -43,13 +76,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_node(role, cfg_path, bind, *extra, metrics_port=0):
+def start_node(role: str, cfg_path: str | Path, bind: str, *extra: str, metrics_port: int = 0,
+               log: Path | None = None, run_id: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bench.cli", "node", role, "--config", str(cfg_path), "--bind", bind,
-           "--metrics-port", str(metrics_port), "--run-id", f"t{id(bind) & 0xffffff:x}", *extra]
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           "--metrics-port", str(metrics_port), "--run-id", run_id or f"t{os.getpid()}{abs(hash(bind)) % 10**6}",
+           *extra]
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    finally:
+        if log:
+            out.close()
 
 
-def stop(proc, timeout=10):
+def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -57,3 +97,138 @@ def stop(proc, timeout=10):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        time.sleep(0.05)
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+class Cluster:
+    """gpu, mediator and hypervisor nodes started alone (no launcher), on ipc in a private
+    directory or on tcp with the run's keys; guests are the test's raw peers."""
+
+    def __init__(self, directory: Path, cfg_text: str = "", *, roles: tuple[str, ...] = ("gpu", "mediator", "hypervisor"),
+                 transport: str = "ipc"):
+        self.dir = directory
+        self.cfg = directory / "c.toml"
+        self.cfg.write_text(cfg_text or "[vgpus]\ncount = 2\nram_mib = 8\n")
+        self.keys = None
+        if transport == "tcp":
+            self.keys = directory / "keys"
+            subprocess.run([sys.executable, "-m", "bench.cli", "keys", str(self.keys), "--config",
+                            str(self.cfg)], check=True, capture_output=True, timeout=60)
+            self.eps = {r: f"tcp://127.0.0.1:{free_port()}" for r in roles}
+        else:
+            self.eps = {r: f"ipc://{directory}/{r[:3]}" for r in roles}
+        self.ports = {r: free_port() for r in roles}
+        self.procs: dict[str, subprocess.Popen] = {}
+        peers = {"mediator": "gpu", "hypervisor": "mediator"}
+        for r in roles:
+            extra = ["--peer", f"{peers[r]}={self.eps[peers[r]]}"] if r in peers else []
+            if self.keys:
+                extra += ["--keys", str(self.keys)]
+            self.procs[r] = start_node(r, self.cfg, self.eps[r], *extra, metrics_port=self.ports[r],
+                                       log=directory / f"{r}.log")
+
+    def peer(self, to: str, name: str, **kw: Any) -> RawPeer:
+        if self.keys is not None:
+            kw.setdefault("keys", self.keys)
+            kw.setdefault("server", to)
+        return RawPeer(self.eps[to], name, **kw)
+
+    def metrics(self, role: str) -> str:
+        return scrape(self.ports[role])
+
+    def alive(self, role: str) -> bool:
+        return self.procs[role].poll() is None
+
+    def log(self, role: str) -> str:
+        return (self.dir / f"{role}.log").read_text(errors="replace")
+
+    def guest(self, vm: int = 1, **kw: Any) -> RawPeer:
+        """A raw guest that has said HELLO to the hypervisor and whose vGPU answers."""
+        g = self.peer("hypervisor", f"guest{vm}", **kw)
+        assert g.hello()[0] == "REPLY"
+        wait_for(lambda: (g.call("MMIO_READ", {"off": 0x78000, "size": 8}, vm) or [""])[0] == "REPLY",
+                 60, "the vGPU to answer")
+        return g
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            stop(p)
+
+
+class RawServer:
+    """A ROUTER playing a node that others connect to (the mediator a hypervisor connects to):
+    it answers HELLO and can send requests back over the connection."""
+
+    def __init__(self, endpoint: str, name: str, *, keys: str | Path | None = None):
+        self.ctx = zmq.Context()
+        self.s = self.ctx.socket(zmq.ROUTER)
+        self.s.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            pub, sec = zmq.auth.load_certificate(Path(keys) / f"{name}.key_secret")
+            self.s.curve_server = True
+            self.s.curve_publickey, self.s.curve_secretkey = pub, sec
+        self.s.bind(endpoint)
+        self.name = name
+        self.seq = 0
+
+    def recv(self, timeout_ms: int = 10000) -> tuple[bytes, Any] | None:
+        if not self.s.poll(timeout_ms):
+            return None
+        ident, frame = self.s.recv_multipart()
+        return ident, msgpack.unpackb(frame, raw=False, strict_map_key=False)
+
+    def send(self, ident: bytes, doc: tuple) -> None:
+        self.s.send_multipart((ident, msgpack.packb(doc, use_bin_type=True)))
+
+    def accept_hello(self, timeout_ms: int = 30000) -> bytes:
+        got = self.recv(timeout_ms)
+        assert got and got[1][0] == "HELLO", got
+        ident, doc = got
+        self.seq += 1
+        self.send(ident, ("REPLY", self.seq, doc[1], 0, 0, 0,
+                          {"name": self.name, "role": self.name, "version": PROTOCOL_VERSION}))
+        return ident
+
+    def call(self, ident: bytes, kind: str, payload: Any = None, vgpu: int = 0) -> Any:
+        self.seq += 1
+        self.send(ident, (kind, self.seq, 0, vgpu, 0, 1, payload))
+        while True:
+            got = self.recv()
+            if got is None or got[1][2] == self.seq:
+                return got[1] if got else None
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
