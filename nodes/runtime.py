@@ -144,7 +144,8 @@ class Runtime:
         self.max_frame = max_frame
         self.keys = keys
         self.link_silent_ns = int(link_silent_s * 1e9)
-        self.heartbeat_ns = int(heartbeat_s * 1e9)
+        # quiet links must speak well within the silence a peer tolerates (the same setting)
+        self.heartbeat_ns = int(min(heartbeat_s, link_silent_s / 3) * 1e9)
         self.engine = NodeEngine(name, role, core, vgpus=self.vgpus, clock=monotonic_ns,
                                  max_frame=max_frame)
         self.engine.serve(["STATS"], lambda env, now: self.snapshot())

@@ -1,4 +1,4 @@
-import os
+import shutil
 import tempfile
 
 import pytest
@@ -23,11 +23,7 @@ def small_cfg():
 
 @pytest.fixture
 def short_ipc_dir():
+    """A private (mode 700) directory with a short path, as ipc endpoints need."""
     d = tempfile.mkdtemp(prefix="gvtt-", dir="/tmp")
     yield d
-    for f in os.listdir(d):
-        try:
-            os.unlink(os.path.join(d, f))
-        except OSError:
-            pass
-    os.rmdir(d)
+    shutil.rmtree(d, ignore_errors=True)

@@ -159,6 +159,15 @@ class Cluster:
                 extra += ["--keys", str(self.keys)]
             self.procs[r] = start_node(r, self.cfg, self.eps[r], *extra, metrics_port=self.ports[r],
                                        log=directory / f"{r}.log")
+        for r in roles:
+            wait_for(lambda: self._serving(r), 30, f"{r} to start")
+
+    def _serving(self, role: str) -> bool:
+        assert self.alive(role), self.log(role)
+        try:
+            return bool(self.metrics(role))
+        except OSError:
+            return False
 
     def peer(self, to: str, name: str, **kw: Any) -> RawPeer:
         if self.keys is not None:

@@ -1,0 +1,332 @@
+"""What an independent client did to the nodes, as a hostile peer would, each done again here with
+real processes and real sockets: disconnect with requests pending, control kinds from a guest,
+identities claimed without the key, frames and replies too large, floods of requests, of made-up
+vGPU ids and names, links left silent, a VM flooding its neighbour, a stalled mediator, and a
+second HELLO with another version. No node may die, and none may do what the peer asked."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq.auth
+
+from wireclient import Cluster, RawPeer, free_port, metric, peak_rss_kib, start_node, wait_for
+
+GPR0 = 0x2600
+PV_MAGIC = 0x78000
+
+
+ROLES_FOR = {"gpu": ("gpu",), "mediator": ("gpu", "mediator"), "hypervisor": ("gpu", "mediator", "hypervisor")}
+
+
+@pytest.fixture
+def cluster(short_ipc_dir):
+    c = Cluster(Path(short_ipc_dir))
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def gpu_alone(short_ipc_dir):
+    """A gpu with no mediator: a raw peer may be its mediator."""
+    c = Cluster(Path(short_ipc_dir), roles=("gpu",))
+    yield c
+    c.close()
+
+
+# ---- a peer that disconnects with requests pending ---------------------------------------------
+@pytest.mark.parametrize("target,name,kind,payload", [
+    ("hypervisor", "guest1", "MMIO_READ", {"off": GPR0, "size": 4}),
+    ("mediator", "hypervisor", "TRAP_READ", {"off": GPR0, "size": 4}),
+    ("gpu", "mediator", "MMIO_READ", {"off": GPR0, "size": 4}),
+])
+def test_a_peer_that_leaves_with_requests_pending_does_not_stop_the_node(short_ipc_dir, target, name,
+                                                                         kind, payload):
+    """Hundreds of requests, some that end in an error, then the socket closes: the answers go
+    to a peer that is gone. They are dropped and counted; the node serves the next peer."""
+    cluster = Cluster(Path(short_ipc_dir), roles=ROLES_FOR[target])
+    try:
+        _leave_with_requests_pending(cluster, target, name, kind, payload)
+    finally:
+        cluster.close()
+
+
+def _leave_with_requests_pending(cluster: Cluster, target: str, name: str, kind: str, payload: dict) -> None:
+    if target == "hypervisor":
+        cluster.guest(1).close()            # the vGPU is up
+    for _ in range(20):                     # HELLO, then gone before the answer
+        p = cluster.peer(target, name)
+        p.send("HELLO", {"name": name, "role": name.rstrip("0123456789"), "version": 2})
+        p.close()
+    p = cluster.peer(target, name)
+    assert wait_for(lambda: (p.hello() or [""])[0] == "REPLY", 20, "the HELLO to be answered")
+    for i in range(2000):
+        p.send(kind, payload if i % 3 else {"off": 3 << 20, "size": 4}, vgpu=1)   # every third: EFAULT
+    assert p.recv(10000) is not None        # it is answering
+    p.close()
+    time.sleep(0.5)
+    assert cluster.alive(target), cluster.log(target)
+    q = cluster.peer(target, name)
+    try:
+        assert wait_for(lambda: (q.hello() or [""])[0] == "REPLY", 20, "a new peer to be accepted")
+        assert wait_for(lambda: q.call(kind, payload, vgpu=1)[0] == "REPLY", 20, "an answer")
+        text = cluster.metrics(target)
+        assert metric(text, "gvtbench_dropped_frames_total", reason="EHOSTUNREACH") > 0
+        assert metric(text, "gvtbench_links_dropped_total") >= 1
+    finally:
+        q.close()
+
+
+# ---- control kinds come only from the launcher ---------------------------------------------------
+def test_a_guest_cannot_stop_or_inspect_the_hypervisor(cluster):
+    g = cluster.guest(1)
+    try:
+        for kind, payload in (("SHUTDOWN", None), ("STATS", None), ("VGPU_RESET", None), ("START", {})):
+            r = g.call(kind, payload, vgpu=1)
+            assert r[0] == "ERROR" and r[6]["code"] == "EPERM", r
+        assert g.call("MMIO_READ", {"off": PV_MAGIC, "size": 8}, 1)[6] == 0x4776544776544776
+        assert cluster.alive("hypervisor")
+        text = cluster.metrics("hypervisor")
+        assert metric(text, "gvtbench_refused_messages_total", role="guest", kind="SHUTDOWN", code="EPERM") == 1
+    finally:
+        g.close()
+    # a peer calling itself the launcher is not one: no launcher connects to a node's socket
+    p = cluster.peer("hypervisor", "launcher")
+    try:
+        r = p.hello()
+        assert r[0] == "ERROR" and r[6]["code"] == "EPERM"
+        r = p.call("SHUTDOWN")
+        assert r[0] == "ERROR" and r[6]["code"] == "EPROTO"
+    finally:
+        p.close()
+    assert cluster.alive("hypervisor")
+
+
+# ---- identity comes from the key --------------------------------------------------------------------
+@pytest.fixture
+def tcp_cluster(short_ipc_dir):
+    c = Cluster(Path(short_ipc_dir), transport="tcp")
+    yield c
+    c.close()
+
+
+def test_on_tcp_a_peer_without_the_right_key_never_reaches_the_node(tcp_cluster, tmp_path):
+    c = tcp_cluster
+    g = c.guest(1)                                  # guest1's own key works
+    g.close()
+    nokey = RawPeer(c.eps["hypervisor"], "guest1")  # no CURVE at all
+    assert nokey.hello() is None
+    nokey.close()
+    zmq.auth.create_certificates(tmp_path, "guest1")        # a key that is not the run's
+    shutil.copy(c.keys / "hypervisor.key", tmp_path / "hypervisor.key")
+    wrong = RawPeer(c.eps["hypervisor"], "guest1", keys=tmp_path, server="hypervisor")
+    assert wrong.hello() is None
+    wrong.close()
+    text = wait_for(lambda: (t := c.metrics("hypervisor")) and
+                    metric(t, "gvtbench_handshake_failures_total", reason="auth") >= 1 and
+                    metric(t, "gvtbench_handshake_failures_total", reason="protocol") >= 1 and t,
+                    30, "the failed handshakes to be counted: " + "|".join(
+                        l for l in c.metrics("hypervisor").splitlines() if "handshake" in l or "disconnects_total" in l))
+    assert metric(text, "gvtbench_link_messages_total", peer="guest1", direction="rx") > 0
+
+
+def test_on_tcp_a_key_speaks_only_for_its_own_name(tcp_cluster):
+    c = tcp_cluster
+    c.guest(1).close()
+    # guest1's key, claiming to be guest2
+    p = c.peer("hypervisor", "guest1", identity="impostor")
+    r = p.hello(name="guest2")
+    assert r[0] == "ERROR" and r[6]["code"] == "EPERM" and "guest1" in r[6]["text"]
+    p.close()
+    # guest1 as itself may not act for VM 2, nor make the mediator's calls
+    g = c.peer("hypervisor", "guest1")
+    assert g.hello()[0] == "REPLY"
+    for kind, payload, vm in (("MMIO_READ", {"off": GPR0, "size": 4}, 2), ("GPA_READ", {"ops": [[0, 16]]}, 2),
+                              ("GFN_PIN", {"gfns": b"\0" * 8}, 1), ("GPA_WRITE", {"ops": [[0, b"x"]]}, 1)):
+        r = g.call(kind, payload, vm)
+        assert r[0] == "ERROR" and r[6]["code"] == "EPERM", (kind, r)
+    g.close()
+    # guest2's key on guest1's identity, once guest1 has gone: refused, not taken for guest1
+    spoof = c.peer("hypervisor", "guest2", identity="guest1")
+    r = spoof.call("MMIO_READ", {"off": GPR0, "size": 4}, 1)
+    assert r[0] == "ERROR" and r[6]["code"] == "EPERM" and "guest2's" in r[6]["text"], r
+    spoof.close()
+    assert metric(c.metrics("hypervisor"), "gvtbench_bad_frames_total", reason="auth") == 1
+
+
+def test_a_node_refuses_tcp_without_keys_and_ipc_in_a_shared_directory(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("")
+    p = start_node("gpu", cfg, f"tcp://127.0.0.1:{free_port()}", log=tmp_path / "a.log")
+    assert p.wait(30) == 2 and "--keys" in (tmp_path / "a.log").read_text()
+    p = start_node("gpu", cfg, "ipc:///tmp/gvtbench-shared-test", log=tmp_path / "b.log")
+    assert p.wait(30) == 2 and "mode 700" in (tmp_path / "b.log").read_text()
+
+
+# ---- what a peer can make a node hold is bounded ------------------------------------------------
+def test_a_huge_frame_is_refused_by_the_socket_without_the_node_holding_it(gpu_alone):
+    cluster = gpu_alone
+    p = cluster.peer("gpu", "mediator")
+    assert p.hello()[0] == "REPLY"
+    pid = cluster.procs["gpu"].pid
+    before = peak_rss_kib(pid)
+    p.s.send(msgpack.packb(("MMIO_WRITE", 2, 0, 0, 0, 0, b"x" * (160 << 20))))
+    wait_for(lambda: metric(cluster.metrics("gpu"), "gvtbench_disconnects_total") >= 1, 20,
+             "the connection to be dropped")
+    assert peak_rss_kib(pid) - before < 32 * 1024           # it never buffered the 160 MiB
+    p.close()
+    q = cluster.peer("gpu", "mediator", identity="mediator2")
+    try:
+        assert wait_for(lambda: (q.hello() or [""])[0] == "REPLY", 20, "the gpu to serve again")
+        assert q.call("MMIO_READ", {"off": GPR0, "size": 4})[0] == "REPLY"
+    finally:
+        q.close()
+
+
+def test_a_reply_never_exceeds_the_frame_limit(cluster):
+    g = cluster.guest(1)
+    try:
+        r = g.call("GPA_READ", {"ops": [[k * 4096, 4096] for k in range(300)]}, 1)
+        assert r[0] == "ERROR" and r[6]["code"] == "E2BIG" and "1048576" in r[6]["text"]
+        r = g.call("GPA_READ", {"ops": [[k * 4096, 4096] for k in range(200)]}, 1)
+        assert r[0] == "REPLY" and len(r[6]) == 200
+    finally:
+        g.close()
+
+
+def test_outstanding_requests_per_link_are_bounded(cluster):
+    g = cluster.guest(1)
+    os.kill(cluster.procs["mediator"].pid, signal.SIGSTOP)       # nothing gets answered
+    try:
+        for _ in range(1500):
+            g.send("MMIO_READ", {"off": GPR0, "size": 4}, 1)
+        refusals = [g.recv(5000) for _ in range(1500 - 1024)]
+        assert all(r and r[0] == "ERROR" and r[6]["code"] == "EAGAIN" for r in refusals), refusals[-1]
+        assert g.recv(300) is None                               # the other 1024 wait
+    finally:
+        os.kill(cluster.procs["mediator"].pid, signal.SIGCONT)
+    replies = [g.recv(20000) for _ in range(1024)]
+    assert all(r and r[0] == "REPLY" for r in replies)
+    g.close()
+
+
+def test_made_up_vgpu_ids_and_names_leave_no_trace_in_metrics(short_ipc_dir):
+    cluster = Cluster(Path(short_ipc_dir), roles=("gpu",))
+    try:
+        _made_up_ids_and_names(cluster)
+    finally:
+        cluster.close()
+
+
+def _made_up_ids_and_names(cluster: Cluster) -> None:
+    size0 = len(cluster.metrics("gpu"))
+    p = cluster.peer("gpu", "mediator")
+    assert p.hello()[0] == "REPLY"
+    for vgpu in range(3, 5003):
+        p.send("MMIO_READ", {"off": GPR0, "size": 4}, vgpu)
+    replies = [p.recv(5000) for _ in range(5000)]
+    assert all(r[6]["code"] == "ENODEV" for r in replies)
+    p.close()
+    names = [f"x{i}" for i in range(100)] + [f"guest{i}" for i in range(3, 103)] + ["g" * 1000]
+    for n in names:
+        q = cluster.peer("gpu", "mediator", identity=f"id{len(n)}{n[:50]}")
+        r = q.hello(name=n)
+        assert r[0] == "ERROR" and r[6]["code"] in ("EINVAL", "EPERM"), (n, r)
+        q.close()
+    text = cluster.metrics("gpu")
+    assert 'vgpu="4999"' not in text and "x99" not in text and "guest50" not in text
+    assert len(text) < size0 + 8192
+
+
+def test_a_silent_link_is_dropped(short_ipc_dir):
+    c = Cluster(Path(short_ipc_dir), "[run]\nlink_silent_s = 1\n[vgpus]\ncount = 2\nram_mib = 8\n")
+    try:
+        g = c.guest(1)
+        assert 'peer="guest1"' in c.metrics("hypervisor")
+        wait_for(lambda: 'peer="guest1"' not in c.metrics("hypervisor"), 10, "the silent link to go")
+        assert metric(c.metrics("hypervisor"), "gvtbench_links_dropped_total", reason="silent") >= 1
+        r = g.call("MMIO_READ", {"off": GPR0, "size": 4}, 1)      # it must say HELLO again
+        assert r[0] == "ERROR" and r[6]["code"] == "EPROTO"
+        assert g.hello()[0] == "REPLY"
+        g.close()
+    finally:
+        c.close()
+
+
+def test_posted_writes_to_a_stalled_mediator_meet_backpressure(cluster):
+    g = cluster.guest(1)
+    pid = cluster.procs["mediator"].pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        batch = {"off": (GPR0).to_bytes(4, "little") * 4096, "size": bytes([4]) * 4096,
+                 "val": (1).to_bytes(8, "little") * 4096}
+        for w in range(1, 41):                                   # 163840 writes
+            g.send("MMIO_WRITE_BATCH", {**batch, "w": w}, 1, want_reply=False)
+        refused = [g.recv(5000) for _ in range(8)]
+        assert all(r and r[0] == "WRITE_DONE" and r[6]["status"] == "failed" and "EAGAIN" in r[6]["reason"]
+                   for r in refused)
+        assert [r[6]["first"] for r in refused] == list(range(33, 41))
+        text = cluster.metrics("hypervisor")
+        assert metric(text, "gvtbench_hv_posted_writes", vgpu="1") <= 1 << 17
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        g.close()
+
+
+# ---- one VM cannot starve another ------------------------------------------------------------------
+def test_a_flooding_vm_does_not_hold_back_its_neighbours_read(cluster):
+    """vm1 posts 131072 writes at once; vm2's read is answered while most of them still wait
+    in vm1's queue at the hypervisor (no timing: the read does not wait for vm1's queue)."""
+    g1, g2 = cluster.guest(1), cluster.guest(2)
+    batch = {"off": (GPR0).to_bytes(4, "little") * 4096, "size": bytes([4]) * 4096,
+             "val": (7).to_bytes(8, "little") * 4096}
+    for w in range(1, 33):
+        g1.send("MMIO_WRITE_BATCH", {**batch, "w": w}, 1, want_reply=False)
+    wait_for(lambda: metric(cluster.metrics("hypervisor"), "gvtbench_posted_writes_total", vgpu="1") > 0
+             or metric(cluster.metrics("hypervisor"), "gvtbench_trap_batches_total", vgpu="1") > 0, 20,
+             "vm1's flood to arrive")
+    r = g2.call("MMIO_READ", {"off": GPR0, "size": 4}, 2)
+    queued = metric(cluster.metrics("hypervisor"), "gvtbench_hv_posted_writes", vgpu="1")
+    assert r[0] == "REPLY"
+    assert queued > 60000, queued                 # vm1's writes were still waiting
+    done = [g1.recv(60000) for _ in range(32)]
+    assert all(d and d[6]["status"] == "ok" for d in done)
+    g1.close()
+    g2.close()
+
+
+# ---- a write whose answer never came -------------------------------------------------------------
+def test_a_write_to_a_stalled_mediator_has_an_unknown_outcome_and_may_be_applied_later(short_ipc_dir):
+    c = Cluster(Path(short_ipc_dir), "[run]\ncall_timeout_s = 1\n[vgpus]\ncount = 1\nram_mib = 8\n")
+    g = c.guest(1)
+    pid = c.procs["mediator"].pid
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        g.send("MMIO_WRITE", {"off": GPR0, "size": 4, "val": 0xCAFE, "w": 1}, 1, want_reply=False)
+        done = g.recv(10000)
+        assert done[0] == "WRITE_DONE" and done[6]["status"] == "unknown", done
+        assert "ETIMEDOUT" in done[6]["reason"]
+        os.kill(pid, signal.SIGCONT)
+        assert wait_for(lambda: g.call("MMIO_READ", {"off": GPR0, "size": 4}, 1)[6] == 0xCAFE, 20,
+                        "the stalled write to be applied")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        g.close()
+        c.close()
+
+
+# ---- a second HELLO with another version -----------------------------------------------------------
+def test_a_second_hello_with_another_version_is_refused_on_a_live_link(cluster):
+    g = cluster.guest(1)
+    try:
+        r = g.hello(version=3)
+        assert r[0] == "ERROR" and r[6]["code"] == "EPROTO" and "keeps its version" in r[6]["text"]
+        assert g.call("MMIO_READ", {"off": PV_MAGIC, "size": 8}, 1)[0] == "REPLY"
+        assert g.hello()[0] == "REPLY"          # the same version again is answered again
+    finally:
+        g.close()
