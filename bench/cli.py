@@ -67,10 +67,16 @@ def _node(args: argparse.Namespace) -> int:
         if not sep or not name or not ep:
             raise SystemExit(f"gvtbench node: --peer must be NAME=ENDPOINT, got {p!r}")
         peers[name] = ep
+    vm_binds = {}
+    for p in args.vm_bind:
+        vm, sep, ep = p.partition("=")
+        if not sep or not vm.isdigit() or not ep:
+            raise SystemExit(f"gvtbench node: --vm-bind must be N=ENDPOINT, got {p!r}")
+        vm_binds[int(vm)] = ep
     return run_node(args.role, cfg, vm=args.vm, bind=args.bind, peers=peers,
                     launcher=args.launcher, run_id=args.run_id, keys_dir=args.keys,
                     metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
-                    parent_death=args.parent_death)
+                    parent_death=args.parent_death, vm_binds=vm_binds)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -92,6 +98,11 @@ def _perf(args: argparse.Namespace) -> int:
         from bench.perf_translate import format_translate, run_translate
         res = run_translate(entries=args.entries, repeats=args.repeats)
         print(json.dumps(res) if args.json else format_translate(res))
+        return 0
+    if args.what == "neighbour":
+        from bench.perf import format_neighbour, run_neighbour
+        res = run_neighbour(seconds=args.seconds, rounds=args.rounds)
+        print(json.dumps(res) if args.json else format_neighbour(res))
         return 0
     from bench.perf import format_trap, run_trap
     res = run_trap(seconds=args.seconds, rounds=args.rounds)
@@ -128,6 +139,9 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--vm", type=int, default=0, help="the guest's VM id (guest only)")
     n.add_argument("--bind", required=True, help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:5555")
     n.add_argument("--peer", action="append", default=[], metavar="NAME=ENDPOINT")
+    n.add_argument("--vm-bind", action="append", default=[], metavar="N=ENDPOINT",
+                   help="hypervisor: the endpoint of VM N's guest (default: the ipc path + .vmN, "
+                        "or the tcp port + N)")
     n.add_argument("--launcher", help="the launcher's endpoint, when started by one")
     n.add_argument("--run-id", default="solo", help="names this run's /dev/shm region files")
     n.add_argument("--keys", metavar="DIR", help="CURVE keys of the run (gvtbench keys); needed on tcp")
@@ -139,12 +153,14 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("dir", help="directory to write them to (made with mode 700)")
     k.add_argument("--config", help="the run's config: which guests there are")
     k.set_defaults(fn=_keys)
-    p = sub.add_parser("perf", help="benchmarks: translate (C vs numpy vs Python), trap (end to end)")
-    p.add_argument("what", choices=["translate", "trap"])
+    p = sub.add_parser("perf", help="benchmarks: translate (C vs numpy vs Python), trap (end to "
+                       "end), neighbour (a VM's reads next to a flooding VM)")
+    p.add_argument("what", choices=["translate", "trap", "neighbour"])
     p.add_argument("--entries", type=int, default=1_000_000)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--seconds", type=float, default=3.0, help="trap: seconds per measurement")
-    p.add_argument("--rounds", type=int, default=3, help="trap: alternating echo/read rounds")
+    p.add_argument("--seconds", type=float, default=3.0, help="trap, neighbour: seconds per measurement")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="trap: alternating echo/read rounds; neighbour: alone/flooded rounds")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_perf)
     rep = sub.add_parser("report", help="print a result JSON as a table")

@@ -93,7 +93,10 @@ class Launcher:
                "--bind", eps[name], "--launcher", eps["launcher"], "--run-id", self.run_id,
                "--parent-death"]
         for peer in needed_peers(role, self.cfg):
-            cmd += ["--peer", f"{peer}={eps[peer]}"]
+            # a guest connects to its own VM's endpoint of the hypervisor
+            cmd += ["--peer", f"{peer}={eps[f'{peer}.vm{vm}' if role == 'guest' else peer]}"]
+        if role == "hypervisor":
+            cmd += [a for v in vm_ids(self.cfg) for a in ("--vm-bind", f"{v}={eps[f'hypervisor.vm{v}']}")]
         if vm:
             cmd += ["--vm", str(vm)]
         if self.keys_dir:
@@ -126,6 +129,7 @@ class Launcher:
             names = [n for n in node_names(self.cfg) if not n.startswith("guest")]
             names += [f"guest{v}" for v in vms]
             eps = self.eps = {n: self._endpoint(n) for n in ["launcher", *node_names(self.cfg)]}
+            eps.update({f"hypervisor.vm{v}": self._endpoint(f"hypervisor.vm{v}") for v in vm_ids(self.cfg)})
             cfg_path = os.path.join(self.tmp, "run.json")
             with open(cfg_path, "w") as f:
                 json.dump(public(self.cfg), f)
@@ -144,6 +148,8 @@ class Launcher:
             self.rt.run(until=lambda: self.result is not None or self.error is not None)
             if self.error:
                 raise RunFailed(self.error)
+            if self.result is None:
+                raise RunFailed("the launcher was stopped (SIGTERM) before the run ended")
             return self.result
         finally:
             self._teardown()

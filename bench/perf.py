@@ -1,6 +1,10 @@
-"""`gvtbench perf trap`: the trap path through the real processes, against a bare pyzmq echo
-measured in the same run on the same machine (ratios, not absolute numbers, are what carry over
-between machines)."""
+"""Benchmarks through the real processes, each measured against a reference in the same run on
+the same machine (ratios, not absolute numbers, are what carry over between machines):
+
+- `gvtbench perf trap`: the trap path against a bare pyzmq echo over the same hops;
+- `gvtbench perf neighbour`: one VM's read latency alone and next to a VM that floods posted
+  writes as fast as its socket takes them.
+"""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -11,9 +15,18 @@ import time
 
 import msgpack
 import zmq
+import zmq.auth
+
+from typing import Any, Iterator
 
 from bench import config
 from bench.launch import Launcher
+from nodes.actions import Call, Post, Sleep
+from nodes.hw import regs
+from nodes.metrics import TRAP_LATENCY
+from nodes.stats import hist_from_snapshot
+from nodes.wire.codec import PROTOCOL_VERSION, encode
+from nodes.wire.schema import pack_write_batch
 
 
 def _relay(front: str, back: str, ready) -> None:
@@ -155,4 +168,137 @@ def format_trap(r: dict) -> str:
         f"posted MMIO writes, 1 vGPU:   {r['posted_writes_per_s']:,} /s",
         f"GGTT burst, end to end:       {r['gtt_entries_per_s']:,} entries/s",
         f"translator:                   {r['translator']}",
+    ])
+
+
+# ---- neighbour ------------------------------------------------------------------------------------
+FLOOD_BATCH = 4096          # GPR writes per MMIO_WRITE_BATCH of the flooding VM
+
+
+def _flood(endpoint: str, keys_dir: str, ready, stop) -> None:
+    """A hostile guest 1: posts batches of register writes as fast as its socket takes them and
+    never waits for WRITE_DONE (it reads and drops whatever comes back)."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.IDENTITY, b"guest1")
+    if keys_dir:
+        pub, sec = zmq.auth.load_certificate(os.path.join(keys_dir, "guest1.key_secret"))
+        s.curve_publickey, s.curve_secretkey = pub, sec
+        s.curve_serverkey = zmq.auth.load_certificate(os.path.join(keys_dir, "hypervisor.key"))[0]
+    s.connect(endpoint)
+    s.send(encode("HELLO", 1, 0, 0, 0, 1, {"name": "guest1", "role": "guest", "version": PROTOCOL_VERSION}))
+    if not s.poll(30000):
+        return
+    s.recv()
+    ready.set()
+    payload = pack_write_batch([regs.RCS_GPR0] * FLOOD_BATCH, [4] * FLOOD_BATCH, range(FLOOD_BATCH))
+    seq = 1
+    while not stop.is_set():
+        seq += 1
+        frame = encode("MMIO_WRITE_BATCH", seq, 0, 1, 0, 0, {**payload, "w": seq})
+        while not stop.is_set():
+            try:
+                s.send(frame, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                s.poll(10, zmq.POLLOUT)
+        while s.poll(0):
+            s.recv()
+    ctx.destroy(linger=0)
+
+
+def _read_phase(launcher: Launcher, spec: dict) -> Iterator[Any]:
+    """guest2 reads for the phase; returns its read latency summary."""
+    launcher.core.reports.pop(2, None)
+    yield Post("guest2", "START", {"load": True, "spec": spec}, vgpu=2)
+    while 2 not in launcher.core.reports:
+        yield Sleep(0.05)
+    rep = launcher.core.reports[2]
+    if rep["failed"] or rep["mismatches"]:
+        raise RuntimeError(f"guest2's reads failed: {rep['fail_reasons']}")
+    return rep["latency"]["mmio_read"]
+
+
+def _stats(names: tuple[str, ...]) -> Iterator[Any]:
+    out = {}
+    for n in names:
+        out[n] = yield Call(n, "STATS", timeout=30)
+    return out
+
+
+def _neighbour(seconds: float, rounds: int, out: dict):
+    def drive(launcher: Launcher, names: list[str]) -> Iterator[Any]:
+        yield from launcher.wait_ready(names)
+        yield Call("guest2", "START", {"load": False}, vgpu=2, timeout=60)
+        spec = {"mode": "closed", "concurrency": 1, "mix": {"mmio-read": 1.0}, "duration_s": seconds,
+                "ops": 0}
+        ctx = mp.get_context("spawn")
+        for r in range(rounds):
+            alone = yield from _read_phase(launcher, spec)
+            ready, stop = ctx.Event(), ctx.Event()
+            flooder = ctx.Process(target=_flood, args=(launcher.eps["hypervisor.vm1"], launcher.keys_dir,
+                                                       ready, stop), daemon=True)
+            flooder.start()
+            try:
+                while not ready.is_set():
+                    yield Sleep(0.05)
+                while True:                 # flooded: vm1 has writes waiting at the hypervisor
+                    snap = yield Call("hypervisor", "STATS", timeout=30)
+                    if snap["core"]["vms"][1]["posted"] > 0:
+                        break
+                    yield Sleep(0.05)
+                before = yield from _stats(("hypervisor", "mediator"))
+                flooded = yield from _read_phase(launcher, spec)
+                after = yield from _stats(("hypervisor", "mediator"))
+                snap = after["hypervisor"]
+            finally:
+                stop.set()
+                flooder.join(5)
+                if flooder.is_alive():
+                    flooder.kill()
+            posted = snap["core"]["vms"][1]["posted"]
+            stages = {}
+            for node in ("hypervisor", "mediator"):       # where vm2's flooded reads waited
+                h = [hist_from_snapshot(x[node]["stats"], TRAP_LATENCY, vgpu=2, kind="mmio_read", stage=node)
+                     for x in (before, after)]
+                stages[node] = h[1].minus(h[0]).summary_us()
+            out["rounds"].append({"alone": alone, "flooded": flooded, "vm1_posted_at_end": posted,
+                                  "flooded_stages": stages,
+                                  "p99_ratio": round(flooded["p99_us"] / alone["p99_us"], 2)})
+        return out
+    return drive
+
+
+def run_neighbour(seconds: float = 3.0, rounds: int = 3) -> dict:
+    """vm2's MMIO read latency (closed loop, one at a time) alone and while vm1 floods, round by
+    round in one run; medians over the rounds."""
+    cfg = config.validate({"run": {"duration_s": seconds, "seed": 7}, "vgpus": {"count": 2}}, "perf")
+    out: dict = {"seconds": seconds, "rounds": []}
+    Launcher(cfg).run(drive=_neighbour(seconds, max(1, rounds), out), guests=[2])
+    med = lambda xs: round(statistics.median(xs), 1)       # noqa: E731
+    rs = out["rounds"]
+    out.update({
+        "alone_p50_us": med([r["alone"]["p50_us"] for r in rs]),
+        "alone_p99_us": med([r["alone"]["p99_us"] for r in rs]),
+        "flooded_p50_us": med([r["flooded"]["p50_us"] for r in rs]),
+        "flooded_p99_us": med([r["flooded"]["p99_us"] for r in rs]),
+        "p99_ratio": round(statistics.median(r["p99_ratio"] for r in rs), 2),
+        "samples": sum(r["alone"]["count"] + r["flooded"]["count"] for r in rs),
+    })
+    out["target_met"] = out["flooded_p99_us"] <= 5000 and out["p99_ratio"] <= 5
+    return out
+
+
+def format_neighbour(r: dict) -> str:
+    return "\n".join([
+        *(f"round {i + 1}: vm2 read p50/p99 alone {x['alone']['p50_us']:.0f}/{x['alone']['p99_us']:.0f} us, "
+          f"next to vm1's flood {x['flooded']['p50_us']:.0f}/{x['flooded']['p99_us']:.0f} us "
+          f"(p99 x{x['p99_ratio']:.2f}; vm1 had {x['vm1_posted_at_end']:,} writes waiting; p99 "
+          f"in the hypervisor {x['flooded_stages']['hypervisor']['p99_us']:.0f} us, in the mediator "
+          f"{x['flooded_stages']['mediator']['p99_us']:.0f} us)"
+          for i, x in enumerate(r["rounds"])),
+        f"median: alone p50 {r['alone_p50_us']:.0f} us, p99 {r['alone_p99_us']:.0f} us; flooded p50 "
+        f"{r['flooded_p50_us']:.0f} us, p99 {r['flooded_p99_us']:.0f} us; p99 ratio {r['p99_ratio']:.2f}",
+        f"target (flooded p99 <= 5 ms, ratio <= 5): {'met' if r['target_met'] else 'MISSED'}",
     ])

@@ -38,6 +38,19 @@ def node_name(role: str, vm: int = 0) -> str:
     return guest_name(vm) if role == "guest" else role
 
 
+def vm_endpoint(bind: str, vm: int) -> str:
+    """The endpoint a hypervisor binds for VM `vm`'s guest next to its main one: the ipc path
+    with `.vm<N>`, or the tcp port + N. Each VM has its own socket so that the hypervisor can
+    stop reading one guest (backpressure) and serve the VMs in turn."""
+    if bind.startswith("tcp://"):
+        host, _, port = bind[len("tcp://"):].rpartition(":")
+        if not port.isdigit() or int(port) == 0:
+            raise GvtError("EINVAL", f"the hypervisor's tcp endpoint {bind} needs a fixed port: "
+                           f"guest N connects to that port + N (or give --vm-bind N=ENDPOINT)")
+        return f"tcp://{host}:{int(port) + vm}"
+    return f"{bind}.vm{vm}"
+
+
 def needed_peers(role: str, cfg: dict) -> list[str]:
     if role == "gpu":
         # with the msg fabric the gpu does DMA by messages to region owners; the mediator is
@@ -80,7 +93,8 @@ class _GuestDriver:
 
 def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
              launcher: str | None, run_id: str, keys_dir: str | None = None, metrics_port: int = 0,
-             metrics_addr: str = "127.0.0.1", parent_death: bool = False) -> int:
+             metrics_addr: str = "127.0.0.1", parent_death: bool = False,
+             vm_binds: dict[int, str] | None = None) -> int:
     if role not in ROLES:
         raise GvtError("EINVAL", f"unknown role {role!r}; roles: {', '.join(ROLES)}")
     if role == "guest" and vm not in vm_ids(cfg):
@@ -128,7 +142,15 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
         core = _GuestDriver(GuestCore(vm, layout.vm_region(vm).frames, run["seed"], spec,
                                       launcher=ctl), ctl)
 
-    rt = Runtime(name, role, core, bind, vgpus=vm_ids(cfg), keys=keys,
+    if role == "hypervisor":
+        stray = sorted(set(vm_binds or {}) - set(vm_ids(cfg)))
+        if stray:
+            raise GvtError("EINVAL", f"--vm-bind for VM {stray[0]}, which is not in this run "
+                           f"(VMs {vm_ids(cfg)})")
+        vm_binds = {v: (vm_binds or {}).get(v) or vm_endpoint(bind, v) for v in vm_ids(cfg)}
+    elif vm_binds:
+        raise GvtError("EINVAL", "--vm-bind is for the hypervisor")
+    rt = Runtime(name, role, core, bind, vgpus=vm_ids(cfg), vm_binds=vm_binds, keys=keys,
                  link_silent_s=run["link_silent_s"])
     if owned.mem:
         rt.engine.serve(OwnedMemory.KINDS, owned.serve)

@@ -12,7 +12,7 @@ one never gets past the handshake; that is counted. ipc endpoints must sit in a 
 this user can enter.
 
 Bounds. Every socket refuses frames over the frame limit (ZMQ_MAXMSGSIZE) and queues at most
-HWM frames per peer; sends never block: a full queue or a peer that has gone is a counted drop
+frames per peer (RCVHWM in, SNDHWM out); sends never block: a full queue or a peer that has gone is a counted drop
 (for a task: an error it can handle). A connecting peer sends HEARTBEAT when it has been quiet;
 a ROUTER link silent for link_silent_s, or found gone by a send, is dropped.
 """
@@ -42,12 +42,15 @@ from nodes.wire.codec import (
     Envelope, decode, encode, encode_error, encode_reply,
 )
 from nodes.wire.link import Link, SendFailed
-from nodes.wire.schema import CONNECTS_TO, role_of
+from nodes.wire.schema import CONNECTS_TO, guest_name, role_of
 
 monotonic_ns = time.monotonic_ns
-HWM = 10_000                    # frames queued per peer and direction
-DRAIN_PER_SOCKET = 64           # frames taken from one socket before the next gets its turn
-DRAIN_BUDGET = 256             # frames per loop iteration, across sockets
+SNDHWM = 10_000                 # frames this node queues to one peer
+RCVHWM = 256                    # frames one peer can queue here: past it, it waits (backpressure)
+DRAIN_PER_SOCKET = 64           # frames taken from one socket before the next gets its turn...
+TURN_NS = 300_000               # ...or this much time, whichever comes first
+DRAIN_BUDGET = 256              # frames per loop iteration, across sockets...
+ITERATION_NS = 2_000_000        # ...or this much time: then timers, yielded tasks and the tick
 HOUSEKEEPING_NS = 500_000_000
 _HANDSHAKE_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
                      zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
@@ -105,15 +108,19 @@ def make_keys(directory: str | os.PathLike, names: Iterable[str]) -> Path:
 
 
 class _KeyAuthenticator(ThreadAuthenticator):
-    """pyzmq's ZAP authenticator, told which public keys may connect and whose they are: the
-    User-Id of an authenticated connection is the node name of its key."""
+    """pyzmq's ZAP authenticator, told which public keys may connect to which of this node's
+    sockets (a ZAP domain per socket) and whose they are: the User-Id of an authenticated
+    connection is the node name of its key."""
 
-    def __init__(self, ctx: zmq.Context, names_by_key: dict[bytes, str]):
+    def __init__(self, ctx: zmq.Context, names_by_key: dict[bytes, str],
+                 allowed: Callable[[str, str], bool]):
         super().__init__(ctx)
         self.names_by_key = names_by_key
+        self.allowed = allowed
 
     def callback(self, domain: str, z85_key: bytes) -> bool:
-        return z85_key in self.names_by_key
+        name = self.names_by_key.get(z85_key)
+        return name is not None and self.allowed(domain, name)
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self.names_by_key[z85.encode(client_public_key)]
@@ -135,10 +142,23 @@ def check_ipc_bind(endpoint: str) -> None:
 
 
 # ---- the runtime ---------------------------------------------------------------------------------
+class _Router:
+    """A ROUTER this node binds, the peers it accepts, and its links by ZeroMQ identity. A
+    hypervisor binds one per VM besides its main one, so it can stop reading a VM's socket
+    (backpressure toward that guest alone) and serve VMs in turn."""
+
+    __slots__ = ("sock", "monitor", "endpoint", "vm", "by_ident")
+
+    def __init__(self, sock: zmq.Socket, monitor: zmq.Socket, endpoint: str, vm: int):
+        self.sock, self.monitor, self.endpoint, self.vm = sock, monitor, endpoint, vm
+        self.by_ident: dict[bytes, Link] = {}
+
+
 class Runtime:
     def __init__(self, name: str, role: str, core: Any, bind: str, *, vgpus: Iterable[int],
-                 keys: Keys | None = None, max_frame: int = MAX_FRAME,
-                 link_silent_s: float = LINK_SILENT_S, heartbeat_s: float = HEARTBEAT_S):
+                 vm_binds: dict[int, str] | None = None, keys: Keys | None = None,
+                 max_frame: int = MAX_FRAME, link_silent_s: float = LINK_SILENT_S,
+                 heartbeat_s: float = HEARTBEAT_S):
         self.name, self.role, self.core = name, role, core
         self.vgpus = frozenset(vgpus)
         self.max_frame = max_frame
@@ -156,30 +176,27 @@ class Runtime:
                    ["reason"])
         st.counter("gvtbench_links_dropped", "Links dropped, by reason (gone, silent, replaced)",
                    ["reason"])
-        st.counter("gvtbench_disconnects", "Connections to this node's socket that ended (a peer "
+        st.counter("gvtbench_disconnects", "Connections to this node's sockets that ended (a peer "
                    "left, or sent a frame over the limit)")
         self.ctx = zmq.Context()
         self._auth: _KeyAuthenticator | None = None
-        self.router = self._socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._accepting = getattr(core, "accepting", None)     # vm -> read its socket now?
+        self.routers: list[_Router] = []
         if keys is not None:
-            allowed = {pub: n for n, pub in keys.peers.items() if self._may_connect(n)}  # z85 keys
-            self._auth = _KeyAuthenticator(self.ctx, allowed)
+            names = {pub: n for n, pub in keys.peers.items() if self._may_connect(n)}  # z85 keys
+            self._auth = _KeyAuthenticator(self.ctx, names, self._key_allowed)
             self._auth.start()
-            self._auth.configure_curve_callback("*", credentials_provider=self._auth)
-            self.router.curve_server = True
-            self.router.curve_publickey = keys.public
-            self.router.curve_secretkey = keys.secret
-        self._monitor = self.router.get_monitor_socket(sum(_HANDSHAKE_EVENTS) | zmq.EVENT_DISCONNECTED)
-        check_ipc_bind(bind)
-        self.router.bind(bind)
-        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._by_ident: dict[bytes, Link] = {}
+        self.routers = [self._bind(bind, 0)]
+        self.routers += [self._bind(ep, vm) for vm, ep in sorted((vm_binds or {}).items())]
+        self.router = self.routers[0].sock
+        self.endpoint = self.routers[0].endpoint
         self._dealers: dict[zmq.Socket, Link] = {}
         self._poller = zmq.Poller()
-        self._poller.register(self.router, zmq.POLLIN)
-        self._poller.register(self._monitor, zmq.POLLIN)
-        self._fd_cache: list[int] = []
+        for r in self.routers:
+            self._poller.register(r.sock, zmq.POLLIN)
+            self._poller.register(r.monitor, zmq.POLLIN)
+        self._gated: set[int] = set()           # VMs whose socket is not read for now
+        self._fd_cache: list[int] | None = None
         self._next_housekeeping = 0
         self.stopping = False
         self.on_stop: list[Callable[[], None]] = []
@@ -189,16 +206,49 @@ class Runtime:
     def _socket(self, kind: int) -> zmq.Socket:
         s = self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, HWM)
-        s.setsockopt(zmq.RCVHWM, HWM)
+        s.setsockopt(zmq.SNDHWM, SNDHWM)
+        s.setsockopt(zmq.RCVHWM, RCVHWM)
         s.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
         s.setsockopt(zmq.HEARTBEAT_IVL, 2000)       # tcp: find dead connections
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
         return s
 
+    def _bind(self, endpoint: str, vm: int) -> _Router:
+        sock = self._socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if self.keys is not None:
+            domain = f"vm{vm}" if vm else "main"
+            sock.zap_domain = domain.encode()
+            self._auth.configure_curve_callback(domain, credentials_provider=self._auth)
+            sock.curve_server = True
+            sock.curve_publickey = self.keys.public
+            sock.curve_secretkey = self.keys.secret
+        monitor = sock.get_monitor_socket(sum(_HANDSHAKE_EVENTS) | zmq.EVENT_DISCONNECTED)
+        check_ipc_bind(endpoint)
+        sock.bind(endpoint)
+        return _Router(sock, monitor, sock.getsockopt_string(zmq.LAST_ENDPOINT), vm)
+
     def _may_connect(self, name: str) -> bool:
         role, vm = role_of(name)
         return role in CONNECTS_TO[self.role] and (role != "guest" or vm in self.vgpus)
+
+    def _accepts(self, r: _Router, name: str) -> str | None:
+        """Why `name` may not connect on this socket (None: it may)."""
+        role, vm = role_of(name)
+        if not self._may_connect(name):
+            return f"{name} may not connect to {self.name}" + (
+                f": VM {vm} is not in this run" if role == "guest" and vm not in self.vgpus else "")
+        if r.vm and name != guest_name(r.vm):
+            return f"this endpoint of {self.name} is VM {r.vm}'s guest's only"
+        if not r.vm and role == "guest" and len(self.routers) > 1:
+            return f"{name} connects to its own VM's endpoint of {self.name}, not this one"
+        return None
+
+    def _key_allowed(self, domain: str, name: str) -> bool:
+        """ZAP: may the holder of `name`'s key connect on the socket of this domain?"""
+        vm = int(domain[2:]) if domain.startswith("vm") else 0
+        r = next((r for r in self.routers if r.vm == vm), None)
+        return r is not None and self._accepts(r, name) is None
 
     def _max_outstanding(self, name: str) -> int:
         # a guest speaks for its VM; the other roles for every VM of the run
@@ -230,6 +280,7 @@ class Runtime:
         self.engine.add_link(link)
         self._dealers[s] = link
         self._poller.register(s, zmq.POLLIN)
+        self._fd_cache = None
         return link
 
     def hello_task(self, peers: Iterable[str]) -> Iterator[Any]:
@@ -248,20 +299,20 @@ class Runtime:
                 "max_posted_writes": MAX_POSTED_WRITES}
 
     # ---- links that connect to us ----------------------------------------------------------------
-    def _router_send(self, ident: bytes, frame: bytes) -> None:
+    def _router_send(self, r: _Router, ident: bytes, frame: bytes) -> None:
         try:
-            self.router.send_multipart((ident, frame), zmq.NOBLOCK)
+            r.sock.send_multipart((ident, frame), zmq.NOBLOCK)
         except zmq.Again:
             raise SendFailed("EAGAIN", "the peer's queue is full") from None
         except zmq.ZMQError as err:
-            link = self._by_ident.get(ident)
+            link = r.by_ident.get(ident)
             if link is not None and not link.gone_at:
                 link.gone_at = monotonic_ns()       # dropped at the next housekeeping
             raise SendFailed("EHOSTUNREACH", f"the peer has gone ({err})") from None
 
-    def _on_hello(self, ident: bytes, env: Envelope, uid: str | None, now: int) -> None:
+    def _on_hello(self, r: _Router, ident: bytes, env: Envelope, uid: str | None, now: int) -> None:
         p = env.payload
-        link = self._by_ident.get(ident)
+        link = r.by_ident.get(ident)
         if p["version"] != PROTOCOL_VERSION:
             self._count_bad("version")
             raise GvtError("EPROTO", f"protocol version mismatch: peer speaks {p['version']}, "
@@ -271,23 +322,23 @@ class Runtime:
             self._reply_hello(link, env, now)
             return
         name = p["name"]
-        role, vm = role_of(name)
+        role, _vm = role_of(name)
         if uid is not None and name != uid:
             raise GvtError("EPERM", f"this connection's key is {uid}'s; it cannot speak as {name}")
         if p["role"] != role:
             raise GvtError("EINVAL", f"{name} is a {role}, not a {p['role'][:16]}")
-        if not self._may_connect(name):
-            raise GvtError("EPERM", f"{name} may not connect to {self.name}"
-                           + (f": VM {vm} is not in this run" if role == "guest" else ""))
+        refusal = self._accepts(r, name)
+        if refusal:
+            raise GvtError("EPERM", refusal)
         old = self.engine.links.get(name)
         if old is not None:
             if old in self._dealers.values() or not self._is_gone(old, now):
                 raise GvtError("EEXIST", f"a peer named {name} is connected already")
             self._drop(old, "replaced", now)
-        link = Link(name, lambda frame: self._router_send(ident, frame),
+        link = Link(name, lambda frame: self._router_send(r, ident, frame),
                     max_outstanding=self._max_outstanding(name))
         link.version = p["version"]
-        self._by_ident[ident] = link
+        r.by_ident[ident] = link
         self.engine.add_link(link)
         self._reply_hello(link, env, now)
 
@@ -312,9 +363,10 @@ class Runtime:
                   counted=False)
 
     def _drop(self, link: Link, reason: str, now: int) -> None:
-        for ident, l in list(self._by_ident.items()):
-            if l is link:
-                del self._by_ident[ident]
+        for r in self.routers:
+            for ident, l in list(r.by_ident.items()):
+                if l is link:
+                    del r.by_ident[ident]
         if self.engine.links.get(link.name) is link:
             self.engine.drop_link(link.name, now)
         self.engine.stats.inc("gvtbench_links_dropped", (reason,))
@@ -334,38 +386,38 @@ class Runtime:
         self.engine.stats.inc("gvtbench_bad_frames", (reason,))
 
     # ---- receiving ---------------------------------------------------------------------------
-    def _on_frame(self, link: Link | None, ident: bytes | None, frame: bytes, uid: str | None,
-                  now: int) -> None:
-        sock = self.router if ident is not None else None
+    def _on_frame(self, r: _Router | None, link: Link | None, ident: bytes | None, frame: bytes,
+                  uid: str | None, now: int) -> None:
         try:
             env = decode(frame, self.max_frame)
         except WireError as err:
             self._count_bad(err.code)
             if link is not None:
                 self.engine.send_error(link, Envelope("?", err.seq or 1, 0, 0, 0, 1, None), err)
-            elif sock is not None:
-                self._refuse(ident, sock, err.seq, err.code, err.text)
+            elif r is not None:
+                self._refuse(ident, r.sock, err.seq, err.code, err.text)
             return
-        if ident is not None and uid is not None and link is not None and uid != link.name:
-            self._count_bad("auth")     # another key speaking on this link's identity
-            self._refuse(ident, self.router, env.seq, "EPERM",
-                         f"this connection's key is {uid}'s, not {link.name}'s")
-            return
-        if env.kind == "HELLO":
-            if ident is None:           # only the side that connected says HELLO
+        if r is None:                   # a link we opened
+            if env.kind == "HELLO":     # only the side that connects says HELLO
                 self._count_bad("EPROTO")
                 self.engine.send_error(link, env, GvtError("EPROTO", "HELLO comes from the side "
                                                             "that connects"))
                 return
+        elif uid is not None and link is not None and uid != link.name:
+            self._count_bad("auth")     # another key speaking on this link's identity
+            self._refuse(ident, r.sock, env.seq, "EPERM",
+                         f"this connection's key is {uid}'s, not {link.name}'s")
+            return
+        elif env.kind == "HELLO":
             try:
-                self._on_hello(ident, env, uid, now)
+                self._on_hello(r, ident, env, uid, now)
             except GvtError as err:
                 self.engine.stats.inc("gvtbench_refused_messages", ("?", "HELLO", err.code))
-                self._refuse(ident, self.router, env.seq, err.code, err.text)
+                self._refuse(ident, r.sock, env.seq, err.code, err.text)
             return
-        if link is None:
+        elif link is None:
             self._count_bad("no_hello")
-            self._refuse(ident, self.router, env.seq, "EPROTO",
+            self._refuse(ident, r.sock, env.seq, "EPROTO",
                          f"{env.kind} before HELLO: say HELLO with protocol version first")
             return
         if env.kind == "HEARTBEAT":
@@ -373,42 +425,51 @@ class Runtime:
             return
         self.engine.deliver(link, env, now)
 
-    def _drain_router(self, budget: int) -> int:
+    def _drain_router(self, r: _Router, budget: int, deadline: int) -> int:
         if self.keys is None:
-            return self._drain_router_plain(budget)
+            return self._drain_router_plain(r, budget, deadline)
+        sock = r.sock
+        gate = self._accepting if r.vm else None
         for n in range(budget):
             try:
-                parts = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return n
             now = monotonic_ns()
             if len(parts) != 2:
                 self._count_bad("multipart")
-                self._refuse(parts[0].bytes, self.router, 0, "EBADMSG", "one frame per message")
+                self._refuse(parts[0].bytes, sock, 0, "EBADMSG", "one frame per message")
                 continue
             ident, frame = parts[0].bytes, parts[1].bytes
-            self._on_frame(self._by_ident.get(ident), ident, frame, parts[1].get("User-Id"), now)
+            self._on_frame(r, r.by_ident.get(ident), ident, frame, parts[1].get("User-Id"), now)
+            if now >= deadline or (gate is not None and not gate(r.vm)):
+                return n + 1
         return budget
 
-    def _drain_router_plain(self, budget: int) -> int:
+    def _drain_router_plain(self, r: _Router, budget: int, deadline: int) -> int:
         """Two recv calls per message rather than recv_multipart: the hot path of every node."""
-        recv = self.router.recv
+        sock = r.sock
+        recv = sock.recv
+        gate = self._accepting if r.vm else None
         for n in range(budget):
             try:
                 ident = recv(zmq.NOBLOCK)
             except zmq.Again:
                 return n
-            frame = recv(zmq.NOBLOCK) if self.router.rcvmore else b""
-            if self.router.rcvmore or not frame:
-                while self.router.rcvmore:
+            frame = recv(zmq.NOBLOCK) if sock.rcvmore else b""
+            if sock.rcvmore or not frame:
+                while sock.rcvmore:
                     recv(zmq.NOBLOCK)
                 self._count_bad("multipart")
-                self._refuse(ident, self.router, 0, "EBADMSG", "one frame per message")
+                self._refuse(ident, sock, 0, "EBADMSG", "one frame per message")
                 continue
-            self._on_frame(self._by_ident.get(ident), ident, frame, None, monotonic_ns())
+            now = monotonic_ns()
+            self._on_frame(r, r.by_ident.get(ident), ident, frame, None, now)
+            if now >= deadline or (gate is not None and not gate(r.vm)):
+                return n + 1
         return budget
 
-    def _drain_dealer(self, sock: zmq.Socket, budget: int) -> int:
+    def _drain_dealer(self, sock: zmq.Socket, budget: int, deadline: int) -> int:
         link = self._dealers[sock]
         for n in range(budget):
             try:
@@ -418,13 +479,16 @@ class Runtime:
             if len(parts) != 1:
                 self._count_bad("multipart")
                 continue
-            self._on_frame(link, None, parts[0], None, monotonic_ns())
+            now = monotonic_ns()
+            self._on_frame(None, link, None, parts[0], None, now)
+            if now >= deadline:
+                return n + 1
         return budget
 
-    def _drain_monitor(self) -> None:
+    def _drain_monitor(self, monitor: zmq.Socket) -> None:
         while True:
             try:
-                ev = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+                ev = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
             reason = _HANDSHAKE_EVENTS.get(ev["event"])
@@ -433,22 +497,48 @@ class Runtime:
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
                 self.engine.stats.inc("gvtbench_disconnects")
 
+    def _gate(self) -> None:
+        """Stop reading the socket of a VM its core cannot take more from (backpressure toward
+        that guest: ZeroMQ holds its frames, then its sends wait); read it again once it can."""
+        if self._accepting is None or len(self.routers) == 1:
+            return
+        gated = {r.vm for r in self.routers[1:] if not self._accepting(r.vm)}
+        if gated != self._gated:
+            for r in self.routers[1:]:
+                if r.vm in gated and r.vm not in self._gated:
+                    self._poller.unregister(r.sock)
+                elif r.vm in self._gated and r.vm not in gated:
+                    self._poller.register(r.sock, zmq.POLLIN)
+            self._gated = gated
+            self._fd_cache = None
+
     def _drain(self, ready: list) -> None:
-        """Take frames from the ready sockets in turn, so a flood on one does not starve the
-        others, up to a budget per loop iteration."""
-        socks = [s for s, _ in ready]
+        """Take frames from the sockets in turn, so a flood on one does not starve the others (a
+        turn ends after DRAIN_PER_SOCKET frames or TURN_NS), up to a budget of frames and of time
+        per loop iteration. Every socket gets its turns, not only those ready when the iteration
+        began: an answer that comes in meanwhile is taken in this iteration, not the next."""
+        if ready:                       # handshake events are rare: only when poll saw some
+            for r in self.routers:
+                self._drain_monitor(r.monitor)
+        socks: list[Any] = [r for r in self.routers if r.vm not in self._gated] + list(self._dealers)
         budget = DRAIN_BUDGET
+        end = monotonic_ns() + ITERATION_NS
         while socks and budget > 0:
             for s in list(socks):
-                if s is self._monitor:
-                    self._drain_monitor()
-                    socks.remove(s)
-                    continue
                 take = min(DRAIN_PER_SOCKET, budget)
-                got = self._drain_router(take) if s is self.router else self._drain_dealer(s, take)
+                deadline = min(end, monotonic_ns() + TURN_NS)
+                if type(s) is _Router:
+                    if s.vm and self._accepting is not None and not self._accepting(s.vm):
+                        socks.remove(s)     # that VM has enough waiting: leave the rest queued
+                        continue
+                    got = self._drain_router(s, take, deadline)
+                else:
+                    got = self._drain_dealer(s, take, deadline)
                 budget -= got
-                if got < take:
-                    socks.remove(s)
+                if got < take and monotonic_ns() < deadline:
+                    socks.remove(s)         # empty, or its VM gated (not just out of time)
+            if monotonic_ns() >= end:
+                return
 
     # ---- control ------------------------------------------------------------------------------
     def _shutdown(self, env: Envelope, now: int) -> bool:
@@ -457,11 +547,13 @@ class Runtime:
 
     def _housekeeping(self, now: int) -> None:
         self._next_housekeeping = now + HOUSEKEEPING_NS
-        for link in list(self._by_ident.values()):
-            if link.gone_at:
-                self._drop(link, "gone", now)
-            elif now - link.last_rx > self.link_silent_ns and link.outstanding == 0:
-                self._drop(link, "silent", now)
+        for r in self.routers:
+            for link in list(r.by_ident.values()):
+                if link.gone_at:
+                    self._drop(link, "gone", now)
+                elif (now - link.last_rx > self.link_silent_ns and link.outstanding == 0
+                      and r.vm not in self._gated):     # a gated peer is quiet because we wait
+                    self._drop(link, "silent", now)
         for link in self._dealers.values():
             if now - link.last_tx > self.heartbeat_ns and link.version:
                 try:
@@ -495,10 +587,10 @@ class Runtime:
                         except InterruptedError:
                             pass
                     ready = self._poller.poll(0)
-                if ready:
-                    self._drain(ready)
+                self._drain(ready)
                 now = monotonic_ns()
                 engine.step(now)
+                self._gate()
                 if now >= self._next_housekeeping:
                     self._housekeeping(now)
         finally:
@@ -510,8 +602,9 @@ class Runtime:
 
     @property
     def _fds(self) -> list[int]:
-        socks = [self.router, *self._dealers, self._monitor]
-        if len(self._fd_cache) != len(socks):
+        if self._fd_cache is None:
+            socks = [r.sock for r in self.routers if r.vm not in self._gated]
+            socks += [r.monitor for r in self.routers] + list(self._dealers)
             self._fd_cache = [s.getsockopt(zmq.FD) for s in socks]
         return self._fd_cache
 
@@ -521,7 +614,8 @@ class Runtime:
             self._http.server_close()
         if self._auth is not None:
             self._auth.stop()
-        self.router.disable_monitor()
+        for r in self.routers:
+            r.sock.disable_monitor()
         self.ctx.destroy(linger=0)
 
     # ---- observability -----------------------------------------------------------------------

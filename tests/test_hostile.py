@@ -120,12 +120,12 @@ def test_on_tcp_a_peer_without_the_right_key_never_reaches_the_node(tcp_cluster,
     g = c.guest(1)                                  # guest1's own key works
     g.close()
     nokey = RawPeer(c.eps["hypervisor"], "guest1")  # no CURVE at all
-    assert nokey.hello() is None
+    assert nokey.hello(timeout_ms=2000) is None
     nokey.close()
     zmq.auth.create_certificates(tmp_path, "guest1")        # a key that is not the run's
     shutil.copy(c.keys / "hypervisor.key", tmp_path / "hypervisor.key")
     wrong = RawPeer(c.eps["hypervisor"], "guest1", keys=tmp_path, server="hypervisor")
-    assert wrong.hello() is None
+    assert wrong.hello(timeout_ms=2000) is None
     wrong.close()
     text = wait_for(lambda: (t := c.metrics("hypervisor")) and
                     metric(t, "gvtbench_handshake_failures_total", reason="auth") >= 1 and
@@ -151,12 +151,13 @@ def test_on_tcp_a_key_speaks_only_for_its_own_name(tcp_cluster):
         r = g.call(kind, payload, vm)
         assert r[0] == "ERROR" and r[6]["code"] == "EPERM", (kind, r)
     g.close()
-    # guest2's key on guest1's identity, once guest1 has gone: refused, not taken for guest1
-    spoof = c.peer("hypervisor", "guest2", identity="guest1")
-    r = spoof.call("MMIO_READ", {"off": GPR0, "size": 4}, 1)
-    assert r[0] == "ERROR" and r[6]["code"] == "EPERM" and "guest2's" in r[6]["text"], r
+    # guest2's key on guest1's endpoint and identity, once guest1 has gone: the handshake fails,
+    # each VM's endpoint takes its own guest's key only
+    spoof = c.peer("hypervisor", "guest2", identity="guest1", vm=1)
+    assert spoof.call("MMIO_READ", {"off": GPR0, "size": 4}, 1, timeout_ms=2000) is None
     spoof.close()
-    assert metric(c.metrics("hypervisor"), "gvtbench_bad_frames_total", reason="auth") == 1
+    wait_for(lambda: metric(c.metrics("hypervisor"), "gvtbench_handshake_failures_total", reason="auth") >= 1,
+             30, "the refused handshake to be counted")
 
 
 def test_a_node_refuses_tcp_without_keys_and_ipc_in_a_shared_directory(tmp_path):
@@ -259,6 +260,9 @@ def test_a_silent_link_is_dropped(short_ipc_dir):
 
 
 def test_posted_writes_to_a_stalled_mediator_meet_backpressure(cluster):
+    """With the mediator stopped, a guest's writes pile up at the hypervisor only to half the
+    bound; then the hypervisor stops reading that guest (its frames wait in the socket, then its
+    sends block): nothing is lost, nothing is refused, and the hypervisor holds a bounded amount."""
     g = cluster.guest(1)
     pid = cluster.procs["mediator"].pid
     os.kill(pid, signal.SIGSTOP)
@@ -267,15 +271,20 @@ def test_posted_writes_to_a_stalled_mediator_meet_backpressure(cluster):
                  "val": (1).to_bytes(8, "little") * 4096}
         for w in range(1, 41):                                   # 163840 writes
             g.send("MMIO_WRITE_BATCH", {**batch, "w": w}, 1, want_reply=False)
-        refused = [g.recv(5000) for _ in range(8)]
-        assert all(r and r[0] == "WRITE_DONE" and r[6]["status"] == "failed" and "EAGAIN" in r[6]["reason"]
-                   for r in refused)
-        assert [r[6]["first"] for r in refused] == list(range(33, 41))
-        text = cluster.metrics("hypervisor")
-        assert metric(text, "gvtbench_hv_posted_writes", vgpu="1") <= 1 << 17
+        posted = wait_for(lambda: metric(cluster.metrics("hypervisor"), "gvtbench_hv_posted_writes",
+                                         vgpu="1") >= 1 << 16 and
+                          metric(cluster.metrics("hypervisor"), "gvtbench_hv_posted_writes", vgpu="1"),
+                          20, "the hypervisor to take half its bound")
+        time.sleep(0.5)
+        again = metric(cluster.metrics("hypervisor"), "gvtbench_hv_posted_writes", vgpu="1")
+        assert (1 << 16) <= posted == again < (1 << 16) + 4096    # it stopped reading
+        assert g.recv(300) is None                                 # nothing refused
     finally:
         os.kill(pid, signal.SIGCONT)
-        g.close()
+    done = [g.recv(30000) for _ in range(40)]
+    assert [d[6]["status"] for d in done] == ["ok"] * 40
+    assert sorted(d[6]["first"] for d in done) == list(range(1, 41))
+    g.close()
 
 
 # ---- one VM cannot starve another ------------------------------------------------------------------
@@ -287,13 +296,14 @@ def test_a_flooding_vm_does_not_hold_back_its_neighbours_read(cluster):
              "val": (7).to_bytes(8, "little") * 4096}
     for w in range(1, 33):
         g1.send("MMIO_WRITE_BATCH", {**batch, "w": w}, 1, want_reply=False)
-    wait_for(lambda: metric(cluster.metrics("hypervisor"), "gvtbench_posted_writes_total", vgpu="1") > 0
-             or metric(cluster.metrics("hypervisor"), "gvtbench_trap_batches_total", vgpu="1") > 0, 20,
-             "vm1's flood to arrive")
+    wait_for(lambda: metric(cluster.metrics("hypervisor"), "gvtbench_trap_batches_total", vgpu="1") > 0,
+             20, "vm1's flood to arrive")
     r = g2.call("MMIO_READ", {"off": GPR0, "size": 4}, 2)
-    queued = metric(cluster.metrics("hypervisor"), "gvtbench_hv_posted_writes", vgpu="1")
+    text = cluster.metrics("hypervisor")
     assert r[0] == "REPLY"
-    assert queued > 60000, queued                 # vm1's writes were still waiting
+    # vm1's writes were still waiting at the hypervisor, most of them not done yet
+    assert metric(text, "gvtbench_hv_posted_writes", vgpu="1") > 30000
+    assert metric(text, "gvtbench_posted_writes_total", vgpu="1") < 100000
     done = [g1.recv(60000) for _ in range(32)]
     assert all(d and d[6]["status"] == "ok" for d in done)
     g1.close()

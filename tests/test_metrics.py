@@ -20,8 +20,8 @@ def test_standalone_nodes_metrics(tmp_path):
     keys = tmp_path / "keys"
     subprocess.run([sys.executable, "-m", "bench.cli", "keys", str(keys), "--config", str(cfg)],
                    check=True, capture_output=True, timeout=60)
-    eps = {n: f"tcp://127.0.0.1:{free_port()}" for n in ("gpu", "mediator", "hypervisor", "guest1")}
-    ports = {n: free_port() for n in eps}
+    eps = {n: f"tcp://127.0.0.1:{free_port()}" for n in ("gpu", "mediator", "hypervisor", "guest1", "vm1")}
+    ports = {n: free_port() for n in ("gpu", "mediator", "hypervisor", "guest1")}
     k = ["--keys", str(keys)]
 
     def node(role, name, *peer):
@@ -30,8 +30,9 @@ def test_standalone_nodes_metrics(tmp_path):
     procs = {
         "gpu": node("gpu", "gpu"),
         "mediator": node("mediator", "mediator", "--peer", f"gpu={eps['gpu']}"),
-        "hypervisor": node("hypervisor", "hypervisor", "--peer", f"mediator={eps['mediator']}"),
-        "guest1": node("guest", "guest1", "--peer", f"hypervisor={eps['hypervisor']}", "--vm", "1"),
+        "hypervisor": node("hypervisor", "hypervisor", "--peer", f"mediator={eps['mediator']}",
+                           "--vm-bind", f"1={eps['vm1']}"),
+        "guest1": node("guest", "guest1", "--peer", f"hypervisor={eps['vm1']}", "--vm", "1"),
     }
     try:
         def done():
@@ -73,7 +74,7 @@ def test_inject_msi_reaches_the_guest_through_real_processes(tmp_path, short_ipc
     port = free_port()
     hv = start_node("hypervisor", cfg, f"ipc://{short_ipc_dir}/hv", "--peer",
                     f"mediator=ipc://{short_ipc_dir}/med", metrics_port=port, log=tmp_path / "hv.log")
-    guests = [RawPeer(f"ipc://{short_ipc_dir}/hv", f"guest{vm}") for vm in (1, 2)]
+    guests = [RawPeer(f"ipc://{short_ipc_dir}/hv.vm{vm}", f"guest{vm}") for vm in (1, 2)]
     try:
         link = med.accept_hello()
         for g in guests:

@@ -23,3 +23,16 @@ def test_perf_trap_json():
                 "posted_writes_per_s", "gtt_entries_per_s"):
         assert res[key] > 0, key
     assert len(res["rounds"]) == 1
+
+
+def test_perf_neighbour_json():
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "neighbour", "--seconds", "0.5",
+                        "--rounds", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for key in ("alone_p50_us", "alone_p99_us", "flooded_p50_us", "flooded_p99_us", "p99_ratio"):
+        assert res[key] > 0, key
+    (rnd,) = res["rounds"]
+    assert rnd["vm1_posted_at_end"] > 0          # vm1 really was flooding while vm2 read
+    assert rnd["flooded"]["count"] > 0 and rnd["flooded_stages"]["hypervisor"]["count"] > 0
+    assert isinstance(res["target_met"], bool)

@@ -29,7 +29,8 @@ def test_node_survives_bad_frames(role, cfg_file, short_ipc_dir, tmp_path):
     ep = f"ipc://{short_ipc_dir}/n"
     port = free_port()
     proc = start_node(role, cfg_file, ep, *args, metrics_port=port, log=tmp_path / "node.log")
-    peer = RawPeer(ep, name or "guest1")
+    # a guest talks to the hypervisor's endpoint for its VM
+    peer = RawPeer(ep + (".vm1" if role == "hypervisor" else ""), name or "guest1")
     try:
         # before HELLO: refused, with the reason
         r = peer.call("MMIO_READ", {"off": 0, "size": 4})
@@ -74,6 +75,24 @@ def test_node_survives_bad_frames(role, cfg_file, short_ipc_dir, tmp_path):
         assert proc.poll() is None
     finally:
         peer.close()
+        stop(proc)
+
+
+def test_a_guest_uses_only_its_own_vms_endpoint(cfg_file, short_ipc_dir, tmp_path):
+    cfg_file.write_text("[vgpus]\ncount = 2\nram_mib = 4\n")
+    ep = f"ipc://{short_ipc_dir}/hv"
+    proc = start_node("hypervisor", cfg_file, ep, "--peer", "mediator=ipc:///tmp/gvtt-nobody-med",
+                      log=tmp_path / "hv.log")
+    try:
+        for endpoint, name in ((ep, "guest1"), (ep + ".vm2", "guest1"), (ep + ".vm1", "guest2")):
+            p = RawPeer(endpoint, name)
+            r = p.hello()
+            p.close()
+            assert r[0] == "ERROR" and r[6]["code"] == "EPERM", (endpoint, name, r)
+        p = RawPeer(ep + ".vm2", "guest2")
+        assert p.hello()[0] == "REPLY"
+        p.close()
+    finally:
         stop(proc)
 
 

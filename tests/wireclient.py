@@ -60,11 +60,12 @@ class RawPeer:
             if r is None or r[2] == seq:
                 return r
 
-    def hello(self, version: int = PROTOCOL_VERSION, name: str | None = None, role: str | None = None) -> Any:
+    def hello(self, version: int = PROTOCOL_VERSION, name: str | None = None, role: str | None = None,
+              timeout_ms: int = 10000) -> Any:
         name = name or self.name
         if role is None:
             role = re.sub(r"\d+$", "", name) if re.fullmatch(r"(guest\d+|gpu|mediator|hypervisor|launcher)", name) else "test"
-        return self.call("HELLO", {"name": name, "role": role, "version": version})
+        return self.call("HELLO", {"name": name, "role": role, "version": version}, timeout_ms=timeout_ms)
 
     def close(self) -> None:
         self.ctx.destroy(linger=0)
@@ -143,13 +144,17 @@ class Cluster:
         self.cfg = directory / "c.toml"
         self.cfg.write_text(cfg_text or "[vgpus]\ncount = 2\nram_mib = 8\n")
         self.keys = None
+        from bench import config
+        vms = range(1, config.load(self.cfg)["vgpus"]["count"] + 1)
         if transport == "tcp":
             self.keys = directory / "keys"
             subprocess.run([sys.executable, "-m", "bench.cli", "keys", str(self.keys), "--config",
                             str(self.cfg)], check=True, capture_output=True, timeout=60)
             self.eps = {r: f"tcp://127.0.0.1:{free_port()}" for r in roles}
+            self.vm_eps = {vm: f"tcp://127.0.0.1:{free_port()}" for vm in vms}
         else:
             self.eps = {r: f"ipc://{directory}/{r[:3]}" for r in roles}
+            self.vm_eps = {vm: f"{self.eps.get('hypervisor')}.vm{vm}" for vm in vms}
         self.ports = {r: free_port() for r in roles}
         self.procs: dict[str, subprocess.Popen] = {}
         peers = {"mediator": "gpu", "hypervisor": "mediator"}
@@ -157,6 +162,8 @@ class Cluster:
             extra = ["--peer", f"{peers[r]}={self.eps[peers[r]]}"] if r in peers else []
             if self.keys:
                 extra += ["--keys", str(self.keys)]
+            if r == "hypervisor":
+                extra += [a for vm, ep in self.vm_eps.items() for a in ("--vm-bind", f"{vm}={ep}")]
             self.procs[r] = start_node(r, self.cfg, self.eps[r], *extra, metrics_port=self.ports[r],
                                        log=directory / f"{r}.log")
         for r in roles:
@@ -169,11 +176,16 @@ class Cluster:
         except OSError:
             return False
 
-    def peer(self, to: str, name: str, **kw: Any) -> RawPeer:
+    def peer(self, to: str, name: str, *, vm: int | None = None, **kw: Any) -> RawPeer:
+        """A raw peer connected to node `to`; with `vm`, to the hypervisor's endpoint of that
+        VM's guest (by default a peer named guestN connects to VM N's)."""
         if self.keys is not None:
             kw.setdefault("keys", self.keys)
             kw.setdefault("server", to)
-        return RawPeer(self.eps[to], name, **kw)
+        if vm is None and to == "hypervisor" and re.fullmatch(r"guest\d+", name):
+            vm = int(name[5:])
+        endpoint = self.vm_eps[vm] if vm else self.eps[to]
+        return RawPeer(endpoint, name, **kw)
 
     def metrics(self, role: str) -> str:
         return scrape(self.ports[role])

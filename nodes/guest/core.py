@@ -347,7 +347,7 @@ class GuestCore:
             self.stats.inc("gvtbench_guest_irqs", (self.vm,))
             return None
         if kind == "START":
-            return self.boot_and_start(p.get("load", True), p.get("spec"))
+            return self.boot_and_start(p.get("load", True), p.get("spec"), now)
         if kind == "VERIFY_PLAN":
             return self.verify_plan(p["nonce"], p["page"])
         if kind == "VERIFY":
@@ -409,10 +409,14 @@ class GuestCore:
         self.gpr_base[k] = entry[1]
         del hist[:i + 1]
 
-    def boot_and_start(self, load: bool, spec: dict | None) -> Iterator[Any]:
+    def boot_and_start(self, load: bool, spec: dict | None, now: int = 0) -> Iterator[Any]:
+        """Boot if not booted yet, then (load) start the load: when boot ended, or `now` if the
+        guest had booted before."""
+        start_at = now
         try:
             if self.state in ("idle", "failed"):
                 pv = yield from self.boot()
+                start_at = self.last_reply_at
             else:
                 pv = dict(self.pv)
         except GvtError as err:
@@ -420,7 +424,7 @@ class GuestCore:
             self.state = "failed"
             raise
         if load:
-            self.start(self.last_reply_at, spec)    # the load starts when boot ended
+            self.start(start_at, spec)
         return pv
 
     # ---- verdict -----------------------------------------------------------------------------

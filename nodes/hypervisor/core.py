@@ -91,6 +91,12 @@ class HypervisorCore:
         s.gauge("gvtbench_hv_posted_writes", "Posted writes of a VM queued or in flight", ["vgpu"])
         s.gauge("gvtbench_hv_pinned_pages", "Guest pages pinned by the mediator", ["vgpu"])
 
+    def accepting(self, vm_id: int) -> bool:
+        """Whether the shell should read more from this VM's guest now: not while half its
+        bound of posted writes waits (the rest of the bound absorbs what is already read)."""
+        vm = self.vms.get(vm_id)
+        return vm is None or vm.queued + vm.in_flight < self.max_posted // 2
+
     def _vm(self, vm_id: int) -> Vm:
         vm = self.vms.get(vm_id)
         if vm is None:
@@ -111,8 +117,7 @@ class HypervisorCore:
             if len(offs) != 4 * n or len(vals) != 8 * n:
                 raise GvtError("EINVAL", f"a write batch needs as many offsets, sizes and values; "
                                f"got {len(offs) // 4}, {n} and {len(vals) // 8}")
-            n_gtt = int(np.count_nonzero(np.frombuffer(offs, dtype="<u4") >= bar0.GTT_OFFSET))
-            return self._posted(vm, offs, sizes, vals, n, n_gtt, p.get("w", 0), now)
+            return self._posted(vm, offs, sizes, vals, n, -1, p.get("w", 0), now)
         if kind == "MMIO_READ":
             return self._read(vm, p["off"], p["size"])
         if kind == "GPA_READ":
@@ -139,6 +144,8 @@ class HypervisorCore:
                                           f"EAGAIN: VM {vm.id} has {vm.queued + vm.in_flight} posted "
                                           f"writes queued or in flight, the limit is {self.max_posted}"))
             return None
+        if n_gtt < 0:               # counted only once accepted: refusing must stay cheap
+            n_gtt = int(np.count_nonzero(np.frombuffer(offs, dtype="<u4") >= bar0.GTT_OFFSET))
         tail = vm.fifo[-1] if vm.fifo else None
         if not isinstance(tail, _Writes) or len(tail) + n > self.batch_max:
             tail = _Writes(w)
