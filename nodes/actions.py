@@ -9,7 +9,7 @@ and a finished Call carries the time its reply arrived in `done_at`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nodes.errors import CallTimeout, GvtError  # noqa: F401  (re-exported for cores)
@@ -61,12 +61,6 @@ class Wait:
 class Signal:
     """Set `event` and resume the tasks waiting for it, in the order they began to wait."""
     event: Event
-
-
-@dataclass(slots=True)
-class Spawn:
-    """Start another task (from tick or an outbox); it answers nobody."""
-    task: Any = field(repr=False)
 
 
 YIELD = Sleep(0.0)

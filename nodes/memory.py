@@ -190,9 +190,9 @@ class OwnedMemory:
 
 
 class Fabric:
-    """Reads and writes of machine memory for a node that does not own it (the gpu's DMA).
+    """Writes to machine memory by a node that does not own it (the gpu's DMA).
 
-    Methods are task fragments: `data = yield from fabric.read(...)`. With shm they complete
+    Methods are task fragments: `yield from fabric.write_many(...)`. With shm they complete
     without yielding; with msg they yield one Call per owner.
     """
 
@@ -218,23 +218,6 @@ class Fabric:
                 rm = self._attached[r.name] = RegionMemory.attach(r, self.run_id)
             return rm
         return None
-
-    def read_many(self, ops: list[tuple[int, int, int]]) -> Iterator[Any]:
-        """ops: (mfn, off, len) -> list of bytes, in order."""
-        out: list[bytes | None] = [None] * len(ops)
-        remote: dict[str, list[int]] = {}
-        for i, (mfn, off, n) in enumerate(ops):
-            r = self._region(mfn)
-            rm = self._local(r)
-            if rm is not None:
-                out[i] = rm.read(mfn, off, n)
-            else:
-                remote.setdefault(r.owner, []).append(i)
-        for owner, idxs in remote.items():
-            got = yield Call(owner, "DMA_READ", {"ops": [list(ops[i]) for i in idxs]})
-            for i, data in zip(idxs, got):
-                out[i] = data
-        return out
 
     def write_many(self, ops: list[tuple[int, int, bytes]]) -> Iterator[Any]:
         remote: dict[str, list[list]] = {}

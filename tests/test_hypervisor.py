@@ -10,7 +10,7 @@ import pytest
 from harness import Bench, add_peer, make_bench
 from nodes.actions import Post
 from nodes.errors import GvtError
-from nodes.hw import gtt, regs
+from nodes.hw import regs
 from nodes.hypervisor.core import BATCHES_IN_FLIGHT
 from nodes.wire.schema import pack_write_batch
 

@@ -33,16 +33,13 @@ class GpuSim:
     # ---- register and GGTT access ----------------------------------------------------------
     def mmio_read(self, off: int, size: int) -> int:
         if bar0.decode(off, size) == "gtt":
-            e = int(self.ggtt[gtt.index_of(off)])
-            return (e >> ((off & 7) * 8)) & ((1 << (size * 8)) - 1)
+            return gtt.bytes_of(int(self.ggtt[gtt.index_of(off)]), off, size)
         return read_dwords(self.regs, off, size)
 
     def mmio_write(self, off: int, size: int, val: int) -> None:
         if bar0.decode(off, size) == "gtt":
             i = gtt.index_of(off)
-            shift = (off & 7) * 8
-            mask = ((1 << (size * 8)) - 1) << shift
-            self.ggtt[i] = (int(self.ggtt[i]) & ~mask & 0xFFFFFFFFFFFFFFFF) | ((val << shift) & mask)
+            self.ggtt[i] = gtt.with_bytes(int(self.ggtt[i]), off, size, val)
             self.stats.inc("gvtbench_gpu_ggtt_writes")
             return
         if off == regs.GFX_FLSH_CNTL:

@@ -21,7 +21,7 @@ import numpy as np
 
 from nodes.actions import Call, Post, Sleep
 from nodes.errors import GvtError
-from nodes.hw import PAGE_SHIFT, PAGE_SIZE, bar0, gtt, pvinfo, regs
+from nodes.hw import PAGE_SIZE, gtt, pvinfo, regs
 from nodes.metrics import TRAP_LATENCY, TRAPS, declare_trap_metrics
 from nodes.stats import LogHistogram, Stats
 from nodes.wire.codec import MAX_OUTSTANDING, MAX_POSTED_WRITES
@@ -295,7 +295,7 @@ class GuestCore:
         gfns = rng.integers(0, self.ram_frames, n, dtype=np.int64)
         bad = rng.random(n) < ld.invalid_gfn_ratio
         gfns[bad] = self.ram_frames + rng.integers(0, 1 << 20, int(bad.sum()))
-        vals = (gfns.astype(np.uint64) << np.uint64(PAGE_SHIFT)) | np.uint64(gtt.PTE_PRESENT | gtt.PTE_RW)
+        vals = gtt.encode(gfns, gtt.PTE_PRESENT | gtt.PTE_RW)
         absent = rng.random(n) < ld.not_present_ratio
         vals[absent] &= ~np.uint64(gtt.PTE_PRESENT)
         local = start + (0 if r == 0 else self.ranges[0][1])

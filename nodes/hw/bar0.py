@@ -37,6 +37,11 @@ def decode(off: int, size: int) -> Space:
                    f"(below {MMIO_SIZE:#x}) and the GTT window (from {GTT_OFFSET:#x})")
 
 
+def in_gtt(off: int) -> bool:
+    """Whether an offset (already decoded as valid) is in the GTT window."""
+    return off >= GTT_OFFSET
+
+
 # Codes of decode_many, one per access.
 MMIO, GTT, BAD = 0, 1, -1
 

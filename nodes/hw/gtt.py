@@ -26,8 +26,10 @@ MAX_FRAME = ADDR_MASK >> PAGE_SHIFT
 N = TypeVar("N", int, np.ndarray)
 
 
-def encode(frame: int, flags: int = PTE_PRESENT) -> int:
+def encode(frame: N, flags: int = PTE_PRESENT) -> N:
     """An entry that points at page frame `frame`, with `flags` in the other bits."""
+    if isinstance(frame, np.ndarray):
+        return ((frame.astype(np.uint64) << np.uint64(PAGE_SHIFT)) & np.uint64(ADDR_MASK)) | np.uint64(flags)
     return ((frame << PAGE_SHIFT) & ADDR_MASK) | flags
 
 
@@ -59,3 +61,20 @@ def index_of_gm(gm: N) -> N:
 
 def gm_of(index: N) -> N:
     return index << PAGE_SHIFT
+
+
+def half(off: int) -> int:
+    """Which half of its entry a 4-byte access at BAR0 offset `off` touches: 0 (low) or 4."""
+    return off & 4
+
+
+def bytes_of(entry: int, off: int, size: int) -> int:
+    """The `size` bytes of `entry` that an access at BAR0 offset `off` reads."""
+    return (entry >> ((off & (ENTRY_SIZE - 1)) * 8)) & ((1 << (8 * size)) - 1)
+
+
+def with_bytes(entry: int, off: int, size: int, val: int) -> int:
+    """`entry` after an access at BAR0 offset `off` wrote `size` bytes of `val` into it."""
+    shift = (off & (ENTRY_SIZE - 1)) * 8
+    mask = ((1 << (8 * size)) - 1) << shift
+    return (entry & ~mask & 0xFFFFFFFFFFFFFFFF) | ((val << shift) & mask)

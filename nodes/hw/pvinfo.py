@@ -46,6 +46,3 @@ GUEST_WRITABLE = frozenset({DISPLAY_READY, G2V_NOTIFY, CURSOR_X_HOT, CURSOR_Y_HO
                             *range(PDP0_LO, PDP0_LO + 8 * PDPS, 4),
                             EXECLIST_DESC_LO, EXECLIST_DESC_HI})
 
-
-def contains(off: int) -> bool:
-    return BASE <= off < BASE + SIZE

@@ -110,7 +110,7 @@ class HypervisorCore:
         if kind == "MMIO_WRITE":
             off = p["off"]
             return self._posted(vm, _U32.pack(off), bytes((p["size"],)), _U64.pack(p["val"]), 1,
-                                int(off >= bar0.GTT_OFFSET), p.get("w", 0), now)
+                                int(bar0.in_gtt(off)), p.get("w", 0), now)
         if kind == "MMIO_WRITE_BATCH":
             offs, sizes, vals = p["off"], p["size"], p["val"]
             n = len(sizes)
@@ -145,7 +145,7 @@ class HypervisorCore:
                                           f"writes queued or in flight, the limit is {self.max_posted}"))
             return None
         if n_gtt < 0:               # counted only once accepted: refusing must stay cheap
-            n_gtt = int(np.count_nonzero(np.frombuffer(offs, dtype="<u4") >= bar0.GTT_OFFSET))
+            n_gtt = int(np.count_nonzero(bar0.in_gtt(np.frombuffer(offs, dtype="<u4"))))
         tail = vm.fifo[-1] if vm.fifo else None
         if not isinstance(tail, _Writes) or len(tail) + n > self.batch_max:
             tail = _Writes(w)

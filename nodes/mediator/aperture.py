@@ -19,10 +19,6 @@ class Partition:
     fence_base: int         # first physical fence register
     fence_num: int
 
-    def contains_gm(self, gm: int) -> bool:
-        return (self.aperture_base <= gm < self.aperture_base + self.aperture_size
-                or self.hidden_base <= gm < self.hidden_base + self.hidden_size)
-
     def to_wire(self) -> dict:
         return {"aperture_base": self.aperture_base, "aperture_size": self.aperture_size,
                 "hidden_base": self.hidden_base, "hidden_size": self.hidden_size,

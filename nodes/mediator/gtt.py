@@ -76,17 +76,13 @@ class GgttShadow:
         loc = loc.astype(np.int64, copy=False)
         return np.where(loc < self.ap_n, loc + self.ap_base, loc - self.ap_n + self.hi_base)
 
-    def all_global(self) -> np.ndarray:
-        return self.global_index(np.arange(len(self.vggtt)))
-
     # ---- guest accesses (not failsafe) ---------------------------------------------------------
     def read(self, off: int, size: int) -> int:
         _check_size(off, size)
         loc = self.local1(gtt.index_of(off))
         if loc < 0:
             return 0
-        e = int(self.vggtt[loc])
-        return e if size == 8 else (e >> ((off & 4) * 8)) & 0xFFFFFFFF
+        return gtt.bytes_of(int(self.vggtt[loc]), off, size)
 
     def write(self, off: int, size: int, val: int) -> Iterator[Any]:
         """One guest write to the GTT window (rule 1: aligned 4 or 8 bytes only)."""
@@ -117,12 +113,12 @@ class GgttShadow:
         if loc < 0:
             self.counts["dropped"] += 1
             return 0
-        half = off & 4
-        entry = (dword & 0xFFFFFFFF) << (half * 8)
+        half = gtt.half(off)
+        entry = gtt.with_bytes(0, off, 4, dword)        # built from zero: only this half
         pending = self.partial.get(loc)
         if pending is not None and pending[0] != half:
             # the other half is in: together they make the entry
-            entry |= pending[1] & (0xFFFFFFFF << (pending[0] * 8))
+            entry = gtt.with_bytes(entry, pending[0], 4, gtt.bytes_of(pending[1], pending[0], 4))
             yield from self._update(np.array([loc], dtype=np.int64), np.array([entry], dtype=U64))
             del self.partial[loc]
             return 1
@@ -143,20 +139,18 @@ class GgttShadow:
             e = int(self.vggtt[loc])
         else:
             e = int(self.outside[idx]) if self.outside is not None else 0
-        return (e >> ((off & 7) * 8)) & ((1 << (8 * size)) - 1)
+        return gtt.bytes_of(e, off, size)
 
     def write_virtual(self, off: int, size: int, val: int) -> None:
         idx = gtt.index_of(off)
         loc = self.local1(idx)
-        shift = (off & 7) * 8
-        mask = ((1 << (8 * size)) - 1) << shift
         if loc >= 0:
             arr, i = self.vggtt, loc
         else:
             if self.outside is None:
                 self.outside = np.zeros(gtt.ENTRIES, dtype=U64)
             arr, i = self.outside, idx
-        arr[i] = (int(arr[i]) & ~mask & 0xFFFFFFFFFFFFFFFF) | ((val << shift) & mask)
+        arr[i] = gtt.with_bytes(int(arr[i]), off, size, val)
 
     # ---- the shadow ----------------------------------------------------------------------------
     def _update(self, loc: np.ndarray, vals: np.ndarray) -> Iterator[Any]:

@@ -84,7 +84,7 @@ def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.nda
                 actions = emulate_write(vgpu, off, size, int(vals[i]))
                 if actions:
                     yield from actions
-                if off >= bar0.GTT_OFFSET:
+                if bar0.in_gtt(off):
                     n_gtt += 1
                 else:
                     n_mmio += 1
