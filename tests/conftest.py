@@ -4,6 +4,13 @@ import tempfile
 import pytest
 
 from bench import config
+from harness import started_bench
+
+
+@pytest.fixture
+def bench():
+    """A sans-IO bench (tests/harness.py): mediator, hypervisor and gpu cores, vGPUs 1 and 2."""
+    yield from started_bench()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -202,6 +202,14 @@ class Bench:
     def p2m(self, vm: int) -> np.ndarray:
         return self.hv.vms[vm].p2m
 
+    def ap_index(self, vgpu: int, k: int = 0) -> int:
+        """GGTT index of the k-th page of the vGPU's aperture share."""
+        return gtt.index_of_gm(self.mediator.vgpus[vgpu].part.aperture_base) + k
+
+    def hi_index(self, vgpu: int, k: int = 0) -> int:
+        """GGTT index of the k-th page of the vGPU's hidden share."""
+        return gtt.index_of_gm(self.mediator.vgpus[vgpu].part.hidden_base) + k
+
     def close(self) -> None:
         for rm in self.memories:
             rm.close(unlink=False)
@@ -256,6 +264,17 @@ def make_bench(*, translate: Callable[..., Any] = translate_entries,
     for vm in guests:
         add_guest(net, vm, vm_frames[vm], seed)
     return Bench(net, layout, mediator, hv, gpu, [host_mem, *vms.values()])
+
+
+def started_bench(**kw: Any) -> Iterator[Bench]:
+    """A bench with vGPUs 1 and 2 (type _8) created and the log of their creation cleared."""
+    b = make_bench(**kw)
+    try:
+        b.setup([(1, "_8"), (2, "_8")])
+        b.clear_log()
+        yield b
+    finally:
+        b.close()
 
 
 def add_peer(net: SimNet, name: str, connect_to: str = "hypervisor") -> Recorder:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness import Bench, make_bench
+from harness import Bench, make_bench, started_bench
 from nodes.hw import MiB, PAGE_SHIFT, gtt
 from nodes.mediator.core import GFN_HOLE_FRAMES
 from nodes.mediator.translate import get_translator
@@ -21,20 +21,8 @@ HIGH_FLAG = 1 << 52                                 # a flag bit above the addre
 
 @pytest.fixture(params=["c", "python"])
 def bench(request):
-    b = make_bench(translate=get_translator(request.param))
-    b.setup([(1, "_8"), (2, "_8")])
-    b.clear_log()
-    yield b
-    b.close()
-
-
-def ap_index(b: Bench, vgpu: int, k: int = 0) -> int:
-    """GGTT index of the k-th page of the vGPU's aperture share."""
-    return gtt.index_of_gm(b.mediator.vgpus[vgpu].part.aperture_base) + k
-
-
-def hi_index(b: Bench, vgpu: int, k: int = 0) -> int:
-    return gtt.index_of_gm(b.mediator.vgpus[vgpu].part.hidden_base) + k
+    """The bench, once with each translator."""
+    yield from started_bench(translate=get_translator(request.param))
 
 
 def scratch_alone(b: Bench) -> int:
@@ -67,7 +55,7 @@ def test_bench_partitions_are_what_the_facts_give(bench):
 
 # ---- 1. only aligned 4- and 8-byte accesses; nothing past BAR0 --------------------------------------
 def test_rule1_narrow_or_misaligned_gtt_writes_are_refused(bench):
-    i = ap_index(bench, 1, 8)
+    i = bench.ap_index(1, 8)
     phys = bench.gpu.ggtt.copy()
     res = bench.trap_writes(1, [(gtt.offset_of(i), 2, 0xFFFF), (gtt.offset_of(i) + 2, 4, 1),
                                 (gtt.offset_of(i), 1, 1), (gtt.offset_of(i) + 4, 8, 5)])
@@ -91,10 +79,10 @@ def test_rule1_gtt_write_past_bar0_is_efault(bench, size):
 def test_rule2_write_outside_partition_is_dropped(bench, where):
     idx = {
         "host_low": 5,
-        "below_aperture": ap_index(bench, 1, -1),
-        "past_aperture": ap_index(bench, 1, 64 * MiB >> PAGE_SHIFT),     # vGPU 2's first page
-        "other_vgpu": hi_index(bench, 2, 7),
-        "past_hidden": hi_index(bench, 1, 384 * MiB >> PAGE_SHIFT),
+        "below_aperture": bench.ap_index(1, -1),
+        "past_aperture": bench.ap_index(1, 64 * MiB >> PAGE_SHIFT),     # vGPU 2's first page
+        "other_vgpu": bench.hi_index(2, 7),
+        "past_hidden": bench.hi_index(1, 384 * MiB >> PAGE_SHIFT),
         "host_high": (1024 * MiB >> PAGE_SHIFT) + 3,
     }[where]
     before = bench.phys(idx)
@@ -111,7 +99,7 @@ def test_rule2_write_outside_partition_is_dropped(bench, where):
 
 
 def test_rule2_read_of_another_vgpus_entry_returns_0(bench):
-    idx = ap_index(bench, 2, 3)
+    idx = bench.ap_index(2, 3)
     bench.ggtt_write(2, idx, gtt.encode(42, FLAGS))
     assert bench.ggtt_read(2, idx) == gtt.encode(42, FLAGS)
     assert bench.ggtt_read(1, idx) == 0
@@ -120,8 +108,8 @@ def test_rule2_read_of_another_vgpus_entry_returns_0(bench):
 
 def test_rule2_partition_edges_are_inside(bench):
     n_ap, n_hi = 64 * MiB >> PAGE_SHIFT, 384 * MiB >> PAGE_SHIFT
-    edges = [ap_index(bench, 1), ap_index(bench, 1, n_ap - 1), hi_index(bench, 1),
-             hi_index(bench, 1, n_hi - 1)]
+    edges = [bench.ap_index(1), bench.ap_index(1, n_ap - 1), bench.hi_index(1),
+             bench.hi_index(1, n_hi - 1)]
     for k, idx in enumerate(edges):
         bench.ggtt_write(1, idx, gtt.encode(100 + k, FLAGS))
         assert bench.phys(idx) == mapped(bench, 1, 100 + k)
@@ -132,7 +120,7 @@ def test_rule2_partition_edges_are_inside(bench):
 @pytest.mark.parametrize("high_first", [False, True], ids=["low_then_high", "high_then_low"])
 def test_rule3_half_writes_scratch_until_both_halves(bench, high_first):
     g = 4321
-    i = hi_index(bench, 1, 33)
+    i = bench.hi_index(1, 33)
     entry = gtt.encode(g, FLAGS) | HIGH_FLAG
     halves = [(False, entry & 0xFFFFFFFF), (True, entry >> 32)]
     if high_first:
@@ -155,7 +143,7 @@ def test_rule3_half_write_builds_the_entry_from_zero(bench):
     """emulate_ggtt_mmio_write starts the entry at 0: a half write over a mapped entry leaves
     the other half of the guest entry 0, not the old value's half."""
     g = 99
-    i = ap_index(bench, 1, 40)
+    i = bench.ap_index(1, 40)
     bench.ggtt_write(1, i, gtt.encode(g, FLAGS) | HIGH_FLAG)
     bench.ggtt_write_half(1, i, False, gtt.encode(g + 1, FLAGS) & 0xFFFFFFFF)
     assert bench.ggtt_read(1, i) == gtt.encode(g + 1, FLAGS) & 0xFFFFFFFF      # high half 0
@@ -166,7 +154,7 @@ def test_rule3_half_write_builds_the_entry_from_zero(bench):
 
 
 def test_rule3_same_half_again_replaces_the_pending_half_only(bench):
-    i = ap_index(bench, 1, 41)
+    i = bench.ap_index(1, 41)
     bench.ggtt_write_half(1, i, False, gtt.encode(7, FLAGS) & 0xFFFFFFFF)
     writes = len(bench.posts_of("MMIO_WRITE_BATCH"))
     bench.ggtt_write_half(1, i, False, gtt.encode(8, FLAGS) & 0xFFFFFFFF)
@@ -179,7 +167,7 @@ def test_rule3_same_half_again_replaces_the_pending_half_only(bench):
 def test_rule3_a_whole_write_does_not_end_a_pending_half(bench):
     """An 8-byte write leaves the partial-entry list alone, so a later write of the other half
     is merged with the stale pending half, as in the kernel."""
-    i = ap_index(bench, 1, 42)
+    i = bench.ap_index(1, 42)
     bench.ggtt_write_half(1, i, False, gtt.encode(11, FLAGS) & 0xFFFFFFFF)
     bench.ggtt_write(1, i, gtt.encode(12, FLAGS))
     assert bench.phys(i) == mapped(bench, 1, 12)
@@ -191,7 +179,7 @@ def test_rule3_a_whole_write_does_not_end_a_pending_half(bench):
 # ---- 4. present entries: gfn -> mfn through a pin ------------------------------------------------
 def test_rule4_present_entry_maps_through_p2m_and_pins_once(bench):
     g = 1234
-    i, j = ap_index(bench, 1, 10), hi_index(bench, 1, 20)
+    i, j = bench.ap_index(1, 10), bench.hi_index(1, 20)
     entry = gtt.encode(g, FLAGS)
     bench.ggtt_write(1, i, entry)
     want = mapped(bench, 1, g)
@@ -211,7 +199,7 @@ def test_rule4_present_entry_maps_through_p2m_and_pins_once(bench):
 
 def test_rule4_one_batch_with_repeated_gfn_pins_it_once(bench):
     g = 777
-    base = ap_index(bench, 1, 100)
+    base = bench.ap_index(1, 100)
     bench.trap_writes(1, [(gtt.offset_of(base + k), 8, gtt.encode(g, FLAGS)) for k in range(5)])
     assert bench.pinned_gfns_in_calls() == [g]
     assert bench.hv.vms[1].pins[g] == 1
@@ -219,13 +207,13 @@ def test_rule4_one_batch_with_repeated_gfn_pins_it_once(bench):
 
 
 def test_rule4_high_flag_bits_are_kept(bench):
-    i = ap_index(bench, 1, 11)
+    i = bench.ap_index(1, 11)
     bench.ggtt_write(1, i, gtt.encode(55, FLAGS) | HIGH_FLAG)
     assert bench.phys(i) == mapped(bench, 1, 55) | HIGH_FLAG
 
 
 def test_rule4_later_write_in_one_batch_wins(bench):
-    i = ap_index(bench, 1, 12)
+    i = bench.ap_index(1, 12)
     bench.trap_writes(1, [(gtt.offset_of(i), 8, gtt.encode(60, FLAGS)),
                           (gtt.offset_of(i), 8, gtt.encode(61, FLAGS))])
     assert bench.phys(i) == mapped(bench, 1, 61)
@@ -239,7 +227,7 @@ def test_rule4_later_write_in_one_batch_wins(bench):
 
 @pytest.mark.parametrize("gfn", [RAM_FRAMES, RAM_FRAMES + 17, RAM_FRAMES + GFN_HOLE_FRAMES - 1])
 def test_rule4_failed_pin_gives_scratch_present(bench, gfn):
-    i = ap_index(bench, 1, 50)
+    i = bench.ap_index(1, 50)
     bench.ggtt_write(1, i, gtt.encode(gfn, FLAGS))
     assert bench.phys(i) == gtt.encode(bench.mediator.scratch_mfn, FLAGS)  # flags, present kept
     assert bench.pinned_gfns_in_calls() == [gfn]                    # the pin was tried...
@@ -253,7 +241,7 @@ def test_rule4_failed_pin_gives_scratch_present(bench, gfn):
 
 @pytest.mark.parametrize("gfn", [RAM_FRAMES + GFN_HOLE_FRAMES, 1 << 20, gtt.MAX_FRAME])
 def test_rule4_gfn_far_beyond_ram_is_scratch_present_without_a_call(bench, gfn):
-    i = hi_index(bench, 1, 51)
+    i = bench.hi_index(1, 51)
     bench.ggtt_write(1, i, gtt.encode(gfn, FLAGS))
     assert bench.phys(i) == gtt.encode(bench.mediator.scratch_mfn, FLAGS)
     assert not bench.calls_of("GFN_PIN")
@@ -262,7 +250,7 @@ def test_rule4_gfn_far_beyond_ram_is_scratch_present_without_a_call(bench, gfn):
 def test_rule4_pin_timeout_leaves_the_virtual_ggtt_and_the_shadow_unchanged(bench):
     """The guest entry is set only once the shadow update can no longer fail: a GFN_PIN that
     times out fails the access with both copies as they were."""
-    i = ap_index(bench, 1, 52)
+    i = bench.ap_index(1, 52)
     bench.ggtt_write(1, i, gtt.encode(5, FLAGS))
     before_phys, before_virt = bench.phys(i), bench.ggtt_read(1, i)
     bench.net.lose = lambda src, dst, env: env.kind == "REPLY" and src == "hypervisor"
@@ -277,7 +265,7 @@ def test_rule4_pin_timeout_leaves_the_virtual_ggtt_and_the_shadow_unchanged(benc
 def test_rule5_not_present_entry_is_the_scratch_frame_alone(bench):
     """The host entry of a not-present guest entry is built from zero: the scratch frame, no
     guest flag bits, nothing in bits 63:46."""
-    i = ap_index(bench, 1, 60)
+    i = bench.ap_index(1, 60)
     before = ggtt(bench, 1).counts["not_present"]
     bench.ggtt_write(1, i, gtt.encode(300, FLAGS & ~gtt.PTE_PRESENT) | HIGH_FLAG)
     assert bench.phys(i) == scratch_alone(bench)
@@ -288,7 +276,7 @@ def test_rule5_not_present_entry_is_the_scratch_frame_alone(bench):
 # ---- 6. unpin, then flush ------------------------------------------------------------------------
 def test_rule6_unmapping_unpins(bench):
     g = 2000
-    i = ap_index(bench, 1, 70)
+    i = bench.ap_index(1, 70)
     bench.ggtt_write(1, i, gtt.encode(g, FLAGS))
     assert bench.hv.vms[1].pins[g] == 1
     bench.ggtt_write(1, i, gtt.encode(g, 0))
@@ -301,7 +289,7 @@ def test_rule6_unmapping_unpins(bench):
 
 
 def test_rule6_remapping_to_another_gfn_unpins_the_old_one(bench):
-    i = ap_index(bench, 1, 71)
+    i = bench.ap_index(1, 71)
     bench.ggtt_write(1, i, gtt.encode(10, FLAGS))
     bench.ggtt_write(1, i, gtt.encode(11, FLAGS))
     assert bench.unpinned_gfns_in_posts() == [10]
@@ -310,7 +298,7 @@ def test_rule6_remapping_to_another_gfn_unpins_the_old_one(bench):
 
 def test_rule6_shared_gfn_unpinned_only_after_last_entry(bench):
     g = 2001
-    i, j = ap_index(bench, 1, 80), hi_index(bench, 1, 80)
+    i, j = bench.ap_index(1, 80), bench.hi_index(1, 80)
     bench.ggtt_write(1, i, gtt.encode(g, FLAGS))
     bench.ggtt_write(1, j, gtt.encode(g, FLAGS))
     bench.ggtt_write(1, i, 0)
@@ -323,7 +311,7 @@ def test_rule6_shared_gfn_unpinned_only_after_last_entry(bench):
 
 def test_rule6_every_committed_batch_flushes(bench):
     f0 = bench.gpu.ggtt_flushes
-    i = ap_index(bench, 1, 90)
+    i = bench.ap_index(1, 90)
     bench.ggtt_write(1, i, gtt.encode(5, FLAGS))
     assert bench.gpu.ggtt_flushes == f0 + 1
     last = bench.net.sent("MMIO_WRITE", "mediator", "gpu")[-1]
@@ -370,7 +358,7 @@ def _failsafe(b: Bench, vgpu: int = 1) -> None:
 
 def test_rule8_failsafe_writes_change_only_the_virtual_ggtt(bench):
     _failsafe(bench)
-    i, j = ap_index(bench, 1, 5), hi_index(bench, 1, 5)
+    i, j = bench.ap_index(1, 5), bench.hi_index(1, 5)
     entry = gtt.encode(321, FLAGS)
     bench.ggtt_write(1, i, entry)
     bench.ggtt_write_half(1, j, False, entry & 0xFFFFFFFF)
@@ -384,7 +372,7 @@ def test_rule8_failsafe_writes_change_only_the_virtual_ggtt(bench):
 
 def test_rule8_failsafe_half_write_copies_into_the_entry(bench):
     """In failsafe an access is a plain copy into the virtual entry: the other half is kept."""
-    i = ap_index(bench, 1, 6)
+    i = bench.ap_index(1, 6)
     bench.ggtt_write(1, i, gtt.encode(5, FLAGS) | HIGH_FLAG)
     _failsafe(bench)
     bench.ggtt_write_half(1, i, False, 0x1234)
@@ -395,7 +383,7 @@ def test_rule8_failsafe_virtual_ggtt_spans_the_whole_ggtt(bench):
     """The kernel's virtual GGTT covers every entry: outside the partition a failsafe write is
     kept (and read back), and the physical GGTT never changes."""
     _failsafe(bench)
-    idx = ap_index(bench, 2, 3)                             # vGPU 2's entry
+    idx = bench.ap_index(2, 3)                             # vGPU 2's entry
     before = bench.phys(idx)
     bench.ggtt_write(1, idx, gtt.encode(9, FLAGS))
     assert bench.ggtt_read(1, idx) == gtt.encode(9, FLAGS)

@@ -17,19 +17,6 @@ RAM_FRAMES = 16384
 FLAGS = gtt.PTE_PRESENT | gtt.PTE_RW | 0x0C0
 
 
-@pytest.fixture
-def bench():
-    b = make_bench()
-    b.setup([(1, "_8"), (2, "_8")])
-    b.clear_log()
-    yield b
-    b.close()
-
-
-def ap_index(b: Bench, vgpu: int, k: int = 0) -> int:
-    return gtt.index_of_gm(b.mediator.vgpus[vgpu].part.aperture_base) + k
-
-
 # ---- capacity ---------------------------------------------------------------------------------
 def expected_available(aperture: int, vgpu_type: str, gm: int = gtt.GM_SIZE) -> int:
     from nodes.hw.partition import VGPU_TYPES
@@ -126,21 +113,21 @@ def test_max_vgpus_and_missing_ram_are_refused():
 
 # ---- malformed trapped accesses ------------------------------------------------------------------
 def _good_w(b: Bench) -> dict:
-    return pack_write_batch([gtt.offset_of(ap_index(b, 1, 1))], [8], [gtt.encode(3, FLAGS)])
+    return pack_write_batch([gtt.offset_of(b.ap_index(1, 1))], [8], [gtt.encode(3, FLAGS)])
 
 
 BAD_PAYLOADS = {
     "not_a_map": ("TRAP_WRITE", lambda b: None),
     "no_off": ("TRAP_WRITE", lambda b: {k: v for k, v in _good_w(b).items() if k != "off"}),
     "no_val": ("TRAP_WRITE", lambda b: {k: v for k, v in _good_w(b).items() if k != "val"}),
-    "off_int": ("TRAP_WRITE", lambda b: {**_good_w(b), "off": gtt.offset_of(ap_index(b, 1, 1))}),
+    "off_int": ("TRAP_WRITE", lambda b: {**_good_w(b), "off": gtt.offset_of(b.ap_index(1, 1))}),
     "val_list": ("TRAP_WRITE", lambda b: {**_good_w(b), "val": [gtt.encode(3, FLAGS)]}),
     "size_str": ("TRAP_WRITE", lambda b: {**_good_w(b), "size": "8"}),
     "extra_field": ("TRAP_WRITE", lambda b: {**_good_w(b), "op": "w"}),
     "ragged_off": ("TRAP_WRITE", lambda b: {**_good_w(b), "off": b"\x00\x00\x80\x00\x08\x00"}),
     "ragged_val": ("TRAP_WRITE", lambda b: {**_good_w(b), "val": b"\x01" * 12}),
     "two_sizes": ("TRAP_WRITE", lambda b: {**_good_w(b), "size": b"\x08\x08"}),
-    "read_no_size": ("TRAP_READ", lambda b: {"off": gtt.offset_of(ap_index(b, 1, 1))}),
+    "read_no_size": ("TRAP_READ", lambda b: {"off": gtt.offset_of(b.ap_index(1, 1))}),
     "read_off_str": ("TRAP_READ", lambda b: {"off": "8388608", "size": 8}),
     "read_off_bool": ("TRAP_READ", lambda b: {"off": True, "size": 4}),
     "read_size_float": ("TRAP_READ", lambda b: {"off": 8 << 20, "size": 8.0}),
@@ -185,7 +172,7 @@ def test_mmio_reads_in_the_hole_or_misaligned_are_refused(bench):
 
 # ---- C and Python translators agree end to end -------------------------------------------------
 def _workload(b: Bench) -> list[list[tuple[int, int, int]]]:
-    a = lambda k: gtt.offset_of(ap_index(b, 1, k))     # noqa: E731
+    a = lambda k: gtt.offset_of(b.ap_index(1, k))     # noqa: E731
     h = lambda k: gtt.offset_of(gtt.index_of_gm(b.mediator.vgpus[1].part.hidden_base) + k)  # noqa: E731
     rng = np.random.default_rng(7)
     gfns = rng.integers(0, RAM_FRAMES + GFN_HOLE_FRAMES + 50, size=300)

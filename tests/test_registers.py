@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from harness import Bench, make_bench
+from harness import Bench
 from nodes.errors import GvtError
 from nodes.hw import MiB, gtt, pvinfo, regs
 from nodes.mediator.aperture import GmAllocator
 
 ENGINES = list(regs.ENGINES)
-
-
-@pytest.fixture
-def bench():
-    b = make_bench()
-    b.setup([(1, "_8"), (2, "_8")])
-    b.clear_log()
-    yield b
-    b.close()
 
 
 def rd(b: Bench, off: int, size: int = 4, vgpu: int = 1) -> int:
