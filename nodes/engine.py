@@ -53,6 +53,7 @@ class NodeEngine:
         s.counter("gvtbench_dropped_frames",
                   "Frames this node could not send (peer gone, queue full, too large)", ["reason"])
         s.counter("gvtbench_late_replies", "Replies that came after their request timed out")
+        self._core_handle = core.handle
         self._lane = getattr(core, "lane", None)
         self._observe = getattr(core, "observe", None)
         self._observed: frozenset[str] = getattr(core, "OBSERVED", frozenset())
@@ -87,17 +88,18 @@ class NodeEngine:
         if kind == "REPLY" or kind == "ERROR":
             self._on_reply(link, env, now)
             return
+        wants_reply = env.flags & FLAG_WANT_REPLY
         try:
             self._admit(link, env)
-            if env.wants_reply and link.outstanding >= link.max_outstanding:
+            if wants_reply and link.outstanding >= link.max_outstanding:
                 raise GvtError("EAGAIN", f"{link.name} has {link.outstanding} requests unanswered, "
                                f"the limit of its link")
         except GvtError as err:
             self.stats.inc("gvtbench_refused_messages", (link.role, kind, err.code))
-            if env.wants_reply:
+            if wants_reply:
                 self.send_error(link, env, err)
             return
-        if env.wants_reply:
+        if wants_reply:
             link.outstanding += 1
         origin = Origin(link, env, now)
         lane = self._lane(env) if self._lane is not None else None
@@ -128,7 +130,7 @@ class NodeEngine:
 
     def _handle(self, origin: Origin, lane: Hashable | None, now: int) -> None:
         env = origin.env
-        handler = self.handlers.get(env.kind) or self.core.handle
+        handler = self.handlers.get(env.kind) or self._core_handle
         try:
             result = handler(env, now)
         except Exception as err:
@@ -166,14 +168,16 @@ class NodeEngine:
 
     def send_call(self, call: Call, now: int) -> Hashable:
         link = self._link_to(call.peer)
-        seq = link.send(lambda s: encode(call.kind, s, 0, call.vgpu, now, FLAG_WANT_REPLY,
-                                         call.payload), self.max_frame, now)
+        seq = link.tx_seq + 1
+        link.send_frame(encode(call.kind, seq, 0, call.vgpu, now, FLAG_WANT_REPLY, call.payload), seq,
+                        self.max_frame, now)
         return (link.name, seq)
 
     def send_post(self, post: Post, now: int) -> None:
         link = self._link_to(post.peer)
-        link.send(lambda s: encode(post.kind, s, 0, post.vgpu, now, 0, post.payload), self.max_frame,
-                  now)
+        seq = link.tx_seq + 1
+        link.send_frame(encode(post.kind, seq, 0, post.vgpu, now, 0, post.payload), seq,
+                        self.max_frame, now)
 
     def finish(self, origin: Origin | None, result: Any, err: BaseException | None, now: int) -> None:
         if origin is None:
@@ -190,8 +194,8 @@ class NodeEngine:
         link.outstanding -= 1
         if err is None:
             try:
-                link.send(lambda s: encode_reply(s, env.seq, env.vgpu, now, result), self.max_frame,
-                          now)
+                seq = link.tx_seq + 1
+                link.send_frame(encode_reply(seq, env.seq, env.vgpu, now, result), seq, self.max_frame, now)
                 return
             except SendFailed as failed:
                 if failed.code != "E2BIG":

@@ -192,9 +192,12 @@ class Runtime:
         self.endpoint = self.routers[0].endpoint
         self._dealers: dict[zmq.Socket, Link] = {}
         self._poller = zmq.Poller()
+        self._socks: dict[zmq.Socket, Any] = {}     # socket -> its _Router, its Link, or None (monitor)
         for r in self.routers:
             self._poller.register(r.sock, zmq.POLLIN)
             self._poller.register(r.monitor, zmq.POLLIN)
+            self._socks[r.sock] = r
+            self._socks[r.monitor] = None
         self._gated: set[int] = set()           # VMs whose socket is not read for now
         self._fd_cache: list[int] | None = None
         self._next_housekeeping = 0
@@ -279,6 +282,7 @@ class Runtime:
         link = Link(peer, send, control=control, max_outstanding=self._max_outstanding(peer))
         self.engine.add_link(link)
         self._dealers[s] = link
+        self._socks[s] = link
         self._poller.register(s, zmq.POLLIN)
         self._fd_cache = None
         return link
@@ -513,32 +517,34 @@ class Runtime:
             self._fd_cache = None
 
     def _drain(self, ready: list) -> None:
-        """Take frames from the sockets in turn, so a flood on one does not starve the others (a
-        turn ends after DRAIN_PER_SOCKET frames or TURN_NS), up to a budget of frames and of time
-        per loop iteration. Every socket gets its turns, not only those ready when the iteration
-        began: an answer that comes in meanwhile is taken in this iteration, not the next."""
-        if ready:                       # handshake events are rare: only when poll saw some
-            for r in self.routers:
-                self._drain_monitor(r.monitor)
-        socks: list[Any] = [r for r in self.routers if r.vm not in self._gated] + list(self._dealers)
+        """Take frames from the ready sockets in turn, so a flood on one does not starve the
+        others (a turn ends after DRAIN_PER_SOCKET frames or TURN_NS), up to a budget of frames
+        and of time per loop iteration. Readiness is asked again after each round (one
+        zmq_poll), so an answer that comes in meanwhile is taken in this iteration."""
         budget = DRAIN_BUDGET
         end = monotonic_ns() + ITERATION_NS
-        while socks and budget > 0:
-            for s in list(socks):
+        while ready and budget > 0:
+            got = 0
+            for sock, _ev in ready:
+                kind = self._socks[sock]
+                if kind is None:
+                    self._drain_monitor(sock)
+                    continue
                 take = min(DRAIN_PER_SOCKET, budget)
                 deadline = min(end, monotonic_ns() + TURN_NS)
-                if type(s) is _Router:
-                    if s.vm and self._accepting is not None and not self._accepting(s.vm):
-                        socks.remove(s)     # that VM has enough waiting: leave the rest queued
-                        continue
-                    got = self._drain_router(s, take, deadline)
+                if type(kind) is _Router:
+                    if kind.vm and self._accepting is not None and not self._accepting(kind.vm):
+                        continue            # that VM has enough waiting: leave the rest queued
+                    n = self._drain_router(kind, take, deadline)
                 else:
-                    got = self._drain_dealer(s, take, deadline)
-                budget -= got
-                if got < take and monotonic_ns() < deadline:
-                    socks.remove(s)         # empty, or its VM gated (not just out of time)
-            if monotonic_ns() >= end:
-                return
+                    n = self._drain_dealer(sock, take, deadline)
+                got += n
+                budget -= n
+                if budget <= 0 or monotonic_ns() >= end:
+                    return
+            if not got:
+                return                      # only gated VMs and monitors were left
+            ready = self._poller.poll(0)
 
     # ---- control ------------------------------------------------------------------------------
     def _shutdown(self, env: Envelope, now: int) -> bool:

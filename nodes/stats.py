@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -36,9 +36,11 @@ class LogHistogram:
         self.n += n
         self.total_ns += ns * n
 
-    def record_many(self, ns: np.ndarray, weights: np.ndarray | None = None) -> None:
-        """record() for an array of latencies (each `weights[i]` samples of `ns[i]`)."""
-        if not len(ns):
+    def record_many(self, ns: Any, weights: Any = None) -> None:
+        """record() for a sequence of latencies (each `weights[i]` samples of `ns[i]`)."""
+        if len(ns) < 32:            # numpy's overhead is worth it only for many samples
+            for i, v in enumerate(ns):
+                self.record(int(v), 1 if weights is None else int(weights[i]))
             return
         v = np.maximum(np.asarray(ns, dtype=np.float64), 1.0)
         keys = np.ceil(np.log10(v) * PER_DECADE - 1e-9).astype(np.int64)

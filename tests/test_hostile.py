@@ -127,9 +127,10 @@ def test_on_tcp_a_peer_without_the_right_key_never_reaches_the_node(tcp_cluster,
     wrong = RawPeer(c.eps["hypervisor"], "guest1", keys=tmp_path, server="hypervisor")
     assert wrong.hello(timeout_ms=2000) is None
     wrong.close()
+    # libzmq reports a peer without CURVE as a protocol failure or one with no detail
     text = wait_for(lambda: (t := c.metrics("hypervisor")) and
                     metric(t, "gvtbench_handshake_failures_total", reason="auth") >= 1 and
-                    metric(t, "gvtbench_handshake_failures_total", reason="protocol") >= 1 and t,
+                    metric(t, "gvtbench_handshake_failures_total") >= 2 and t,
                     30, "the failed handshakes to be counted: " + "|".join(
                         l for l in c.metrics("hypervisor").splitlines() if "handshake" in l or "disconnects_total" in l))
     assert metric(text, "gvtbench_link_messages_total", peer="guest1", direction="rx") > 0

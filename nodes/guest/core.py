@@ -389,7 +389,7 @@ class GuestCore:
         for kind, (intended, n) in ok.items():
             # one WRITE_DONE settles many ops: their latencies are recorded in one go
             lab = (self.vm, kind, "guest")
-            self.stats.hist(TRAP_LATENCY, lab).record_many(now - np.array(intended, dtype=np.int64), n)
+            self.stats.hist(TRAP_LATENCY, lab).record_many([now - t for t in intended], n)
             self.stats.inc(TRAPS, lab, sum(n))
             self.stats.inc("gvtbench_guest_ops", (self.vm, _MIX[kind], "completed"), len(n))
             self.completed += len(n)

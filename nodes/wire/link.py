@@ -45,7 +45,10 @@ class Link:
         if the frame went out, so a refused send leaves no gap for the peer to see. SendFailed
         (E2BIG, EAGAIN, EHOSTUNREACH) if it could not go, counted."""
         seq = self.tx_seq + 1
-        frame = build(seq)
+        return self.send_frame(build(seq), seq, max_frame, now, counted)
+
+    def send_frame(self, frame: bytes, seq: int, max_frame: int, now: int, counted: bool = True) -> int:
+        """send() of a frame already built with seq = tx_seq + 1 (no closure on the hot path)."""
         if len(frame) > max_frame:
             self.send_failed += 1
             raise SendFailed("E2BIG", f"a frame of {len(frame)} bytes to {self.name} exceeds the "
