@@ -169,14 +169,14 @@ class NodeEngine:
     def send_call(self, call: Call, now: int) -> Hashable:
         link = self._link_to(call.peer)
         seq = link.tx_seq + 1
-        link.send_frame(encode(call.kind, seq, 0, call.vgpu, now, FLAG_WANT_REPLY, call.payload), seq,
-                        self.max_frame, now)
+        link.send_frame(encode(call.kind, seq, 0, call.vgpu, self.clock(), FLAG_WANT_REPLY, call.payload),
+                        seq, self.max_frame, now)
         return (link.name, seq)
 
     def send_post(self, post: Post, now: int) -> None:
         link = self._link_to(post.peer)
         seq = link.tx_seq + 1
-        link.send_frame(encode(post.kind, seq, 0, post.vgpu, now, 0, post.payload), seq,
+        link.send_frame(encode(post.kind, seq, 0, post.vgpu, self.clock(), 0, post.payload), seq,
                         self.max_frame, now)
 
     def finish(self, origin: Origin | None, result: Any, err: BaseException | None, now: int) -> None:
@@ -195,7 +195,8 @@ class NodeEngine:
         if err is None:
             try:
                 seq = link.tx_seq + 1
-                link.send_frame(encode_reply(seq, env.seq, env.vgpu, now, result), seq, self.max_frame, now)
+                link.send_frame(encode_reply(seq, env.seq, env.vgpu, self.clock(), result), seq,
+                                self.max_frame, now)
                 return
             except SendFailed as failed:
                 if failed.code != "E2BIG":

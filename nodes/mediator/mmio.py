@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 # entries of a run of 8-byte GGTT writes (vectorised) 1/32.
 TURN_WORK = 128
 GGTT_RUN_COST = 32
+SMALL_BATCH = 32
 ERRORS_KEPT = 8
 
 
@@ -53,9 +54,17 @@ def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.nda
     as one vectorised update; a refused access is reported and the rest still apply. Other vGPUs
     get a turn every TURN_WORK of work. Returns the TRAP_WRITE reply."""
     n = len(offs)
-    codes = bar0.decode_many(offs, sizes)
-    run = (codes == bar0.GTT) & (sizes == 8)
-    bounds = [0, *(np.flatnonzero(np.diff(run.astype(np.int8))) + 1).tolist(), n]
+    if n <= SMALL_BATCH:            # numpy's per-call overhead would dominate a few writes
+        offs_l, sizes_l = offs.tolist(), sizes.tolist()
+        run = [size == 8 and off % 8 == 0 and bar0.GTT_OFFSET <= off and off + 8 <= bar0.SIZE
+               for off, size in zip(offs_l, sizes_l)]
+        bounds = [0, *(i for i in range(1, n) if run[i] != run[i - 1]), n]
+    else:
+        codes = bar0.decode_many(offs, sizes)
+        run = (codes == bar0.GTT) & (sizes == 8)
+        bounds = [0, *(np.flatnonzero(np.diff(run.astype(np.int8))) + 1).tolist(), n]
+        offs_l, sizes_l = offs.tolist(), sizes.tolist()
+    vals_l = vals.tolist()
     n_mmio = n_gtt = 0
     errors: list[str] = []
     n_errors = work = 0
@@ -79,9 +88,9 @@ def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.nda
                     yield YIELD
             continue
         for i in range(a, b):
-            off, size = int(offs[i]), int(sizes[i])
+            off, size = offs_l[i], sizes_l[i]
             try:
-                actions = emulate_write(vgpu, off, size, int(vals[i]))
+                actions = emulate_write(vgpu, off, size, vals_l[i])
                 if actions:
                     yield from actions
                 if bar0.in_gtt(off):
