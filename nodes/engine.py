@@ -54,6 +54,7 @@ class NodeEngine:
                   "Frames this node could not send (peer gone, queue full, too large)", ["reason"])
         s.counter("gvtbench_late_replies", "Replies that came after their request timed out")
         self._core_handle = core.handle
+        self._outbox = hasattr(core, "outbox")
         self._lane = getattr(core, "lane", None)
         self._observe = getattr(core, "observe", None)
         self._observed: frozenset[str] = getattr(core, "OBSERVED", frozenset())
@@ -136,11 +137,13 @@ class NodeEngine:
         except Exception as err:
             self.finish(origin, None, err, now)
             return
-        self._run_outbox(now)
+        if self._outbox and self.core.outbox:
+            self._run_outbox(now)
         if isinstance(result, GeneratorType):
             self.sched.spawn(result, now, origin, lane)
-        else:
+        elif env.flags & FLAG_WANT_REPLY or env.kind in self._observed:
             self.finish(origin, result, None, now)
+        # else: a posted message handled at once: nothing to answer, nothing to time
 
     def _on_reply(self, link: Link, env: Envelope, now: int) -> None:
         key = (link.name, env.reply_to)

@@ -19,6 +19,7 @@ a ROUTER link silent for link_silent_s, or found gone by a send, is dropped.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import select
 import signal
@@ -52,6 +53,7 @@ TURN_NS = 300_000               # ...or this much time, whichever comes first
 DRAIN_BUDGET = 256              # frames per loop iteration, across sockets...
 ITERATION_NS = 2_000_000        # ...or this much time: then timers, yielded tasks and the tick
 HOUSEKEEPING_NS = 500_000_000
+GC_THRESHOLDS = (50_000, 50, 100)      # gen0 allocations, then gen0 and gen1 collections
 _HANDSHAKE_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
                      zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
                      zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "other"}
@@ -574,6 +576,11 @@ class Runtime:
     def run(self, until: Callable[[], bool] | None = None) -> None:
         engine = self.engine
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        # A full collection walks every tracked object, imports and all: several ms of stall.
+        # What exists now lives for the whole run: freeze it, and collect the young objects
+        # (messages, tasks) less often; they are nearly all freed by reference counting anyway.
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         try:
             while not self.stopping and not (until and until()):
                 # zmq_poll sleeps in whole milliseconds, which would add up to 1 ms of timer

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -32,16 +31,18 @@ _U64 = 1 << 64
 _U32 = 1 << 32
 
 
-@dataclass(slots=True)
 class Envelope:
-    kind: str
-    seq: int
-    reply_to: int
-    vgpu: int
-    ts: int
-    flags: int
-    payload: Any
-    peer: str = ""          # filled in by the shell: the link it came from
+    """A decoded frame. `peer` is filled in by the shell: the link it came from."""
+    __slots__ = ("kind", "seq", "reply_to", "vgpu", "ts", "flags", "payload", "peer")
+
+    def __init__(self, kind: str, seq: int, reply_to: int, vgpu: int, ts: int, flags: int,
+                 payload: Any, peer: str = ""):
+        self.kind, self.seq, self.reply_to, self.vgpu = kind, seq, reply_to, vgpu
+        self.ts, self.flags, self.payload, self.peer = ts, flags, payload, peer
+
+    def __repr__(self) -> str:
+        return (f"Envelope({self.kind}, seq={self.seq}, reply_to={self.reply_to}, vgpu={self.vgpu}, "
+                f"flags={self.flags}, peer={self.peer!r})")
 
     @property
     def wants_reply(self) -> bool:
