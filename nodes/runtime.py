@@ -46,6 +46,7 @@ from nodes.wire.link import Link, SendFailed
 from nodes.wire.schema import CONNECTS_TO, guest_name, role_of
 
 monotonic_ns = time.monotonic_ns
+NOBLOCK = int(zmq.NOBLOCK)         # a plain int: pyzmq's flag enums cost a call each use
 SNDHWM = 10_000                 # frames this node queues to one peer
 RCVHWM = 256                    # frames one peer can queue here: past it, it waits (backpressure)
 DRAIN_PER_SOCKET = 64           # frames taken from one socket before the next gets its turn...
@@ -453,40 +454,45 @@ class Runtime:
         return budget
 
     def _drain_router_plain(self, r: _Router, budget: int, deadline: int) -> int:
-        """Two recv calls per message rather than recv_multipart: the hot path of every node."""
+        """recv of zmq.Frames, whose `more` is read without a getsockopt: the hot path of every
+        node (about 2 µs a message against 6 µs with the rcvmore attribute)."""
         sock = r.sock
         recv = sock.recv
         gate = self._accepting if r.vm else None
         for n in range(budget):
             try:
-                ident = recv(zmq.NOBLOCK)
+                head = recv(NOBLOCK, copy=False)
             except zmq.Again:
                 return n
-            frame = recv(zmq.NOBLOCK) if sock.rcvmore else b""
-            if sock.rcvmore or not frame:
-                while sock.rcvmore:
-                    recv(zmq.NOBLOCK)
+            ident = head.bytes
+            body = recv(NOBLOCK, copy=False) if head.more else None
+            if body is None or body.more:
+                while body is not None and body.more:
+                    body = recv(NOBLOCK, copy=False)
                 self._count_bad("multipart")
                 self._refuse(ident, sock, 0, "EBADMSG", "one frame per message")
                 continue
             now = monotonic_ns()
-            self._on_frame(r, r.by_ident.get(ident), ident, frame, None, now)
+            self._on_frame(r, r.by_ident.get(ident), ident, body.bytes, None, now)
             if now >= deadline or (gate is not None and not gate(r.vm)):
                 return n + 1
         return budget
 
     def _drain_dealer(self, sock: zmq.Socket, budget: int, deadline: int) -> int:
         link = self._dealers[sock]
+        recv = sock.recv
         for n in range(budget):
             try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
+                frame = recv(NOBLOCK, copy=False)
             except zmq.Again:
                 return n
-            if len(parts) != 1:
+            if frame.more:
+                while frame.more:
+                    frame = recv(NOBLOCK, copy=False)
                 self._count_bad("multipart")
                 continue
             now = monotonic_ns()
-            self._on_frame(None, link, None, parts[0], None, now)
+            self._on_frame(None, link, None, frame.bytes, None, now)
             if now >= deadline:
                 return n + 1
         return budget
@@ -521,13 +527,15 @@ class Runtime:
     def _drain(self, ready: list) -> None:
         """Take frames from the ready sockets in turn, so a flood on one does not starve the
         others (a turn ends after DRAIN_PER_SOCKET frames or TURN_NS), up to a budget of frames
-        and of time per loop iteration. Readiness is asked again after each round (one
-        zmq_poll), so an answer that comes in meanwhile is taken in this iteration."""
+        and of time per loop iteration. A socket that used its whole turn gets another round;
+        one that ran dry is polled again at the next iteration, after the engine has run what
+        came in (zmq_poll is level-triggered, so nothing left is missed)."""
         budget = DRAIN_BUDGET
         end = monotonic_ns() + ITERATION_NS
         while ready and budget > 0:
-            got = 0
-            for sock, _ev in ready:
+            full = []
+            for item in ready:
+                sock = item[0]
                 kind = self._socks[sock]
                 if kind is None:
                     self._drain_monitor(sock)
@@ -540,13 +548,12 @@ class Runtime:
                     n = self._drain_router(kind, take, deadline)
                 else:
                     n = self._drain_dealer(sock, take, deadline)
-                got += n
+                if n >= take:
+                    full.append(item)
                 budget -= n
                 if budget <= 0 or monotonic_ns() >= end:
                     return
-            if not got:
-                return                      # only gated VMs and monitors were left
-            ready = self._poller.poll(0)
+            ready = full
 
     # ---- control ------------------------------------------------------------------------------
     def _shutdown(self, env: Envelope, now: int) -> bool:
