@@ -263,8 +263,10 @@ class Runtime:
     # ---- links we open -----------------------------------------------------------------------
     def connect(self, peer: str, endpoint: str, control: bool = False) -> Link:
         """A DEALER to a peer's ROUTER; the HELLO runs as a task (hello_task)."""
+        # No routing id of our own: ZeroMQ's random one. A ROUTER refuses a connection whose id
+        # it still holds, so a node restarted under its name would be ignored until its old
+        # connection had been torn down. Who a peer is comes from HELLO (and from its key).
         s = self._socket(zmq.DEALER)
-        s.setsockopt(zmq.IDENTITY, self.name.encode())
         if self.keys is not None:
             server = self.keys.peers.get(peer)
             if server is None:

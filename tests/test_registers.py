@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from harness import Bench
+from harness import Bench, started_bench
 from nodes.errors import GvtError
 from nodes.hw import MiB, gtt, pvinfo, regs
+from nodes.mediator import mmio
 from nodes.mediator.aperture import GmAllocator
 
 ENGINES = list(regs.ENGINES)
@@ -345,3 +346,33 @@ def test_available_matches_what_can_be_created(vtype):
         a.allocate(vtype)
     assert n == {"_8": 7, "_4": 5, "_2": 2, "_1": 1}[vtype]
     assert a.available(vtype) == 0
+
+
+# ---- a batch applies each rule as single writes would ------------------------------------------
+@pytest.mark.parametrize("n", [8, 200])             # the small-batch path and the numpy path
+def test_a_write_batch_ends_as_the_same_writes_one_by_one(n):
+    """The batch path stores plain registers without the table lookups; interleaved with
+    registers that have rules (W1C, masked, read-only, hooks, failsafe), a batch must end
+    exactly as the same writes made one at a time."""
+    special = [regs.IRQ_ISRS[0] + regs.IIR_OFF, regs.MASTER_IRQ, next(iter(regs.FORCEWAKE_ACK)),
+               regs.ring("rcs", regs.RING_CSB_PTR), regs.ring("bcs", regs.RING_MI_MODE),
+               regs.ring("vcs", regs.RING_EXECLIST_STATUS), pvinfo.BASE + pvinfo.CURSOR_X_HOT,
+               regs.ring("vecs", regs.RING_MODE)]
+    writes = []
+    for i in range(n):
+        off = special[i % len(special)] if i % 3 == 0 else regs.ring("rcs", regs.RING_GPR0) + 4 * (i % 7)
+        writes.append((off, 4, (0x9E3779B9 * (i + 1)) & 0xFFFFFFFF))
+    one_gen, batch_gen = started_bench(), started_bench()
+    one, batch = next(one_gen), next(batch_gen)
+    try:
+        for b in (one, batch):
+            pv_aware(b)
+        for off, size, val in writes:        # the single-access path, without the batch's
+            assert mmio.emulate_write(one.mediator.vgpus[1], off, size, val) is None
+        res = batch.trap_writes(1, writes)
+        assert res["n_errors"] == 0, res["errors"]
+        assert vregs(batch) == vregs(one)
+        assert batch.mediator.vgpus[1].failsafe == one.mediator.vgpus[1].failsafe
+    finally:
+        for g in (one_gen, batch_gen):
+            g.close()

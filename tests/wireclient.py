@@ -28,7 +28,8 @@ class RawPeer:
         self.ctx = zmq.Context()
         self.s = self.ctx.socket(zmq.DEALER)
         self.s.setsockopt(zmq.LINGER, 0)
-        self.s.setsockopt(zmq.IDENTITY, (identity or name).encode())
+        if identity is not None:        # else ZeroMQ's random routing id, as the nodes use
+            self.s.setsockopt(zmq.IDENTITY, identity.encode())
         self.s.setsockopt(zmq.RCVTIMEO, 10000)
         if keys is not None:
             pub, sec = zmq.auth.load_certificate(Path(keys) / f"{key_name or name}.key_secret")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from nodes.errors import GvtError
-from nodes.hw import pvinfo, regs
+from nodes.hw import bar0, pvinfo, regs
 from nodes.mediator import interrupt
 from nodes.mediator.aperture import write_fence
 from nodes.regfile import read_dwords, write_dwords
@@ -165,6 +165,7 @@ RANGES: tuple[tuple[int, int, Callable[..., int], Callable[..., Actions]], ...] 
 )
 
 RESET_VALUES = {off: info.reset for off, info in MMIO.items() if info.reset}
+_RANGE_DWORDS = frozenset(o for start, end, _r, _w in RANGES for o in range(start, end, 4))
 
 
 # ---- access ---------------------------------------------------------------------------------------
@@ -173,6 +174,13 @@ def mmio_read(vgpu: VGpu, off: int, size: int) -> int:
         if start <= off < end:
             return read(vgpu, off, size)
     return read_dwords(vgpu.vregs, off, size)
+
+
+def plain_dword(off: int) -> bool:
+    """Whether an aligned dword at `off` is a register with no attributes and no hook, in no
+    range: a write there only stores (the batch path takes these without the lookups)."""
+    return (not off & 3 and 0 <= off < bar0.MMIO_SIZE and off not in MMIO
+            and off not in _RANGE_DWORDS)
 
 
 def mmio_write(vgpu: VGpu, off: int, size: int, val: int) -> Actions:

@@ -87,8 +87,20 @@ def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.nda
                     work = 0
                     yield YIELD
             continue
+        vregs = vgpu.vregs
+        plain = handlers.plain_dword
         for i in range(a, b):
             off, size = offs_l[i], sizes_l[i]
+            if size == 4 and plain(off):
+                # a register that only stores, in failsafe or not: the lookups of
+                # emulate_write would come to this
+                vregs[off] = vals_l[i] & 0xFFFFFFFF
+                n_mmio += 1
+                work += 1
+                if work >= TURN_WORK:
+                    work = 0
+                    yield YIELD
+                continue
             try:
                 actions = emulate_write(vgpu, off, size, vals_l[i])
                 if actions:
