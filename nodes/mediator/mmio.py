@@ -63,8 +63,7 @@ def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.nda
         codes = bar0.decode_many(offs, sizes)
         run = (codes == bar0.GTT) & (sizes == 8)
         bounds = [0, *(np.flatnonzero(np.diff(run.astype(np.int8))) + 1).tolist(), n]
-        offs_l, sizes_l = offs.tolist(), sizes.tolist()
-    vals_l = vals.tolist()
+    vals_l: list[int] | None = None     # Python lists, made when an access goes one by one
     n_mmio = n_gtt = 0
     errors: list[str] = []
     n_errors = work = 0
@@ -87,6 +86,8 @@ def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.nda
                     work = 0
                     yield YIELD
             continue
+        if vals_l is None:
+            offs_l, sizes_l, vals_l = offs.tolist(), sizes.tolist(), vals.tolist()
         vregs = vgpu.vregs
         plain = handlers.plain_dword
         for i in range(a, b):
