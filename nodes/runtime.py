@@ -435,31 +435,12 @@ class Runtime:
         self.engine.deliver(link, env, now)
 
     def _drain_router(self, r: _Router, budget: int, deadline: int) -> int:
-        if self.keys is None:
-            return self._drain_router_plain(r, budget, deadline)
-        sock = r.sock
-        gate = self._accepting if r.vm else None
-        for n in range(budget):
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return n
-            now = monotonic_ns()
-            if len(parts) != 2:
-                self._count_bad("multipart")
-                self._refuse(parts[0].bytes, sock, 0, "EBADMSG", "one frame per message")
-                continue
-            ident, frame = parts[0].bytes, parts[1].bytes
-            self._on_frame(r, r.by_ident.get(ident), ident, frame, parts[1].get("User-Id"), now)
-            if now >= deadline or (gate is not None and not gate(r.vm)):
-                return n + 1
-        return budget
-
-    def _drain_router_plain(self, r: _Router, budget: int, deadline: int) -> int:
         """recv of zmq.Frames, whose `more` is read without a getsockopt: the hot path of every
-        node (about 2 µs a message against 6 µs with the rcvmore attribute)."""
+        node (about 2 µs a message against 6 µs with the rcvmore attribute). With CURVE, the
+        body frame carries the User-Id the authenticator gave the connection."""
         sock = r.sock
         recv = sock.recv
+        curve = self.keys is not None
         gate = self._accepting if r.vm else None
         for n in range(budget):
             try:
@@ -475,7 +456,8 @@ class Runtime:
                 self._refuse(ident, sock, 0, "EBADMSG", "one frame per message")
                 continue
             now = monotonic_ns()
-            self._on_frame(r, r.by_ident.get(ident), ident, body.bytes, None, now)
+            self._on_frame(r, r.by_ident.get(ident), ident, body.bytes,
+                           body.get("User-Id") if curve else None, now)
             if now >= deadline or (gate is not None and not gate(r.vm)):
                 return n + 1
         return budget
