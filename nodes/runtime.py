@@ -511,8 +511,8 @@ class Runtime:
     def _drain(self, ready: list) -> None:
         """Take frames from the ready sockets in turn, so a flood on one does not starve the
         others (a turn ends after DRAIN_PER_SOCKET frames or TURN_NS), up to a budget of frames
-        and of time per loop iteration. A socket that used its whole turn gets another round;
-        one that ran dry is polled again at the next iteration, after the engine has run what
+        and of time per loop iteration. A socket whose turn ended before it ran dry gets another
+        round; one that ran dry is polled again at the next iteration, after the engine has run what
         came in (zmq_poll is level-triggered, so nothing left is missed)."""
         budget = DRAIN_BUDGET
         end = monotonic_ns() + ITERATION_NS
@@ -532,10 +532,11 @@ class Runtime:
                     n = self._drain_router(kind, take, deadline)
                 else:
                     n = self._drain_dealer(sock, take, deadline)
-                if n >= take:
+                now = monotonic_ns()
+                if n >= take or now >= deadline:    # its turn ended before it ran dry
                     full.append(item)
                 budget -= n
-                if budget <= 0 or monotonic_ns() >= end:
+                if budget <= 0 or now >= end:
                     return
             ready = full
 
