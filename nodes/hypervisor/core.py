@@ -27,7 +27,7 @@ from nodes.memory import Layout, RegionMemory, make_p2m
 from nodes.metrics import TRAP_LATENCY, TRAPS, declare_trap_metrics
 from nodes.stats import Stats
 from nodes.wire.codec import MAX_POSTED_WRITES, Envelope, check_reply_size
-from nodes.wire.schema import guest_name
+from nodes.wire.schema import guest_name, write_batch_len
 
 BATCH_MAX = 4096                # writes per TRAP_WRITE
 BATCHES_IN_FLIGHT = 4           # per VM, of full batches; a partial one goes only alone
@@ -116,12 +116,8 @@ class HypervisorCore:
             return self._posted(vm, _U32.pack(off), bytes((p["size"],)), _U64.pack(p["val"]), 1,
                                 int(bar0.in_gtt(off)), p.get("w", 0), now)
         if kind == "MMIO_WRITE_BATCH":
-            offs, sizes, vals = p["off"], p["size"], p["val"]
-            n = len(sizes)
-            if len(offs) != 4 * n or len(vals) != 8 * n:
-                raise GvtError("EINVAL", f"a write batch needs as many offsets, sizes and values; "
-                               f"got {len(offs) // 4}, {n} and {len(vals) // 8}")
-            return self._posted(vm, offs, sizes, vals, n, -1, p.get("w", 0), now)
+            n = write_batch_len(p)
+            return self._posted(vm, p["off"], p["size"], p["val"], n, -1, p.get("w", 0), now)
         if kind == "MMIO_READ":
             return self._read(vm, p["off"], p["size"])
         if kind == "GPA_READ":

@@ -305,15 +305,21 @@ def guest_name(vm: int) -> str:
     return f"guest{vm}"
 
 
+def write_batch_len(p: dict) -> int:
+    """The number of writes in an MMIO_WRITE_BATCH / TRAP_WRITE payload (whose fields the schema
+    has checked are packed u32s, u8s and u64s); EINVAL unless they hold as many of each."""
+    n = len(p["size"])
+    if len(p["off"]) != 4 * n or len(p["val"]) != 8 * n:
+        raise GvtError("EINVAL", f"a write batch needs as many offsets, sizes and values; got "
+                       f"{len(p['off']) // 4}, {n} and {len(p['val']) // 8}")
+    return n
+
+
 def unpack_write_batch(p: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(offsets, sizes, values) of an MMIO_WRITE_BATCH / TRAP_WRITE payload, as many of each."""
-    offs = np.frombuffer(p["off"], dtype="<u4")
-    sizes = np.frombuffer(p["size"], dtype=np.uint8)
-    vals = np.frombuffer(p["val"], dtype="<u8")
-    if not len(offs) == len(sizes) == len(vals):
-        raise GvtError("EINVAL", f"a write batch needs as many offsets, sizes and values; got "
-                       f"{len(offs)}, {len(sizes)} and {len(vals)}")
-    return offs, sizes, vals
+    write_batch_len(p)
+    return (np.frombuffer(p["off"], dtype="<u4"), np.frombuffer(p["size"], dtype=np.uint8),
+            np.frombuffer(p["val"], dtype="<u8"))
 
 
 def pack_write_batch(offs: Any, sizes: Any, vals: Any) -> dict:
