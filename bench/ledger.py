@@ -65,6 +65,14 @@ def check_ggtt(dump: np.ndarray, vgpus: list[dict], guest_maps: dict[int, tuple[
                            f"expected {int(expect[i]):#x})")
         if foreign.any():
             reasons.append(f"vGPU {vm}: {int(foreign.sum())} GGTT entries point outside VM {vm}'s RAM")
+    # the host's own GM starts with its mapping of the host pool (page k -> pool frame k)
+    host = layout.host
+    pool_map = gtt.encode(np.arange(host.base_mfn, host.end_mfn, dtype=U64), gtt.PTE_PRESENT | gtt.PTE_RW)
+    if not np.array_equal(dump[:host.frames], pool_map):
+        bad = int(np.flatnonzero(dump[:host.frames] != pool_map)[0])
+        reasons.append(f"the host's GGTT mapping of its pool is wrong at index {bad:#x}: "
+                       f"{int(dump[bad]):#x}, expected {int(pool_map[bad]):#x}")
+    owned[:host.frames] = True
     outside = np.flatnonzero(~owned & (dump != 0))
     if len(outside):
         reasons.append(f"{len(outside)} physical GGTT entries outside every vGPU partition were "

@@ -2,8 +2,8 @@
 
 A core's handlers return a value (the reply) or a task: a generator that yields these actions.
 The shell performs each one and resumes the task: a Call with its reply (or raises the GvtError
-it met: RemoteError, CallTimeout), a Post, Signal or Wait at once or when the event is set, a
-Sleep after the time has passed. The task's return value is the reply to the request that
+it met: RemoteError, CallTimeout), a Post, Signal, Spawn or Wait at once or when the event is
+set, a Sleep after the time has passed. The task's return value is the reply to the request that
 started it. Time is given to cores, never read by them: `now` comes with every message and tick,
 and a finished Call carries the time its reply arrived in `done_at`.
 """
@@ -61,6 +61,14 @@ class Wait:
 class Signal:
     """Set `event` and resume the tasks waiting for it, in the order they began to wait."""
     event: Event
+
+
+@dataclass(slots=True)
+class Spawn:
+    """Start another task: in `lane` (after the lane's earlier work, holding it until it ends),
+    or at once beside the caller (lane None). The caller goes on without waiting for it."""
+    gen: Any
+    lane: Any = None
 
 
 YIELD = Sleep(0.0)

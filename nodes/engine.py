@@ -13,7 +13,7 @@ from __future__ import annotations
 from types import GeneratorType
 from typing import Any, Callable, Hashable, Iterable
 
-from nodes.actions import Call, Post, Signal
+from nodes.actions import Call, Post, Signal, Spawn
 from nodes.errors import GvtError, OutcomeUnknown, RemoteError, label_code
 from nodes.stats import Stats
 from nodes.tasks import Scheduler
@@ -239,6 +239,8 @@ class NodeEngine:
                     self.stats.inc("gvtbench_handler_errors", (_code(err),))
             elif type(a) is Signal:
                 self.sched.signal(a.event, now)
+            elif type(a) is Spawn:
+                self.sched.spawn_in(a, now)
             elif isinstance(a, GeneratorType):
                 self.sched.spawn(a, now)
             else:

@@ -149,6 +149,56 @@ class RegionMemory:
                 pass
 
 
+class WriteProtect:
+    """A VM's write-protect bitmap (one byte per guest page), owned by its hypervisor: the page
+    tracking of kvmgt's kvm_page_track. With the shm fabric it is a file in /dev/shm the guest
+    maps read-only, so the guest's MMU model sees which stores fault; otherwise plain memory."""
+
+    def __init__(self, frames: int, buf: Any, path: str | None, owned: bool):
+        self.frames, self.buf, self.path, self.owned = frames, buf, path, owned
+        self.bits = np.frombuffer(buf, dtype=np.uint8, count=frames)
+
+    @classmethod
+    def create(cls, region: Region, backend: str, run_id: str) -> "WriteProtect":
+        if backend != "shm":
+            return cls(region.frames, bytearray(region.frames), None, True)
+        path = shm_path(run_id, f"{region.name}.wp")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, region.frames)
+            buf = mmap.mmap(fd, region.frames)
+        finally:
+            os.close(fd)
+        return cls(region.frames, buf, path, True)
+
+    @classmethod
+    def attach(cls, region: Region, run_id: str) -> "WriteProtect":
+        path = shm_path(run_id, f"{region.name}.wp")
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise GvtError("ENOENT", f"VM {region.vm} has no write-protect map {path}: is its "
+                           f"hypervisor on this host with the shm fabric?") from None
+        try:
+            buf = mmap.mmap(fd, region.frames, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        return cls(region.frames, buf, path, False)
+
+    def close(self) -> None:
+        self.bits = np.zeros(0, dtype=np.uint8)
+        if isinstance(self.buf, mmap.mmap):
+            try:
+                self.buf.close()
+            except (BufferError, ValueError):
+                pass
+        if self.owned and self.path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
 class OwnedMemory:
     """The regions a node owns, and its service of DMA requests from the fabric's msg backend."""
 
@@ -231,6 +281,42 @@ class Fabric:
         for owner, batch in remote.items():
             yield Call(owner, "DMA_WRITE", {"ops": batch})
         return len(ops)
+
+    def read_many(self, ops: list[tuple[int, int, int]]) -> Iterator[Any]:
+        """[(mfn, offset, length)] -> the bytes of each, in order (a task fragment)."""
+        out: list[bytes | None] = [None] * len(ops)
+        remote: dict[str, tuple[list[int], list[list]]] = {}
+        for i, (mfn, off, n) in enumerate(ops):
+            r = self._region(mfn)
+            rm = self._local(r)
+            if rm is not None:
+                out[i] = rm.read(mfn, off, n)
+            else:
+                at, batch = remote.setdefault(r.owner, ([], []))
+                at.append(i)
+                batch.append([mfn, off, n])
+        for owner, (at, batch) in remote.items():
+            got = yield Call(owner, "DMA_READ", {"ops": batch})
+            if len(got) != len(batch):
+                raise GvtError("EPROTO", f"DMA_READ of {len(batch)} ops answered {len(got)}")
+            for i, data in zip(at, got):
+                out[i] = data
+        return out
+
+    def read(self, mfn: int, off: int, n: int) -> Iterator[Any]:
+        return (yield from self.read_many([(mfn, off, n)]))[0]
+
+    def local_view(self, mfn: int) -> memoryview | None:
+        """The page's bytes when its region is mapped here (shm, or owned), else None: a walker
+        that reads many small pieces uses it instead of a message each."""
+        r = self.layout.region_of(mfn)
+        if r is None:
+            return None
+        rm = self._local(r)
+        if rm is None:
+            return None
+        a = (mfn - r.base_mfn) * PAGE_SIZE
+        return rm.view[a:a + PAGE_SIZE]
 
     def close(self) -> None:
         for rm in self._attached.values():

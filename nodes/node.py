@@ -12,7 +12,7 @@ from typing import Any, Iterator
 from nodes.actions import Post, Sleep
 from nodes.errors import GvtError
 from nodes.hw import MiB, PAGE_SIZE
-from nodes.memory import Fabric, Layout, OwnedMemory, RegionMemory
+from nodes.memory import Fabric, Layout, OwnedMemory, RegionMemory, WriteProtect
 from nodes.runtime import Keys, Runtime, die_with_parent
 from nodes.wire.schema import guest_name
 
@@ -112,6 +112,7 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
     owned = OwnedMemory(layout)
     setup: Iterator[Any] | None = None
     info: dict[str, Any] = {}
+    on_stop: list[Any] = []
     core: Any
     if role == "gpu":
         from nodes.gpu.sim import GpuSim
@@ -120,16 +121,20 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
         from nodes.mediator.core import MediatorCore
         owned.add(RegionMemory.create(layout.host, run["fabric"], run_id))
         translate, info["translator"] = select_translator(cfg["mediator"]["translator"])
-        core = MediatorCore(layout, aperture_size=cfg["gpu"]["aperture_mib"] * MiB,
+        core = MediatorCore(layout, Fabric(layout, run["fabric"], run_id, owned=owned),
+                            aperture_size=cfg["gpu"]["aperture_mib"] * MiB,
                             max_vgpus=cfg["mediator"]["max_vgpus"], translate=translate)
         setup = core.setup([(v, cfg["vgpus"]["type"]) for v in vm_ids(cfg)])
     elif role == "hypervisor":
         from nodes.hypervisor.core import HypervisorCore
-        mems = {}
+        mems, wps = {}, {}
         for v in vm_ids(cfg):
             mems[v] = RegionMemory.create(layout.vm_region(v), run["fabric"], run_id)
             owned.add(mems[v])
-        core = HypervisorCore(layout, mems, run["seed"], call_timeout=run["call_timeout_s"])
+            wps[v] = WriteProtect.create(layout.vm_region(v), run["fabric"], run_id)
+        core = HypervisorCore(layout, mems, run["seed"], wps=wps, call_timeout=run["call_timeout_s"])
+        for wp in wps.values():
+            on_stop.append(wp.close)
     else:
         from nodes.guest.core import GuestCore, LoadSpec
         ld = cfg["load"]
@@ -155,6 +160,7 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
     if owned.mem:
         rt.engine.serve(OwnedMemory.KINDS, owned.serve)
     rt.on_stop.append(owned.close)
+    rt.on_stop.extend(on_stop)
     if role == "gpu":
         rt.on_stop.append(core.fabric.close)
     wanted = needed_peers(role, cfg)

@@ -12,7 +12,7 @@ import itertools
 from collections import deque
 from typing import Any, Callable, Hashable, Protocol
 
-from nodes.actions import Call, Event, Post, Signal, Sleep, Wait
+from nodes.actions import Call, Event, Post, Signal, Sleep, Spawn, Wait
 from nodes.errors import CallTimeout, GvtError
 
 
@@ -63,6 +63,14 @@ class Scheduler:
         if lane is not None:
             self._lanes.setdefault(lane, _Lane()).active += 1
         self._step(task, None, None, now)
+
+    def spawn_in(self, action: Spawn, now: int) -> None:
+        """A Spawn action: the task starts in its lane's turn, or at once without a lane."""
+        gen, lane = action.gen, action.lane
+        if lane is None:
+            self.spawn(gen, now)
+        else:
+            self.submit(lane, lambda t: self.spawn(gen, t, None, lane), now)
 
     def submit(self, lane: Hashable, start: Callable[[int], None], now: int) -> bool:
         """Run `start(now)` at once if `lane` is idle (True), else queue it behind the lane's
@@ -196,6 +204,9 @@ class Scheduler:
                 return
             if kind is Signal:
                 self.signal(action.event, now)
+                continue
+            if kind is Spawn:
+                self.spawn_in(action, now)
                 continue
             exc = GvtError("EINVAL", f"a task yielded {kind.__name__}, not an action")
 

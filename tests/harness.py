@@ -249,7 +249,8 @@ def make_bench(*, translate: Callable[..., Any] = translate_entries,
     h_owned = OwnedMemory(layout)
     for rm in vms.values():
         h_owned.add(rm)
-    mediator = MediatorCore(layout, aperture_size=aperture_size, max_vgpus=max_vgpus, translate=translate)
+    mediator = MediatorCore(layout, Fabric(layout, "msg", "test", owned=m_owned),
+                            aperture_size=aperture_size, max_vgpus=max_vgpus, translate=translate)
     hv = HypervisorCore(layout, vms, seed, call_timeout=call_timeout)
     gpu = GpuSim(Fabric(layout, "msg", "test"))
     net.add("gpu", gpu)

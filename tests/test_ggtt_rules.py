@@ -345,6 +345,10 @@ def test_rule7_new_vgpu_partition_is_scratch_present(translator):
         assert (g.mapped_gfn == -1).all() and not b.calls_of("GFN_PIN")
         outside = np.ones(gtt.ENTRIES, dtype=bool)
         outside[ap] = outside[hi] = False
+        # the host maps its pool at the start of its own GM (shadow contexts, rings, batches)
+        host_idx, host_vals = b.mediator.pool.ggtt_entries()
+        assert (b.gpu.ggtt[host_idx] == host_vals).all()
+        outside[host_idx] = False
         assert not b.gpu.ggtt[outside].any()
         assert b.gpu.ggtt_flushes >= 1 and b.calls_of("SYNC")
     finally:

@@ -17,6 +17,9 @@ def _setup():
     vgpus = [{"id": v, "partition": alloc.allocate("_8").to_wire()} for v in (1, 2)]
     scratch = layout.host.base_mfn
     dump = np.zeros(gtt.ENTRIES, dtype=np.uint64)
+    host = layout.host              # the mediator maps its pool at the start of the host's GM
+    dump[:host.frames] = gtt.encode(np.arange(host.base_mfn, host.end_mfn, dtype=np.uint64),
+                                    gtt.PTE_PRESENT | gtt.PTE_RW)
     for v in vgpus:        # a new vGPU: every entry at scratch, present
         p = v["partition"]
         for base, size in ((p["aperture_base"], p["aperture_size"]), (p["hidden_base"], p["hidden_size"])):
@@ -64,7 +67,7 @@ def test_entry_into_another_vm_is_caught():
 
 def test_write_outside_partitions_is_caught():
     layout, vgpus, dump, maps, scratch, _ = _setup()
-    dump[5] = gtt.encode(1234, 1)         # inside the host's range
+    dump[layout.host.frames + 5] = gtt.encode(1234, 1)     # the host's range, past its pool
     res = ledger.check_ggtt(dump, vgpus, maps, layout, SEED, scratch)
     assert res["outside_written"] == 1 and any("outside every vGPU" in r for r in res["reasons"])
 

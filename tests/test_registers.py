@@ -139,6 +139,7 @@ def test_pv_write_to_rsv5_is_failsafe_insufficient_resource(bench, k):
 def test_pv_writes_of_any_size_land(bench):
     wr(bench, pv(pvinfo.PDP0_LO), 0xABCD_0000_1234_5000, 8)
     assert rd(bench, pv(pvinfo.PDP0_LO), 8) == 0xABCD_0000_1234_5000
+    wr(bench, pv(pvinfo.PDP0_LO), 0x5000, 8)      # a PML4 in guest RAM, for the notification
     wr(bench, pv(pvinfo.G2V_NOTIFY), pvinfo.G2V_PPGTT_L4_CREATE, 2)
     assert rd(bench, pv(pvinfo.G2V_NOTIFY)) == pvinfo.G2V_PPGTT_L4_CREATE
     assert bench.mediator.vgpus[1].g2v_notifications == [pvinfo.G2V_PPGTT_L4_CREATE]
@@ -238,7 +239,9 @@ def test_device_model_reset_message_resets_the_whole_vgpu(bench):
     assert info["failsafe"] is None and info["pv_notified"] is False
     assert not v.pv_notified
     assert bench.phys(i) == gtt.encode(bench.mediator.scratch_mfn, gtt.PTE_PRESENT)
-    assert bench.hv.vms[1].pins[5] == 0 and bench.unpinned_gfns_in_posts() == [5]
+    # gfn 5 held by the GGTT, gfn 0 by the PPGTT _dirty's notification created (root at gpa 0)
+    assert bench.hv.vms[1].pins[5] == 0 and sorted(bench.unpinned_gfns_in_posts()) == [0, 5]
+    assert not v.ppgtt.mms and not v.track.handlers and not bench.hv.vms[1].track.any()
     phys_fence = regs.fence_lo(v.part.fence_base + 1)
     assert bench.gpu.regs.get(phys_fence, 0) == 0 and bench.gpu.regs.get(phys_fence + 4, 0) == 0
     assert rd(bench, regs.fence_lo(1), 8) == 0
@@ -368,7 +371,7 @@ def test_a_write_batch_ends_as_the_same_writes_one_by_one(n):
         for b in (one, batch):
             pv_aware(b)
         for off, size, val in writes:        # the single-access path, without the batch's
-            assert mmio.emulate_write(one.mediator.vgpus[1], off, size, val) is None
+            assert not mmio.emulate_write(one.mediator.vgpus[1], off, size, val)
         res = batch.trap_writes(1, writes)
         assert res["n_errors"] == 0, res["errors"]
         assert vregs(batch) == vregs(one)

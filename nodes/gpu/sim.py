@@ -1,5 +1,7 @@
-"""The simulated physical GPU: registers, the physical GGTT behind BAR0 + 8 MiB, and DMA by mfn
-through the memory fabric. The mediator reaches it only through MMIO messages, like a host driver.
+"""The simulated physical GPU: registers, the physical GGTT behind BAR0 + 8 MiB, engines with
+execlist ports that execute contexts (nodes.gpu.engine), and DMA by mfn through the memory fabric.
+The mediator reaches it only through MMIO messages, like a host driver, and hears from it through
+ENGINE_IRQ.
 """
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from nodes.actions import Post
 from nodes.errors import GvtError
+from nodes.gpu.engine import Engine, GpuMemory
 from nodes.hw import PAGE_SIZE, bar0, gtt, regs
 from nodes.memory import Fabric
 from nodes.metrics import TRAP_LATENCY, TRAPS, declare_trap_metrics
@@ -20,8 +24,12 @@ from nodes.wire.schema import unpack_write_batch
 class GpuSim:
     role = "gpu"
 
-    def __init__(self, fabric: Fabric):
-        self.fabric = fabric
+    def __init__(self, fabric: Fabric, mediator: str = "mediator"):
+        self.fabric, self.mediator = fabric, mediator
+        self.mem = GpuMemory(fabric)
+        self.engines = {name: Engine(self, name) for name in regs.ENGINES}
+        self._elsp = {base + regs.RING_ELSP: self.engines[name] for name, base in regs.ENGINES.items()}
+        self.outbox: list[Any] = []
         self.regs: dict[int, int] = {}
         self.ggtt = np.zeros(gtt.ENTRIES, dtype=np.uint64)
         self.ggtt_flushes = 0
@@ -44,7 +52,18 @@ class GpuSim:
             return
         if off == regs.GFX_FLSH_CNTL:
             self.ggtt_flushes += 1
+        engine = self._elsp.get(off)
+        if engine is not None and size == 4:
+            run = engine.elsp_write(val)
+            if run is not None:
+                self.outbox.append(run)
+            return
         write_dwords(self.regs, off, size, val)
+
+    def irq(self, engine: str, csb: list, faults: list) -> Post:
+        """The engine's interrupt to the mediator, with the CSB entries it posted and the
+        contexts it hung on."""
+        return Post(self.mediator, "ENGINE_IRQ", {"engine": engine, "csb": csb, "faults": faults})
 
     def mmio_write_batch(self, offs: np.ndarray, sizes: np.ndarray, vals: np.ndarray) -> None:
         """Writes in order; runs of aligned 8-byte GGTT writes are stored in one go. The batch is
@@ -120,4 +139,7 @@ class GpuSim:
         return [d[0] for d in dma]      # the machine frames hit, for the ledger
 
     def snapshot(self) -> dict:
-        return {"ggtt_flushes": self.ggtt_flushes}
+        return {"ggtt_flushes": self.ggtt_flushes,
+                "engines": {n: {"executed": e.executed, "hangs": e.hangs, "user_irqs": e.user_irqs}
+                            for n, e in self.engines.items()},
+                "dma_bytes_written": self.mem.bytes_written}

@@ -4,7 +4,8 @@ The platform modelled is a gen9 part (Skylake / Kaby Lake class) as GVT-g sees i
 rules are the gen8 ones. Sources: drivers/gpu/drm/i915/gvt/ (gvt.c, vgpu.c, gtt.c, handlers.c,
 interrupt.c, execlist.c, aperture_gm.c), i915_pvinfo.h, i915_reg.h and gt/ in the Linux kernel.
 
-Submodules: bar0 (the BAR and its decode), gtt (entry format, index and offset helpers), regs
+Submodules: bar0 (the BAR and its decode), gtt (entry format, index and offset helpers), lrc
+(context descriptor, context image, status page, CSB entries, PPGTT entries), regs
 (registers and their bits), pvinfo (the PV info page), mi (command opcodes), partition (vGPU
 types and the host's share).
 """
@@ -16,7 +17,7 @@ GiB = 1 << 30
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
-from nodes.hw import bar0, gtt, mi, partition, pvinfo, regs  # noqa: E402  (after the units they use)
+from nodes.hw import bar0, gtt, lrc, mi, partition, pvinfo, regs  # noqa: E402  (after the units they use)
 
-__all__ = ["KiB", "MiB", "GiB", "PAGE_SHIFT", "PAGE_SIZE", "bar0", "gtt", "mi", "partition",
+__all__ = ["KiB", "MiB", "GiB", "PAGE_SHIFT", "PAGE_SIZE", "bar0", "gtt", "lrc", "mi", "partition",
            "pvinfo", "regs"]

@@ -16,12 +16,35 @@ MI_LOAD_REGISTER_IMM = 0x22
 MI_ATOMIC = 0x2F
 MI_BATCH_BUFFER_START = 0x31
 
+# Flag bits of the first dword (gen8)
+MI_USE_GGTT = 1 << 22               # MI_STORE_DATA_IMM / MI_ATOMIC: the address is in the GGTT
+MI_STORE_QWORD = 1 << 21            # MI_STORE_DATA_IMM: store two dwords
+MI_BATCH_PPGTT = 1 << 8             # MI_BATCH_BUFFER_START: the batch is in the PPGTT
+MI_ATOMIC_OP_SHIFT = 8
+MI_ATOMIC_OP_MASK = 0xFF << MI_ATOMIC_OP_SHIFT
+MI_ATOMIC_INC = 0x05 << MI_ATOMIC_OP_SHIFT
+MI_ATOMIC_INLINE_DATA = 1 << 18
+
+# Whole commands' lengths in dwords, as i915 emits them on gen8
+LEN_STORE_DWORD = 4                 # header, address lo, address hi, value
+LEN_ATOMIC = 3                      # header, address lo, address hi
+LEN_BB_START = 3                    # header, address lo, address hi
+
 PIPE_CONTROL = 0x7A000000           # a 3D command (client 3)
 
 
 def mi(opcode: int, length: int = 0) -> int:
     """The first dword of an MI command: opcode in 28:23, dword length minus 2 in the low bits."""
     return (opcode & OPCODE_MASK) << OPCODE_SHIFT | length
+
+
+def length_of(dword: int) -> int:
+    """A command's length in dwords from its first dword (MI: dword length + 2; one-dword MI
+    commands, opcodes below 0x10, have no length field)."""
+    op = opcode_of(dword)
+    if op is not None and op < 0x10:
+        return 1
+    return (dword & 0xFF) + 2
 
 
 def opcode_of(dword: int) -> int | None:

@@ -74,6 +74,23 @@ def gt_ier(bank: int) -> int:
     return 0x4430C + 0x10 * bank
 
 
+# GT interrupt events (gen8 GT IIR layout, interrupt.c init_events): each engine owns 16 bits of
+# a GT bank; the user interrupt is bit 0 and the context switch bit 8 of its half.
+GT_USER_INTERRUPT = 1 << 0
+GT_CONTEXT_SWITCH = 1 << 8
+# engine -> (GT bank, shift of its half in the bank)
+ENGINE_IRQ: dict[str, tuple[int, int]] = {"rcs": (0, 0), "bcs": (0, 16), "vcs": (1, 0), "vecs": (3, 0)}
+# GT bank -> the master IRQ bit it reports through (GVT-g's gen8_init_irq: GT0 bit 0, GT1 bit 2,
+# GT2 bit 4, GT3 bit 6)
+GT_BANK_MASTER_BIT = {0: 1 << 0, 1: 1 << 2, 2: 1 << 4, 3: 1 << 6}
+
+
+def engine_event(engine: str, event: int) -> tuple[int, int]:
+    """(GT bank, IIR bit) of an engine's event (GT_USER_INTERRUPT or GT_CONTEXT_SWITCH)."""
+    bank, shift = ENGINE_IRQ[engine]
+    return bank, event << shift
+
+
 # IIR/IMR/IER triples of the display engine and the PCU (each at ISR + 4 / + 8 / + 0xc)
 DE_PIPE_ISR = (0x44400, 0x44410, 0x44420)
 DE_PORT_ISR = 0x44440

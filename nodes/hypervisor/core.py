@@ -11,6 +11,12 @@ waits in its own queue rather than in the link the mediator shares with every VM
 are refused (EAGAIN in WRITE_DONE): backpressure toward that guest. A read waits until the
 writes its guest made before it have gone out, then travels on the same link, so the mediator
 emulates it after them.
+
+Page tracking (kvmgt's kvm_page_track): the mediator write-protects guest pages (PAGE_TRACK). A
+guest store to such a page faults (PAGE_FAULT, or a RAM_WRITE that hits one) and takes its place
+in the VM's fifo: it goes to the mediator as TRACKED_WRITE after the VM's earlier writes, is stored
+in guest RAM once the mediator has emulated it, and nothing behind it in the fifo moves before
+that (the vCPU is stopped on the fault).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import numpy as np
 from nodes.actions import Call, Event, Post, Signal, Wait
 from nodes.errors import GvtError, OutcomeUnknown
 from nodes.hw import PAGE_SHIFT, PAGE_SIZE, bar0
-from nodes.memory import Layout, RegionMemory, make_p2m
+from nodes.memory import Layout, RegionMemory, WriteProtect, make_p2m
 from nodes.metrics import TRAP_LATENCY, TRAPS, declare_trap_metrics
 from nodes.stats import Stats
 from nodes.wire.codec import MAX_POSTED_WRITES, Envelope, check_reply_size
@@ -52,12 +58,24 @@ class _Writes:
         return len(self.size)
 
 
+class _Fault:
+    """A guest store to a write-protected page, waiting for its turn in the fifo."""
+    __slots__ = ("gpa", "data", "w")
+
+    def __init__(self, gpa: int, data: bytes, w: int):
+        self.gpa, self.data, self.w = gpa, data, w
+
+
 class Vm:
-    def __init__(self, vm: int, mem: RegionMemory, p2m: np.ndarray):
-        self.id, self.mem, self.p2m = vm, mem, p2m
+    def __init__(self, vm: int, mem: RegionMemory, p2m: np.ndarray, wp: WriteProtect):
+        self.id, self.mem, self.p2m, self.wp = vm, mem, p2m, wp
         self.frames = len(p2m)
         self.pins = np.zeros(self.frames, dtype=np.int64)
-        self.fifo: deque[_Writes | Event] = deque()     # writes to send, and reads held behind them
+        self.track = np.zeros(self.frames, dtype=np.int32)      # page-track references per gfn
+        self.fifo: deque[_Writes | Event | _Fault] = deque()    # writes, faults, reads held behind them
+        self.faulting = False       # a tracked write is with the mediator: the fifo waits
+        self.faults_queued: dict[int, int] = {}    # gfn -> faults in the fifo
+        self.tracked_writes = 0
         self.queued = 0             # writes in the fifo
         self.in_flight = 0          # writes sent, not answered
         self.batches = 0            # TRAP_WRITE calls in flight
@@ -76,6 +94,7 @@ class HypervisorCore:
     role = "hypervisor"
 
     def __init__(self, layout: Layout, vms: dict[int, RegionMemory], seed: int, *,
+                 wps: dict[int, WriteProtect] | None = None,
                  mediator: str = "mediator", batch_max: int = BATCH_MAX,
                  batches_in_flight: int = BATCHES_IN_FLIGHT, max_posted: int = MAX_POSTED_WRITES,
                  call_timeout: float = 10.0):
@@ -83,7 +102,10 @@ class HypervisorCore:
         self.mediator = mediator
         self.batch_max, self.batches_in_flight = batch_max, batches_in_flight
         self.max_posted, self.call_timeout = max_posted, call_timeout
-        self.vms = {vm: Vm(vm, mem, make_p2m(mem.region, seed)) for vm, mem in vms.items()}
+        wps = wps or {}
+        self.vms = {vm: Vm(vm, mem, make_p2m(mem.region, seed),
+                           wps.get(vm) or WriteProtect.create(mem.region, "msg", ""))
+                    for vm, mem in vms.items()}
         self._dirty: set[int] = set()       # VMs whose fifo has something to send
         self.outbox: list[Any] = []
         self.stats = Stats()
@@ -94,6 +116,9 @@ class HypervisorCore:
         s.counter("gvtbench_posted_writes", "Posted guest writes, by outcome", ["vgpu", "status"])
         s.gauge("gvtbench_hv_posted_writes", "Posted writes of a VM queued or in flight", ["vgpu"])
         s.gauge("gvtbench_hv_pinned_pages", "Guest pages pinned by the mediator", ["vgpu"])
+        s.gauge("gvtbench_hv_tracked_pages", "Guest pages write-protected for the mediator", ["vgpu"])
+        s.counter("gvtbench_hv_tracked_writes", "Guest stores to tracked pages sent to the mediator",
+                  ["vgpu"])
 
     def accepting(self, vm_id: int) -> bool:
         """Whether the shell should read more from this VM's guest now: not while half its
@@ -128,6 +153,12 @@ class HypervisorCore:
             return {"mfns": self.pin(vm, _u64s(p["gfns"])).tobytes()}
         if kind == "GFN_UNPIN":
             return self.unpin(vm, _u64s(p["gfns"]))
+        if kind == "PAGE_TRACK":
+            return self.page_track(vm, _u64s(p["gfns"]), p["enable"])
+        if kind == "PAGE_FAULT":
+            return self._fault(vm, p["gpa"], p["data"], p.get("w", 0))
+        if kind == "RAM_WRITE":
+            return self.ram_write(vm, p["ops"])
         if kind == "INJECT_MSI":
             vm.msi_injected += 1
             self.stats.inc("gvtbench_msi_injected", (vm.id,))
@@ -179,10 +210,23 @@ class HypervisorCore:
         out: list[Any] = []
         fifo = vm.fifo
         while fifo:
+            if vm.faulting:
+                break
             head = fifo[0]
             if isinstance(head, Event):
                 fifo.popleft()
                 out.append(Signal(head))
+                continue
+            if isinstance(head, _Fault):
+                fifo.popleft()
+                self._unqueue_fault(vm, head)
+                if vm.track[head.gpa >> PAGE_SHIFT]:
+                    vm.faulting = True
+                    out.append(self._tracked_write(vm, head))
+                else:                       # untracked meanwhile: a plain store
+                    self._store(vm, head.gpa, head.data)
+                    if head.w:
+                        out.append(self._done(vm, head.w, head.w, 1, "ok", None))
                 continue
             # a batch that is not full waits for the one in flight (and grows meanwhile); full
             # ones go while the VM has fewer than batches_in_flight out
@@ -196,6 +240,91 @@ class HypervisorCore:
         if not fifo:
             self._dirty.discard(vm.id)
         return out
+
+    # ---- page tracking -------------------------------------------------------------------------------
+    def page_track(self, vm: Vm, gfns: np.ndarray, enable: bool) -> int:
+        """Write-protect (or release) guest pages for the mediator; references are counted."""
+        g = gfns.astype(np.int64)
+        g = g[(g >= 0) & (g < vm.frames)]
+        if enable:
+            np.add.at(vm.track, g, 1)
+        else:
+            g = g[vm.track[g] > 0]
+            np.subtract.at(vm.track, g, 1)
+        vm.wp.bits[g] = vm.track[g] > 0
+        self.stats.set("gvtbench_hv_tracked_pages", (vm.id,), int(np.count_nonzero(vm.track)))
+        return len(g)
+
+    def _fault(self, vm: Vm, gpa: int, data: bytes, w: int) -> None:
+        """A guest store the guest's MMU stopped: it waits its turn in the fifo."""
+        vm.gpa_to_mfn(gpa, len(data))
+        if len(data) not in (1, 2, 4, 8) or gpa % len(data):
+            raise GvtError("EINVAL", f"a faulting store is 1, 2, 4 or 8 aligned bytes, not "
+                           f"{len(data)} at gpa {gpa:#x}")
+        self._queue_fault(vm, _Fault(gpa, data, w))
+        return None
+
+    def _queue_fault(self, vm: Vm, f: _Fault) -> None:
+        g = f.gpa >> PAGE_SHIFT
+        vm.faults_queued[g] = vm.faults_queued.get(g, 0) + 1
+        vm.fifo.append(f)
+        self._dirty.add(vm.id)
+
+    def _unqueue_fault(self, vm: Vm, f: _Fault) -> None:
+        g = f.gpa >> PAGE_SHIFT
+        left = vm.faults_queued[g] - 1
+        if left:
+            vm.faults_queued[g] = left
+        else:
+            del vm.faults_queued[g]
+
+    def ram_write(self, vm: Vm, ops: list) -> None:
+        """Guest stores sent as messages (the msg fabric: the guest cannot map its RAM). A store
+        to a tracked page, or to a page with a fault still queued (order), faults in 8-byte
+        pieces; the rest is stored now."""
+        for gpa, data in ops:
+            vm.gpa_to_mfn(gpa, len(data))
+        for gpa, data in ops:
+            g = gpa >> PAGE_SHIFT
+            if vm.track[g] or g in vm.faults_queued:
+                for k in range(0, len(data), 8):
+                    piece = data[k:k + 8]
+                    if (gpa + k) % 8 or len(piece) not in (4, 8):
+                        piece_ops = [(gpa + k + j, piece[j:j + 4]) for j in range(0, len(piece), 4)]
+                    else:
+                        piece_ops = [(gpa + k, piece)]
+                    for a, d in piece_ops:
+                        self._queue_fault(vm, _Fault(a, d, 0))
+            else:
+                self._store(vm, gpa, data)
+        return None
+
+    def _store(self, vm: Vm, gpa: int, data: bytes) -> None:
+        mfn, off = vm.gpa_to_mfn(gpa, len(data))
+        vm.mem.write(mfn, off, data)
+
+    def _tracked_write(self, vm: Vm, f: _Fault) -> Iterator[Any]:
+        vm.tracked_writes += 1
+        self.stats.inc("gvtbench_hv_tracked_writes", (vm.id,))
+        status, reason = "ok", None
+        try:
+            yield Call(self.mediator, "TRACKED_WRITE", {"gpa": f.gpa, "data": f.data}, vgpu=vm.id,
+                       timeout=self.call_timeout)
+            self._store(vm, f.gpa, f.data)
+        except OutcomeUnknown as err:
+            status, reason = "unknown", str(err)
+            self._store(vm, f.gpa, f.data)      # the guest's store happens either way
+        except GvtError as err:
+            status, reason = "failed", str(err)
+            self._store(vm, f.gpa, f.data)
+        finally:
+            vm.faulting = False
+            self._dirty.add(vm.id)
+        if f.w:
+            try:
+                yield self._done(vm, f.w, f.w, 1, status, reason)
+            except GvtError:
+                pass
 
     def _write_batch(self, vm: Vm, q: _Writes) -> Iterator[Any]:
         self.stats.inc("gvtbench_trap_batches", (vm.id,))
@@ -295,7 +424,9 @@ class HypervisorCore:
 
     def snapshot(self) -> dict:
         return {"vms": {vm.id: {"pinned": int(np.count_nonzero(vm.pins)), "msi": vm.msi_injected,
-                                "posted": vm.queued + vm.in_flight}
+                                "posted": vm.queued + vm.in_flight,
+                                "tracked_pages": int(np.count_nonzero(vm.track)),
+                                "tracked_writes": vm.tracked_writes}
                         for vm in self.vms.values()}}
 
 

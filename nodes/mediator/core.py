@@ -1,22 +1,28 @@
 """The GVT-g mediator core: creates vGPUs and routes their trapped accesses to the rooms that
-emulate them (mmio -> handlers, gtt; vgpu for resets). Sans-IO: messages and the time in,
+emulate them (mmio -> handlers, gtt, execlist; page_track -> ppgtt; vgpu for resets), and the
+physical engines' interrupts to the workload scheduler. Sans-IO: messages and the time in,
 replies and tasks out."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from nodes.actions import Call
+import numpy as np
+
+from nodes.actions import Call, Post
 from nodes.errors import GvtError
-from nodes.hw import bar0, partition
+from nodes.hw import PAGE_SIZE, bar0, gtt, partition
 from nodes.mediator import mmio
 from nodes.mediator.aperture import GmAllocator
+from nodes.mediator.dma import HostPool
+from nodes.mediator.scheduler import WorkloadScheduler
 from nodes.mediator.translate import translate_entries
 from nodes.mediator.vgpu import VGpu, declare_vgpu_metrics
-from nodes.memory import Layout
-from nodes.metrics import TRAP_LATENCY, TRAPS, declare_trap_metrics
+from nodes.memory import Fabric, Layout
+from nodes.metrics import (TRAP_LATENCY, TRAPS, WORKLOAD_LATENCY, declare_trap_metrics,
+                           declare_workload_metrics)
 from nodes.stats import Stats
 from nodes.wire.codec import Envelope
-from nodes.wire.schema import unpack_write_batch
+from nodes.wire.schema import pack_write_batch, unpack_write_batch
 
 # Guest-physical space above RAM that the hypervisor refuses to pin (an MMIO hole): gfns in it
 # take the "pin failed" path, gfns past it the "not guest RAM" path without a call.
@@ -26,20 +32,25 @@ GFN_HOLE_FRAMES = 4096
 class MediatorCore:
     role = "mediator"
 
-    def __init__(self, layout: Layout, *, aperture_size: int = 1024 << 20,
+    def __init__(self, layout: Layout, fabric: Fabric, *, aperture_size: int = 1024 << 20,
                  max_vgpus: int = partition.GVT_MAX_VGPU - 1,
                  translate: Callable[..., Any] = translate_entries,
                  hypervisor: str = "hypervisor", gpu: str = "gpu"):
-        self.layout = layout
+        self.layout, self.fabric = layout, fabric
         self.alloc = GmAllocator(aperture_size)
         self.max_vgpus = max_vgpus
         self.translate = translate
         self.hypervisor, self.gpu = hypervisor, gpu
-        self.scratch_mfn = layout.host.base_mfn       # the first page of the host pool
+        self.pool = HostPool(layout.host, fabric)
+        self.scratch_mfn = self.pool.scratch_mfn      # the first page of the host pool
+        # per-level PPGTT scratch tables: index 1 PDP, 2 PD, 3 PT (all entries not present)
+        self.ppgtt_scratch = [0] + [self.pool.alloc(f"ppgtt scratch {n}") for n in ("pdp", "pd", "pt")]
+        self.scheduler = WorkloadScheduler(self.pool, gpu)
         self.vgpus: dict[int, VGpu] = {}
         self.stats = Stats()
         declare_trap_metrics(self.stats)
         declare_vgpu_metrics(self.stats)
+        declare_workload_metrics(self.stats)
         self.stats.counter("gvtbench_ggtt_entries_translated",
                            "Guest GGTT entries emulated, by result", ["vgpu", "result"])
         self.stats.gauge("gvtbench_pinned_pages", "Guest pages pinned for GGTT mappings", ["vgpu"])
@@ -57,14 +68,21 @@ class MediatorCore:
         if region is None:
             raise GvtError("ENOENT", f"no guest RAM region for VM {vgpu_id} in the memory layout")
         part = self.alloc.allocate(vgpu_type)
-        vgpu = VGpu(vgpu_id, vgpu_type, part, stats=self.stats, scratch_mfn=self.scratch_mfn,
+        vgpu = VGpu(vgpu_id, vgpu_type, part, stats=self.stats, pool=self.pool, fabric=self.fabric,
                     gfns=region.frames + GFN_HOLE_FRAMES, hypervisor=self.hypervisor, gpu=self.gpu,
-                    translate=self.translate)
+                    translate=self.translate, scheduler=self.scheduler,
+                    ppgtt_scratch=self.ppgtt_scratch)
         self.vgpus[vgpu_id] = vgpu
+        self.scheduler.vgpus[vgpu_id] = vgpu
         return vgpu
 
     def setup(self, specs: list[tuple[int, str]]) -> Iterator[Any]:
-        """Create the configured vGPUs; every GGTT entry of each starts at the scratch page."""
+        """Map the host pool into the host's GM (so shadow contexts, rings and batches have GGTT
+        addresses), then create the configured vGPUs; every GGTT entry of each starts at the
+        scratch page."""
+        idx, vals = self.pool.ggtt_entries()
+        yield Post(self.gpu, "MMIO_WRITE_BATCH", pack_write_batch(gtt.offset_of(idx),
+                                                                  np.full(len(idx), 8), vals))
         for vgpu_id, vgpu_type in specs:
             vgpu = self.create_vgpu(vgpu_id, vgpu_type)
             yield from vgpu.ggtt.reset()
@@ -78,19 +96,35 @@ class MediatorCore:
         return vgpu
 
     # ---- messages ------------------------------------------------------------------------------
+    LANED = frozenset({"TRAP_READ", "TRAP_WRITE", "TRACKED_WRITE", "VGPU_RESET"})
+
     def lane(self, msg: Envelope) -> Any:
-        # a vGPU's accesses are emulated one at a time, in the order the guest made them
-        return msg.vgpu if msg.kind in ("TRAP_READ", "TRAP_WRITE", "VGPU_RESET") else None
+        # a vGPU's accesses are emulated one at a time, in the order the guest made them; an
+        # engine's interrupt is handled in the lane of the vGPU whose workload it ran
+        if msg.kind in self.LANED:
+            return msg.vgpu
+        if msg.kind == "ENGINE_IRQ":
+            return self.scheduler.lane_of(msg.payload["engine"])
+        return None
 
     def handle(self, msg: Envelope, now: int) -> Any:
         kind, p = msg.kind, msg.payload
+        vg = self.vgpus.get(msg.vgpu)
+        if vg is not None:
+            vg.now = now
         if kind == "TRAP_READ":
             return mmio.emulate_read(self._vgpu(msg.vgpu), p["off"], p["size"])
         if kind == "TRAP_WRITE":
             vgpu = self._vgpu(msg.vgpu)
             return self._trap_write(vgpu, *unpack_write_batch(p))
+        if kind == "TRACKED_WRITE":
+            return self._vgpu(msg.vgpu).track.on_write(p["gpa"], p["data"])
+        if kind == "ENGINE_IRQ":
+            return self._engine_irq(p, now)
         if kind == "SYNC":
             return self._sync()
+        if kind == "POOL_CHECK":
+            return self.pool_check()
         if kind == "PARTITIONS":
             return [v.info() for v in self.vgpus.values()]
         if kind == "VGPU_RESET":
@@ -102,6 +136,58 @@ class MediatorCore:
         if res["gtt"]:
             self._export_ggtt(vgpu)
         return res
+
+    def _engine_irq(self, p: dict, now: int) -> Iterator[Any]:
+        if p["engine"] not in self.scheduler.inflight:
+            raise GvtError("EINVAL", f"ENGINE_IRQ from unknown engine {p['engine']!r}")
+        done = len(self.scheduler.done)
+        yield from self.scheduler.on_engine_irq(p["engine"], p["csb"], p["faults"], now)
+        for vgpu, engine, status, lat in self.scheduler.done[done:]:
+            lab = (vgpu, engine, "mediator")
+            self.stats.hist(WORKLOAD_LATENCY, lab).record(lat)
+            self.stats.inc("gvtbench_workloads", (vgpu, engine, status))
+        del self.scheduler.done[:]
+        self._export_workloads()
+
+    def _export_workloads(self) -> None:
+        for v in self.vgpus.values():
+            self.stats.set("gvtbench_shadow_pages", (v.id,), v.ppgtt.shadow_pages())
+            self.stats.set("gvtbench_tracked_writes", (v.id,), v.ppgtt.counts["tracked_writes"])
+            self.stats.set("gvtbench_context_switches", (v.id,),
+                           sum(el.context_switches for el in v.execlists.values()))
+            self.stats.set("gvtbench_virtual_irqs", (v.id,), v.msi_injected)
+
+    def pool_check(self) -> dict:
+        """The host pool holds only mediator data: every page not in use is zero, and every
+        present entry of every shadow page table points into its own VM's RAM or the pool."""
+        pool = self.pool
+        region = pool.region
+        violations: list[str] = []
+        n_viol = 0
+        for k in range(region.frames):
+            mfn = region.base_mfn + k
+            page = pool.page(mfn)
+            what = pool.owner.get(mfn, "free")
+            if what == "free" or "scratch" in what:
+                if np.frombuffer(page, dtype=np.uint8).any():
+                    n_viol += 1
+                    if len(violations) < 8:
+                        violations.append(f"host pool page {mfn:#x} ({what}) is not zero")
+        for v in self.vgpus.values():
+            vm = self.layout.vm_region(v.id)
+            for t in v.ppgtt.tables.values():
+                if t.level != 3:
+                    continue
+                ents = np.frombuffer(bytes(pool.page(t.mfn)), dtype="<u8")
+                frames = gtt.frame_of(ents[gtt.present(ents)]).astype(np.int64)
+                bad = frames[(frames < vm.base_mfn) | (frames >= vm.end_mfn)]
+                if len(bad):
+                    n_viol += 1
+                    if len(violations) < 8:
+                        violations.append(f"vGPU {v.id}: shadow PT for gfn {t.gfn:#x} maps machine "
+                                          f"frame {int(bad[0]):#x} outside VM {v.id}'s RAM")
+        return {"pages_checked": region.frames, "violations": n_viol, "reasons": violations,
+                "in_use": pool.in_use()}
 
     def _sync(self) -> Iterator[Any]:
         # a request on the gpu link is answered after every posted write before it
@@ -136,6 +222,16 @@ class MediatorCore:
         self.stats.set("gvtbench_pinned_pages", (vgpu.id,), vgpu.pins.count())
 
     def snapshot(self) -> dict:
+        self._export_workloads()
         return {"vgpus": {v.id: {**v.info(), "ggtt": dict(v.ggtt.counts), "pinned": v.pins.count(),
-                                 "pin_calls": v.pins.pin_calls}
-                          for v in self.vgpus.values()}}
+                                 "pin_calls": v.pins.pin_calls, "workloads": dict(v.workloads),
+                                 "fail_reasons": dict(v.fail_reasons),
+                                 "ppgtt": {"tracked_writes": v.ppgtt.counts["tracked_writes"],
+                                           "shadow_pages": v.ppgtt.shadow_pages(),
+                                           **{k: c for k, c in v.ppgtt.counts.items()
+                                              if k != "tracked_writes"}},
+                                 "context_switches": sum(el.context_switches for el in v.execlists.values()),
+                                 "csb_entries": sum(el.csb_entries for el in v.execlists.values()),
+                                 "virtual_irqs": v.msi_injected}
+                          for v in self.vgpus.values()},
+                "pool_pages_in_use": self.pool.in_use()}

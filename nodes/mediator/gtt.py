@@ -72,6 +72,13 @@ class GgttShadow:
             return idx - self.hi_base + self.ap_n
         return -1
 
+    def range_valid(self, gm: int, size: int) -> bool:
+        """intel_gvt_ggtt_validate_range: [gm, gm + size) lies inside the aperture or the hidden
+        share of this vGPU."""
+        first, last = gtt.index_of_gm(gm), gtt.index_of_gm(gm + max(size, 1) - 1)
+        a, h = self.local1(first), self.local1(last)
+        return a >= 0 and h >= 0 and (a < self.ap_n) == (h < self.ap_n) and h - a == last - first
+
     def global_index(self, loc: np.ndarray) -> np.ndarray:
         loc = loc.astype(np.int64, copy=False)
         return np.where(loc < self.ap_n, loc + self.ap_base, loc - self.ap_n + self.hi_base)

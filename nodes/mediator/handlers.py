@@ -9,16 +9,16 @@ their own hooks: the PV info page and the fence registers.
 
 Hooks: read(vgpu, off, size) -> value; a dword write hook (vgpu, off, data); a range write hook
 (vgpu, off, size, val). A write hook may return actions (a list or a generator of Call/Post),
-which the caller performs in order: the fence hook posts the physical fence writes, and the ELSP
-hook of workload submission will read guest memory and submit to the gpu.
+which the caller performs in order: the fence hook posts the physical fence writes, the ELSP hook
+submits workloads, the interrupt hooks may inject an MSI.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from nodes.errors import GvtError
-from nodes.hw import bar0, pvinfo, regs
+from nodes.hw import bar0, lrc, pvinfo, regs
 from nodes.mediator import interrupt
 from nodes.mediator.aperture import write_fence
 from nodes.regfile import read_dwords, write_dwords
@@ -56,6 +56,9 @@ def _ring(rel: int, size: int = 4, **attrs: Any) -> None:
         _reg(base + rel, size, **attrs)
 
 
+_ENGINE_OF = {base: name for name, base in regs.ENGINES.items()}
+
+
 # ---- hooks ----------------------------------------------------------------------------------
 def ring_mode_write(vgpu: VGpu, off: int, data: int) -> None:
     """GFX_MODE (ring_mode_mmio_write): a masked-enable of bit 0 is stripped and sends the vGPU to
@@ -70,7 +73,7 @@ def ring_mode_write(vgpu: VGpu, off: int, data: int) -> None:
         vgpu.enter_failsafe(FAILSAFE_UNSUPPORTED_GUEST)
 
 
-def gdrst_write(vgpu: VGpu, off: int, data: int) -> None:
+def gdrst_write(vgpu: VGpu, off: int, data: int) -> Actions:
     """GDRST (gdrst_mmio_write): bit 0 resets the whole GT, the engine bits their engines; the
     register reads 0 afterwards, the acknowledgement the guest waits for."""
     vgpu.vregs[off] = data
@@ -80,9 +83,30 @@ def gdrst_write(vgpu: VGpu, off: int, data: int) -> None:
         engines = frozenset(e for bit, e in regs.GRDOM_ENGINES.items() if data & bit)
         if data & regs.GRDOM_GUC:
             vgpu.vregs[regs.GUC_STATUS] = vgpu.vregs.get(regs.GUC_STATUS, 0) | regs.GS_MIA_IN_RESET
-    if engines:
-        vgpu.reset_engines(engines)
     vgpu.vregs[off] = 0
+    if engines:
+        return vgpu.reset_engines(engines)
+    return None
+
+
+def elsp_write(vgpu: VGpu, off: int, data: int) -> Actions:
+    """ELSP (elsp_mmio_write): the fourth dword submits the two elements as workloads."""
+    engine = _ENGINE_OF[off - regs.RING_ELSP]
+    elems = vgpu.execlists[engine].elsp_write(data)
+    if elems is None:
+        return None
+    return vgpu.scheduler.submit(vgpu, engine, elems, vgpu.now)
+
+
+def hws_pga_write(vgpu: VGpu, off: int, data: int) -> None:
+    """RING_HWS_PGA (hws_pga_write): the engine's status page, where the CSB is mirrored. An
+    address outside the vGPU's graphics memory is refused and not stored."""
+    engine = _ENGINE_OF[off - regs.RING_HWS_PGA]
+    if not vgpu.ggtt.range_valid(data, 4096):
+        raise GvtError("EINVAL", f"vGPU {vgpu.id} {engine}: HWSP address {data:#x} is outside its "
+                       f"graphics memory")
+    vgpu.vregs[off] = data
+    vgpu.hws_pga[engine] = data
 
 
 def force_wake_write(vgpu: VGpu, off: int, data: int) -> None:
@@ -101,7 +125,7 @@ def pv_read(vgpu: VGpu, off: int, size: int) -> int:
     return read_dwords(vgpu.vregs, off, size)
 
 
-def pv_write(vgpu: VGpu, off: int, size: int, val: int) -> None:
+def pv_write(vgpu: VGpu, off: int, size: int, val: int) -> Actions:
     """pvinfo_mmio_write: writes of any size land at the fields a guest may write; a write into
     rsv5 is a guest asking for resources it cannot have: failsafe; others are ignored."""
     rel = off - pvinfo.BASE
@@ -110,9 +134,32 @@ def pv_write(vgpu: VGpu, off: int, size: int, val: int) -> None:
         return
     if rel not in pvinfo.GUEST_WRITABLE:
         return
+    write_dwords(vgpu.vregs, off, size, val)
     if rel == pvinfo.G2V_NOTIFY:
         vgpu.g2v_notifications.append(val & 0xFFFFFFFF)
-    write_dwords(vgpu.vregs, off, size, val)
+        return g2v_notify(vgpu, val & 0xFFFFFFFF)
+    return None
+
+
+def g2v_notify(vgpu: VGpu, what: int) -> Actions:
+    """handle_g2v_notification: PPGTT create takes a reference to the PPGTT whose roots are in
+    the PV page's pdp fields (shadowing it if new), destroy drops one. Other values are ignored."""
+    base = pvinfo.BASE + pvinfo.PDP0_LO
+    pdps = [vgpu.vregs.get(base + 8 * n, 0) | vgpu.vregs.get(base + 8 * n + 4, 0) << 32 for n in range(4)]
+    if what in (pvinfo.G2V_PPGTT_L4_CREATE, pvinfo.G2V_PPGTT_L3_CREATE):
+        mode = lrc.ADDRESSING_LEGACY_64B if what == pvinfo.G2V_PPGTT_L4_CREATE else lrc.ADDRESSING_LEGACY_32B
+        return _g2v_create(vgpu, mode, pdps)
+    if what in (pvinfo.G2V_PPGTT_L4_DESTROY, pvinfo.G2V_PPGTT_L3_DESTROY):
+        mode = lrc.ADDRESSING_LEGACY_64B if what == pvinfo.G2V_PPGTT_L4_DESTROY else lrc.ADDRESSING_LEGACY_32B
+        mm = vgpu.ppgtt.find_mm(mode, pdps)
+        if mm is None:
+            raise GvtError("EINVAL", f"vGPU {vgpu.id}: PPGTT destroy for roots it never created")
+        return vgpu.ppgtt.put_mm(mm)
+    return None
+
+
+def _g2v_create(vgpu: VGpu, mode: int, pdps: list[int]) -> Iterator[Any]:
+    yield from vgpu.ppgtt.get_mm(mode, pdps)
 
 
 def _fence_num(vgpu: VGpu, off: int) -> int:
@@ -149,11 +196,13 @@ _ring(regs.RING_EXECLIST_STATUS, regs.RING_EXECLIST_STATUS_SIZE, ro_mask=0xFFFFF
 _ring(regs.RING_CSB, regs.RING_CSB_SIZE, ro_mask=0xFFFFFFFF)
 _ring(regs.RING_CSB_PTR, masked=True, reset=regs.CSB_PTR_RESET)
 _ring(regs.RING_IMR, reset=0xFFFFFFFF)
+_ring(regs.RING_ELSP, write=elsp_write)
+_ring(regs.RING_HWS_PGA, write=hws_pga_write)
 _reg(regs.MASTER_IRQ, write=interrupt.master_irq_write)
 for _isr in regs.IRQ_ISRS:
-    _reg(_isr + regs.IMR_OFF, reset=0xFFFFFFFF)
+    _reg(_isr + regs.IMR_OFF, reset=0xFFFFFFFF, write=interrupt.imr_write)
     _reg(_isr + regs.IIR_OFF, write=interrupt.iir_write)
-    _reg(_isr + regs.IER_OFF)
+    _reg(_isr + regs.IER_OFF, write=interrupt.ier_write)
 _reg(regs.GDRST, write=gdrst_write)
 for _req in regs.FORCEWAKE_ACK:
     _reg(_req, write=force_wake_write)

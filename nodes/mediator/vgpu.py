@@ -1,5 +1,6 @@
-"""A vGPU (gvt/vgpu.c): its partition, virtual registers, GGTT shadow and pins, failsafe state,
-and its resets (intel_gvt_reset_vgpu_locked)."""
+"""A vGPU (gvt/vgpu.c): its partition, virtual registers, GGTT and PPGTT shadows and pins, page
+tracking, execlists and workload queues, failsafe state, and its resets
+(intel_gvt_reset_vgpu_locked)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator
@@ -7,11 +8,16 @@ from typing import Any, Callable, Iterator
 from nodes.hw import regs
 from nodes.mediator import execlist, handlers
 from nodes.mediator.aperture import Partition, type_info, write_fence
+from nodes.mediator.dma import GuestMemory, HostPool
 from nodes.mediator.gtt import GgttShadow
+from nodes.mediator.page_track import PageTrack
 from nodes.mediator.pins import GfnPins
+from nodes.mediator.ppgtt import Ppgtt
+from nodes.memory import Fabric
 from nodes.stats import Stats
 
 FAILSAFE_GAUGE = "gvtbench_vgpu_failsafe"
+ENGINE_RESET = "engine reset (GDRST)"
 
 
 def declare_vgpu_metrics(stats: Stats) -> None:
@@ -24,8 +30,8 @@ def declare_vgpu_metrics(stats: Stats) -> None:
 
 class VGpu:
     def __init__(self, vgpu_id: int, vgpu_type: str, part: Partition, *, stats: Stats,
-                 scratch_mfn: int, gfns: int, hypervisor: str, gpu: str,
-                 translate: Callable[..., Any]):
+                 pool: HostPool, fabric: Fabric, gfns: int, hypervisor: str, gpu: str,
+                 translate: Callable[..., Any], scheduler: Any, ppgtt_scratch: list[int]):
         self.id, self.type, self.part = vgpu_id, vgpu_type, part
         self.weight = type_info(vgpu_type)[3]
         self.stats = stats
@@ -35,7 +41,21 @@ class VGpu:
         self.failsafe: str | None = None        # the reason, while in failsafe
         self.g2v_notifications: list[int] = []
         self.pins = GfnPins(vgpu_id, gfns, hypervisor)
-        self.ggtt = GgttShadow(vgpu_id, part, self.pins, scratch_mfn, gpu, translate)
+        self.ggtt = GgttShadow(vgpu_id, part, self.pins, pool.scratch_mfn, gpu, translate)
+        self.track = PageTrack(vgpu_id, hypervisor)
+        self.mem = GuestMemory(self, fabric)
+        self.ppgtt = Ppgtt(vgpu_id, pool, fabric, self.pins, self.track, translate, ppgtt_scratch)
+        self.scheduler = scheduler
+        self.execlists: dict[str, execlist.Execlist] = {}
+        self.queues: dict[str, list] = {e: [] for e in regs.ENGINES}
+        self.hws_pga: dict[str, int] = {}       # engine -> GGTT address of its status page
+        self.workloads = {"submitted": 0, "completed": 0, "failed": 0}
+        self.fail_reasons: dict[str, int] = {}
+        self.irq_events = 0
+        self.msi_injected = 0
+        self.now = 0                            # the time of the message being emulated
+        for e in regs.ENGINES:
+            execlist.reset_engine(self, e)
         handlers.reset_mmio(self, dmlr=True)
         handlers.populate_pvinfo(self)
         stats.set(FAILSAFE_GAUGE, (vgpu_id,), 0)
@@ -48,12 +68,13 @@ class VGpu:
             self.stats.set(FAILSAFE_GAUGE, (self.id,), 1)
             self.stats.inc("gvtbench_vgpu_failsafe_entered", (self.id, reason))
 
-    def reset_engines(self, engines: frozenset[str]) -> None:
-        """A guest's GDRST (not a device-model reset): the engines' execlist state, and for all
-        engines a GT reset: the registers below 0x44200 and the PV info page. The GGTT, fences,
-        failsafe and pv_notified stay."""
-        for e in engines:
+    def reset_engines(self, engines: frozenset[str]) -> Iterator[Any]:
+        """A guest's GDRST (not a device-model reset): the engines' execlist state and queued
+        workloads (each fails with the reason), and for all engines a GT reset: the registers
+        below 0x44200 and the PV info page. The GGTT, fences, failsafe and pv_notified stay."""
+        for e in sorted(engines):
             execlist.reset_engine(self, e)
+            yield from self.scheduler.reset_engine(self, e, ENGINE_RESET)
         gt = engines == frozenset(regs.ENGINES)
         if gt:
             handlers.reset_mmio(self, dmlr=False)
@@ -61,10 +82,15 @@ class VGpu:
         self.stats.inc("gvtbench_vgpu_resets", (self.id, "gt" if gt else "engine"))
 
     def reset_device(self) -> Iterator[Any]:
-        """A device-model reset (intel_gvt_reset_vgpu): every engine, the GGTT's host entries,
-        the fences, all registers, the PV page; failsafe and pv_notified are cleared."""
+        """A device-model reset (intel_gvt_reset_vgpu): every engine, the PPGTT shadows and page
+        tracking, the GGTT's host entries, the fences, all registers, the PV page; failsafe and
+        pv_notified are cleared."""
         for e in regs.ENGINES:
             execlist.reset_engine(self, e)
+            yield from self.scheduler.reset_engine(self, e, "device reset")
+        self.hws_pga.clear()
+        yield from self.ppgtt.destroy_all()
+        yield from self.track.drop_all()
         yield from self.ggtt.reset()
         for i in range(self.part.fence_num):
             yield from write_fence(self.part, i, 0, self.gpu, self.id)

@@ -234,6 +234,11 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          "device-model reset of the envelope's vGPU (intel_gvt_reset_vgpu)"),
     Kind("SYNC", _routes("launcher>mediator", "mediator>gpu"), None, "map",
          "returns once everything sent before it on the link has been applied"),
+    Kind("POOL_CHECK", _routes("launcher>mediator"), None, "map",
+         "check the host pool holds only mediator data: pages not in use are zero, shadow page "
+         "tables map only their own VM's RAM"),
+    Kind("RAM_VERIFY", _routes("launcher>guest"), None, "map",
+         "the guest compares all of its RAM with what it wrote and what its workloads stored"),
     Kind("GGTT_DUMP", _routes("launcher>gpu"),
          (Field("start", "u32"), Field("count", "u32")), "bytes",
          "count physical GGTT entries from index start, as u64s"),
@@ -273,12 +278,28 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("GFN_PIN", _routes("mediator>hypervisor"), _GFNS, (Field("mfns", "u64s"),),
          "pin guest frames; machine frame of each, 0 where the gfn is not guest RAM"),
     Kind("GFN_UNPIN", _routes("mediator>hypervisor"), _GFNS, None, "release pins"),
+    Kind("PAGE_TRACK", _routes("mediator>hypervisor"), (*_GFNS, Field("enable", "bool")), "u32",
+         "write-protect (enable) or release guest pages of the envelope's VM for the mediator; "
+         "returns how many gfns were guest RAM"),
+    Kind("TRACKED_WRITE", _routes("hypervisor>mediator"),
+         (Field("gpa", "u64"), Field("data", "bytes", max_len=8)), "nil",
+         "a guest store to a tracked page, to emulate before it is stored"),
+    Kind("PAGE_FAULT", _routes("guest>hypervisor"),
+         (Field("gpa", "u64"), Field("data", "bytes", max_len=8), _WRITE_NO), None,
+         "a guest store the guest's MMU found write-protected"),
+    Kind("RAM_WRITE", _routes("guest>hypervisor"), _GPA_WRITE, None,
+         "guest stores to its own RAM, where the guest cannot map it (msg fabric)"),
+    Kind("ENGINE_IRQ", _routes("gpu>mediator"),
+         (Field("engine", "str", max_len=8), Field("csb", "list[u32,u32]", max_len=64),
+          Field("faults", "list[u32,u64,str]", max_len=64)), None,
+         "an engine's interrupt: the CSB entries it posted, [low, high] dwords, and the contexts "
+         "it hung on, [context id, address, reason]"),
     Kind("INJECT_MSI", _routes("mediator>hypervisor"), (Field("vector", "u32", optional=True),), "nil",
          "inject an MSI into the envelope's VM"),
     # the memory fabric (msg backend): DMA to the owner of a machine frame
-    Kind("DMA_READ", _routes("gpu>hypervisor", "gpu>mediator"), (Field("ops", "list[u64,u32,u32]"),),
+    Kind("DMA_READ", _routes("gpu>hypervisor", "gpu>mediator", "mediator>hypervisor"), (Field("ops", "list[u64,u32,u32]"),),
          "list[bytes]", "[mfn, offset, length] reads"),
-    Kind("DMA_WRITE", _routes("gpu>hypervisor", "gpu>mediator"), (Field("ops", "list[u64,u32,bytes]"),),
+    Kind("DMA_WRITE", _routes("gpu>hypervisor", "gpu>mediator", "mediator>hypervisor"), (Field("ops", "list[u64,u32,bytes]"),),
          "u32", "[mfn, offset, data] writes"),
 ]}
 

@@ -1,0 +1,187 @@
+"""The mediator's memory: the host pool it owns (shadow page tables, shadow contexts, rings and
+batches, scratch pages) and its access to guest memory (kvmgt's intel_gvt_read_gpa / write_gpa
+and intel_vgpu_gma_to_gpa).
+
+Guest memory is reached the way kvmgt reaches it, through pinned pages: a gfn the vGPU's GGTT or
+PPGTT shadow maps is pinned already and its machine frame is in the pin cache; any other gfn is
+pinned for the access (GFN_PIN) and released right after. Bytes move through the memory fabric
+(a mapped region, or DMA messages to the region's owner).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from nodes.errors import GvtError
+from nodes.hw import PAGE_SHIFT, PAGE_SIZE, gtt
+from nodes.memory import Fabric, Region
+from nodes.mediator.translate import CACHE_INVALID
+
+if TYPE_CHECKING:
+    from nodes.mediator.vgpu import VGpu
+
+
+class HostPool:
+    """Pages of the host pool. Frame 0 is the scratch page; the rest are handed out and taken
+    back zeroed, so a pool page that is not in use holds nothing (the ledger checks it). Host GM
+    page k maps pool frame k (the mediator sets those GGTT entries at start), so every pool page
+    also has a GGTT address the GPU can use."""
+
+    def __init__(self, region: Region, fabric: Fabric):
+        self.region, self.fabric = region, fabric
+        self.scratch_mfn = region.base_mfn
+        self.free: list[int] = list(range(region.end_mfn - 1, region.base_mfn, -1))
+        self.owner: dict[int, str] = {region.base_mfn: "scratch"}    # mfn -> what it holds
+
+    def alloc(self, what: str) -> int:
+        if not self.free:
+            raise GvtError("ENOMEM", f"the host pool ({self.region.frames} pages) is full: no page "
+                           f"for {what}")
+        mfn = self.free.pop()
+        self.owner[mfn] = what
+        return mfn
+
+    def alloc_run(self, n: int, what: str) -> list[int]:
+        """n pages that are contiguous in the pool (and so in host GM)."""
+        if n == 1:
+            return [self.alloc(what)]
+        free = sorted(self.free)
+        run = 1
+        for k in range(1, len(free)):
+            run = run + 1 if free[k] == free[k - 1] + 1 else 1
+            if run == n:
+                mfns = free[k - n + 1:k + 1]
+                taken = set(mfns)
+                self.free = [m for m in self.free if m not in taken]
+                for m in mfns:
+                    self.owner[m] = what
+                return mfns
+        raise GvtError("ENOMEM", f"the host pool has no {n} contiguous free pages for {what}")
+
+    def release(self, mfn: int) -> None:
+        if self.owner.pop(mfn, None) is None:
+            raise GvtError("EINVAL", f"host pool page {mfn:#x} is not in use")
+        self.page(mfn)[:] = bytes(PAGE_SIZE)
+        self.free.append(mfn)
+
+    def page(self, mfn: int) -> memoryview:
+        view = self.fabric.local_view(mfn)
+        if view is None or not self.region.base_mfn <= mfn < self.region.end_mfn:
+            raise GvtError("EFAULT", f"mfn {mfn:#x} is not a host pool page")
+        return view
+
+    def write(self, mfn: int, off: int, data: bytes) -> None:
+        self.page(mfn)[off:off + len(data)] = data
+
+    def gm_of(self, mfn: int) -> int:
+        """The GGTT address of a pool page."""
+        return (mfn - self.region.base_mfn) << PAGE_SHIFT
+
+    def mfn_of_gm(self, gm: int) -> int:
+        return self.region.base_mfn + (gm >> PAGE_SHIFT)
+
+    def ggtt_entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """(GGTT index, entry) of the host's mapping of the pool."""
+        idx = np.arange(self.region.frames, dtype=np.int64)
+        mfns = np.arange(self.region.base_mfn, self.region.end_mfn, dtype=np.uint64)
+        return idx, gtt.encode(mfns, gtt.PTE_PRESENT | gtt.PTE_RW)
+
+    def in_use(self) -> int:
+        return len(self.owner)
+
+
+class GuestMemory:
+    """One vGPU's access to its guest's memory."""
+
+    def __init__(self, vgpu: VGpu, fabric: Fabric):
+        self.vgpu, self.fabric = vgpu, fabric
+
+    def gm_to_gpa(self, gm: int) -> int:
+        """intel_vgpu_gma_to_gpa on the GGTT: the guest entry's frame, EFAULT where the address is
+        outside the vGPU's share or its entry is not present."""
+        loc = self.vgpu.ggtt.local1(gtt.index_of_gm(gm))
+        if loc < 0:
+            raise GvtError("EFAULT", f"GM {gm:#x} is outside vGPU {self.vgpu.id}'s graphics memory")
+        e = int(self.vgpu.ggtt.vggtt[loc])
+        if not e & gtt.PTE_PRESENT:
+            raise GvtError("EFAULT", f"GM {gm:#x} has no present GGTT entry in vGPU {self.vgpu.id}")
+        return gtt.frame_of(e) << PAGE_SHIFT | (gm & (PAGE_SIZE - 1))
+
+    def _mfns(self, gfns: list[int]) -> Iterator[Any]:
+        """Machine frames of gfns, pinning for the access those nobody holds. Returns (mfns,
+        gfns pinned only for this access)."""
+        pins = self.vgpu.pins
+        cache = pins.cache
+        for g in gfns:
+            if not 0 <= g < len(cache):
+                raise GvtError("EFAULT", f"gfn {g:#x} is not guest RAM of VM {self.vgpu.id}")
+        missing = [g for g in set(gfns) if cache[g] == 0]
+        if missing:
+            yield from pins.fetch(np.array(missing, dtype=np.int64))
+        out = []
+        for g in gfns:
+            m = int(cache[g])
+            if m == 0 or m == CACHE_INVALID:
+                raise GvtError("EFAULT", f"gfn {g:#x} is not guest RAM of VM {self.vgpu.id}")
+            out.append(m)
+        return out, missing
+
+    def read(self, gpa: int, n: int) -> Iterator[Any]:
+        """n bytes at gpa (any length; split at page boundaries)."""
+        pieces = _split(gpa, n)
+        mfns, temp = yield from self._mfns([g for g, _o, _n in pieces])
+        got = yield from self.fabric.read_many([(m, o, k) for m, (_g, o, k) in zip(mfns, pieces)])
+        yield from self._settle(temp)
+        return b"".join(got)
+
+    def write(self, gpa: int, data: bytes) -> Iterator[Any]:
+        pieces = _split(gpa, len(data))
+        mfns, temp = yield from self._mfns([g for g, _o, _n in pieces])
+        ops, at = [], 0
+        for m, (_g, o, k) in zip(mfns, pieces):
+            ops.append((m, o, data[at:at + k]))
+            at += k
+        yield from self.fabric.write_many(ops)
+        yield from self._settle(temp)
+
+    def read_gm(self, gm: int, n: int) -> Iterator[Any]:
+        """n bytes at a GGTT address of the guest (pieces may sit on unrelated gfns)."""
+        out = []
+        for a, k in _split_gm(gm, n):
+            out.append((yield from self.read(self.gm_to_gpa(a), k)))
+        return b"".join(out)
+
+    def write_gm(self, gm: int, data: bytes) -> Iterator[Any]:
+        at = 0
+        for a, k in _split_gm(gm, len(data)):
+            yield from self.write(self.gm_to_gpa(a), data[at:at + k])
+            at += k
+
+    def _settle(self, temp: list[int]) -> Iterator[Any]:
+        if temp:
+            unpin = self.vgpu.pins.settle(np.array(temp, dtype=np.int64))
+            if unpin is not None:
+                yield unpin
+
+
+def _split(gpa: int, n: int) -> list[tuple[int, int, int]]:
+    """(gfn, offset, length) pieces of a guest physical range."""
+    out = []
+    while n > 0:
+        off = gpa & (PAGE_SIZE - 1)
+        k = min(n, PAGE_SIZE - off)
+        out.append((gpa >> PAGE_SHIFT, off, k))
+        gpa += k
+        n -= k
+    return out
+
+
+def _split_gm(gm: int, n: int) -> list[tuple[int, int]]:
+    out = []
+    while n > 0:
+        k = min(n, PAGE_SIZE - (gm & (PAGE_SIZE - 1)))
+        out.append((gm, k))
+        gm += k
+        n -= k
+    return out
