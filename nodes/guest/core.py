@@ -22,12 +22,17 @@ import numpy as np
 from nodes.actions import Call, Post, Sleep
 from nodes.errors import GvtError
 from nodes.hw import PAGE_SIZE, gtt, pvinfo, regs
-from nodes.metrics import TRAP_LATENCY, TRAPS, declare_trap_metrics
+from nodes.guest.i915 import DRIVER_GGTT_PAGES
+from nodes.guest.mmu import GuestRam
+from nodes.guest.workloads import WorkloadDriver
+from nodes.metrics import (TRAP_LATENCY, TRAPS, WORKLOAD_LATENCY, declare_trap_metrics,
+                           declare_workload_metrics)
 from nodes.stats import LogHistogram, Stats
 from nodes.wire.codec import MAX_OUTSTANDING, MAX_POSTED_WRITES
 from nodes.wire.schema import pack_write_batch
 
-MIXES = ("mmio-read", "mmio-write", "gtt-burst")
+MIXES = ("mmio-read", "mmio-write", "gtt-burst", "submit", "ppgtt-churn")
+GPU_MIXES = ("submit", "ppgtt-churn")      # mixes that need the driver's GPU objects
 _MIX = {"gtt_write": "gtt-burst", "mmio_write": "mmio-write"}     # posted trap kind -> its mix
 N_GPRS = regs.RING_GPRS
 TOKEN = struct.Struct("<IIQ")       # vm, GGTT index, nonce: 16 bytes written by the gpu probe
@@ -50,6 +55,12 @@ class LoadSpec:
     outside_ratio: float = 0.05     # bursts that also poke entries outside the partition
     duration_s: float = 10.0
     ops: int = 0                    # > 0: stop after this many ops instead of the duration
+    stores_per_batch: int = 4       # submit: MI_STORE_DATA_IMM tokens per batch
+    batches_per_workload: int = 1   # submit: batches one ring submission starts
+    bad_ratio: float = 0.0          # submit: workloads meant to hang (a store to an unmapped address)
+    engines: tuple[str, ...] = ("rcs", "bcs")
+    hang_timeout_s: float = 2.0     # the guest's hang check: no progress this long with work queued
+    churn_halves_ratio: float = 0.25    # ppgtt-churn: PTE writes made as two 4-byte halves
 
 
 class _Write:
@@ -66,7 +77,7 @@ class GuestCore:
     def __init__(self, vm: int, ram_frames: int, seed: int, load: LoadSpec, *,
                  hypervisor: str = "hypervisor", launcher: str | None = "launcher",
                  gvt_aware: bool = True, max_posted: int = MAX_POSTED_WRITES,
-                 max_outstanding: int = MAX_OUTSTANDING):
+                 max_outstanding: int = MAX_OUTSTANDING, ram: GuestRam | None = None):
         self.vm, self.ram_frames, self.load = vm, ram_frames, load
         self.hv, self.launcher = hypervisor, launcher
         self.gvt_aware = gvt_aware
@@ -99,8 +110,11 @@ class GuestCore:
         self._draw_val: list[int] = []
         self._draw_i = 0
         self._plan: tuple[int, list] | None = None
+        self.ram = ram or GuestRam(vm, ram_frames, hypervisor)
+        self.wl = WorkloadDriver(self, self.ram, tuple(load.engines))
         self.stats = Stats()
         declare_trap_metrics(self.stats)
+        declare_workload_metrics(self.stats)
         self.stats.counter("gvtbench_guest_ops", "Load operations by mix and status", ["vgpu", "mix", "status"])
         self.stats.counter("gvtbench_guest_irqs", "Interrupts delivered to the guest", ["vgpu"])
 
@@ -115,6 +129,42 @@ class GuestCore:
         self.wno += 1
         return Post(self.hv, "MMIO_WRITE", {"off": off, "size": size, "val": val, "w": self.wno},
                     vgpu=self.vm)
+
+    # ---- for the GPU driver (nodes.guest.workloads) ---------------------------------------------
+    def post_batch(self, offs: Any, sizes: Any, vals: Any) -> Post:
+        """Posted register or GTT writes of the driver's own (not load ops)."""
+        n = len(sizes)
+        self.wno += 1
+        self.writes[self.wno] = _Write(0, "driver", n, None)
+        self.writes_in_flight += n
+        payload = pack_write_batch(offs, sizes, [v & 0xFFFFFFFFFFFFFFFF for v in vals])
+        payload["w"] = self.wno
+        return Post(self.hv, "MMIO_WRITE_BATCH", payload, vgpu=self.vm)
+
+    def next_fault_w(self, gpa: int) -> int:
+        """The write number of a faulting RAM store (its WRITE_DONE ends the fault)."""
+        self.wno += 1
+        self.writes[self.wno] = _Write(0, "fault", 1, gpa)
+        self.writes_in_flight += 1
+        return self.wno
+
+    def read_reg(self, off: int, size: int = 4) -> Iterator[Any]:
+        return (yield from self._read(off, size))
+
+    def note_ggtt(self, idx: np.ndarray, vals: np.ndarray) -> None:
+        """GGTT entries the driver wrote: the ledger expects them like any other."""
+        a0, an = self.ranges[0]
+        self.map[idx - a0] = vals
+
+    def op_done(self, mix: str, failed: bool = False, reason: str | None = None) -> None:
+        if failed:
+            self._fail(mix, reason or "failed")
+        else:
+            self.completed += 1
+            self.stats.inc("gvtbench_guest_ops", (self.vm, mix, "completed"))
+
+    def _uses_gpu(self) -> bool:
+        return any(self.load.mix.get(m, 0) > 0 for m in GPU_MIXES)
 
     def _first_read(self, off: int, size: int) -> Iterator[Any]:
         """The first access waits for the vGPU to exist: nodes started by hand, one per host,
@@ -169,6 +219,8 @@ class GuestCore:
         mode = yield from self._read(gfx_mode, 4)
         if not mode & regs.GFX_MODE_RUN_LIST_ENABLE:
             raise GvtError("EIO", f"execlists did not turn on: GFX_MODE reads {mode:#x}")
+        if self.gvt_aware and self._uses_gpu() and self.wl.lay is None:
+            yield from self.wl.setup(self.ranges[0][0])
         self.state = "booted"
         return dict(self.pv)
 
@@ -203,13 +255,14 @@ class GuestCore:
         return now < self.end_ns
 
     def _inflight(self) -> int:
-        return self.reads_inflight + len(self.writes)
+        return self.reads_inflight + len(self.writes) + self.wl.inflight
 
     def _room(self) -> bool:
         """The hypervisor's limits are this guest's flow control: requests in flight and
         posted writes not yet done."""
         return (self.reads_inflight < self.max_outstanding
-                and self.writes_in_flight + self.load.burst + 4 <= self.max_posted)
+                and self.writes_in_flight + self.load.burst + 4 <= self.max_posted
+                and (self.wl.lay is None or self.wl.room()))
 
     def tick(self, now: int) -> list[Any]:
         if self.state != "running":
@@ -223,15 +276,23 @@ class GuestCore:
                 if intended > now:
                     break
                 self.next_op += 1
-                out.append(self._issue(intended))
+                self._add(out, self._issue(intended))
         else:
             while self._due(now) and self._inflight() < ld.concurrency and self._room():
-                out.append(self._issue(now))
+                self._add(out, self._issue(now))
+        out += self.wl.tick(now)
         if not self._due(now) and self._inflight() == 0:
             self.state = "drained"
             if self.launcher:
                 out.append(Post(self.launcher, "LOAD_DONE", {"report": self.report(now)}, vgpu=self.vm))
         return out
+
+    @staticmethod
+    def _add(out: list, action: Any) -> None:
+        if type(action) is list:
+            out.extend(action)
+        else:
+            out.append(action)
 
     def next_wake(self, now: int) -> int | None:
         if self.state != "running" or self.load.mode != "open":
@@ -259,6 +320,12 @@ class GuestCore:
             self.reads_inflight += 1
             # what the read may return is fixed now, in issue order: the writes before it
             return self._op_read(intended, k, self.gpr_base[k], list(self.gpr_hist[k]))
+        if mix == "submit":
+            return self.wl.submit(intended)
+        if mix == "ppgtt-churn":
+            out = self.wl.churn()
+            self.op_done("ppgtt-churn")
+            return out
         if mix == "mmio-write":
             post = self._post_write(regs.RCS_GPR0 + 4 * k, val)
             entry = [self.wno, val, None, k]
@@ -289,8 +356,9 @@ class GuestCore:
         ld, rng = self.load, self.rng
         r = 0 if rng.random() < 0.5 else 1
         first, count = self.ranges[r]
-        n = min(ld.burst, count)
-        start = int(rng.integers(count - n + 1))
+        lo = DRIVER_GGTT_PAGES if (r == 0 and self.wl.lay is not None) else 0
+        n = min(ld.burst, count - lo)
+        start = lo + int(rng.integers(count - lo - n + 1))
         idx = np.arange(first + start, first + start + n, dtype=np.int64)
         gfns = rng.integers(0, self.ram_frames, n, dtype=np.int64)
         bad = rng.random(n) < ld.invalid_gfn_ratio
@@ -345,7 +413,9 @@ class GuestCore:
         if kind == "IRQ":
             self.irqs += 1
             self.stats.inc("gvtbench_guest_irqs", (self.vm,))
-            return None
+            return self.wl.on_irq(now)
+        if kind == "RAM_VERIFY":
+            return self.wl.verify()
         if kind == "START":
             return self.boot_and_start(p.get("load", True), p.get("spec"), now)
         if kind == "VERIFY_PLAN":
@@ -375,7 +445,14 @@ class GuestCore:
             self.writes_in_flight -= op.n
             if op.gpr is not None:
                 self._settle_gpr(op.gpr, status)
-            if op.kind == "boot":       # part of boot, not of the load
+            if op.kind in ("boot", "driver"):      # not ops of the load
+                if status == "failed" and op.kind == "driver":
+                    self._fail_reason(f"driver write failed: {p.get('reason', status)}")
+                continue
+            if op.kind == "fault":
+                self.ram.fault_done(op.gpr)
+                if status == "failed":
+                    self._fail_reason(f"a RAM store that faulted failed: {p.get('reason', status)}")
                 continue
             if status == "ok":
                 t, n = ok.setdefault(op.kind, ([], []))
@@ -486,6 +563,7 @@ class GuestCore:
                 "failed": self.failed, "unknown": self.unknown, "pending": self._inflight(),
                 "mismatches": self.mismatches, "fail_reasons": dict(self.fail_reasons),
                 "irqs": self.irqs, "boot_error": self.boot_error, "pv": self.pv,
+                "workloads": self.wl.report(), "workload_latency": self.workload_latency(),
                 "elapsed_s": (now - self.t0) / 1e9 if self.t0 else 0.0,
                 "latency": self.latency()}
 
@@ -498,6 +576,11 @@ class GuestCore:
             if run.n:
                 out[lab[1]] = run.summary_us()
         return out
+
+    def workload_latency(self) -> dict[str, dict]:
+        """Workload latency by engine: p50/p99/p99.9 in us."""
+        fam = self.stats.families[WORKLOAD_LATENCY].values
+        return {lab[1]: h.summary_us() for lab, h in fam.items() if h.n}
 
     def progress(self) -> dict:
         return {"vm": self.vm, "issued": self.issued, "completed": self.completed, "failed": self.failed,

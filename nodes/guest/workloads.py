@@ -1,0 +1,515 @@
+"""The guest's GPU work: the driver objects of nodes.guest.i915 set up at boot, the `submit` and
+`ppgtt-churn` load mixes, interrupt handling and retirement, the hang check, and the end-of-run
+checks of its own RAM (the isolation sweep) that the ledger's workload verdict rests on.
+
+The guest keeps a model of every page it wrote and of what its completed workloads must have
+stored (tokens, counters, seqnos); RAM_VERIFY compares all of its RAM with that model. Only the
+bytes the mediator or the GPU write at times the guest cannot know are left out: the status
+page's CSB copy, each context image's RING_HEAD, and the stores of workloads that failed (they
+may or may not have happened before the hang).
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from nodes.actions import Call, Post
+from nodes.errors import GvtError
+from nodes.guest import i915
+from nodes.guest.i915 import Context, EngineState, Workload
+from nodes.guest.mmu import GuestRam
+from nodes.hw import PAGE_SHIFT, PAGE_SIZE, gtt, lrc, pvinfo, regs
+from nodes.metrics import WORKLOAD_LATENCY
+from nodes.wire.schema import pack_write_batch
+
+if TYPE_CHECKING:
+    from nodes.guest.core import GuestCore
+
+_I = struct.Struct("<I")
+_Q = struct.Struct("<Q")
+SWEEP_PAGES = 128                   # pages per load of the sweep (512 KiB: inside a frame)
+CHECK_REGISTERS_EVERY = 16          # interrupts between cross-checks of the CSB registers
+
+
+class WorkloadDriver:
+    def __init__(self, core: GuestCore, ram: GuestRam, engines: tuple[str, ...]):
+        self.core, self.ram, self.engines_used = core, ram, engines
+        self.lay: i915.Layout | None = None
+        self.model: dict[int, bytearray] = {}       # gfn -> what the page must hold
+        self.loose: dict[int, set[int]] = {}        # gfn -> dword offsets anything may hold
+        self.token_next = 0
+        self.batch_next = 0
+        self.batch_busy: set[int] = set()
+        self.churn_map: dict[int, int] = {}         # churn slot -> gfn it maps
+        self.churn_busy: dict[int, int] = {}        # churn slot -> in-flight workloads using it
+        self.churn_off: dict[int, int] = {}         # gfn -> next token offset in it
+        self.pde3_present = True
+        self.inflight = 0
+        self.counts = {"submitted": 0, "completed": 0, "failed": 0, "failed_expected": 0,
+                       "misplaced": 0, "churn_ops": 0, "resets": 0, "csb_mismatches": 0,
+                       "empty_irqs": 0}
+        self.fail_reasons: dict[str, int] = {}
+        self.per_ctx: dict[int, list[int]] = {}     # ctx_id -> [completed, failed]
+        self.irqs = 0
+        self.irq_running = self.irq_again = False
+
+    # ---- guest RAM with its model --------------------------------------------------------------
+    def store(self, gpa: int, data: bytes) -> list[Post]:
+        at = 0
+        while at < len(data):
+            a = gpa + at
+            k = min(len(data) - at, PAGE_SIZE - (a & (PAGE_SIZE - 1)))
+            page = self.model.setdefault(a >> PAGE_SHIFT, bytearray(PAGE_SIZE))
+            page[a & (PAGE_SIZE - 1):(a & (PAGE_SIZE - 1)) + k] = data[at:at + k]
+            at += k
+        return self.ram.store(gpa, data, self.core.next_fault_w)
+
+    def expect(self, gpa: int, data: bytes) -> None:
+        """What the GPU or the mediator will have stored (the model only)."""
+        page = self.model.setdefault(gpa >> PAGE_SHIFT, bytearray(PAGE_SIZE))
+        o = gpa & (PAGE_SIZE - 1)
+        page[o:o + len(data)] = data
+
+    def loosen(self, gpa: int, n: int = 4) -> None:
+        s = self.loose.setdefault(gpa >> PAGE_SHIFT, set())
+        for o in range(gpa & (PAGE_SIZE - 1), (gpa & (PAGE_SIZE - 1)) + n, 4):
+            s.add(o)
+
+    # ---- boot ------------------------------------------------------------------------------------
+    def setup(self, ap_first: int) -> Iterator[Any]:
+        """Build the driver's objects, map them, point the engines at their status pages, unmask
+        the engines' interrupts, enable execlists on each engine, announce the PPGTT."""
+        core = self.core
+        lay = self.lay = i915.Layout(core.vm, core.ram_frames, ap_first, self.engines_used)
+        out: list[Any] = []
+        for g, entries in lay.ppgtt_pages().items():
+            out += self.store(g << PAGE_SHIFT, entries.astype("<u8").tobytes())
+        pml4 = lay.pml4 << PAGE_SHIFT
+        for e in lay.engines.values():
+            for c in e.contexts:
+                out += self.store(c.lrc_gfns[0] << PAGE_SHIFT, i915.context_image(c, pml4))
+                self.loosen((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_HEAD)
+            # reset_csb_pointers: the status page's write pointer copy starts at the last entry
+            out += self.store((e.hwsp_gfn << PAGE_SHIFT) + 4 * lrc.HWS_CSB_WRITE_INDEX,
+                              _I.pack(regs.RING_CSB_ENTRIES - 1))
+            self.loosen((e.hwsp_gfn << PAGE_SHIFT) + 4 * lrc.HWS_CSB_BUF0_INDEX,
+                        4 * (lrc.HWS_CSB_WRITE_INDEX - lrc.HWS_CSB_BUF0_INDEX + 1))
+        for c in range(len(lay.engines) * i915.CONTEXTS_PER_ENGINE):
+            self.loosen((lay.counter_gfn << PAGE_SHIFT) + 4 * c)
+        for k, g in enumerate(lay.churn_pool):
+            self.model.setdefault(g, bytearray(PAGE_SIZE))
+        for p in out:
+            yield p
+        idx = np.array([i for i, _ in lay.ggtt], dtype=np.int64)
+        vals = gtt.encode(np.array([g for _, g in lay.ggtt], dtype=np.int64), gtt.PTE_PRESENT | gtt.PTE_RW)
+        core.note_ggtt(idx, vals)
+        yield core.post_batch(gtt.offset_of(idx), [8] * len(idx), vals)
+        writes: list[tuple[int, int]] = []
+        imr0 = 0xFFFFFFFF
+        for name, e in lay.engines.items():
+            writes.append((regs.ring(name, regs.RING_HWS_PGA), e.hwsp_gm))
+            if name != "rcs":
+                writes.append((regs.ring(name, regs.RING_MODE),
+                               regs.masked_enable(regs.GFX_MODE_RUN_LIST_ENABLE)))
+                writes.append((regs.ring(name, regs.RING_CSB_PTR), regs.csb_ptr_guest_reset()))
+            bank, bits = regs.engine_event(name, regs.GT_USER_INTERRUPT | regs.GT_CONTEXT_SWITCH)
+            if bank == 0:
+                imr0 &= ~bits
+        writes += [(regs.gt_ier(0), ~imr0 & 0xFFFFFFFF), (regs.gt_imr(0), imr0),
+                   (regs.MASTER_IRQ, regs.MASTER_IRQ_CONTROL),
+                   (pvinfo.BASE + pvinfo.PDP0_LO, pml4 & 0xFFFFFFFF),
+                   (pvinfo.BASE + pvinfo.PDP0_LO + 4, pml4 >> 32),
+                   (pvinfo.BASE + pvinfo.G2V_NOTIFY, pvinfo.G2V_PPGTT_L4_CREATE)]
+        yield core.post_batch([o for o, _ in writes], [4] * len(writes), [v for _, v in writes])
+        # the HWS_PGA writes must have landed before a completion can be mirrored: read one back
+        got = yield from core.read_reg(regs.ring(self.engines_used[0], regs.RING_HWS_PGA))
+        if got != lay.engines[self.engines_used[0]].hwsp_gm:
+            raise GvtError("EIO", f"RING_HWS_PGA reads {got:#x} after writing "
+                           f"{lay.engines[self.engines_used[0]].hwsp_gm:#x}")
+
+    # ---- submit ----------------------------------------------------------------------------------
+    def room(self) -> bool:
+        return self.lay is not None and len(self.batch_busy) + self.core.load.batches_per_workload <= i915.BATCH_PAGES
+
+    def submit(self, intended: int) -> list[Any]:
+        ld, lay, rng = self.core.load, self.lay, self.core.rng
+        e = lay.engines[self.engines_used[self.counts["submitted"] % len(self.engines_used)]]
+        ctx = min(e.contexts, key=lambda c: len(c.inflight))
+        if ctx.ring_free() < 8 * (3 + 2 * ld.batches_per_workload):
+            ctx = max(e.contexts, key=lambda c: c.ring_free())
+        bad = ld.bad_ratio > 0 and rng.random() < ld.bad_ratio
+        ctx.seq += 1
+        w = Workload(ctx.seq, ctx, intended, 0, [], bad)
+        out: list[Any] = []
+        batch_vas = []
+        k = 0
+        for b in range(ld.batches_per_workload):
+            page = self._batch_page()
+            w.batches.append(page)
+            stores = []
+            for s in range(ld.stores_per_batch):
+                tok = i915.token(self.core.vm, ctx.ctx_id, w.seq, k)
+                k += 1
+                va, gpa = self._target(w, b == 0 and s == 0)
+                if bad and b == 0 and s == 0:
+                    va, gpa = i915.VA_UNMAPPED, -1
+                stores.append((va, tok))
+                if gpa >= 0:
+                    w.tokens.append((gpa, tok))
+            ctr_va = i915.VA_COUNTERS + (ctx.counter_gpa & (PAGE_SIZE - 1))
+            cmds = i915.batch_commands(stores, ctr_va)
+            out += self.store((lay.batch_gfns[page] << PAGE_SHIFT), cmds)
+            batch_vas.append(i915.VA_BATCH + page * PAGE_SIZE)
+        seq_gm = e.hwsp_gm + 4 * (lrc.HWS_SEQNO_INDEX + _slot(lay, ctx))
+        ring = i915.ring_commands(batch_vas, seq_gm, w.seq)
+        out += self._ring_write(ctx, ring)
+        w.tail = ctx.tail
+        ctx.inflight.append(w)
+        if not e.active and not any(c.inflight[:-1] for c in e.contexts if c.inflight):
+            e.last_progress = intended
+        self.inflight += 1
+        self.counts["submitted"] += 1
+        out += self.try_submit(e)
+        return out
+
+    def _slot_ctx(self, ctx: Context) -> int:
+        return _slot(self.lay, ctx)
+
+    def _batch_page(self) -> int:
+        for _ in range(i915.BATCH_PAGES):
+            p = self.batch_next
+            self.batch_next = (self.batch_next + 1) % i915.BATCH_PAGES
+            if p not in self.batch_busy:
+                self.batch_busy.add(p)
+                return p
+        raise GvtError("EAGAIN", "no free batch page")
+
+    def _target(self, w: Workload, may_churn: bool) -> tuple[int, int]:
+        """Where a store goes: a token slot of the 2 MiB page, or (the first store of a workload,
+        when a churn page is mapped) a slot of a churn-mapped page."""
+        if may_churn and self.churn_map:
+            slots = [s for s in self.churn_map if s < 512 or self.pde3_present]
+            if slots:
+                slot = slots[int(self.core.rng.integers(len(slots)))]
+                g = self.churn_map[slot]
+                off = self.churn_off.get(g, 0)
+                self.churn_off[g] = (off + 4) % PAGE_SIZE
+                self.churn_busy[slot] = self.churn_busy.get(slot, 0) + 1
+                w.churn_slot = slot
+                return self.lay.churn_va(slot) + off, (g << PAGE_SHIFT) + off
+        t = self.token_next
+        self.token_next = (t + 1) % i915.TOKEN_SLOTS
+        return self.lay.token_va(t), self.lay.token_gpa(t)
+
+    def _ring_write(self, ctx: Context, data: bytes) -> list[Any]:
+        out = []
+        at = ctx.tail
+        while data:
+            k = min(len(data), i915.RING_SIZE - at)
+            done = 0
+            while done < k:
+                page, off = divmod(at + done, PAGE_SIZE)
+                n = min(k - done, PAGE_SIZE - off)
+                out += self.store((ctx.ring_gfns[page] << PAGE_SHIFT) + off, data[done:done + n])
+                done += n
+            data = data[k:]
+            at = (at + k) % i915.RING_SIZE
+        ctx.tail = at
+        return out
+
+    def try_submit(self, e: EngineState) -> list[Any]:
+        """An ELSP for the engine's contexts with unsubmitted work, if the last one was
+        acknowledged and the ports allow it (see the module doc)."""
+        if e.submitted is not None:
+            return []
+        ready = [c for c in e.contexts if c.tail != c.submitted_tail]
+        if not ready:
+            return []
+        if not e.active:
+            elems = ready[:2]
+        elif len(e.active) == 1:
+            run = e.active[0]
+            elems = [run] + [c for c in ready if c is not run][:1]
+        else:
+            return []
+        out: list[Any] = []
+        for c in elems:
+            out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_TAIL, _I.pack(c.tail))
+            c.submitted_tail = c.tail
+        e.submitted = elems
+        dws = lrc.elsp_dwords(elems[0].desc, elems[1].desc if len(elems) > 1 else None)
+        elsp = regs.ring(e.name, regs.RING_ELSP)
+        out.append(self.core.post_batch([elsp] * 4, [4] * 4, dws))
+        return out
+
+    # ---- ppgtt-churn ---------------------------------------------------------------------------------
+    def churn(self) -> list[Any]:
+        """Map or unmap a churn page (a tracked PTE write, 8 bytes or two 4-byte halves); now and
+        then take PT 2 away from the PD and put it back."""
+        lay, rng, ld = self.lay, self.core.rng, self.core.load
+        self.counts["churn_ops"] += 1
+        out: list[Any] = []
+        if rng.random() < 1 / 16 and not any(s >= 512 for s in self.churn_busy):
+            self.pde3_present = not self.pde3_present
+            pde = lrc.entry(lay.pts[2], lrc.PTE_PRESENT | lrc.PTE_RW) if self.pde3_present else 0
+            return self.store(lay.churn_pde_gpa, _Q.pack(pde))
+        slot = int(rng.integers(i915.CHURN_SLOTS))
+        if self.churn_busy.get(slot):
+            return out
+        if slot in self.churn_map:
+            del self.churn_map[slot]
+            pte = 0
+        else:
+            g = lay.churn_pool[int(rng.integers(len(lay.churn_pool)))]
+            self.churn_map[slot] = g
+            pte = lrc.entry(g, lrc.PTE_PRESENT | lrc.PTE_RW)
+        gpa = lay.churn_pte_gpa(slot)
+        if rng.random() < ld.churn_halves_ratio:
+            out += self.store(gpa, _I.pack(pte & 0xFFFFFFFF))
+            out += self.store(gpa + 4, _I.pack(pte >> 32))
+        else:
+            out += self.store(gpa, _Q.pack(pte))
+        return out
+
+    # ---- interrupts and retirement ----------------------------------------------------------------
+    def on_irq(self, now: int) -> Iterator[Any]:
+        """The i915 interrupt handler, reduced: ack the GT IIR bits, read each engine's status
+        page (CSB copy and seqnos), retire, check tokens, submit more. One runs at a time (the
+        kernel's tasklet): an interrupt that comes meanwhile makes the running one go again."""
+        if self.lay is None:
+            return
+        if self.irq_running:
+            self.irq_again = True
+            return
+        self.irq_running = True
+        try:
+            while True:
+                self.irq_again = False
+                yield from self._irq_once(now)
+                if not self.irq_again:
+                    break
+                now = self.core.last_reply_at or now
+        finally:
+            self.irq_running = False
+
+    def _irq_once(self, now: int) -> Iterator[Any]:
+        lay = self.lay
+        self.irqs += 1
+        bits = 0
+        for name in lay.engines:
+            _bank, b = regs.engine_event(name, regs.GT_USER_INTERRUPT | regs.GT_CONTEXT_SWITCH)
+            bits |= b
+        yield self.core.post_batch([regs.gt_iir(0)], [4], [bits])
+        call_t = now
+        progressed = False
+        for e in lay.engines.values():
+            page = yield from self.ram.load(e.hwsp_gfn << PAGE_SHIFT, PAGE_SIZE)
+            dws = struct.unpack(f"<{PAGE_SIZE // 4}I", page)
+            yield from self._csb(e, dws)
+            for c in e.contexts:
+                seqno = dws[lrc.HWS_SEQNO_INDEX + _slot(lay, c)]
+                done = [w for w in c.inflight if w.seq <= seqno]
+                if done:
+                    progressed = True
+                    e.last_progress = now
+                for w in done:
+                    c.inflight.remove(w)
+                    yield from self._retire(w, now)
+                c.retired = max(c.retired, seqno)
+            for p in self.try_submit(e):
+                yield p
+        if not progressed:
+            self.counts["empty_irqs"] += 1
+        if self.irqs % CHECK_REGISTERS_EVERY == 0:
+            yield from self._check_registers()
+        del call_t
+
+    def _csb(self, e: EngineState, dws: tuple) -> Iterator[Any]:
+        wp = dws[lrc.HWS_CSB_WRITE_INDEX] & 0x7
+        if wp >= regs.RING_CSB_ENTRIES:
+            return
+        while e.csb_head != wp:
+            e.csb_head = (e.csb_head + 1) % regs.RING_CSB_ENTRIES
+            lo = dws[lrc.HWS_CSB_BUF0_INDEX + 2 * e.csb_head]
+            if lo & (lrc.CSB_IDLE_TO_ACTIVE | lrc.CSB_LITE_RESTORE):
+                if e.submitted is not None:
+                    e.active, e.submitted = e.submitted, None
+            if lo & lrc.CSB_CONTEXT_COMPLETE:
+                if lo & lrc.CSB_ACTIVE_TO_IDLE:
+                    e.active = []
+                elif lo & lrc.CSB_ELEMENT_SWITCH and e.active:
+                    e.active.pop(0)
+        if False:
+            yield
+
+    def _check_registers(self) -> Iterator[Any]:
+        """Now and then, read the CSB pointer register and the entry it points at: when the
+        status page shows the same write pointer, both copies must hold the same entry."""
+        e = self.lay.engines[self.engines_used[0]]
+        ptr = yield from self.core.read_reg(regs.ring(e.name, regs.RING_CSB_PTR))
+        wp = ptr & regs.CSB_PTR_WRITE_MASK
+        if wp >= regs.RING_CSB_ENTRIES:
+            return
+        reg = yield from self.core.read_reg(regs.ring(e.name, regs.RING_CSB) + 8 * wp, 8)
+        page = yield from self.ram.load((e.hwsp_gfn << PAGE_SHIFT) + 4 * lrc.HWS_CSB_BUF0_INDEX, 64)
+        hw_wp = _I.unpack(page[60:64])[0] & 0x7
+        if hw_wp == wp and _Q.unpack(page[8 * wp:8 * wp + 8])[0] != reg:
+            self.counts["csb_mismatches"] += 1
+            self._reason(f"{e.name}: CSB entry {wp} is {reg:#x} in the register but "
+                         f"{_Q.unpack(page[8 * wp:8 * wp + 8])[0]:#x} in the status page")
+
+    def _retire(self, w: Workload, now: int) -> Iterator[Any]:
+        ctx = w.ctx
+        self._release(w)
+        if w.bad:
+            # it should have hung; it completed instead: its store went somewhere
+            self.counts["misplaced"] += 1
+            self._reason(f"a workload storing to unmapped PPGTT address {i915.VA_UNMAPPED:#x} completed")
+        if w.tokens:
+            got = []
+            for gpa, tok in w.tokens:
+                got.append(_I.unpack((yield from self.ram.load(gpa, 4)))[0])
+            for (gpa, tok), val in zip(w.tokens, got):
+                self.expect(gpa, _I.pack(tok))
+                if val != tok:
+                    self.counts["misplaced"] += 1
+                    self._reason(f"token {tok:#x} of workload {ctx.ctx_id:#x}/{w.seq} is not at gpa "
+                                 f"{gpa:#x} (found {val:#x})")
+        self.expect((self.lay.engines[ctx.engine].hwsp_gfn << PAGE_SHIFT)
+                    + 4 * (lrc.HWS_SEQNO_INDEX + _slot(self.lay, ctx)), _I.pack(w.seq))
+        self.per_ctx.setdefault(ctx.ctx_id, [0, 0])[0] += 1
+        self.counts["completed"] += 1
+        self.inflight -= 1
+        lat = now - w.intended
+        lab = (self.core.vm, ctx.engine, "guest")
+        self.core.stats.hist(WORKLOAD_LATENCY, lab).record(lat)
+        self.core.stats.inc("gvtbench_workloads", (self.core.vm, ctx.engine, "completed"))
+        self.core.op_done("submit")
+
+    def _release(self, w: Workload) -> None:
+        for p in w.batches:
+            self.batch_busy.discard(p)
+        if w.churn_slot >= 0:
+            left = self.churn_busy[w.churn_slot] - 1
+            if left:
+                self.churn_busy[w.churn_slot] = left
+            else:
+                del self.churn_busy[w.churn_slot]
+
+    def _reason(self, r: str) -> None:
+        if len(self.fail_reasons) < 32 or r in self.fail_reasons:
+            self.fail_reasons[r] = self.fail_reasons.get(r, 0) + 1
+
+    # ---- hang check ----------------------------------------------------------------------------------
+    def tick(self, now: int) -> list[Any]:
+        if self.lay is None:
+            return []
+        out: list[Any] = []
+        limit = int(self.core.load.hang_timeout_s * 1e9)
+        for e in self.lay.engines.values():
+            busy = [w for c in e.contexts for w in c.inflight]
+            if busy and now - e.last_progress > limit:
+                out += self._reset_engine(e, busy, now)
+        return out
+
+    def _reset_engine(self, e: EngineState, busy: list[Workload], now: int) -> list[Any]:
+        """i915's hang recovery, reduced: reset the engine (GDRST), fail what it had, rewind each
+        context's ring to its tail, reset the CSB pointers."""
+        e.resets += 1
+        self.counts["resets"] += 1
+        meant = any(w.bad for w in busy)
+        out: list[Any] = [self.core.post_batch([regs.GDRST], [4], [i915.ENGINE_RESET_BIT[e.name]])]
+        for c in e.contexts:
+            for w in c.inflight:
+                self._release(w)
+                for gpa, _tok in w.tokens:
+                    self.loosen(gpa)
+                self.per_ctx.setdefault(c.ctx_id, [0, 0])[1] += 1
+                self.counts["failed"] += 1
+                self.inflight -= 1
+                if meant:
+                    self.counts["failed_expected"] += 1
+                self.core.stats.inc("gvtbench_workloads", (self.core.vm, e.name, "failed"))
+                self.core.op_done("submit", failed=not meant,
+                                  reason=None if meant else f"{e.name} hung: reset after "
+                                  f"{self.core.load.hang_timeout_s:g} s without progress")
+            c.inflight.clear()
+            out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_TAIL, _I.pack(c.tail))
+            c.submitted_tail = c.tail
+        e.active, e.submitted = [], None
+        e.csb_head = regs.RING_CSB_ENTRIES - 1
+        out += self.store((e.hwsp_gfn << PAGE_SHIFT) + 4 * lrc.HWS_CSB_WRITE_INDEX,
+                          _I.pack(regs.RING_CSB_ENTRIES - 1))
+        out.append(self.core.post_batch([regs.ring(e.name, regs.RING_CSB_PTR)], [4],
+                                        [regs.csb_ptr_guest_reset()]))
+        e.last_progress = now
+        return out
+
+    # ---- the end-of-run checks ----------------------------------------------------------------------
+    def verify(self) -> Iterator[Any]:
+        """Every page of this VM's RAM against the model; the counters against the completions;
+        and a hash of the whole RAM (the same seed and ops give the same image on either fabric)."""
+        frames = self.core.ram_frames
+        sha = hashlib.sha256()
+        violations, misplaced, reasons = 0, 0, []
+        token_pages = set()
+        if self.lay is not None:
+            token_pages = set(range(i915.HUGE_GFN, i915.HUGE_GFN + 512)) | set(self.lay.churn_pool)
+        for first in range(0, frames, SWEEP_PAGES):
+            n = min(SWEEP_PAGES, frames - first)
+            data = yield from self.ram.load_pages(first, n)
+            sha.update(data)
+            arr = np.frombuffer(data, dtype="<u4").reshape(n, PAGE_SIZE // 4)
+            nz = np.flatnonzero(arr.any(axis=1))
+            check = sorted(set((nz + first).tolist()) | {g for g in self.model if first <= g < first + n})
+            for g in check:
+                got = arr[g - first]
+                page = self.model.get(g)
+                want = np.frombuffer(bytes(page), dtype="<u4") if page is not None else np.zeros(1024, "<u4")
+                diff = got != want
+                loose = self.loose.get(g)
+                if loose and diff.any():
+                    for o in loose:
+                        diff[o // 4] = False
+                if diff.any():
+                    violations += 1
+                    k = int(np.flatnonzero(diff)[0])
+                    if g in token_pages:
+                        misplaced += int(diff.sum())
+                    if len(reasons) < 8:
+                        reasons.append(f"VM {self.core.vm} gfn {g:#x} dword {k}: holds {int(got[k]):#x}, "
+                                       f"expected {int(want[k]):#x}")
+        duplicated = 0
+        if self.lay is not None:
+            ctr = yield from self.ram.load(self.lay.counter_gfn << PAGE_SHIFT, PAGE_SIZE)
+            for e in self.lay.engines.values():
+                for c in e.contexts:
+                    n = _I.unpack_from(ctr, 4 * _slot(self.lay, c))[0]
+                    done, failed = self.per_ctx.get(c.ctx_id, [0, 0])
+                    per = self.core.load.batches_per_workload
+                    if n > (done + failed) * per:
+                        duplicated += -(-(n - (done + failed) * per) // per)
+                        reasons.append(f"context {c.ctx_id:#x}: its counter says {n} batches ran, "
+                                       f"for {done} completed and {failed} failed workloads of {per}")
+                    elif n < done * per:
+                        misplaced += done - n // per
+                        reasons.append(f"context {c.ctx_id:#x}: counter {n} is below its {done} "
+                                       f"completed workloads of {per} batches")
+        return {"pages_checked": frames, "violations": violations, "misplaced": misplaced,
+                "duplicated": duplicated, "reasons": reasons, "sha256": sha.hexdigest()}
+
+    def report(self) -> dict:
+        c = self.counts
+        return {"submitted": c["submitted"], "completed": c["completed"], "failed": c["failed"],
+                "failed_expected": c["failed_expected"],
+                "lost": c["submitted"] - c["completed"] - c["failed"],
+                "misplaced": c["misplaced"], "churn_ops": c["churn_ops"], "resets": c["resets"],
+                "csb_mismatches": c["csb_mismatches"], "faults": self.ram.faults,
+                "fail_reasons": dict(self.fail_reasons)}
+
+
+def _slot(lay: i915.Layout, ctx: Context) -> int:
+    return list(lay.engines).index(ctx.engine) * i915.CONTEXTS_PER_ENGINE + ctx.index
