@@ -70,6 +70,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "type": (str, "_8", lambda v: v in partition.VGPU_TYPES,
                  f"one of {', '.join(partition.VGPU_TYPES)}"),
         "ram_mib": (int, 64, lambda v: 1 <= v <= 65536, "MiB of guest RAM, 1..65536"),
+        "types": (list, [], lambda v: all(t in partition.VGPU_TYPES for t in v),
+                  f"a list of vGPU types, one per vGPU ({', '.join(partition.VGPU_TYPES)}); "
+                  f"empty: every vGPU is of `type`"),
     },
     "load": {
         "mix": (dict, {"mmio-read": 0.4, "mmio-write": 0.4, "gtt-burst": 0.2}, None, ""),
@@ -81,6 +84,15 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "invalid_gfn_ratio": ((int, float), 0.002, _ratio, "a ratio 0..1"),
         "not_present_ratio": ((int, float), 0.01, _ratio, "a ratio 0..1"),
         "outside_ratio": ((int, float), 0.05, _ratio, "a ratio 0..1"),
+        "stores_per_batch": (int, 4, lambda v: 1 <= v <= 200, "MI_STORE_DATA_IMM per batch, 1..200"),
+        "batches_per_workload": (int, 1, lambda v: 1 <= v <= 16, "batches per submission, 1..16"),
+        "bad_ratio": ((int, float), 0.0, _ratio, "a ratio 0..1 of workloads meant to hang"),
+        "engines": (list, ["rcs", "bcs"], lambda v: bool(v) and len(set(v)) == len(v) and
+                    all(e in ("rcs", "bcs", "vcs", "vecs") for e in v),
+                    "a list of distinct engines among rcs, bcs, vcs, vecs"),
+        "hang_timeout_s": ((int, float), 2.0, _pos, "seconds > 0 without progress before the guest "
+                           "resets an engine"),
+        "churn_halves_ratio": ((int, float), 0.25, _ratio, "a ratio 0..1 of PTE writes made as two halves"),
     },
     "thresholds": {
         "mmio_read_p99_us": ((int, float), 0.0, _nonneg, "microseconds >= 0 (0: no threshold)"),
@@ -122,6 +134,10 @@ def validate(raw: dict, where: str = "<config>") -> dict:
             raise ConfigError(where, f"load.mix.{name}", f"weight must be a number >= 0, got {w!r}")
     if not mix or sum(mix.values()) <= 0:
         raise ConfigError(where, "load.mix", "needs at least one mix with a weight > 0")
+    types = cfg["vgpus"]["types"]
+    if types and len(types) != cfg["vgpus"]["count"]:
+        raise ConfigError(where, "vgpus.types", f"names {len(types)} types for "
+                          f"{cfg['vgpus']['count']} vGPUs")
     if cfg["vgpus"]["count"] > cfg["mediator"]["max_vgpus"]:
         raise ConfigError(where, "vgpus.count", f"{cfg['vgpus']['count']} vGPUs exceed "
                           f"mediator.max_vgpus = {cfg['mediator']['max_vgpus']}")

@@ -80,6 +80,8 @@ class Launcher:
         self.error: str | None = None
         self.keys_dir = ""
         self.eps: dict[str, str] = {}
+        self.rams: dict[int, dict] = {}
+        self.pool: dict = {}
 
     # ---- processes -------------------------------------------------------------------------------
     def _endpoint(self, name: str) -> str:
@@ -225,6 +227,11 @@ class Launcher:
         for start in range(0, gtt.ENTRIES, DUMP_CHUNK):
             chunk = yield Call("gpu", "GGTT_DUMP", {"start": start, "count": DUMP_CHUNK}, timeout=30)
             dump[start:start + DUMP_CHUNK] = np.frombuffer(chunk, dtype="<u8")
+        # the RAM sweep comes first: the GGTT probes below write into guest pages
+        rams: dict[int, dict] = {}
+        for v in vm_ids(cfg):
+            rams[v] = yield Call(f"guest{v}", "RAM_VERIFY", vgpu=v, timeout=300)
+        pool = yield Call("mediator", "POOL_CHECK", timeout=120)
         nonce = int.from_bytes(secrets.token_bytes(7), "little")
         maps, probe_reasons, probes = {}, [], {}
         for v in vm_ids(cfg):
@@ -252,6 +259,12 @@ class Launcher:
         snaps["launcher"] = self.rt.snapshot()
         link_rows, link_reasons = ledger.check_links(snaps)
         work_reasons = ledger.check_workloads(self.core.reports)
+        for v in vm_ids(cfg):
+            work_reasons += ledger.check_gpu_workloads(v, self.core.reports.get(v, {}).get("workloads", {}),
+                                                       rams[v])
+        if pool["violations"]:
+            work_reasons.append(f"host pool: {pool['violations']} violations: "
+                                + "; ".join(pool["reasons"][:3]))
         thr_reasons = self._thresholds(snaps, wall)
         verdict, reasons = ledger.verdict(work_reasons, ggtt["reasons"], probe_reasons, link_reasons,
                                           thr_reasons)
@@ -261,6 +274,7 @@ class Launcher:
             except Exception:
                 pass
         ggtt["sha256"] = hashlib.sha256(dump.tobytes()).hexdigest()
+        self.rams, self.pool = rams, pool
         return self._result(snaps, vgpus, ggtt, probes, link_rows, verdict, reasons, wall)
 
     def _thresholds(self, snaps: dict, wall: float) -> list[str]:
@@ -297,7 +311,17 @@ class Launcher:
                 "probes": {k: probes[vm][k] for k in ("probes", "landed")} if vm in probes else {},
                 "ggtt_check": ggtt["vgpus"].get(vm, {}),
                 "histograms": {k: r for k, r in _hist_rows(snaps[f"guest{vm}"]).items()},
+                "workloads": _workload_row(self.core.reports.get(vm, {}).get("workloads", {}),
+                                           self.rams.get(vm, {})),
+                "ppgtt": {k: mv.get("ppgtt", {}).get(k, 0) for k in ("tracked_writes", "shadow_pages")},
+                "workload": ledger.summarize_workloads(snaps[f"guest{vm}"], vm),
+                "execlist": {k: mv.get(k, 0) for k in ("context_switches", "csb_entries", "virtual_irqs")},
             })
+        isolation = {"pages_checked": sum(r.get("pages_checked", 0) for r in self.rams.values())
+                     + self.pool.get("pages_checked", 0),
+                     "violations": sum(r.get("violations", 0) for r in self.rams.values())
+                     + self.pool.get("violations", 0)}
+        mem_hash = hashlib.sha256("".join(self.rams[v]["sha256"] for v in sorted(self.rams)).encode()).hexdigest()
         return {
             "schema": SCHEMA_VERSION,
             "config": public(self.cfg),
@@ -310,6 +334,8 @@ class Launcher:
                        "workloads": {vm: {k: r.get(k) for k in ("issued", "completed", "failed",
                                                                  "unknown", "pending")}
                                      for vm, r in self.core.reports.items()}},
+            "isolation": isolation,
+            "memory_sha256": mem_hash,
             "verdict": verdict,
             "reasons": reasons,
         }
@@ -342,6 +368,17 @@ class Launcher:
         remove_run_shm(self.run_id)
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _workload_row(wl: dict, ram: dict) -> dict:
+    """The ledger's workload counts of a vGPU (lost: submitted, neither completed nor failed;
+    duplicated: ran more than once, by its context's counter; misplaced: a token missing where
+    it was stored, or found where no workload stored it)."""
+    return {"submitted": wl.get("submitted", 0), "completed": wl.get("completed", 0),
+            "failed": wl.get("failed", 0), "lost": wl.get("lost", 0),
+            "duplicated": ram.get("duplicated", 0),
+            "misplaced": wl.get("misplaced", 0) + ram.get("misplaced", 0),
+            "failed_expected": wl.get("failed_expected", 0)}
 
 
 def _hist_rows(snap: dict) -> dict:

@@ -7,7 +7,7 @@ import numpy as np
 
 from nodes.hw import PAGE_SHIFT, bar0, gtt
 from nodes.memory import Layout, make_p2m
-from nodes.metrics import TRAP_LATENCY
+from nodes.metrics import TRAP_LATENCY, WORKLOAD_LATENCY
 from nodes.stats import hist_from_snapshot
 
 U64 = np.uint64
@@ -149,4 +149,44 @@ def summarize_traps(snap: dict, vm: int, stage: str) -> dict[str, Any]:
         h = hist_from_snapshot(snap["stats"], TRAP_LATENCY, vgpu=vm, kind=kind, stage=stage)
         if h.n:
             out[kind] = h.summary_us()
+    return out
+
+
+def check_gpu_workloads(vm: int, wl: dict, ram: dict) -> list[str]:
+    """A guest's workloads: none lost, none run twice, none storing where it should not, none
+    failed that the load did not mean to fail, its RAM exactly as it and its workloads left it."""
+    reasons = []
+    if wl.get("lost"):
+        reasons.append(f"vGPU {vm}: {wl['lost']} workloads were submitted and never completed nor failed")
+    if ram.get("duplicated"):
+        reasons.append(f"vGPU {vm}: {ram['duplicated']} workloads ran more than once: "
+                       + "; ".join(r for r in ram.get("reasons", []) if "counter" in r)[:300])
+    misplaced = wl.get("misplaced", 0) + ram.get("misplaced", 0)
+    if misplaced:
+        why = "; ".join(list(wl.get("fail_reasons", {}))[:2] + list(ram.get("reasons", []))[:2])
+        reasons.append(f"vGPU {vm}: {misplaced} workload stores misplaced: {why}")
+    unexpected = wl.get("failed", 0) - wl.get("failed_expected", 0)
+    if unexpected > 0:
+        reasons.append(f"vGPU {vm}: {unexpected} workloads failed that the load did not mean to fail")
+    if wl.get("csb_mismatches"):
+        reasons.append(f"vGPU {vm}: {wl['csb_mismatches']} CSB registers disagreed with the status page copy")
+    if ram.get("violations"):
+        reasons.append(f"VM {vm}: {ram['violations']} pages of its RAM differ from what the guest and its "
+                       f"workloads wrote: " + "; ".join(ram.get("reasons", [])[:3]))
+    return reasons
+
+
+def summarize_workloads(snap: dict, vm: int, stage: str = "guest") -> dict[str, Any]:
+    """Workload latency of a vGPU: all engines, and each one."""
+    out: dict[str, Any] = {}
+    h = hist_from_snapshot(snap["stats"], WORKLOAD_LATENCY, vgpu=vm, stage=stage)
+    if h.n:
+        out["all"] = h.summary_us()
+        fam = snap["stats"].get(WORKLOAD_LATENCY) or {"rows": [], "labels": []}
+        for labels, _v in fam["rows"]:
+            lab = dict(zip(fam["labels"], labels))
+            if str(lab.get("vgpu")) == str(vm) and lab.get("stage") == stage:
+                e = hist_from_snapshot(snap["stats"], WORKLOAD_LATENCY, vgpu=vm, stage=stage,
+                                       engine=lab["engine"])
+                out[lab["engine"]] = e.summary_us()
     return out

@@ -43,6 +43,22 @@ def print_result(result: dict, console: Console | None = None) -> None:
                   f"{c.get('not_present', 0):,}", f"{c.get('dropped', 0):,}", f"{c.get('pinned', 0):,}",
                   f"{p.get('landed', 0):,}/{p.get('probes', 0):,}")
     console.print(g)
+    if any(v.get("workloads", {}).get("submitted") for v in result["vgpus"]):
+        w = Table(title="GPU workloads")
+        for col in ("vGPU", "submitted", "completed", "failed", "lost", "duplicated", "misplaced",
+                    "p50 us", "p99 us", "p99.9 us", "tracked writes", "shadow pages"):
+            w.add_column(col, justify="right")
+        for v in result["vgpus"]:
+            c, lat, pp = v.get("workloads", {}), v.get("workload", {}).get("all", {}), v.get("ppgtt", {})
+            w.add_row(str(v["id"]), *(f"{c.get(k, 0):,}" for k in ("submitted", "completed", "failed",
+                                                                     "lost", "duplicated", "misplaced")),
+                      _fmt(lat.get("p50_us")), _fmt(lat.get("p99_us")), _fmt(lat.get("p999_us")),
+                      f"{pp.get('tracked_writes', 0):,}", f"{pp.get('shadow_pages', 0):,}")
+        console.print(w)
+        iso = result.get("isolation", {})
+        console.print(f"isolation: {iso.get('pages_checked', 0):,} pages checked, "
+                      f"{iso.get('violations', 0)} violations; memory image sha256 "
+                      f"{result.get('memory_sha256', '')[:16]}")
     if result["verdict"] == "pass":
         console.print("[bold green]verdict: pass[/]")
     else:

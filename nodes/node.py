@@ -12,7 +12,7 @@ from typing import Any, Iterator
 from nodes.actions import Post, Sleep
 from nodes.errors import GvtError
 from nodes.hw import MiB, PAGE_SIZE
-from nodes.memory import Fabric, Layout, OwnedMemory, RegionMemory, WriteProtect
+from nodes.memory import Fabric, Layout, OwnedMemory, RegionMemory, WriteProtect, make_p2m
 from nodes.runtime import Keys, Runtime, die_with_parent
 from nodes.wire.schema import guest_name
 
@@ -28,6 +28,11 @@ def build_layout(cfg: dict) -> Layout:
 
 def vm_ids(cfg: dict) -> list[int]:
     return list(range(1, cfg["vgpus"]["count"] + 1))
+
+
+def vgpu_type(cfg: dict, vm: int) -> str:
+    types = cfg["vgpus"].get("types") or []
+    return types[vm - 1] if types else cfg["vgpus"]["type"]
 
 
 def node_names(cfg: dict) -> list[str]:
@@ -124,7 +129,7 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
         core = MediatorCore(layout, Fabric(layout, run["fabric"], run_id, owned=owned),
                             aperture_size=cfg["gpu"]["aperture_mib"] * MiB,
                             max_vgpus=cfg["mediator"]["max_vgpus"], translate=translate)
-        setup = core.setup([(v, cfg["vgpus"]["type"]) for v in vm_ids(cfg)])
+        setup = core.setup([(v, vgpu_type(cfg, v)) for v in vm_ids(cfg)])
     elif role == "hypervisor":
         from nodes.hypervisor.core import HypervisorCore
         mems, wps = {}, {}
@@ -137,15 +142,27 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
             on_stop.append(wp.close)
     else:
         from nodes.guest.core import GuestCore, LoadSpec
+        from nodes.guest.mmu import GuestRam
         ld = cfg["load"]
         spec = LoadSpec(mix=dict(ld["mix"]), mode=ld["mode"], rate=float(ld["rate"]),
                         concurrency=ld["concurrency"], window=ld["window"], burst=ld["burst"],
                         invalid_gfn_ratio=ld["invalid_gfn_ratio"], not_present_ratio=ld["not_present_ratio"],
                         outside_ratio=ld["outside_ratio"], duration_s=float(run["duration_s"]),
-                        ops=run["ops"])
+                        ops=run["ops"], stores_per_batch=ld["stores_per_batch"],
+                        batches_per_workload=ld["batches_per_workload"], bad_ratio=float(ld["bad_ratio"]),
+                        engines=tuple(ld["engines"]), hang_timeout_s=float(ld["hang_timeout_s"]),
+                        churn_halves_ratio=float(ld["churn_halves_ratio"]))
         ctl = "launcher" if launcher else None
-        core = _GuestDriver(GuestCore(vm, layout.vm_region(vm).frames, run["seed"], spec,
-                                      launcher=ctl), ctl)
+        region = layout.vm_region(vm)
+        attach = None
+        if run["fabric"] == "shm":
+            # the guest's CPU reaches its RAM directly, and sees the hypervisor's write protection
+            def attach() -> tuple:
+                return (RegionMemory.attach(region, run_id), make_p2m(region, run["seed"]),
+                        WriteProtect.attach(region, run_id))
+        ram = GuestRam(vm, region.frames, "hypervisor", attach=attach)
+        core = _GuestDriver(GuestCore(vm, region.frames, run["seed"], spec, launcher=ctl, ram=ram), ctl)
+        on_stop.append(ram.close)
 
     if role == "hypervisor":
         stray = sorted(set(vm_binds or {}) - set(vm_ids(cfg)))

@@ -22,11 +22,16 @@ from nodes.memory import RegionMemory, WriteProtect
 
 
 class GuestRam:
-    def __init__(self, vm: int, frames: int, hypervisor: str, *, mem: RegionMemory | None = None,
-                 p2m: np.ndarray | None = None, wp: WriteProtect | None = None):
+    def __init__(self, vm: int, frames: int, hypervisor: str, *,
+                 attach: Callable[[], tuple[RegionMemory, np.ndarray, WriteProtect]] | None = None):
+        """attach (shm): maps the RAM, and gives the p2m and the write-protect map, at first use
+        (the hypervisor creates them when it starts)."""
         self.vm, self.frames, self.hv = vm, frames, hypervisor
-        self.mem, self.p2m, self.wp = mem, p2m, wp
-        self.direct = mem is not None
+        self._attach = attach
+        self.mem: RegionMemory | None = None
+        self.p2m: np.ndarray | None = None
+        self.wp: WriteProtect | None = None
+        self.direct = attach is not None
         self.faulting: dict[int, int] = {}      # gfn -> faults not yet done
         self.faults = 0
 
@@ -34,6 +39,7 @@ class GuestRam:
         """Store bytes; returns the messages the store turned into (faults, or RAM_WRITE)."""
         if not self.direct:
             return [Post(self.hv, "RAM_WRITE", {"ops": [[a, d] for a, d in _pages(gpa, data)]}, vgpu=self.vm)]
+        self._ensure()
         out: list[Post] = []
         for a, d in _pages(gpa, data):
             g = a >> PAGE_SHIFT
@@ -59,6 +65,16 @@ class GuestRam:
             out.append(Post(self.hv, "PAGE_FAULT", {"gpa": a, "data": piece, "w": next_w(a)}, vgpu=self.vm))
         return out
 
+    def _ensure(self) -> None:
+        if self.mem is None and self._attach is not None:
+            self.mem, self.p2m, self.wp = self._attach()
+
+    def close(self) -> None:
+        if self.mem is not None:
+            self.mem.close(unlink=False)
+        if self.wp is not None:
+            self.wp.close()
+
     def fault_done(self, gpa: int) -> None:
         g = gpa >> PAGE_SHIFT
         left = self.faulting.get(g, 0) - 1
@@ -77,6 +93,7 @@ class GuestRam:
             at += k
             left -= k
         if self.direct:
+            self._ensure()
             return b"".join(self.mem.read(int(self.p2m[a >> PAGE_SHIFT]), a & (PAGE_SIZE - 1), k)
                             for a, k in pieces)
         got = yield Call(self.hv, "GPA_READ", {"ops": [[a, k] for a, k in pieces]}, vgpu=self.vm)
@@ -85,6 +102,7 @@ class GuestRam:
     def load_pages(self, first: int, count: int) -> Iterator[Any]:
         """Whole pages [first, first + count) as one bytes object (the isolation sweep)."""
         if self.direct:
+            self._ensure()
             return b"".join(self.mem.read(int(self.p2m[g]), 0, PAGE_SIZE)
                             for g in range(first, first + count))
         got = yield Call(self.hv, "GPA_READ", {"ops": [[g << PAGE_SHIFT, PAGE_SIZE]
