@@ -103,6 +103,11 @@ def _perf(args: argparse.Namespace) -> int:
         res = run_neighbour(seconds=args.seconds, rounds=args.rounds)
         print(json.dumps(res) if args.json else format_neighbour(res))
         return 0
+    if args.what == "submit":
+        from bench.perf import format_submit, run_submit
+        res = run_submit(seconds=args.seconds, rounds=args.rounds)
+        print(json.dumps(res) if args.json else format_submit(res))
+        return 0
     from bench.perf import format_trap, run_trap
     res = run_trap(seconds=args.seconds, rounds=args.rounds)
     print(json.dumps(res) if args.json else format_trap(res))
@@ -153,13 +158,14 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--config", help="the run's config: which guests there are")
     k.set_defaults(fn=_keys)
     p = sub.add_parser("perf", help="benchmarks: translate (C vs numpy vs Python), trap (end to "
-                       "end), neighbour (a VM's reads next to a flooding VM)")
-    p.add_argument("what", choices=["translate", "trap", "neighbour"])
+                       "end), neighbour (a VM's reads next to a flooding VM), submit (GPU "
+                       "workloads)")
+    p.add_argument("what", choices=["translate", "trap", "neighbour", "submit"])
     p.add_argument("--entries", type=int, default=1_000_000)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--seconds", type=float, default=3.0, help="trap, neighbour: seconds per measurement")
     p.add_argument("--rounds", type=int, default=3,
-                   help="trap: alternating echo/read rounds; neighbour: alone/flooded rounds")
+                   help="trap, submit: alternating echo/measure rounds; neighbour: alone/flooded rounds")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_perf)
     rep = sub.add_parser("report", help="print a result JSON as a table")

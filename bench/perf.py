@@ -302,3 +302,59 @@ def format_neighbour(r: dict) -> str:
         f"{r['flooded_p50_us']:.0f} us, p99 {r['flooded_p99_us']:.0f} us; p99 ratio {r['p99_ratio']:.2f}",
         f"target (flooded p99 <= 5 ms, ratio <= 5): {'met' if r['target_met'] else 'MISSED'}",
     ])
+
+
+# ---- submit ---------------------------------------------------------------------------------------
+def _submit_cfg(seconds: float, vgpus: int, **load) -> dict:
+    raw = {"run": {"duration_s": seconds, "seed": 7},
+           "vgpus": {"count": vgpus, "type": "_8"},
+           "load": {"mode": "closed", "stores_per_batch": 4, "batches_per_workload": 1, **load}}
+    return config.validate(raw, "perf")
+
+
+def run_submit(seconds: float = 3.0, rounds: int = 3) -> dict:
+    """GPU workloads through all four processes: latency of one vGPU's workloads (one at a time)
+    next to a two-hop pyzmq echo in the same run, round by round; workloads per second with 1, 2
+    and 4 vGPUs (closed loop, both engines); tracked page-table writes per second under
+    ppgtt-churn."""
+    rounds_out = []
+    for _ in range(max(1, rounds)):
+        echo_p50 = statistics.median(echo_rtt(seconds))
+        res = _run(_submit_cfg(seconds, 1, concurrency=1, mix={"submit": 1.0}, engines=["rcs"]))
+        lat = res["vgpus"][0]["workload"]["all"]
+        rounds_out.append({"echo_p50_us": round(echo_p50, 1), "workload_p50_us": lat["p50_us"],
+                           "workload_p99_us": lat["p99_us"], "samples": lat["count"],
+                           "ratio": round(lat["p50_us"] / echo_p50, 3)})
+    mid = sorted(rounds_out, key=lambda r: r["ratio"])[len(rounds_out) // 2]
+    per_s: dict[str, float] = {}
+    for n in (1, 2, 4):
+        res = _run(_submit_cfg(seconds, n, concurrency=16, mix={"submit": 1.0}))
+        per_s[str(n)] = round(sum(v["workloads"]["completed"] / max(v["guest"]["elapsed_s"], 1e-9)
+                                  for v in res["vgpus"]))
+    churn = _run(_submit_cfg(seconds, 1, concurrency=256, mix={"ppgtt-churn": 1.0}))
+    v = churn["vgpus"][0]
+    return {
+        "seconds": seconds,
+        "rounds": rounds_out,
+        "echo_p50_us": mid["echo_p50_us"],
+        "workload_p50_us": mid["workload_p50_us"],
+        "workload_p99_us": mid["workload_p99_us"],
+        "latency_vs_echo": round(mid["ratio"], 2),
+        "workloads_per_s": per_s,
+        "tracked_writes_per_s": round(v["ppgtt"]["tracked_writes"] / max(v["guest"]["elapsed_s"], 1e-9)),
+        "targets_met": {"latency_vs_echo": mid["ratio"] <= 2.5, "workloads_per_s_1": per_s["1"] >= 2000,
+                        "scales_to_4": per_s["4"] >= per_s["1"]},
+    }
+
+
+def format_submit(r: dict) -> str:
+    w = r["workloads_per_s"]
+    return "\n".join([
+        *(f"round {i + 1}: echo p50 {x['echo_p50_us']:.1f} us, workload p50 {x['workload_p50_us']:.1f} us "
+          f"(p99 {x['workload_p99_us']:.1f}), ratio {x['ratio']:.2f}x"
+          for i, x in enumerate(r["rounds"])),
+        f"workload / echo (p50), median round: {r['latency_vs_echo']:.2f}x   (target <= 2.5)",
+        f"workloads/s with 1, 2, 4 vGPUs:      {w['1']:,} / {w['2']:,} / {w['4']:,}   "
+        f"(target: >= 2000 with 1, 4 >= 1)",
+        f"tracked PTE writes/s (ppgtt-churn): {r['tracked_writes_per_s']:,}",
+    ])
