@@ -118,3 +118,42 @@ def test_log_histogram_quantiles_and_buckets():
     h2 = LogHistogram.from_dict(h.to_dict())
     h2.merge(h)
     assert h2.n == 20000 and h2.quantile_ns(0.5) == h.quantile_ns(0.5)
+
+
+GOOD_WL = {"submitted": 10, "completed": 10, "failed": 0, "failed_expected": 0, "lost": 0,
+           "misplaced": 0, "csb_mismatches": 0, "fail_reasons": {}}
+GOOD_RAM = {"pages_checked": 100, "violations": 0, "misplaced": 0, "duplicated": 0, "reasons": []}
+
+
+def test_clean_workload_evidence_passes():
+    assert ledger.check_gpu_workloads(1, GOOD_WL, GOOD_RAM) == []
+
+
+def test_a_lost_workload_fails_the_verdict():
+    wl = dict(GOOD_WL, completed=9, lost=1)
+    reasons = ledger.check_gpu_workloads(1, wl, GOOD_RAM)
+    assert any("never completed nor failed" in r for r in reasons)
+    assert ledger.verdict(reasons)[0] == "fail"
+
+
+def test_a_duplicated_workload_fails_the_verdict():
+    ram = dict(GOOD_RAM, duplicated=1, reasons=["context 0x10001: its counter says 11 batches ran, "
+                                                 "for 10 completed and 0 failed workloads of 1"])
+    reasons = ledger.check_gpu_workloads(1, GOOD_WL, ram)
+    assert any("ran more than once" in r for r in reasons)
+    assert ledger.verdict(reasons)[0] == "fail"
+
+
+def test_a_misplaced_token_fails_the_verdict_from_either_check():
+    wl = dict(GOOD_WL, misplaced=1, fail_reasons={"token 0x1 of workload 0x10001/3 is not at gpa 0x200000": 1})
+    assert any("misplaced" in r for r in ledger.check_gpu_workloads(1, wl, GOOD_RAM))
+    ram = dict(GOOD_RAM, misplaced=2, violations=1, reasons=["VM 1 gfn 0x200 dword 4: holds 0x5, expected 0x0"])
+    reasons = ledger.check_gpu_workloads(1, GOOD_WL, ram)
+    assert any("misplaced" in r for r in reasons) and any("pages of its RAM" in r for r in reasons)
+
+
+def test_only_failures_the_load_meant_are_forgiven():
+    meant = dict(GOOD_WL, completed=8, failed=2, failed_expected=2)
+    assert ledger.check_gpu_workloads(1, meant, GOOD_RAM) == []
+    unmeant = dict(GOOD_WL, completed=8, failed=2, failed_expected=1)
+    assert any("did not mean to fail" in r for r in ledger.check_gpu_workloads(1, unmeant, GOOD_RAM))

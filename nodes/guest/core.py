@@ -295,9 +295,11 @@ class GuestCore:
             out.append(action)
 
     def next_wake(self, now: int) -> int | None:
+        hang = self.wl.next_wake()
         if self.state != "running" or self.load.mode != "open":
-            return None
-        return self.t0 + int(self.next_op * 1e9 / self.load.rate)
+            return hang
+        w = self.t0 + int(self.next_op * 1e9 / self.load.rate)
+        return w if hang is None else min(w, hang)
 
     def _draw(self) -> tuple[str, int, int]:
         """The next op's mix, GPR and value. Drawn in blocks: numpy per call costs more than a

@@ -415,6 +415,15 @@ class WorkloadDriver:
                 out += self._reset_engine(e, busy, now)
         return out
 
+    def next_wake(self) -> int | None:
+        """When the hang check must look again: the oldest engine progress plus the timeout."""
+        if self.lay is None:
+            return None
+        limit = int(self.core.load.hang_timeout_s * 1e9)
+        wakes = [e.last_progress + limit + 1 for e in self.lay.engines.values()
+                 if any(c.inflight for c in e.contexts)]
+        return min(wakes) if wakes else None
+
     def _reset_engine(self, e: EngineState, busy: list[Workload], now: int) -> list[Any]:
         """i915's hang recovery, reduced: reset the engine (GDRST), fail what it had, rewind each
         context's ring to its tail, reset the CSB pointers."""
@@ -437,6 +446,8 @@ class WorkloadDriver:
                                   reason=None if meant else f"{e.name} hung: reset after "
                                   f"{self.core.load.hang_timeout_s:g} s without progress")
             c.inflight.clear()
+            # the ring restarts past everything the reset threw away (lrc_reset: head = tail)
+            out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_HEAD, _I.pack(c.tail))
             out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_TAIL, _I.pack(c.tail))
             c.submitted_tail = c.tail
         e.active, e.submitted = [], None
