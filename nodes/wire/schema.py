@@ -294,7 +294,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
           Field("faults", "list[u32,u64,str]", max_len=64)), None,
          "an engine's interrupt: the CSB entries it posted, [low, high] dwords, and the contexts "
          "it hung on, [context id, address, reason]"),
-    Kind("INJECT_MSI", _routes("mediator>hypervisor"), (Field("vector", "u32", optional=True),), "nil",
+    Kind("INJECT_MSI", _routes("mediator>hypervisor"), (Field("vector", "u32", optional=True),), None,
          "inject an MSI into the envelope's VM"),
     # the memory fabric (msg backend): DMA to the owner of a machine frame
     Kind("DMA_READ", _routes("gpu>hypervisor", "gpu>mediator", "mediator>hypervisor"), (Field("ops", "list[u64,u32,u32]"),),
