@@ -68,6 +68,13 @@ class GpuSim:
     def mmio_write_batch(self, offs: np.ndarray, sizes: np.ndarray, vals: np.ndarray) -> None:
         """Writes in order; runs of aligned 8-byte GGTT writes are stored in one go. The batch is
         checked whole first: a bad access refuses it all (EINVAL/EFAULT) and changes nothing."""
+        if len(sizes) <= 16:                # a few register writes (an ELSP, say): no numpy
+            ol, sl, vl = offs.tolist(), sizes.tolist(), vals.tolist()
+            for off, size in zip(ol, sl):
+                bar0.decode(off, size)
+            for off, size, val in zip(ol, sl, vl):
+                self.mmio_write(off, size, val)
+            return
         codes = bar0.decode_many(offs, sizes)
         bad = np.flatnonzero(codes == bar0.BAD)
         if len(bad):

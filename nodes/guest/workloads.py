@@ -172,8 +172,14 @@ class WorkloadDriver:
             e.last_progress = intended
         self.inflight += 1
         self.counts["submitted"] += 1
-        out += self.try_submit(e)
+        writes: list[tuple[int, int]] = []
+        out += self.try_submit(e, writes)
+        if writes:
+            out.append(self._post(writes))
         return out
+
+    def _post(self, writes: list[tuple[int, int]]) -> Post:
+        return self.core.post_batch([o for o, _ in writes], [4] * len(writes), [v for _, v in writes])
 
     def _slot_ctx(self, ctx: Context) -> int:
         return _slot(self.lay, ctx)
@@ -220,9 +226,10 @@ class WorkloadDriver:
         ctx.tail = at
         return out
 
-    def try_submit(self, e: EngineState) -> list[Any]:
+    def try_submit(self, e: EngineState, writes: list[tuple[int, int]]) -> list[Any]:
         """An ELSP for the engine's contexts with unsubmitted work, if the last one was
-        acknowledged and the ports allow it (see the module doc)."""
+        acknowledged and the ports allow it (see the module doc). Returns the RAM stores (the
+        contexts' tails) and adds the four ELSP writes to `writes`, to post after them."""
         if e.submitted is not None:
             return []
         ready = [c for c in e.contexts if c.tail != c.submitted_tail]
@@ -242,7 +249,7 @@ class WorkloadDriver:
         e.submitted = elems
         dws = lrc.elsp_dwords(elems[0].desc, elems[1].desc if len(elems) > 1 else None)
         elsp = regs.ring(e.name, regs.RING_ELSP)
-        out.append(self.core.post_batch([elsp] * 4, [4] * 4, dws))
+        writes += [(elsp, d) for d in dws]
         return out
 
     # ---- ppgtt-churn ---------------------------------------------------------------------------------
@@ -302,8 +309,8 @@ class WorkloadDriver:
         for name in lay.engines:
             _bank, b = regs.engine_event(name, regs.GT_USER_INTERRUPT | regs.GT_CONTEXT_SWITCH)
             bits |= b
-        yield self.core.post_batch([regs.gt_iir(0)], [4], [bits])
-        call_t = now
+        # the IIR ack, and the ELSPs this pass makes, go as one batch of posted writes
+        writes: list[tuple[int, int]] = [(regs.gt_iir(0), bits)]
         progressed = False
         for e in lay.engines.values():
             page = yield from self.ram.load(e.hwsp_gfn << PAGE_SHIFT, PAGE_SIZE)
@@ -319,13 +326,13 @@ class WorkloadDriver:
                     c.inflight.remove(w)
                     yield from self._retire(w, now)
                 c.retired = max(c.retired, seqno)
-            for p in self.try_submit(e):
+            for p in self.try_submit(e, writes):
                 yield p
+        yield self._post(writes)
         if not progressed:
             self.counts["empty_irqs"] += 1
         if self.irqs % CHECK_REGISTERS_EVERY == 0:
             yield from self._check_registers()
-        del call_t
 
     def _csb(self, e: EngineState, dws: tuple) -> Iterator[Any]:
         wp = dws[lrc.HWS_CSB_WRITE_INDEX] & 0x7

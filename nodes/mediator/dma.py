@@ -46,6 +46,12 @@ class HostPool:
         """n pages that are contiguous in the pool (and so in host GM)."""
         if n == 1:
             return [self.alloc(what)]
+        top = sorted(self.free[-n:])
+        if len(top) == n and top[-1] - top[0] == n - 1:     # the run just released, usually
+            del self.free[-n:]
+            for m in top:
+                self.owner[m] = what
+            return top
         free = sorted(self.free)
         run = 1
         for k in range(1, len(free)):

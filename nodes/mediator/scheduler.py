@@ -15,8 +15,6 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
-import numpy as np
-
 from nodes.actions import Post, Spawn
 from nodes.errors import GvtError
 from nodes.hw import PAGE_SIZE, lrc, mi, regs
@@ -289,7 +287,7 @@ def _batch_end(buf: bytearray, start: int) -> int | None:
     start; None if it is not in what was read yet."""
     i = 0
     n = len(buf) // 4
-    words = np.frombuffer(bytes(buf[:n * 4]), dtype="<u4").tolist()
+    words = struct.unpack_from(f"<{n}I", buf)
     while i < n:
         dw = words[i]
         if mi.opcode_of(dw) == mi.MI_BATCH_BUFFER_END:

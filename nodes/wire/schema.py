@@ -13,6 +13,7 @@ Types (as named in PROTOCOL.md):
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -344,6 +345,10 @@ def unpack_write_batch(p: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def pack_write_batch(offs: Any, sizes: Any, vals: Any) -> dict:
+    if type(offs) is list and len(offs) <= 16:      # a few writes: numpy's set-up costs more
+        n = len(offs)
+        return {"off": struct.pack(f"<{n}I", *offs), "size": bytes(sizes),
+                "val": struct.pack(f"<{n}Q", *vals)}
     return {"off": np.asarray(offs, dtype="<u4").tobytes(),
             "size": np.asarray(sizes, dtype=np.uint8).tobytes(),
             "val": np.asarray(vals, dtype="<u8").tobytes()}
