@@ -370,3 +370,17 @@ def test_an_unknown_command_hangs_only_its_context(bench):
     assert not irqs[1]["faults"]
     assert [lo & lrc.CSB_CONTEXT_COMPLETE and hi for lo, hi in irqs[1]["csb"]][-1] == 0x51
     assert gpu.engines["rcs"].hangs == 1 and gpu.engines["rcs"].executed == 1
+
+
+def test_a_guest_cannot_make_the_mediator_queue_workloads_without_bound(bench):
+    """A flood of ELSP submissions of a context that never completes (its LRCA maps nothing):
+    refused with EINVAL each; and of valid-looking ones past the queue bound: EBUSY."""
+    from nodes.mediator import scheduler
+    v = bench.mediator.vgpus[1]
+    elsp = regs.ring("rcs", regs.RING_ELSP)
+    res = bench.trap_writes(1, [(elsp, 4, d) for d in lrc.elsp_dwords(A)])
+    assert res["n_errors"] == 1 and "EFAULT" in res["errors"][0]       # the context does not translate
+    v.queues["rcs"].extend(object() for _ in range(scheduler.QUEUE_MAX - 1))
+    res = bench.trap_writes(1, [(elsp, 4, d) for d in lrc.elsp_dwords(A)])
+    assert res["n_errors"] == 1 and "EBUSY" in res["errors"][0]
+    v.queues["rcs"].clear()

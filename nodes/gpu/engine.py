@@ -139,7 +139,7 @@ class Engine:
         state_gm = d.lrca + lrc.LRC_STATE_PN * PAGE_SIZE
         raw = yield from mem.read(self._ggtt(state_gm), 0, 4 * lrc.CTX_STATE_DWORDS)
         st = struct.unpack(f"<{lrc.CTX_STATE_DWORDS}I", raw)
-        head, tail = st[lrc.CTX_RING_HEAD] & 0x1FFFFC, st[lrc.CTX_RING_TAIL] & 0x1FFFF8
+        head, tail = st[lrc.CTX_RING_HEAD] & lrc.RING_HEAD_OFF_MASK, st[lrc.CTX_RING_TAIL] & lrc.RING_TAIL_OFF_MASK
         start, size = st[lrc.CTX_RING_START], lrc.ring_size(st[lrc.CTX_RING_CTL])
         ctx = _Context(self, d.addressing, [lrc.pdp(list(st), n) for n in range(4)])
         ring = bytearray()

@@ -82,6 +82,8 @@ CTX_PDP_UDW = {3: 0x24 + 1, 2: 0x28 + 1, 1: 0x2C + 1, 0: 0x30 + 1}
 CTX_PDP_LDW = {3: 0x26 + 1, 2: 0x2A + 1, 1: 0x2E + 1, 0: 0x32 + 1}
 CTX_STATE_DWORDS = 0x34                 # the part of the state page the bench reads and writes
 
+RING_HEAD_OFF_MASK = 0x001FFFFC        # the byte offset bits of a context's RING_HEAD
+RING_TAIL_OFF_MASK = 0x001FFFF8        # RING_TAIL: qword aligned
 RING_CTL_VALID = 1 << 0
 RING_CTL_SIZE_MASK = 0x1FF000            # (pages - 1) << 12
 

@@ -27,9 +27,8 @@ if TYPE_CHECKING:
     from nodes.mediator.ppgtt import PpgttMm
     from nodes.mediator.vgpu import VGpu
 
-RB_HEAD_MASK = 0x001FFFFC
-RB_TAIL_MASK = 0x001FFFF8
 BATCH_MAX = 64 * 1024               # longest batch the scan follows
+QUEUE_MAX = 64                      # workloads a vGPU may have queued on one engine
 STATUSES = ("completed", "failed")
 
 
@@ -64,18 +63,23 @@ class WorkloadScheduler:
     def submit(self, vgpu: VGpu, engine: str, elems: tuple[lrc.Descriptor, lrc.Descriptor],
                now: int) -> Iterator[Any]:
         execlist.check_submission(vgpu, engine, elems)
+        if len(vgpu.queues[engine]) + 2 > QUEUE_MAX:
+            # GVT-g queues without a bound; a guest that submits faster than its work retires
+            # would make the mediator hold any number of workloads
+            raise GvtError("EBUSY", f"vGPU {vgpu.id} {engine}: {len(vgpu.queues[engine])} workloads "
+                           f"queued already, the bound is {QUEUE_MAX}")
         for i, d in enumerate(elems):
             if d.valid:
                 w = yield from self._create(vgpu, engine, d, elems if i == 0 else None, now)
                 vgpu.queues[engine].append(w)
                 vgpu.workloads["submitted"] += 1
-        yield from self.kick()
+        yield from self.kick(vgpu.id)
 
     def _create(self, vgpu: VGpu, engine: str, d: lrc.Descriptor,
                 schedule_in: tuple | None, now: int) -> Iterator[Any]:
         raw = yield from vgpu.mem.read_gm(d.lrca + lrc.LRC_STATE_PN * PAGE_SIZE, 4 * lrc.CTX_STATE_DWORDS)
         st = struct.unpack(f"<{lrc.CTX_STATE_DWORDS}I", raw)
-        head, tail = st[lrc.CTX_RING_HEAD] & RB_HEAD_MASK, st[lrc.CTX_RING_TAIL] & RB_TAIL_MASK
+        head, tail = st[lrc.CTX_RING_HEAD] & lrc.RING_HEAD_OFF_MASK, st[lrc.CTX_RING_TAIL] & lrc.RING_TAIL_OFF_MASK
         for last in reversed(vgpu.queues[engine]):
             if last.desc.same_context(d):
                 head = last.tail            # lite restore: it goes on from the last one's tail
@@ -102,9 +106,10 @@ class WorkloadScheduler:
         return w
 
     # ---- dispatch ---------------------------------------------------------------------------------------
-    def kick(self) -> Iterator[Any]:
-        """Give every idle engine the workload the policy picks (each dispatched in its vGPU's
-        lane, in order with that vGPU's trapped accesses)."""
+    def kick(self, lane: int | None = None) -> Iterator[Any]:
+        """Give every idle engine the workload the policy picks, dispatched in its vGPU's lane (in
+        order with that vGPU's trapped accesses): right here when the caller holds that lane
+        already, else as a task queued in it."""
         for engine, cur in self.inflight.items():
             if cur is not None:
                 continue
@@ -113,7 +118,10 @@ class WorkloadScheduler:
                 continue
             w.state = "running"
             self.inflight[engine] = w
-            yield Spawn(self._dispatch(w), lane=w.vgpu.id)
+            if w.vgpu.id == lane:
+                yield from self._dispatch(w)
+            else:
+                yield Spawn(self._dispatch(w), lane=w.vgpu.id)
 
     def _dispatch(self, w: Workload) -> Iterator[Any]:
         vgpu = w.vgpu
@@ -250,7 +258,7 @@ class WorkloadScheduler:
                     yield from self._release(other)
         finally:
             yield from self._release(w)
-            yield from self.kick()
+            yield from self.kick(vgpu.id)
 
     def _fail(self, w: Workload, reason: str, now: int) -> None:
         w.vgpu.fail_reasons[reason] = w.vgpu.fail_reasons.get(reason, 0) + 1
@@ -279,7 +287,7 @@ class WorkloadScheduler:
             w.state = "done"
             self._fail(w, reason, now)
             yield from self._release(w)
-        yield from self.kick()
+        yield from self.kick(vgpu.id)
 
 
 def _batch_end(buf: bytearray, start: int) -> int | None:
