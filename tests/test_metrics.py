@@ -79,14 +79,20 @@ def test_inject_msi_reaches_the_guest_through_real_processes(tmp_path, short_ipc
         link = med.accept_hello()
         for g in guests:
             assert g.hello()[0] == "REPLY"
+        # INJECT_MSI is posted; MSIs that come before the first is delivered merge (the IRR bit)
         for _ in range(3):
-            assert med.call(link, "INJECT_MSI", {"vector": 0x41}, vgpu=1)[0] == "REPLY"
-        r = med.call(link, "INJECT_MSI", {}, vgpu=9)
-        assert r[0] == "ERROR" and r[6]["code"] == "ENODEV"
-        irqs = [guests[0].recv(5000) for _ in range(3)]
-        assert [(m[0], m[3], m[6]) for m in irqs] == [("IRQ", 1, {"vector": 0x41})] * 3
+            med.post(link, "INJECT_MSI", {"vector": 0x41}, vgpu=1)
+        med.post(link, "INJECT_MSI", {}, vgpu=9)            # no such VM: refused, nothing sent
+        irqs = []
+        while (m := guests[0].recv(1000)) is not None:
+            irqs.append(m)
+        assert 1 <= len(irqs) <= 3
+        assert all((m[0], m[3], m[6]) == ("IRQ", 1, {"vector": 0x41}) for m in irqs)
         assert guests[1].recv(300) is None
-        assert metric(scrape(port), "gvtbench_msi_injected_total", vgpu="1") == 3
+        text = scrape(port)
+        assert metric(text, "gvtbench_msi_injected_total", vgpu="1") == 3
+        merged = metric(text, "gvtbench_msi_merged_total", vgpu="1") or 0
+        assert merged == 3 - len(irqs)
     finally:
         for g in guests:
             g.close()

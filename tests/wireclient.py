@@ -68,6 +68,10 @@ class RawPeer:
             role = re.sub(r"\d+$", "", name) if re.fullmatch(r"(guest\d+|gpu|mediator|hypervisor|launcher)", name) else "test"
         return self.call("HELLO", {"name": name, "role": role, "version": version}, timeout_ms=timeout_ms)
 
+    def post(self, ident: bytes, kind: str, payload: Any = None, vgpu: int = 0) -> None:
+        self.seq += 1
+        self.send(ident, (kind, self.seq, 0, vgpu, 0, 0, payload))
+
     def close(self) -> None:
         self.ctx.destroy(linger=0)
 
@@ -251,6 +255,10 @@ class RawServer:
             got = self.recv()
             if got is None or got[1][2] == self.seq:
                 return got[1] if got else None
+
+    def post(self, ident: bytes, kind: str, payload: Any = None, vgpu: int = 0) -> None:
+        self.seq += 1
+        self.send(ident, (kind, self.seq, 0, vgpu, 0, 0, payload))
 
     def close(self) -> None:
         self.ctx.destroy(linger=0)
