@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from bench.config import ConfigError
@@ -12,6 +13,9 @@ EXIT_ERROR = 2      # the run could not be made (bad config, a node did not star
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Ctrl-C must stop a run even when the launcher was started with SIGINT ignored (a background
+    # job of a non-interactive shell, some test runners' workers): Python then keeps it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table

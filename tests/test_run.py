@@ -78,8 +78,11 @@ def test_cli_run_writes_json_and_exit_code(tmp_path):
 def test_ctrl_c_leaves_no_process_and_no_shm(tmp_path):
     cfgf = tmp_path / "c.toml"
     cfgf.write_text('[run]\nduration_s = 60\n[vgpus]\ncount = 1\nram_mib = 16\n')
+    # started with SIGINT ignored, as a background job of a script is (and as some test runners'
+    # workers pass it on): Ctrl-C must still stop the run
     p = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", str(cfgf)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 60
     prefix = f"gvtbench-{p.pid}x"
     while time.monotonic() < deadline:      # wait until the nodes made their regions
