@@ -44,16 +44,17 @@ def print_result(result: dict, console: Console | None = None) -> None:
                   f"{p.get('landed', 0):,}/{p.get('probes', 0):,}")
     console.print(g)
     if any(v.get("workloads", {}).get("submitted") for v in result["vgpus"]):
-        w = Table(title="GPU workloads")
-        for col in ("vGPU", "submitted", "completed", "failed", "lost", "duplicated", "misplaced",
-                    "p50 us", "p99 us", "p99.9 us", "tracked writes", "shadow pages"):
+        w = Table(title="GPU workloads (latency in ms, from the ELSP submission to retirement)")
+        for col in ("vGPU", "subm", "done", "fail", "lost", "dup", "misp", "p50", "p99",
+                    "tracked", "shadow"):
             w.add_column(col, justify="right")
         for v in result["vgpus"]:
             c, lat, pp = v.get("workloads", {}), v.get("workload", {}).get("all", {}), v.get("ppgtt", {})
+            ms = [None if lat.get(k) is None else lat[k] / 1000 for k in ("p50_us", "p99_us")]
             w.add_row(str(v["id"]), *(f"{c.get(k, 0):,}" for k in ("submitted", "completed", "failed",
                                                                      "lost", "duplicated", "misplaced")),
-                      _fmt(lat.get("p50_us")), _fmt(lat.get("p99_us")), _fmt(lat.get("p999_us")),
-                      f"{pp.get('tracked_writes', 0):,}", f"{pp.get('shadow_pages', 0):,}")
+                      *(_fmt(x) for x in ms), f"{pp.get('tracked_writes', 0):,}",
+                      f"{pp.get('shadow_pages', 0):,}")
         console.print(w)
         iso = result.get("isolation", {})
         console.print(f"isolation: {iso.get('pages_checked', 0):,} pages checked, "
