@@ -312,9 +312,11 @@ class WorkloadDriver:
         # the IIR ack, and the ELSPs this pass makes, go as one batch of posted writes
         writes: list[tuple[int, int]] = [(regs.gt_iir(0), bits)]
         progressed = False
+        n_dws = lrc.HWS_SEQNO_INDEX + len(lay.engines) * i915.CONTEXTS_PER_ENGINE
         for e in lay.engines.values():
-            page = yield from self.ram.load(e.hwsp_gfn << PAGE_SHIFT, PAGE_SIZE)
-            dws = struct.unpack(f"<{PAGE_SIZE // 4}I", page)
+            # the status page up to the seqnos: the CSB copy, its write pointer, the seqnos
+            page = yield from self.ram.load(e.hwsp_gfn << PAGE_SHIFT, 4 * n_dws)
+            dws = struct.unpack(f"<{n_dws}I", page)
             yield from self._csb(e, dws)
             for c in e.contexts:
                 seqno = dws[lrc.HWS_SEQNO_INDEX + _slot(lay, c)]

@@ -118,7 +118,7 @@ class MediatorCore:
             vgpu = self._vgpu(msg.vgpu)
             return self._trap_write(vgpu, *unpack_write_batch(p))
         if kind == "TRACKED_WRITE":
-            return self._vgpu(msg.vgpu).track.on_write(p["gpa"], p["data"])
+            return self._tracked_write(self._vgpu(msg.vgpu), p["gpa"], p["data"])
         if kind == "ENGINE_IRQ":
             return self._engine_irq(p, now)
         if kind == "SYNC":
@@ -137,20 +137,28 @@ class MediatorCore:
             self._export_ggtt(vgpu)
         return res
 
+    def _tracked_write(self, vgpu: VGpu, gpa: int, data: bytes) -> Iterator[Any]:
+        yield from vgpu.track.on_write(gpa, data)
+        self._export_workloads({vgpu.id})
+
     def _engine_irq(self, p: dict, now: int) -> Iterator[Any]:
         if p["engine"] not in self.scheduler.inflight:
             raise GvtError("EINVAL", f"ENGINE_IRQ from unknown engine {p['engine']!r}")
         done = len(self.scheduler.done)
         yield from self.scheduler.on_engine_irq(p["engine"], p["csb"], p["faults"], now)
+        touched = set()
         for vgpu, engine, status, lat in self.scheduler.done[done:]:
             lab = (vgpu, engine, "mediator")
             self.stats.hist(WORKLOAD_LATENCY, lab).record(lat)
             self.stats.inc("gvtbench_workloads", (vgpu, engine, status))
+            touched.add(vgpu)
         del self.scheduler.done[:]
-        self._export_workloads()
+        self._export_workloads(touched)
 
-    def _export_workloads(self) -> None:
+    def _export_workloads(self, which: set[int] | None = None) -> None:
         for v in self.vgpus.values():
+            if which is not None and v.id not in which:
+                continue
             self.stats.set("gvtbench_shadow_pages", (v.id,), v.ppgtt.shadow_pages())
             self.stats.set("gvtbench_tracked_writes", (v.id,), v.ppgtt.counts["tracked_writes"])
             self.stats.set("gvtbench_context_switches", (v.id,),
