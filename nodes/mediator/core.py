@@ -176,7 +176,7 @@ class MediatorCore:
             mfn = region.base_mfn + k
             page = pool.page(mfn)
             what = pool.owner.get(mfn, "free")
-            if what == "free" or "scratch" in what:
+            if pool.is_free(mfn) or "scratch" in what:
                 if np.frombuffer(page, dtype=np.uint8).any():
                     n_viol += 1
                     if len(violations) < 8:

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from nodes.mediator.vgpu import VGpu
 
 
+FREE_RUN = "free"
+
+
 class HostPool:
     """Pages of the host pool. Frame 0 is the scratch page; the rest are handed out and taken
     back zeroed, so a pool page that is not in use holds nothing (the ledger checks it). Host GM
@@ -33,6 +36,7 @@ class HostPool:
         self.scratch_mfn = region.base_mfn
         self.free: list[int] = list(range(region.end_mfn - 1, region.base_mfn, -1))
         self.owner: dict[int, str] = {region.base_mfn: "scratch"}    # mfn -> what it holds
+        self.runs: dict[int, list[int]] = {}    # length -> first pages of free runs kept whole
 
     def alloc(self, what: str) -> int:
         if not self.free:
@@ -43,27 +47,41 @@ class HostPool:
         return mfn
 
     def alloc_run(self, n: int, what: str) -> list[int]:
-        """n pages that are contiguous in the pool (and so in host GM)."""
+        """n pages that are contiguous in the pool (and so in host GM). Runs given back are kept
+        by length and handed out again first (shadow contexts are two pages, every workload)."""
         if n == 1:
             return [self.alloc(what)]
-        top = sorted(self.free[-n:])
-        if len(top) == n and top[-1] - top[0] == n - 1:     # the run just released, usually
-            del self.free[-n:]
-            for m in top:
-                self.owner[m] = what
-            return top
-        free = sorted(self.free)
-        run = 1
-        for k in range(1, len(free)):
-            run = run + 1 if free[k] == free[k - 1] + 1 else 1
-            if run == n:
-                mfns = free[k - n + 1:k + 1]
-                taken = set(mfns)
-                self.free = [m for m in self.free if m not in taken]
-                for m in mfns:
-                    self.owner[m] = what
-                return mfns
-        raise GvtError("ENOMEM", f"the host pool has no {n} contiguous free pages for {what}")
+        kept = self.runs.get(n)
+        if kept:
+            first = kept.pop()
+            mfns = list(range(first, first + n))
+        else:
+            free = sorted(self.free)
+            run, mfns = 1, []
+            for k in range(1, len(free)):
+                run = run + 1 if free[k] == free[k - 1] + 1 else 1
+                if run == n:
+                    mfns = free[k - n + 1:k + 1]
+                    break
+            if not mfns:
+                raise GvtError("ENOMEM", f"the host pool has no {n} contiguous free pages for {what}")
+            taken = set(mfns)
+            self.free = [m for m in self.free if m not in taken]
+        for m in mfns:
+            self.owner[m] = what
+        return mfns
+
+    def release_run(self, mfns: list[int]) -> None:
+        """Give back what alloc_run gave, zeroed, for the next run of its length."""
+        if len(mfns) == 1:
+            self.release(mfns[0])
+            return
+        for m in mfns:
+            if self.owner.get(m, FREE_RUN) == FREE_RUN:
+                raise GvtError("EINVAL", f"host pool page {m:#x} is not in use")
+            self.page(m)[:] = bytes(PAGE_SIZE)
+            self.owner[m] = FREE_RUN
+        self.runs.setdefault(len(mfns), []).append(mfns[0])
 
     def release(self, mfn: int) -> None:
         if self.owner.pop(mfn, None) is None:
@@ -94,7 +112,10 @@ class HostPool:
         return idx, gtt.encode(mfns, gtt.PTE_PRESENT | gtt.PTE_RW)
 
     def in_use(self) -> int:
-        return len(self.owner)
+        return sum(1 for w in self.owner.values() if w != FREE_RUN)
+
+    def is_free(self, mfn: int) -> bool:
+        return self.owner.get(mfn, FREE_RUN) == FREE_RUN
 
 
 class GuestMemory:

@@ -46,7 +46,7 @@ class Workload:
     created_ns: int
     mm: PpgttMm | None = None
     state: str = "queued"           # queued, running, done
-    shadow_pages: list[int] = field(default_factory=list)
+    shadow_pages: list[list[int]] = field(default_factory=list)     # runs of host pool pages
     events: set[int] = field(default_factory=set)
 
 
@@ -203,7 +203,7 @@ class WorkloadScheduler:
         """Copy data to fresh contiguous host pool pages owned by the workload; their GM address."""
         pages = max(min_pages, -(-len(data) // PAGE_SIZE))
         mfns = self.pool.alloc_run(pages, f"vgpu{w.vgpu.id} {w.engine} shadow {what}")
-        w.shadow_pages += mfns
+        w.shadow_pages.append(mfns)
         for k, m in enumerate(mfns):
             self.pool.write(m, 0, data[k * PAGE_SIZE:(k + 1) * PAGE_SIZE])
         return self.pool.gm_of(mfns[0])
@@ -269,8 +269,8 @@ class WorkloadScheduler:
         self.done.append((w.vgpu.id, w.engine, status, max(0, now - w.created_ns)))
 
     def _release(self, w: Workload) -> Iterator[Any]:
-        for m in w.shadow_pages:
-            self.pool.release(m)
+        for run in w.shadow_pages:
+            self.pool.release_run(run)
         w.shadow_pages = []
         if w.mm is not None:
             mm, w.mm = w.mm, None
