@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from nodes.actions import Call, Post
+from nodes.actions import Post
 from nodes.errors import GvtError
 from nodes.guest import i915
 from nodes.guest.i915 import Context, EngineState, Workload
 from nodes.guest.mmu import GuestRam
 from nodes.hw import PAGE_SHIFT, PAGE_SIZE, gtt, lrc, pvinfo, regs
 from nodes.metrics import WORKLOAD_LATENCY
-from nodes.wire.schema import pack_write_batch
 
 if TYPE_CHECKING:
     from nodes.guest.core import GuestCore
@@ -181,9 +180,6 @@ class WorkloadDriver:
     def _post(self, writes: list[tuple[int, int]]) -> Post:
         return self.core.post_batch([o for o, _ in writes], [4] * len(writes), [v for _, v in writes])
 
-    def _slot_ctx(self, ctx: Context) -> int:
-        return _slot(self.lay, ctx)
-
     def _batch_page(self) -> int:
         for _ in range(i915.BATCH_PAGES):
             p = self.batch_next
@@ -265,7 +261,7 @@ class WorkloadDriver:
             return self.store(lay.churn_pde_gpa, _Q.pack(pde))
         slot = int(rng.integers(i915.CHURN_SLOTS))
         if self.churn_busy.get(slot):
-            return out
+            return out                      # a workload in flight stores through it: leave it
         if slot in self.churn_map:
             del self.churn_map[slot]
             pte = 0

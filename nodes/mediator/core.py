@@ -10,7 +10,7 @@ import numpy as np
 
 from nodes.actions import Call, Post
 from nodes.errors import GvtError
-from nodes.hw import PAGE_SIZE, bar0, gtt, partition
+from nodes.hw import bar0, gtt, partition
 from nodes.mediator import mmio
 from nodes.mediator.aperture import GmAllocator
 from nodes.mediator.dma import HostPool
