@@ -5,6 +5,8 @@ import argparse
 import json
 import signal
 import sys
+import time
+from pathlib import Path
 
 from bench.config import ConfigError
 
@@ -40,9 +42,21 @@ def _run(args: argparse.Namespace) -> int:
                       f"{g.get('completed', 0):,}", f"{g.get('failed', 0):,}")
         return t
 
+    prom = None
+    if args.prometheus or args.keep_prometheus:
+        from bench.prom import PrometheusMissing, PrometheusServer
+        from bench.launch import free_port
+        folder = Path(args.run_dir) / time.strftime("%Y%m%d-%H%M%S") / "prometheus"
+        try:
+            prom = PrometheusServer(folder.resolve(), free_port("127.0.0.1"))
+            prom.start()
+        except (PrometheusMissing, RuntimeError) as err:
+            console.print(f"[bold red]gvtbench run:[/] {err}")
+            return EXIT_ERROR
+        console.print(f"Prometheus: {prom.url}  (config and data in {folder})")
     live = Live(view({"phase": "starting", "guests": {}, "duration_s": 0}), console=console, refresh_per_second=4,
                 transient=True, auto_refresh=False)
-    launcher = Launcher(cfg, on_progress=lambda p: (live.update(view(p)), live.refresh()))
+    launcher = Launcher(cfg, on_progress=lambda p: (live.update(view(p)), live.refresh()), prometheus=prom)
     try:
         with live:
             result = launcher.run()
@@ -52,7 +66,13 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: every node stopped, shm and sockets removed[/]")
         return 130
+    finally:
+        if prom is not None and not args.keep_prometheus:
+            prom.stop()
     print_result(result, Console())
+    if prom is not None and args.keep_prometheus:
+        console.print(f"Prometheus keeps running at {prom.url} (pid {prom.proc.pid}; stop it with "
+                      f"kill {prom.proc.pid})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)
@@ -140,6 +160,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="seed of p2m and load (run.seed)")
     r.add_argument("--ops", type=int, help="stop each guest after N ops instead of a duration")
     r.add_argument("--json", metavar="PATH", help="write the result as JSON")
+    r.add_argument("--prometheus", action="store_true",
+                   help="start a real Prometheus (the `prometheus` binary) that scrapes every node")
+    r.add_argument("--keep-prometheus", action="store_true",
+                   help="with --prometheus: leave it running after the run, for queries")
+    r.add_argument("--run-dir", default="runs", metavar="DIR",
+                   help="where a run's folder (Prometheus config and data) goes (default: runs/)")
     r.set_defaults(fn=_run)
     n = sub.add_parser("node", help="run one node alone (for multi-host runs)")
     n.add_argument("role", choices=["gpu", "mediator", "hypervisor", "guest"])

@@ -68,9 +68,11 @@ class RunFailed(Exception):
 
 
 class Launcher:
-    def __init__(self, cfg: dict, on_progress: Callable[[dict], None] | None = None):
+    def __init__(self, cfg: dict, on_progress: Callable[[dict], None] | None = None,
+                 prometheus: Any = None):
         self.cfg = cfg
         self.on_progress = on_progress
+        self.prometheus = prometheus        # a bench.prom.PrometheusServer scraping the run
         self.run_id = f"{os.getpid()}x{secrets.token_hex(3)}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.tmp = ""
@@ -192,6 +194,9 @@ class Launcher:
         failed = {n: r["error"] for n, r in core.ready.items() if r.get("error")}
         if failed:
             raise RunFailed("; ".join(f"{n}: {e}" for n, e in failed.items()))
+        if self.prometheus is not None:
+            from bench.prom import write_targets
+            write_targets(self.prometheus.folder, {n: core.ready[n] for n in names})
 
     def _drive(self, names: list[str]) -> Iterator[Any]:
         cfg, core = self.cfg, self.core
@@ -268,6 +273,10 @@ class Launcher:
         thr_reasons = self._thresholds(snaps, wall)
         verdict, reasons = ledger.verdict(work_reasons, ggtt["reasons"], probe_reasons, link_reasons,
                                           thr_reasons)
+        if self.prometheus is not None:
+            # let Prometheus scrape every node after the load ended before they stop
+            from bench.prom import SCRAPE_INTERVAL_S
+            yield Sleep(2.5 * SCRAPE_INTERVAL_S)
         for n in names:
             try:
                 yield Call(n, "SHUTDOWN", timeout=5)
