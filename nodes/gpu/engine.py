@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 _I = struct.Struct("<I")
 _Q = struct.Struct("<Q")
-BATCH_MAX = 64 * 1024
 
 
 class Hang(Exception):
@@ -81,8 +80,7 @@ class Engine:
     def __init__(self, gpu: GpuSim, name: str):
         self.gpu, self.name = gpu, name
         self.base = regs.ENGINES[name]
-        self.elsp = [0, 0, 0, 0]
-        self.index = 0
+        self.port = lrc.ElspPort()
         self.queue: list[tuple[lrc.Descriptor, lrc.Descriptor]] = []
         self.busy = False
         self.csb_wp = regs.CSB_PTR_RESET
@@ -91,13 +89,10 @@ class Engine:
         self.user_irqs = 0
 
     def elsp_write(self, data: int) -> Iterator[Any] | None:
-        self.elsp[3 - self.index] = data & 0xFFFFFFFF
-        fire = self.index == 3
-        self.index = (self.index + 1) & 3
-        if not fire:
+        elems = self.port.elsp_write(data)
+        if elems is None:
             return None
-        d = self.elsp
-        self.queue.append((lrc.Descriptor(d[0], d[1]), lrc.Descriptor(d[2], d[3])))
+        self.queue.append(elems)
         if self.busy:
             return None
         self.busy = True
@@ -225,19 +220,16 @@ class _Context:
 
     def read_batch(self, addr: int, ppgtt: bool) -> Iterator[Any]:
         out = bytearray()
-        at = addr
-        while len(out) < BATCH_MAX:
+        at, scanned = addr, 0
+        while len(out) < mi.BATCH_MAX:
             mfn, off = yield from self.translate(at, not ppgtt)
             n = PAGE_SIZE - off
             out += yield from self.mem.read(mfn, off, n)
-            words = struct.unpack(f"<{len(out) // 4}I", bytes(out[:len(out) // 4 * 4]))
-            i = 0
-            while i < len(words):
-                if mi.opcode_of(words[i]) == mi.MI_BATCH_BUFFER_END:
-                    return bytes(out[:4 * (i + 1)])
-                i += mi.length_of(words[i])
+            end, scanned = mi.batch_end(out, scanned)
+            if end is not None:
+                return bytes(out[:end])
             at += n
-        raise Hang(addr, f"no MI_BATCH_BUFFER_END in {BATCH_MAX} bytes of batch")
+        raise Hang(addr, f"no MI_BATCH_BUFFER_END in {mi.BATCH_MAX} bytes of batch")
 
     def translate(self, addr: int, ggtt: bool) -> Iterator[Any]:
         """(mfn, offset) of a GGTT or PPGTT address."""

@@ -60,6 +60,26 @@ def descriptor(lrca: int, ctx_id: int, addressing: int = ADDRESSING_LEGACY_64B) 
                       ctx_id & 0xFFFFFFFF)
 
 
+class ElspPort:
+    """The ELSP register's write sequence (handlers.c elsp_mmio_write; the hardware's too): the
+    n-th dword of a submission lands in dword 3 - n, so element 1 (hi, lo) comes first and
+    element 0 (hi, lo) last; the fourth write submits."""
+
+    def __init__(self) -> None:
+        self.elsp = [0, 0, 0, 0]
+        self.index = 0
+
+    def elsp_write(self, data: int) -> tuple[Descriptor, Descriptor] | None:
+        """One ELSP dword; (element 0, element 1) once the fourth has come."""
+        self.elsp[3 - self.index] = data & 0xFFFFFFFF
+        fire = self.index == 3
+        self.index = (self.index + 1) & 3
+        if not fire:
+            return None
+        d = self.elsp
+        return Descriptor(d[0], d[1]), Descriptor(d[2], d[3])
+
+
 def elsp_dwords(elem0: Descriptor, elem1: Descriptor | None = None) -> list[int]:
     """The four ELSP writes, in the order i915 makes them."""
     e1 = elem1 or Descriptor(0, 0)

@@ -3,6 +3,8 @@ and the gpu (which executes them). MI commands keep their opcode in bits 28:23 a
 (dwords - 2) in the low bits (gt/intel_gpu_commands.h)."""
 from __future__ import annotations
 
+import struct
+
 MI_CLIENT = 0x0                     # bits 31:29
 OPCODE_SHIFT = 23
 OPCODE_MASK = 0x3F
@@ -30,6 +32,8 @@ LEN_STORE_DWORD = 4                 # header, address lo, address hi, value
 LEN_ATOMIC = 3                      # header, address lo, address hi
 LEN_BB_START = 3                    # header, address lo, address hi
 
+BATCH_MAX = 64 * 1024               # the longest batch the bench follows (mediator scan and gpu)
+
 PIPE_CONTROL = 0x7A000000           # a 3D command (client 3)
 
 
@@ -52,3 +56,17 @@ def opcode_of(dword: int) -> int | None:
     if dword >> 29 != MI_CLIENT:
         return None
     return (dword >> OPCODE_SHIFT) & OPCODE_MASK
+
+
+def batch_end(buf: bytes | bytearray, i: int = 0) -> tuple[int | None, int]:
+    """Scan the commands of a batch from dword i for its MI_BATCH_BUFFER_END: (the batch's length
+    in bytes, with that command) if it is in buf, else (None, the dword to go on from once more of
+    the batch has been read)."""
+    n = len(buf) // 4
+    words = struct.unpack_from(f"<{n}I", buf)
+    while i < n:
+        dw = words[i]
+        if opcode_of(dw) == MI_BATCH_BUFFER_END:
+            return 4 * (i + 1), i
+        i += length_of(dw)
+    return None, i

@@ -38,29 +38,18 @@ class Slot:
     ctx: list[lrc.Descriptor] = field(default_factory=lambda: [_NONE, _NONE])
 
 
-class Execlist:
+class Execlist(lrc.ElspPort):
     """One engine's execlist state of a vGPU (struct intel_vgpu_execlist)."""
 
     def __init__(self, engine: str):
+        super().__init__()
         self.engine = engine
-        self.elsp = [0, 0, 0, 0]
-        self.index = 0
         self.slots = [Slot(0), Slot(1)]
         self.running: Slot | None = None
         self.pending: Slot | None = None
         self.running_ctx: lrc.Descriptor | None = None
         self.csb_entries = 0
         self.context_switches = 0
-
-    def elsp_write(self, data: int) -> tuple[lrc.Descriptor, lrc.Descriptor] | None:
-        """One ELSP dword; the two elements once the fourth has come."""
-        self.elsp[3 - self.index] = data & 0xFFFFFFFF
-        fire = self.index == 3
-        self.index = (self.index + 1) & 3
-        if not fire:
-            return None
-        d = self.elsp
-        return lrc.Descriptor(d[0], d[1]), lrc.Descriptor(d[2], d[3])
 
 
 def check_submission(vgpu: VGpu, engine: str, elems: tuple[lrc.Descriptor, lrc.Descriptor]) -> None:

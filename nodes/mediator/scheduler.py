@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from nodes.mediator.ppgtt import PpgttMm
     from nodes.mediator.vgpu import VGpu
 
-BATCH_MAX = 64 * 1024               # longest batch the scan follows
 QUEUE_MAX = 64                      # workloads a vGPU may have queued on one engine
 STATUSES = ("completed", "failed")
 
@@ -184,20 +183,19 @@ class WorkloadScheduler:
         the guest's PPGTT (or GGTT)."""
         vgpu = w.vgpu
         out = bytearray()
-        at = addr
-        while len(out) < BATCH_MAX:
+        at, scanned = addr, 0
+        while len(out) < mi.BATCH_MAX:
             n = PAGE_SIZE - (at & (PAGE_SIZE - 1))
             if ppgtt:
                 chunk = yield from vgpu.mem.read(vgpu.ppgtt.guest_walk(w.mm, at), n)
             else:
                 chunk = yield from vgpu.mem.read_gm(at, n)
-            start = len(out)
             out += chunk
-            end = _batch_end(out, start)
+            end, scanned = mi.batch_end(out, scanned)
             if end is not None:
                 return bytes(out[:end])
             at += n
-        raise GvtError("E2BIG", f"batch at {addr:#x} has no MI_BATCH_BUFFER_END in {BATCH_MAX} bytes")
+        raise GvtError("E2BIG", f"batch at {addr:#x} has no MI_BATCH_BUFFER_END in {mi.BATCH_MAX} bytes")
 
     def _place(self, w: Workload, data: bytes, what: str, min_pages: int = 1) -> int:
         """Copy data to fresh contiguous host pool pages owned by the workload; their GM address."""
@@ -289,16 +287,3 @@ class WorkloadScheduler:
             yield from self._release(w)
         yield from self.kick(vgpu.id)
 
-
-def _batch_end(buf: bytearray, start: int) -> int | None:
-    """The end (in bytes) of the MI_BATCH_BUFFER_END in buf, scanning commands from the batch
-    start; None if it is not in what was read yet."""
-    i = 0
-    n = len(buf) // 4
-    words = struct.unpack_from(f"<{n}I", buf)
-    while i < n:
-        dw = words[i]
-        if mi.opcode_of(dw) == mi.MI_BATCH_BUFFER_END:
-            return 4 * (i + 1)
-        i += mi.length_of(dw)
-    return None
