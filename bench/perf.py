@@ -17,7 +17,7 @@ import msgpack
 import zmq
 import zmq.auth
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from bench import config
 from bench.launch import Launcher
@@ -129,18 +129,27 @@ def _run(cfg: dict) -> dict:
     return res
 
 
-def run_trap(seconds: float = 3.0, rounds: int = 3) -> dict:
-    # echo and reads alternate, round by round, so a noisy neighbour hits both alike; the ratio
-    # reported is the median of the per-round ratios
-    rounds_out = []
+def _against_echo(seconds: float, rounds: int, name: str,
+                  measure: Callable[[], tuple[dict, dict]]) -> tuple[list[dict], dict, dict]:
+    """Echo and a measured run alternate, round by round, so a noisy neighbour hits both alike.
+    `measure` returns (the run's result, its latency summary). Returns the rounds, the round
+    with the median ratio (the one reported), and the last run's result."""
+    out = []
     for _ in range(max(1, rounds)):
         echo_p50 = statistics.median(echo_rtt(seconds))
-        reads = _run(_bench_cfg(seconds, concurrency=1, mix={"mmio-read": 1.0}))
-        rd = reads["vgpus"][0]["traps"]["mmio_read"]
-        rounds_out.append({"echo_p50_us": round(echo_p50, 1), "mmio_read_p50_us": rd["p50_us"],
-                           "mmio_read_p99_us": rd["p99_us"], "samples": rd["count"],
-                           "ratio": round(rd["p50_us"] / echo_p50, 3)})
-    mid = sorted(rounds_out, key=lambda r: r["ratio"])[len(rounds_out) // 2]
+        res, lat = measure()
+        out.append({"echo_p50_us": round(echo_p50, 1), f"{name}_p50_us": lat["p50_us"],
+                    f"{name}_p99_us": lat["p99_us"], "samples": lat["count"],
+                    "ratio": round(lat["p50_us"] / echo_p50, 3)})
+    mid = sorted(out, key=lambda r: r["ratio"])[len(out) // 2]
+    return out, mid, res
+
+
+def run_trap(seconds: float = 3.0, rounds: int = 3) -> dict:
+    def reads_once() -> tuple[dict, dict]:
+        res = _run(_bench_cfg(seconds, concurrency=1, mix={"mmio-read": 1.0}))
+        return res, res["vgpus"][0]["traps"]["mmio_read"]
+    rounds_out, mid, reads = _against_echo(seconds, rounds, "mmio_read", reads_once)
     writes = _run(_bench_cfg(seconds, concurrency=1024, mix={"mmio-write": 1.0}))
     wg = writes["vgpus"][0]["guest"]
     bursts = _run(_bench_cfg(seconds, concurrency=8, burst=4096, mix={"gtt-burst": 1.0},
@@ -317,15 +326,10 @@ def run_submit(seconds: float = 3.0, rounds: int = 3) -> dict:
     next to a two-hop pyzmq echo in the same run, round by round; workloads per second with 1, 2
     and 4 vGPUs (closed loop, both engines); tracked page-table writes per second under
     ppgtt-churn."""
-    rounds_out = []
-    for _ in range(max(1, rounds)):
-        echo_p50 = statistics.median(echo_rtt(seconds))
+    def one_at_a_time() -> tuple[dict, dict]:
         res = _run(_submit_cfg(seconds, 1, concurrency=1, mix={"submit": 1.0}, engines=["rcs"]))
-        lat = res["vgpus"][0]["workload"]["all"]
-        rounds_out.append({"echo_p50_us": round(echo_p50, 1), "workload_p50_us": lat["p50_us"],
-                           "workload_p99_us": lat["p99_us"], "samples": lat["count"],
-                           "ratio": round(lat["p50_us"] / echo_p50, 3)})
-    mid = sorted(rounds_out, key=lambda r: r["ratio"])[len(rounds_out) // 2]
+        return res, res["vgpus"][0]["workload"]["all"]
+    rounds_out, mid, _res = _against_echo(seconds, rounds, "workload", one_at_a_time)
     per_s: dict[str, float] = {}
     for n in (1, 2, 4):
         res = _run(_submit_cfg(seconds, n, concurrency=16, mix={"submit": 1.0}))

@@ -88,6 +88,28 @@ def shm_path(run_id: str, region: str) -> str:
     return os.path.join(SHM_DIR, f"{SHM_PREFIX}{run_id}-{region}")
 
 
+def _shm_create(path: str, size: int) -> mmap.mmap:
+    """A new zeroed /dev/shm file of `size` bytes, mapped; only this user may open it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _shm_attach(path: str, size: int, writable: bool, missing: str) -> mmap.mmap:
+    """Map an existing /dev/shm file another node made; ENOENT with `missing` if it is not there."""
+    try:
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    except FileNotFoundError:
+        raise GvtError("ENOENT", missing) from None
+    try:
+        return mmap.mmap(fd, size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+    finally:
+        os.close(fd)
+
+
 class RegionMemory:
     """The bytes of one region: a /dev/shm file (shm) or anonymous memory (msg)."""
 
@@ -100,27 +122,15 @@ class RegionMemory:
         size = region.frames * PAGE_SIZE
         if backend == "shm":
             path = shm_path(run_id, region.name)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.ftruncate(fd, size)
-                buf = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
-            return cls(region, buf, path, True)
+            return cls(region, _shm_create(path, size), path, True)
         return cls(region, mmap.mmap(-1, size), None, True)
 
     @classmethod
     def attach(cls, region: Region, run_id: str) -> "RegionMemory":
         path = shm_path(run_id, region.name)
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            raise GvtError("ENOENT", f"region {region.name} has no shm file {path}: is its owner "
-                           f"{region.owner} running on this host with the shm fabric?") from None
-        try:
-            buf = mmap.mmap(fd, region.frames * PAGE_SIZE)
-        finally:
-            os.close(fd)
+        buf = _shm_attach(path, region.frames * PAGE_SIZE, True,
+                          f"region {region.name} has no shm file {path}: is its owner "
+                          f"{region.owner} running on this host with the shm fabric?")
         return cls(region, buf, path, False)
 
     def _span(self, mfn: int, off: int, n: int) -> int:
@@ -163,26 +173,14 @@ class WriteProtect:
         if backend != "shm":
             return cls(region.frames, bytearray(region.frames), None, True)
         path = shm_path(run_id, f"{region.name}.wp")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, region.frames)
-            buf = mmap.mmap(fd, region.frames)
-        finally:
-            os.close(fd)
-        return cls(region.frames, buf, path, True)
+        return cls(region.frames, _shm_create(path, region.frames), path, True)
 
     @classmethod
     def attach(cls, region: Region, run_id: str) -> "WriteProtect":
         path = shm_path(run_id, f"{region.name}.wp")
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise GvtError("ENOENT", f"VM {region.vm} has no write-protect map {path}: is its "
-                           f"hypervisor on this host with the shm fabric?") from None
-        try:
-            buf = mmap.mmap(fd, region.frames, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
+        buf = _shm_attach(path, region.frames, False,
+                          f"VM {region.vm} has no write-protect map {path}: is its hypervisor on "
+                          f"this host with the shm fabric?")
         return cls(region.frames, buf, path, False)
 
     def close(self) -> None:

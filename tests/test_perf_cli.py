@@ -36,3 +36,15 @@ def test_perf_neighbour_json():
     assert rnd["vm1_posted_at_end"] > 0          # vm1 really was flooding while vm2 read
     assert rnd["flooded"]["count"] > 0 and rnd["flooded_stages"]["hypervisor"]["count"] > 0
     assert isinstance(res["target_met"], bool)
+
+
+def test_perf_submit_json():
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "submit", "--seconds", "0.5",
+                        "--rounds", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["latency_vs_echo"] > 0 and res["tracked_writes_per_s"] > 0
+    assert set(res["workloads_per_s"]) == {"1", "2", "4"} and all(v > 0 for v in res["workloads_per_s"].values())
+    (rnd,) = res["rounds"]
+    assert rnd["workload_p50_us"] > 0 and rnd["samples"] > 0
+    assert set(res["targets_met"]) == {"latency_vs_echo", "workloads_per_s_1", "scales_to_4"}
