@@ -57,20 +57,18 @@ class WorkloadDriver:
 
     # ---- guest RAM with its model --------------------------------------------------------------
     def store(self, gpa: int, data: bytes) -> list[Post]:
-        at = 0
-        while at < len(data):
-            a = gpa + at
-            k = min(len(data) - at, PAGE_SIZE - (a & (PAGE_SIZE - 1)))
-            page = self.model.setdefault(a >> PAGE_SHIFT, bytearray(PAGE_SIZE))
-            page[a & (PAGE_SIZE - 1):(a & (PAGE_SIZE - 1)) + k] = data[at:at + k]
-            at += k
+        self.expect(gpa, data)
         return self.ram.store(gpa, data, self.core.next_fault_w)
 
     def expect(self, gpa: int, data: bytes) -> None:
         """What the GPU or the mediator will have stored (the model only)."""
-        page = self.model.setdefault(gpa >> PAGE_SHIFT, bytearray(PAGE_SIZE))
-        o = gpa & (PAGE_SIZE - 1)
-        page[o:o + len(data)] = data
+        at = 0
+        while at < len(data):
+            a = gpa + at
+            o = a & (PAGE_SIZE - 1)
+            k = min(len(data) - at, PAGE_SIZE - o)
+            self.model.setdefault(a >> PAGE_SHIFT, bytearray(PAGE_SIZE))[o:o + k] = data[at:at + k]
+            at += k
 
     def loosen(self, gpa: int, n: int = 4) -> None:
         s = self.loose.setdefault(gpa >> PAGE_SHIFT, set())
@@ -98,7 +96,7 @@ class WorkloadDriver:
                         4 * (lrc.HWS_CSB_WRITE_INDEX - lrc.HWS_CSB_BUF0_INDEX + 1))
         for c in range(len(lay.engines) * i915.CONTEXTS_PER_ENGINE):
             self.loosen((lay.counter_gfn << PAGE_SHIFT) + 4 * c)
-        for k, g in enumerate(lay.churn_pool):
+        for g in lay.churn_pool:
             self.model.setdefault(g, bytearray(PAGE_SIZE))
         for p in out:
             yield p
@@ -122,7 +120,7 @@ class WorkloadDriver:
                    (pvinfo.BASE + pvinfo.PDP0_LO, pml4 & 0xFFFFFFFF),
                    (pvinfo.BASE + pvinfo.PDP0_LO + 4, pml4 >> 32),
                    (pvinfo.BASE + pvinfo.G2V_NOTIFY, pvinfo.G2V_PPGTT_L4_CREATE)]
-        yield core.post_batch([o for o, _ in writes], [4] * len(writes), [v for _, v in writes])
+        yield self._post(writes)
         # the HWS_PGA writes must have landed before a completion can be mirrored: read one back
         got = yield from core.read_reg(regs.ring(self.engines_used[0], regs.RING_HWS_PGA))
         if got != lay.engines[self.engines_used[0]].hwsp_gm:
@@ -313,7 +311,7 @@ class WorkloadDriver:
             # the status page up to the seqnos: the CSB copy, its write pointer, the seqnos
             page = yield from self.ram.load(e.hwsp_gfn << PAGE_SHIFT, 4 * n_dws)
             dws = struct.unpack(f"<{n_dws}I", page)
-            yield from self._csb(e, dws)
+            self._csb(e, dws)
             for c in e.contexts:
                 seqno = dws[lrc.HWS_SEQNO_INDEX + _slot(lay, c)]
                 done = [w for w in c.inflight if w.seq <= seqno]
@@ -332,7 +330,7 @@ class WorkloadDriver:
         if self.irqs % CHECK_REGISTERS_EVERY == 0:
             yield from self._check_registers()
 
-    def _csb(self, e: EngineState, dws: tuple) -> Iterator[Any]:
+    def _csb(self, e: EngineState, dws: tuple) -> None:
         wp = dws[lrc.HWS_CSB_WRITE_INDEX] & 0x7
         if wp >= regs.RING_CSB_ENTRIES:
             return
@@ -347,8 +345,6 @@ class WorkloadDriver:
                     e.active = []
                 elif lo & lrc.CSB_ELEMENT_SWITCH and e.active:
                     e.active.pop(0)
-        if False:
-            yield
 
     def _check_registers(self) -> Iterator[Any]:
         """Now and then, read the CSB pointer register and the entry it points at: when the

@@ -84,6 +84,7 @@ class Ppgtt:
         self.by_gfn: dict[int, list[ShadowTable]] = {}
         self.mms: dict[tuple, PpgttMm] = {}
         self.counts = {"tracked_writes": 0, "invalid": 0, "split_2m": 0, "huge_2m": 0}
+        self.pages = 0                              # host pool pages the shadows hold
 
     # ---- PPGTTs ------------------------------------------------------------------------------
     def get_mm(self, addressing: int, pdps: list[int]) -> Iterator[Any]:
@@ -136,6 +137,7 @@ class Ppgtt:
         t = self.tables.get((gfn, level))
         if t is None:
             t = ShadowTable(gfn, level, self.pool.alloc(f"vgpu{self.vgpu} ppgtt {lrc.LEVEL_NAMES[level]}"))
+            self.pages += 1
             self.tables[(gfn, level)] = t
             self.by_gfn.setdefault(gfn, []).append(t)
             pending.append(t)
@@ -228,6 +230,7 @@ class Ppgtt:
             return (int(frames[0]) << PAGE_SHIFT) | (v & FLAGS_MASK)
         self.counts["split_2m"] += 1
         split = ShadowTable(gfn0, PT, self.pool.alloc(f"vgpu{self.vgpu} ppgtt split 2M"), split=True)
+        self.pages += 1
         split.guest[:] = ptes
         split.shadowed[:] = ptes
         held = np.where((out & U64(lrc.PTE_PRESENT)) != 0, _frame(ptes).astype(np.int64), -1)
@@ -271,6 +274,7 @@ class Ppgtt:
         if t.split:
             if t.mfn:
                 self.pool.release(t.mfn)
+                self.pages -= 1
             yield from self._unpin(held.tolist())
             return
         del self.tables[(t.gfn, t.level)]
@@ -280,6 +284,7 @@ class Ppgtt:
             del self.by_gfn[t.gfn]
             yield from self.track.disable([t.gfn])
         self.pool.release(t.mfn)
+        self.pages -= 1
         yield from self._unpin([*held.tolist(), t.gfn])
 
     def _unpin(self, gfns: list[int]) -> Iterator[Any]:
@@ -349,10 +354,7 @@ class Ppgtt:
             level += 1
 
     def shadow_pages(self) -> int:
-        n = len(self.tables)
-        for t in self.tables.values():
-            n += sum(1 for c in t.children.values() if c.split and c.mfn)
-        return n
+        return self.pages
 
 
 def _present(vals: np.ndarray) -> np.ndarray:
