@@ -54,6 +54,7 @@ class WorkloadDriver:
         self.per_ctx: dict[int, list[int]] = {}     # ctx_id -> [completed, failed]
         self.irqs = 0
         self.irq_running = self.irq_again = False
+        self.irq_now = 0
 
     # ---- guest RAM with its model --------------------------------------------------------------
     def store(self, gpa: int, data: bytes) -> list[Post]:
@@ -164,9 +165,9 @@ class WorkloadDriver:
         ring = i915.ring_commands(batch_vas, seq_gm, w.seq)
         out += self._ring_write(ctx, ring)
         w.tail = ctx.tail
+        if not any(c.inflight for c in e.contexts):
+            e.last_progress = intended          # the hang check counts from when work came
         ctx.inflight.append(w)
-        if not e.active and not any(c.inflight[:-1] for c in e.contexts if c.inflight):
-            e.last_progress = intended
         self.inflight += 1
         self.counts["submitted"] += 1
         writes: list[tuple[int, int]] = []
@@ -284,6 +285,7 @@ class WorkloadDriver:
             return
         if self.irq_running:
             self.irq_again = True
+            self.irq_now = now
             return
         self.irq_running = True
         try:
@@ -292,7 +294,7 @@ class WorkloadDriver:
                 yield from self._irq_once(now)
                 if not self.irq_again:
                     break
-                now = self.core.last_reply_at or now
+                now = self.irq_now            # the interrupt that came meanwhile
         finally:
             self.irq_running = False
 
