@@ -183,9 +183,10 @@ class MediatorCore:
                         violations.append(f"host pool page {mfn:#x} ({what}) is not zero")
         for v in self.vgpus.values():
             vm = self.layout.vm_region(v.id)
-            for t in v.ppgtt.tables.values():
-                if t.level != 3:
-                    continue
+            leaves = [t for t in v.ppgtt.tables.values() if t.level == 3]
+            leaves += [c for t in v.ppgtt.tables.values() for c in t.children.values()
+                       if c.split and c.mfn]           # 2 MiB entries split into 4 KiB tables
+            for t in leaves:
                 ents = np.frombuffer(bytes(pool.page(t.mfn)), dtype="<u8")
                 frames = gtt.frame_of(ents[gtt.present(ents)]).astype(np.int64)
                 bad = frames[(frames < vm.base_mfn) | (frames >= vm.end_mfn)]
@@ -234,10 +235,7 @@ class MediatorCore:
         return {"vgpus": {v.id: {**v.info(), "ggtt": dict(v.ggtt.counts), "pinned": v.pins.count(),
                                  "pin_calls": v.pins.pin_calls, "workloads": dict(v.workloads),
                                  "fail_reasons": dict(v.fail_reasons),
-                                 "ppgtt": {"tracked_writes": v.ppgtt.counts["tracked_writes"],
-                                           "shadow_pages": v.ppgtt.shadow_pages(),
-                                           **{k: c for k, c in v.ppgtt.counts.items()
-                                              if k != "tracked_writes"}},
+                                 "ppgtt": {**v.ppgtt.counts, "shadow_pages": v.ppgtt.shadow_pages()},
                                  "context_switches": sum(el.context_switches for el in v.execlists.values()),
                                  "csb_entries": sum(el.csb_entries for el in v.execlists.values()),
                                  "virtual_irqs": v.msi_injected}
