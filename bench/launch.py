@@ -310,13 +310,17 @@ class Launcher:
         for v in vgpus:
             vm = v["id"]
             mv = med["core"]["vgpus"].get(vm) or med["core"]["vgpus"].get(str(vm)) or {}
+            # the guest's per-second counts get their own key: "guest" stays a table of totals
+            guest = dict(self.core.reports.get(vm, {}))
+            timeline = guest.pop("timeline", None) or {"interval_s": 1.0, "t0_ns": 0, "bins": 0, "ops": {}}
             out_vgpus.append({
                 "id": vm, "type": v["type"], "weight": v["weight"], "failsafe": v["failsafe"],
                 "traps": ledger.summarize_traps(snaps[f"guest{vm}"], vm, "guest"),
                 "stages": {st: ledger.summarize_traps(snaps[n], vm, st)
                            for st, n in (("hypervisor", "hypervisor"), ("mediator", "mediator"))},
                 "ggtt": {**mv.get("ggtt", {}), "pinned": mv.get("pinned", 0)},
-                "guest": self.core.reports.get(vm, {}),
+                "guest": guest,
+                "timeline": timeline,
                 "probes": {k: probes[vm][k] for k in ("probes", "landed")} if vm in probes else {},
                 "ggtt_check": ggtt["vgpus"].get(vm, {}),
                 "histograms": {k: r for k, r in _hist_rows(snaps[f"guest{vm}"]).items()},

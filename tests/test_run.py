@@ -38,6 +38,10 @@ def test_full_run_passes(small_cfg, transport, fabric):
         assert v["ggtt"]["ok"] > 0 and v["ggtt"]["dropped"] >= 0
         assert v["probes"]["probes"] > 0 and v["probes"]["landed"] == v["probes"]["probes"]
         assert v["guest"]["issued"] == 300 == v["guest"]["completed"]
+        tl = v["timeline"]
+        assert tl["interval_s"] == 1.0 and tl["bins"] >= 1 and "timeline" not in v["guest"]
+        assert set(tl["ops"]) == {"mmio-read", "mmio-write", "gtt-burst"}
+        assert sum(sum(m["completed"]) for m in tl["ops"].values()) == 300
     assert all(r["received"] is None or r["received"] >= r["sent"] for r in res["ledger"]["links"])
 
 

@@ -331,8 +331,15 @@ def test_a_hang_fails_that_context_only_and_the_other_engine_goes_on():
     try:
         b.setup([(1, "_8"), (2, "_8")])
         g = drive(b, 1, mix={"submit": 1.0}, ops=80, bad_ratio=0.1, hang_timeout_s=0.05)
-        w = g.report(b.net.now)["workloads"]
+        rep = g.report(b.net.now)
+        w = rep["workloads"]
         assert w["failed"] > 0 and w["failed"] == w["failed_expected"] and not w["lost"]
+        # the per-second counts hold every workload retired, and the hangs meant are not failed ops
+        tl = rep["timeline"]
+        assert sum(tl["workloads"]["failed"]) == w["failed"]
+        assert sum(tl["workloads"]["completed"]) == w["completed"]
+        assert sum(tl["ops"]["submit"]["completed"]) == w["completed"] + w["failed_expected"]
+        assert not any(tl["ops"]["submit"]["failed"])
         assert w["completed"] > 40 and not w["misplaced"]
         v = b.mediator.vgpus[1]
         hangs = [r for r in v.fail_reasons if r.startswith("GPU hang at 0x800000")]

@@ -24,6 +24,7 @@ from nodes.errors import GvtError
 from nodes.hw import PAGE_SIZE, gtt, pvinfo, regs
 from nodes.guest.i915 import DRIVER_GGTT_PAGES
 from nodes.guest.mmu import GuestRam
+from nodes.guest.timeline import Timeline
 from nodes.guest.workloads import WorkloadDriver
 from nodes.metrics import (TRAP_LATENCY, TRAPS, WORKLOAD_LATENCY, declare_trap_metrics,
                            declare_workload_metrics)
@@ -99,6 +100,7 @@ class GuestCore:
         self.mismatches = 0
         self.fail_reasons: dict[str, int] = {}
         self._latency_base: dict[str, LogHistogram] = {}    # the histograms when the load began
+        self.timeline = Timeline()          # ops and workloads per second, from the load's start
         self.irqs = 0
         self.t0 = 0
         self.next_op = 0            # index of the next op in the open-loop schedule
@@ -156,12 +158,17 @@ class GuestCore:
         a0, an = self.ranges[0]
         self.map[idx - a0] = vals
 
-    def op_done(self, mix: str, failed: bool = False, reason: str | None = None) -> None:
+    def op_done(self, mix: str, now: int, failed: bool = False, reason: str | None = None) -> None:
         if failed:
-            self._fail(mix, reason or "failed")
+            self._fail(mix, reason or "failed", now)
         else:
             self.completed += 1
             self.stats.inc("gvtbench_guest_ops", (self.vm, mix, "completed"))
+            self.timeline.count(("ops", mix, "completed"), now)
+
+    def workload_retired(self, now: int, failed: bool) -> None:
+        """A workload left the GPU: completed, or failed by a hang (meant or not)."""
+        self.timeline.count(("workloads", "failed" if failed else "completed"), now)
 
     def _uses_gpu(self) -> bool:
         return any(self.load.mix.get(m, 0) > 0 for m in GPU_MIXES)
@@ -248,6 +255,10 @@ class GuestCore:
         self._mix_names = [m for m in self.load.mix if self.load.mix[m] > 0]
         self._draw_mix = []
         self.end_ns = now + int(self.load.duration_s * 1e9)
+        series = [("ops", m, st) for m in self._mix_names for st in ("completed", "failed")]
+        if "submit" in self._mix_names:
+            series += [("workloads", "completed"), ("workloads", "failed")]
+        self.timeline = Timeline(now, series)
 
     def _due(self, now: int) -> bool:
         if self.load.ops:
@@ -326,7 +337,7 @@ class GuestCore:
             return self.wl.submit(intended)
         if mix == "ppgtt-churn":
             out = self.wl.churn()
-            self.op_done("ppgtt-churn")
+            self.op_done("ppgtt-churn", intended)
             return out
         if mix == "mmio-write":
             post = self._post_write(regs.RCS_GPR0 + 4 * k, val)
@@ -342,7 +353,7 @@ class GuestCore:
         try:
             val = yield call
         except GvtError as err:
-            self._fail("mmio-read", err.text)
+            self._fail("mmio-read", err.text, call.done_at)
             return
         finally:
             self.reads_inflight -= 1
@@ -396,11 +407,13 @@ class GuestCore:
         self.stats.hist(TRAP_LATENCY, lab).record(lat, n)
         self.stats.inc(TRAPS, lab, n)
         self.stats.inc("gvtbench_guest_ops", (self.vm, mix, "completed"))
+        self.timeline.count(("ops", mix, "completed"), end)
         self.completed += 1
 
-    def _fail(self, mix: str, reason: str) -> None:
+    def _fail(self, mix: str, reason: str, now: int) -> None:
         self.failed += 1
         self.stats.inc("gvtbench_guest_ops", (self.vm, mix, "failed"))
+        self.timeline.count(("ops", mix, "failed"), now)
         self._fail_reason(reason)
 
     def _fail_reason(self, reason: str) -> None:
@@ -464,13 +477,14 @@ class GuestCore:
                 self.unknown += 1
                 self.stats.inc("gvtbench_guest_ops", (self.vm, _MIX[op.kind], "unknown"))
             else:
-                self._fail(_MIX[op.kind], f"posted write failed: {p.get('reason', status)}")
+                self._fail(_MIX[op.kind], f"posted write failed: {p.get('reason', status)}", now)
         for kind, (intended, n) in ok.items():
             # one WRITE_DONE settles many ops: their latencies are recorded in one go
             lab = (self.vm, kind, "guest")
             self.stats.hist(TRAP_LATENCY, lab).record_many([now - t for t in intended], n)
             self.stats.inc(TRAPS, lab, sum(n))
             self.stats.inc("gvtbench_guest_ops", (self.vm, _MIX[kind], "completed"), len(n))
+            self.timeline.count(("ops", _MIX[kind], "completed"), now, len(n))
             self.completed += len(n)
         if p["n_errors"]:
             for e in p["errors"][:4]:
@@ -567,7 +581,8 @@ class GuestCore:
                 "irqs": self.irqs, "boot_error": self.boot_error, "pv": self.pv,
                 "workloads": self.wl.report(), "workload_latency": self.workload_latency(),
                 "elapsed_s": (now - self.t0) / 1e9 if self.t0 else 0.0,
-                "latency": self.latency()}
+                "latency": self.latency(),
+                "timeline": self.timeline.to_dict(now if self.t0 else None)}
 
     def latency(self) -> dict[str, dict]:
         """Latency of this load run (since START) by trap kind: p50/p99/p99.9 in us."""

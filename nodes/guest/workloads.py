@@ -397,7 +397,8 @@ class WorkloadDriver:
         lab = (self.core.vm, ctx.engine, "guest")
         self.core.stats.hist(WORKLOAD_LATENCY, lab).record(lat)
         self.core.stats.inc("gvtbench_workloads", (self.core.vm, ctx.engine, "completed"))
-        self.core.op_done("submit")
+        self.core.op_done("submit", now)
+        self.core.workload_retired(now, failed=False)
 
     def _release(self, w: Workload) -> None:
         for p in w.batches:
@@ -452,7 +453,8 @@ class WorkloadDriver:
                 if meant:
                     self.counts["failed_expected"] += 1
                 self.core.stats.inc("gvtbench_workloads", (self.core.vm, e.name, "failed"))
-                self.core.op_done("submit", failed=not meant,
+                self.core.workload_retired(now, failed=True)
+                self.core.op_done("submit", now, failed=not meant,
                                   reason=None if meant else f"{e.name} hung: reset after "
                                   f"{self.core.load.hang_timeout_s:g} s without progress")
             c.inflight.clear()
