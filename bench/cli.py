@@ -139,13 +139,22 @@ def _perf(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from bench.html_report import ResultInvalid, load_result, write_html
     from bench.report import print_result
     try:
-        with open(args.result) as f:
-            result = json.load(f)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"gvtbench report: cannot read {args.result}: {err}")
-    print_result(result)
+        result = load_result(args.result)
+        if args.html:
+            write_html(result, args.html)
+    except ResultInvalid as err:
+        print(f"gvtbench report: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as err:
+        print(f"gvtbench report: cannot write {args.html}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.html:
+        print(f"gvtbench report: wrote {args.html}", file=sys.stderr)
+    else:
+        print_result(result)
     return 0
 
 
@@ -198,8 +207,12 @@ def parser() -> argparse.ArgumentParser:
                    help="trap, submit: alternating echo/measure rounds; neighbour: alone/flooded rounds")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_perf)
-    rep = sub.add_parser("report", help="print a result JSON as a table")
-    rep.add_argument("result")
+    rep = sub.add_parser("report", help="print a result JSON as a table, or write it as one "
+                         "self-contained HTML file")
+    rep.add_argument("result", help="a result JSON (gvtbench run --json)")
+    rep.add_argument("--html", metavar="PATH",
+                     help="write the report as HTML (charts included, opens with no network) "
+                          "instead of printing the table")
     rep.set_defaults(fn=_report)
     return ap
 
