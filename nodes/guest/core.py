@@ -27,7 +27,7 @@ from nodes.guest.mmu import GuestRam
 from nodes.guest.workloads import WorkloadDriver
 from nodes.metrics import (TRAP_LATENCY, TRAPS, WORKLOAD_LATENCY, declare_trap_metrics,
                            declare_workload_metrics)
-from nodes.stats import LogHistogram, Stats
+from nodes.stats import LatencyHistogram, Stats
 from nodes.wire.codec import MAX_OUTSTANDING, MAX_POSTED_WRITES
 from nodes.wire.schema import pack_write_batch
 
@@ -98,7 +98,7 @@ class GuestCore:
         self.issued = self.completed = self.failed = self.unknown = 0
         self.mismatches = 0
         self.fail_reasons: dict[str, int] = {}
-        self._latency_base: dict[str, LogHistogram] = {}    # the histograms when the load began
+        self._latency_base: dict[str, LatencyHistogram] = {}    # the histograms when the load began
         self.irqs = 0
         self.t0 = 0
         self.next_op = 0            # index of the next op in the open-loop schedule

@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterator
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from nodes.stats import LogHistogram, Stats
+from nodes.stats import LatencyHistogram, Stats
 from nodes.wire.link import Link
 
 
@@ -22,7 +22,7 @@ class StatsCollector:
             if fam.type == "histogram":
                 m = HistogramMetricFamily(fam.name, fam.help, labels=labels)
                 for lv, h in rows:
-                    assert isinstance(h, LogHistogram)
+                    assert isinstance(h, LatencyHistogram)
                     m.add_metric([str(v) for v in lv], h.prom_buckets(), h.total_ns / 1e9)
             elif fam.type == "counter":
                 m = CounterMetricFamily(fam.name, fam.help, labels=labels)
