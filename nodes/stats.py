@@ -76,17 +76,23 @@ class LatencyHistogram:
 
     def record_many(self, ns: Any, weights: Any = None) -> None:
         """record() for a sequence of latencies (each `weights[i]` samples of `ns[i]`)."""
-        self._pv.extend(int(v) for v in ns)
-        self._pw.extend([1] * len(ns) if weights is None else (int(w) for w in weights))
-        if len(self._pv) >= _PENDING_MAX:
-            self._fold()
+        if len(ns) < _PENDING_MAX:      # a fold costs one pass over the counts: batch them
+            self._pv.extend(ns)
+            self._pw.extend([1] * len(ns) if weights is None else weights)
+            if len(self._pv) >= _PENDING_MAX:
+                self._fold()
+            return
+        w = np.ones(len(ns), dtype=np.int64) if weights is None else np.asarray(weights, dtype=np.int64)
+        self._add(np.asarray(ns, dtype=np.int64), w)
 
     def _fold(self) -> None:
-        if not self._pv:
-            return
-        v = np.clip(np.asarray(self._pv, dtype=np.int64), LOWEST_NS, HIGHEST_NS)
-        w = np.asarray(self._pw, dtype=np.int64)
-        self._pv, self._pw = [], []
+        if self._pv:
+            v, w = np.asarray(self._pv, dtype=np.int64), np.asarray(self._pw, dtype=np.int64)
+            self._pv, self._pw = [], []
+            self._add(v, w)
+
+    def _add(self, v: np.ndarray, w: np.ndarray) -> None:
+        v = np.clip(v, LOWEST_NS, HIGHEST_NS)
         self._counts += np.bincount(_LAYOUT.indices(v), weights=w,
                                     minlength=_LAYOUT.counts_len).astype(np.uint64)
         h = self.hdr
