@@ -187,7 +187,7 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
         rt.connect(p, peers[p])
     if launcher:
         rt.connect("launcher", launcher, control=True)
-    port = rt.serve_metrics(metrics_addr, metrics_port)
+    port = rt.serve_metrics(metrics_addr, metrics_port, translator=info.get("translator", ""))
 
     def startup() -> Iterator[Any]:
         try:

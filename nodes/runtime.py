@@ -37,7 +37,7 @@ from zmq.utils.monitor import recv_monitor_message
 from nodes.actions import Call
 from nodes.engine import NodeEngine
 from nodes.errors import GvtError, WireError
-from nodes.metrics.export import LinkCollector, StatsCollector, serve_metrics
+from nodes.metrics.export import BuildInfoCollector, LinkCollector, StatsCollector, serve_metrics
 from nodes.wire.codec import (
     HEARTBEAT_S, LINK_SILENT_S, MAX_FRAME, MAX_OUTSTANDING, MAX_POSTED_WRITES, PROTOCOL_VERSION,
     Envelope, decode, encode, encode_error, encode_reply,
@@ -55,6 +55,10 @@ DRAIN_BUDGET = 256              # frames per loop iteration, across sockets...
 ITERATION_NS = 2_000_000        # ...or this much time: then timers, yielded tasks and the tick
 HOUSEKEEPING_NS = 500_000_000
 GC_THRESHOLDS = (50_000, 50, 100)      # gen0 allocations, then gen0 and gen1 collections
+# why a frame was refused: the codec's WireError codes, then the link checks of _on_frame
+BAD_FRAME_REASONS = ("EBADMSG", "EINVAL", "EMSGSIZE", "EPROTO", "version", "auth", "no_hello",
+                     "multipart")
+LINK_DROP_REASONS = ("gone", "silent", "replaced")
 _HANDSHAKE_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
                      zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
                      zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "other"}
@@ -181,6 +185,13 @@ class Runtime:
                    ["reason"])
         st.counter("gvtbench_disconnects", "Connections to this node's sockets that ended (a peer "
                    "left, or sent a frame over the limit)")
+        # every reason is exported from the start at 0, so a rate over a clean run is 0, not absent
+        for family, reasons in (("gvtbench_bad_frames", BAD_FRAME_REASONS),
+                                ("gvtbench_links_dropped", LINK_DROP_REASONS),
+                                ("gvtbench_handshake_failures", tuple(_HANDSHAKE_EVENTS.values()))):
+            for reason in reasons:
+                st.inc(family, (reason,), 0)
+        st.inc("gvtbench_disconnects", (), 0)
         self.ctx = zmq.Context()
         self._auth: _KeyAuthenticator | None = None
         self._accepting = getattr(core, "accepting", None)     # vm -> read its socket now?
@@ -632,9 +643,10 @@ class Runtime:
                 "stats": self.core.stats.snapshot(),
                 "core": snap_fn() if snap_fn else {}}
 
-    def serve_metrics(self, addr: str = "127.0.0.1", port: int = 0) -> int:
+    def serve_metrics(self, addr: str = "127.0.0.1", port: int = 0, translator: str = "") -> int:
         self._http, self.metrics_port = serve_metrics(
             [StatsCollector(self.core.stats), StatsCollector(self.engine.stats),
-             LinkCollector(lambda: self.engine.links, lambda: self.engine.sched.pending_calls)],
+             LinkCollector(lambda: self.engine.links, lambda: self.engine.sched.pending_calls),
+             BuildInfoCollector(self.role, translator)],
             addr, port)
         return self.metrics_port

@@ -134,7 +134,7 @@ def test_on_tcp_a_peer_without_the_right_key_never_reaches_the_node(tcp_cluster,
                     metric(t, "gvtbench_handshake_failures_total") >= 2 and t,
                     30, "the failed handshakes to be counted: " + "|".join(
                         l for l in c.metrics("hypervisor").splitlines() if "handshake" in l or "disconnects_total" in l))
-    assert metric(text, "gvtbench_link_messages_total", peer="guest1", direction="rx") > 0
+    assert metric(text, "gvtbench_link_messages_total", link="guest1", direction="rx") > 0
 
 
 def test_on_tcp_a_key_speaks_only_for_its_own_name(tcp_cluster):
@@ -250,8 +250,8 @@ def test_a_silent_link_is_dropped(short_ipc_dir):
     c = Cluster(Path(short_ipc_dir), "[run]\nlink_silent_s = 1\n[vgpus]\ncount = 2\nram_mib = 8\n")
     try:
         g = c.guest(1)
-        assert 'peer="guest1"' in c.metrics("hypervisor")
-        wait_for(lambda: 'peer="guest1"' not in c.metrics("hypervisor"), 10, "the silent link to go")
+        assert 'link="guest1"' in c.metrics("hypervisor")
+        wait_for(lambda: 'link="guest1"' not in c.metrics("hypervisor"), 10, "the silent link to go")
         assert metric(c.metrics("hypervisor"), "gvtbench_links_dropped_total", reason="silent") >= 1
         r = g.call("MMIO_READ", {"off": GPR0, "size": 4}, 1)      # it must say HELLO again
         assert r[0] == "ERROR" and r[6]["code"] == "EPROTO"
@@ -273,12 +273,12 @@ def test_posted_writes_to_a_stalled_mediator_meet_backpressure(cluster):
                  "val": (1).to_bytes(8, "little") * 4096}
         for w in range(1, 41):                                   # 163840 writes
             g.send("MMIO_WRITE_BATCH", {**batch, "w": w}, 1, want_reply=False)
-        posted = wait_for(lambda: metric(cluster.metrics("hypervisor"), "gvtbench_hv_posted_writes",
+        posted = wait_for(lambda: metric(cluster.metrics("hypervisor"), "gvtbench_hv_posted_writes_in_flight",
                                          vgpu="1") >= 1 << 16 and
-                          metric(cluster.metrics("hypervisor"), "gvtbench_hv_posted_writes", vgpu="1"),
+                          metric(cluster.metrics("hypervisor"), "gvtbench_hv_posted_writes_in_flight", vgpu="1"),
                           20, "the hypervisor to take half its bound")
         time.sleep(0.5)
-        again = metric(cluster.metrics("hypervisor"), "gvtbench_hv_posted_writes", vgpu="1")
+        again = metric(cluster.metrics("hypervisor"), "gvtbench_hv_posted_writes_in_flight", vgpu="1")
         assert (1 << 16) <= posted == again < (1 << 16) + 4096    # it stopped reading
         assert g.recv(300) is None                                 # nothing refused
     finally:
@@ -306,7 +306,7 @@ def test_a_flooding_vm_does_not_hold_back_its_neighbours_read(cluster):
     text = cluster.metrics("hypervisor")
     assert r[0] == "REPLY"
     # vm1's writes were still waiting at the hypervisor, most of them not done yet
-    assert metric(text, "gvtbench_hv_posted_writes", vgpu="1") > 30000
+    assert metric(text, "gvtbench_hv_posted_writes_in_flight", vgpu="1") > 30000
     assert metric(text, "gvtbench_posted_writes_total", vgpu="1") < frames * 4096 // 2
     done = [g1.recv(60000) for _ in range(frames)]
     assert all(d and d[6]["status"] == "ok" for d in done)

@@ -5,10 +5,31 @@ import subprocess
 import sys
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from wireclient import RawPeer, RawServer, free_port, metric, scrape, start_node, stop, wait_for
 
 PROMTOOL = shutil.which("promtool")
+# the label names the metric set may use: each has a bounded set of values in a run
+LABELS = {"vgpu", "kind", "stage", "engine", "link", "direction", "status", "reason", "result",
+          "state", "mix", "code", "role", "version", "translator"}
+
+
+def check_metric_names(node: str, text: str) -> None:
+    """The metric review's rules: every family is gvtbench_ (or the client's process_/python_),
+    counters are _total, durations _seconds, labels from the bounded set, the process collector
+    and build_info are there."""
+    fams = list(text_string_to_metric_families(text))
+    names = {f.name for f in fams}
+    assert {"gvtbench_build_info", "process_cpu_seconds", "process_resident_memory_bytes"} <= names, node
+    for f in fams:
+        assert f.name.startswith(("gvtbench_", "process_", "python_")), (node, f.name)
+        for s in f.samples:
+            if f.type == "counter" and not s.name.endswith("_created"):
+                assert s.name.endswith("_total"), (node, s.name)
+            assert set(s.labels) - {"le"} <= LABELS, (node, s.name, s.labels)
+        if f.type == "histogram":
+            assert f.name.endswith("_seconds"), (node, f.name)
 
 
 @pytest.mark.skipif(PROMTOOL is None and not __import__("os").environ.get("CI"),
@@ -49,6 +70,7 @@ def test_standalone_nodes_metrics(tmp_path):
                 assert "gvtbench_trap_latency_seconds_bucket{" in text
                 assert 'le="1e-06"' in text and 'le="1.0"' in text
             assert "gvtbench_link_messages_total" in text
+            check_metric_names(name, text)
             if PROMTOOL:
                 r = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True,
                                    text=True, timeout=30)
@@ -57,6 +79,8 @@ def test_standalone_nodes_metrics(tmp_path):
             else:
                 pytest.fail("promtool is missing in CI")
         med = scrape(ports["mediator"])
+        assert 'gvtbench_vgpu_state{state="active",vgpu="1"} 1.0' in med
+        assert 'gvtbench_build_info{role="mediator",translator="c",version="' in med
         assert 'gvtbench_ggtt_entries_translated_total{result="ok",vgpu="1"}' in med
         assert 'gvtbench_traps_total{kind="gtt_write",stage="mediator",vgpu="1"}' in med
         assert metric(scrape(ports["gpu"]), "gvtbench_gpu_ggtt_writes_total") > 0

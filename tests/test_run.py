@@ -72,6 +72,16 @@ def test_cli_run_writes_json_and_exit_code(tmp_path):
     import json
     res = json.loads(out.read_text())
     assert {"schema", "config", "seed", "translator", "vgpus", "ledger", "verdict", "reasons"} <= set(res)
+    # each distribution is in the JSON as HdrHistogram's standard encoding: decodable by its own
+    # package, it holds every sample the summary counts, and merges across vGPUs and kinds
+    from hdrh.histogram import HdrHistogram
+    merged = HdrHistogram(1, 3600 * 10**9, 2)
+    for kind, s in res["vgpus"][0]["traps"].items():
+        h = HdrHistogram.decode(s["hdr"])
+        assert h.get_total_count() == s["count"] > 0, kind
+        assert abs(h.get_value_at_percentile(99) / 1000 - s["p99_us"]) < 0.01, kind
+        merged.add(h)
+    assert merged.get_total_count() == sum(s["count"] for s in res["vgpus"][0]["traps"].values())
     # a threshold nobody can meet fails the verdict and the exit code
     cfgf.write_text(cfgf.read_text() + "[thresholds]\nmmio_read_p99_us = 0.001\n")
     p = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(cfgf)], capture_output=True,

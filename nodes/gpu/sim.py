@@ -36,7 +36,7 @@ class GpuSim:
         self.stats = Stats()
         declare_trap_metrics(self.stats)
         self.stats.counter("gvtbench_gpu_ggtt_writes", "Physical GGTT entries written")
-        self.stats.counter("gvtbench_gpu_dma_bytes", "Bytes moved by DMA through the fabric", ["dir"])
+        self.stats.counter("gvtbench_gpu_dma_bytes", "Bytes moved by DMA through the fabric", ["direction"])
 
     # ---- register and GGTT access ----------------------------------------------------------
     def mmio_read(self, off: int, size: int) -> int:

@@ -28,7 +28,7 @@ from nodes.guest.timeline import Timeline
 from nodes.guest.workloads import WorkloadDriver
 from nodes.metrics import (TRAP_LATENCY, TRAPS, WORKLOAD_LATENCY, declare_trap_metrics,
                            declare_workload_metrics)
-from nodes.stats import LogHistogram, Stats
+from nodes.stats import LatencyHistogram, Stats
 from nodes.wire.codec import MAX_OUTSTANDING, MAX_POSTED_WRITES
 from nodes.wire.schema import pack_write_batch
 
@@ -99,7 +99,7 @@ class GuestCore:
         self.issued = self.completed = self.failed = self.unknown = 0
         self.mismatches = 0
         self.fail_reasons: dict[str, int] = {}
-        self._latency_base: dict[str, LogHistogram] = {}    # the histograms when the load began
+        self._latency_base: dict[str, LatencyHistogram] = {}    # the histograms when the load began
         self.timeline = Timeline()          # ops and workloads per second, from the load's start
         self.irqs = 0
         self.t0 = 0

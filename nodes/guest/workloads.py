@@ -22,7 +22,7 @@ from nodes.guest import i915
 from nodes.guest.i915 import Context, EngineState, Workload
 from nodes.guest.mmu import GuestRam
 from nodes.hw import PAGE_SHIFT, PAGE_SIZE, gtt, lrc, pvinfo, regs
-from nodes.metrics import WORKLOAD_LATENCY
+from nodes.metrics import WORKLOAD_LATENCY, WORKLOADS
 
 if TYPE_CHECKING:
     from nodes.guest.core import GuestCore
@@ -396,7 +396,7 @@ class WorkloadDriver:
         lat = now - w.intended
         lab = (self.core.vm, ctx.engine, "guest")
         self.core.stats.hist(WORKLOAD_LATENCY, lab).record(lat)
-        self.core.stats.inc("gvtbench_workloads", (self.core.vm, ctx.engine, "completed"))
+        self.core.stats.inc(WORKLOADS, (self.core.vm, ctx.engine, "guest", "completed"))
         self.core.op_done("submit", now)
         self.core.workload_retired(now, failed=False)
 
@@ -452,7 +452,7 @@ class WorkloadDriver:
                 self.inflight -= 1
                 if meant:
                     self.counts["failed_expected"] += 1
-                self.core.stats.inc("gvtbench_workloads", (self.core.vm, e.name, "failed"))
+                self.core.stats.inc(WORKLOADS, (self.core.vm, e.name, "guest", "failed"))
                 self.core.workload_retired(now, failed=True)
                 self.core.op_done("submit", now, failed=not meant,
                                   reason=None if meant else f"{e.name} hung: reset after "

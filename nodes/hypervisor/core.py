@@ -118,7 +118,7 @@ class HypervisorCore:
                   "set)", ["vgpu"])
         s.counter("gvtbench_trap_batches", "TRAP_WRITE batches sent to the mediator", ["vgpu"])
         s.counter("gvtbench_posted_writes", "Posted guest writes, by outcome", ["vgpu", "status"])
-        s.gauge("gvtbench_hv_posted_writes", "Posted writes of a VM queued or in flight", ["vgpu"])
+        s.gauge("gvtbench_hv_posted_writes_in_flight", "Posted writes of a VM queued or in flight", ["vgpu"])
         s.gauge("gvtbench_hv_pinned_pages", "Guest pages pinned by the mediator", ["vgpu"])
         s.gauge("gvtbench_hv_tracked_pages", "Guest pages write-protected for the mediator", ["vgpu"])
         s.counter("gvtbench_hv_tracked_writes", "Guest stores to tracked pages sent to the mediator",
@@ -353,7 +353,7 @@ class HypervisorCore:
             vm.batches -= 1
             if vm.fifo:
                 self._dirty.add(vm.id)
-            self.stats.set("gvtbench_hv_posted_writes", (vm.id,), vm.queued + vm.in_flight)
+            self.stats.set("gvtbench_hv_posted_writes_in_flight", (vm.id,), vm.queued + vm.in_flight)
         try:
             yield done
         except GvtError:
@@ -398,7 +398,7 @@ class HypervisorCore:
         for vm_id in list(self._dirty):
             vm = self.vms[vm_id]
             out.extend(self._pump(vm))
-            self.stats.set("gvtbench_hv_posted_writes", (vm_id,), vm.queued + vm.in_flight)
+            self.stats.set("gvtbench_hv_posted_writes_in_flight", (vm_id,), vm.queued + vm.in_flight)
         return out
 
     # ---- hypervisor calls ------------------------------------------------------------------------

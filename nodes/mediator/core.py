@@ -18,8 +18,9 @@ from nodes.mediator.scheduler import WorkloadScheduler
 from nodes.mediator.translate import translate_entries
 from nodes.mediator.vgpu import VGpu, declare_vgpu_metrics
 from nodes.memory import Fabric, Layout
-from nodes.metrics import (TRAP_LATENCY, TRAPS, WORKLOAD_LATENCY, declare_trap_metrics,
-                           declare_workload_metrics)
+from nodes.mediator.ppgtt import PPGTT_RESULTS
+from nodes.metrics import (TRAP_LATENCY, TRAPS, WORKLOAD_LATENCY, WORKLOADS, declare_shadow_metrics,
+                           declare_trap_metrics, declare_workload_metrics)
 from nodes.stats import Stats
 from nodes.wire.codec import Envelope
 from nodes.wire.schema import pack_write_batch, unpack_write_batch
@@ -51,6 +52,7 @@ class MediatorCore:
         declare_trap_metrics(self.stats)
         declare_vgpu_metrics(self.stats)
         declare_workload_metrics(self.stats)
+        declare_shadow_metrics(self.stats)
         self.stats.counter("gvtbench_ggtt_entries_translated",
                            "Guest GGTT entries emulated, by result", ["vgpu", "result"])
         self.stats.gauge("gvtbench_pinned_pages", "Guest pages pinned for GGTT mappings", ["vgpu"])
@@ -150,7 +152,7 @@ class MediatorCore:
         for vgpu, engine, status, lat in self.scheduler.done[done:]:
             lab = (vgpu, engine, "mediator")
             self.stats.hist(WORKLOAD_LATENCY, lab).record(lat)
-            self.stats.inc("gvtbench_workloads", (vgpu, engine, status))
+            self.stats.inc(WORKLOADS, (vgpu, engine, "mediator", status))
             touched.add(vgpu)
         del self.scheduler.done[:]
         self._export_workloads(touched)
@@ -160,7 +162,10 @@ class MediatorCore:
             if which is not None and v.id not in which:
                 continue
             self.stats.set("gvtbench_shadow_pages", (v.id,), v.ppgtt.shadow_pages())
-            self.stats.set("gvtbench_tracked_writes", (v.id,), v.ppgtt.counts["tracked_writes"])
+            self.stats.set("gvtbench_ppgtt_tracked_writes", (v.id,), v.ppgtt.counts["tracked_writes"])
+            for result in PPGTT_RESULTS:
+                self.stats.set("gvtbench_ppgtt_entries_translated", (v.id, result),
+                               v.ppgtt.counts[result])
             self.stats.set("gvtbench_context_switches", (v.id,),
                            sum(el.context_switches for el in v.execlists.values()))
             self.stats.set("gvtbench_virtual_irqs", (v.id,), v.msi_injected)

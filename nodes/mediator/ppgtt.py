@@ -36,6 +36,8 @@ from nodes.mediator.page_track import PageTrack
 from nodes.mediator.translate import CACHE_INVALID
 from nodes.memory import Fabric
 
+PPGTT_RESULTS = ("ok", "invalid", "huge_2m", "split_2m")     # what shadowing an entry can give
+
 if TYPE_CHECKING:
     from nodes.mediator.pins import GfnPins
 
@@ -83,7 +85,7 @@ class Ppgtt:
         self.tables: dict[tuple[int, int], ShadowTable] = {}
         self.by_gfn: dict[int, list[ShadowTable]] = {}
         self.mms: dict[tuple, PpgttMm] = {}
-        self.counts = {"tracked_writes": 0, "invalid": 0, "split_2m": 0, "huge_2m": 0}
+        self.counts = {"tracked_writes": 0, **{r: 0 for r in PPGTT_RESULTS}}
         self.pages = 0                              # host pool pages the shadows hold
 
     # ---- PPGTTs ------------------------------------------------------------------------------
@@ -207,6 +209,7 @@ class Ppgtt:
         ok = (gfn >= 0) & (gfn < len(self.pins.cache))
         cached = self.pins.cache[np.where(ok, gfn, 0)]
         invalid = present & (~ok | (cached == U64(CACHE_INVALID)))
+        self.counts["ok"] += int((present & ~invalid).sum())
         if invalid.any():
             self.counts["invalid"] += int(invalid.sum())
             out[invalid] &= ~U64(lrc.PTE_PRESENT)

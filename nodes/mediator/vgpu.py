@@ -16,12 +16,14 @@ from nodes.mediator.ppgtt import Ppgtt
 from nodes.memory import Fabric
 from nodes.stats import Stats
 
-FAILSAFE_GAUGE = "gvtbench_vgpu_failsafe"
+VGPU_STATE = "gvtbench_vgpu_state"
+VGPU_STATES = ("active", "failsafe")
 ENGINE_RESET = "engine reset (GDRST)"
 
 
 def declare_vgpu_metrics(stats: Stats) -> None:
-    stats.gauge(FAILSAFE_GAUGE, "1 while a vGPU is in failsafe mode", ["vgpu"])
+    stats.gauge(VGPU_STATE, "1 for the state a vGPU is in, 0 for the others (failsafe: its "
+                "registers and GGTT are no longer emulated)", ["vgpu", "state"])
     stats.counter("gvtbench_vgpu_failsafe_entered", "Times a vGPU entered failsafe, by reason",
                   ["vgpu", "reason"])
     stats.counter("gvtbench_vgpu_resets", "vGPU resets, by kind (engine, gt, device)",
@@ -58,14 +60,19 @@ class VGpu:
             execlist.reset_engine(self, e)
         handlers.reset_mmio(self, dmlr=True)
         handlers.populate_pvinfo(self)
-        stats.set(FAILSAFE_GAUGE, (vgpu_id,), 0)
+        self._export_state()
+
+    def _export_state(self) -> None:
+        state = "active" if self.failsafe is None else "failsafe"
+        for s in VGPU_STATES:
+            self.stats.set(VGPU_STATE, (self.id, s), int(s == state))
 
     def enter_failsafe(self, reason: str) -> None:
         """Stop emulating this vGPU's registers and GGTT; only its virtual copies change from now
         on (mmio.c failsafe_emulate_mmio_rw). The first reason is kept."""
         if self.failsafe is None:
             self.failsafe = reason
-            self.stats.set(FAILSAFE_GAUGE, (self.id,), 1)
+            self._export_state()
             self.stats.inc("gvtbench_vgpu_failsafe_entered", (self.id, reason))
 
     def reset_engines(self, engines: frozenset[str]) -> Iterator[Any]:
@@ -97,7 +104,7 @@ class VGpu:
         handlers.reset_mmio(self, dmlr=True)
         handlers.populate_pvinfo(self)
         self.failsafe = None
-        self.stats.set(FAILSAFE_GAUGE, (self.id,), 0)
+        self._export_state()
         self.pv_notified = False
         self.stats.inc("gvtbench_vgpu_resets", (self.id, "device"))
 

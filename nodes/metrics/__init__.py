@@ -21,6 +21,7 @@ def declare_trap_metrics(stats: Stats) -> None:
 
 
 WORKLOAD_LATENCY = "gvtbench_workload_latency_seconds"
+WORKLOADS = "gvtbench_workloads"
 WORKLOAD_STATUSES = ("completed", "failed")
 
 
@@ -30,11 +31,23 @@ def declare_workload_metrics(stats: Stats) -> None:
                     "the guest retiring it on the interrupt; mediator = the workload's creation at "
                     "the ELSP write to its completion",
                     ["vgpu", "engine", "stage"])
-    stats.counter("gvtbench_workloads", "Workloads that ended, by engine and status",
-                  ["vgpu", "engine", "status"])
-    stats.gauge("gvtbench_shadow_pages", "Shadow PPGTT pages in the host pool", ["vgpu"])
-    stats.gauge("gvtbench_tracked_writes", "Guest writes to write-protected page tables emulated",
+    stats.counter(WORKLOADS, "Workloads that ended, by engine, status and where they were counted "
+                  "(guest = retired by the guest; mediator = completed on the GPU)",
+                  ["vgpu", "engine", "stage", "status"])
+
+
+def declare_shadow_metrics(stats: Stats) -> None:
+    """The mediator's view of a vGPU's GPU state (gauges of pages held, counters of events)."""
+    stats.gauge("gvtbench_shadow_pages", "Shadow PPGTT pages the vGPU holds in the host pool",
                 ["vgpu"])
-    stats.gauge("gvtbench_context_switches", "Virtual context switches (CSB schedule-outs)", ["vgpu"])
-    stats.gauge("gvtbench_virtual_irqs", "Virtual interrupts injected (MSIs sent to the hypervisor)",
-                ["vgpu"])
+    stats.counter("gvtbench_ppgtt_tracked_writes",
+                  "Guest writes to write-protected PPGTT page tables emulated", ["vgpu"])
+    stats.counter("gvtbench_ppgtt_entries_translated",
+                  "Guest PPGTT entries shadowed, by result: ok (a leaf entry mapped), invalid (a "
+                  "present entry whose gfn is not the VM's: scratch, not present), huge_2m (a 2 MiB "
+                  "entry kept 2 MiB), split_2m (a 2 MiB entry split into a 4 KiB table)",
+                  ["vgpu", "result"])
+    stats.counter("gvtbench_context_switches", "Virtual context switches (CSB schedule-outs)",
+                  ["vgpu"])
+    stats.counter("gvtbench_virtual_irqs",
+                  "Virtual interrupts raised (MSIs sent to the hypervisor)", ["vgpu"])

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
+from importlib import metadata
+
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from nodes.stats import LogHistogram, Stats
+from nodes.stats import LatencyHistogram, Stats
 from nodes.wire.link import Link
 
 
@@ -22,7 +24,7 @@ class StatsCollector:
             if fam.type == "histogram":
                 m = HistogramMetricFamily(fam.name, fam.help, labels=labels)
                 for lv, h in rows:
-                    assert isinstance(h, LogHistogram)
+                    assert isinstance(h, LatencyHistogram)
                     m.add_metric([str(v) for v in lv], h.prom_buckets(), h.total_ns / 1e9)
             elif fam.type == "counter":
                 m = CounterMetricFamily(fam.name, fam.help, labels=labels)
@@ -45,11 +47,11 @@ class LinkCollector:
 
     def collect(self) -> Iterator[Metric]:
         msgs = CounterMetricFamily("gvtbench_link_messages", "Messages on a link, by peer and direction",
-                                   labels=["peer", "direction"])
+                                   labels=["link", "direction"])
         gaps = CounterMetricFamily("gvtbench_link_lost_messages",
-                                   "Sequence numbers a peer sent that never arrived", labels=["peer"])
+                                   "Sequence numbers a peer sent that never arrived", labels=["link"])
         failed = CounterMetricFamily("gvtbench_link_send_failures",
-                                     "Frames to a peer the transport refused", labels=["peer"])
+                                     "Frames to a peer the transport refused", labels=["link"])
         for name, link in list(self.links().items()):
             msgs.add_metric([name, "tx"], link.sent)
             msgs.add_metric([name, "rx"], link.received)
@@ -63,9 +65,30 @@ class LinkCollector:
         yield pend
 
 
+class BuildInfoCollector:
+    """gvtbench_build_info: constant 1, its labels say what runs (the usual *_build_info idiom,
+    so a query can join on it)."""
+
+    def __init__(self, role: str, translator: str = ""):
+        try:
+            version = metadata.version("gvtbench")
+        except metadata.PackageNotFoundError:     # run from a source tree that was never installed
+            version = "unknown"
+        self.labels = [version, role, translator]
+
+    def collect(self) -> Iterator[Metric]:
+        m = GaugeMetricFamily("gvtbench_build_info", "The gvtbench version a node runs, its role, "
+                              "and the mediator's GTT translator (c or python)",
+                              labels=["version", "role", "translator"])
+        m.add_metric(self.labels, 1)
+        yield m
+
+
 def serve_metrics(collectors: list[Any], addr: str = "127.0.0.1", port: int = 0) -> tuple[Any, int]:
-    """Start the /metrics HTTP server on its own registry; returns (server, port)."""
+    """Start the /metrics HTTP server on its own registry, with the process collector's CPU,
+    memory and file descriptors; returns (server, port)."""
     registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
     for c in collectors:
         registry.register(c)
     server, _thread = start_http_server(port, addr=addr, registry=registry)
