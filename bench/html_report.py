@@ -268,8 +268,9 @@ def _distribution_charts(result: dict) -> str:
                                  PALETTE[i % len(PALETTE)]))
         if not series:
             continue
-        decades = math.ceil(top - 1e-9)
-        xa = Axis(0.0, float(decades), [(float(d), _pct_label(d)) for d in range(decades + 1)],
+        # the axis ends a quarter decade past the longest line, not a whole decade past it
+        hi = math.ceil(top * 4 - 1e-9) / 4
+        xa = Axis(0.0, hi, [(float(d), _pct_label(d)) for d in range(math.floor(hi) + 1)],
                   "percentile (log scale of 1/(1-p))")
         charts.append(_chart(f"dist-{_slug(key)}", "chart-distribution", titles[key], series,
                              xa, _latency_axis(all_vals), {"kind": key}))
