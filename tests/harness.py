@@ -27,7 +27,7 @@ from nodes.hypervisor.core import HypervisorCore
 from nodes.mediator.core import MediatorCore
 from nodes.mediator.translate import translate_entries
 from nodes.memory import Fabric, Layout, OwnedMemory, RegionMemory
-from nodes.wire.codec import Envelope, decode
+from nodes.wire.codec import PROTOCOL_VERSION, Envelope, decode
 from nodes.wire.link import Link
 from nodes.wire.schema import pack_write_batch, role_of
 
@@ -61,7 +61,7 @@ class SimNet:
             return lambda frame: self.frames.append((src, dst, frame))
         la = Link(b, sender(a, b), control=control, max_outstanding=1 << 20)
         lb = Link(a, sender(b, a), max_outstanding=1 << 20)
-        la.version = lb.version = 2
+        la.version = lb.version = PROTOCOL_VERSION
         self.engines[a].add_link(la)
         self.engines[b].add_link(lb)
         return la, lb

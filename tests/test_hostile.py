@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import zmq.auth
 
-from nodes.wire.codec import MAX_POSTED_WRITES
+from nodes.wire.codec import MAX_POSTED_WRITES, PROTOCOL_VERSION
 from wireclient import Cluster, RawPeer, free_port, metric, peak_rss_kib, start_node, wait_for
 
 GPR0 = 0x2600
@@ -62,7 +62,7 @@ def _leave_with_requests_pending(cluster: Cluster, target: str, name: str, kind:
         cluster.guest(1).close()            # the vGPU is up
     for _ in range(20):                     # HELLO, then gone before the answer
         p = cluster.peer(target, name)
-        p.send("HELLO", {"name": name, "role": name.rstrip("0123456789"), "version": 2})
+        p.send("HELLO", {"name": name, "role": name.rstrip("0123456789"), "version": PROTOCOL_VERSION})
         p.close()
     p = cluster.peer(target, name)
     assert wait_for(lambda: (p.hello() or [""])[0] == "REPLY", 20, "the HELLO to be answered")
@@ -338,7 +338,7 @@ def test_a_write_to_a_stalled_mediator_has_an_unknown_outcome_and_may_be_applied
 def test_a_second_hello_with_another_version_is_refused_on_a_live_link(cluster):
     g = cluster.guest(1)
     try:
-        r = g.hello(version=3)
+        r = g.hello(version=PROTOCOL_VERSION + 1)
         assert r[0] == "ERROR" and r[6]["code"] == "EPROTO" and "keeps its version" in r[6]["text"]
         assert g.call("MMIO_READ", {"off": PV_MAGIC, "size": 8}, 1)[0] == "REPLY"
         assert g.hello()[0] == "REPLY"          # the same version again is answered again
