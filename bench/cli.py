@@ -25,9 +25,15 @@ def _run(args: argparse.Namespace) -> int:
     from bench import config
     from bench.launch import Launcher, RunFailed
     from bench.report import print_result
+    from bench.trace import DEFAULT_TRACE_RATE
 
-    cfg = config.apply_overrides(config.load(args.config), duration=args.duration, vgpus=args.vgpus,
-                                 seed=args.seed, ops=args.ops)
+    cfg = config.load(args.config)
+    if args.trace_rate is not None and not args.trace:
+        raise ConfigError("command line", "--trace-rate", "needs --trace PATH (where the trace goes)")
+    # without --trace nothing collects spans, so no node records any
+    rate = (args.trace_rate or cfg["run"]["trace_rate"] or DEFAULT_TRACE_RATE) if args.trace else 0.0
+    cfg = config.apply_overrides(cfg, duration=args.duration, vgpus=args.vgpus, seed=args.seed,
+                                 ops=args.ops, trace_rate=rate)
     console = Console(stderr=True)
 
     def view(p: dict) -> Table:
@@ -56,12 +62,15 @@ def _run(args: argparse.Namespace) -> int:
         console.print(f"Prometheus: {prom.url}  (config and data in {folder})")
     live = Live(view({"phase": "starting", "guests": {}, "duration_s": 0}), console=console, refresh_per_second=4,
                 transient=True, auto_refresh=False)
-    launcher = Launcher(cfg, on_progress=lambda p: (live.update(view(p)), live.refresh()), prometheus=prom)
+    launcher = Launcher(cfg, on_progress=lambda p: (live.update(view(p)), live.refresh()), prometheus=prom,
+                        trace_path=args.trace)
     try:
         with live:
             result = launcher.run()
     except RunFailed as err:
         console.print(f"[bold red]gvtbench run failed:[/] {err}")
+        if launcher.trace_summary is not None:
+            console.print(_trace_line(launcher.trace_summary))
         return EXIT_ERROR
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: every node stopped, shm and sockets removed[/]")
@@ -70,6 +79,8 @@ def _run(args: argparse.Namespace) -> int:
         if prom is not None and not args.keep_prometheus:
             prom.stop()
     print_result(result, Console())
+    if launcher.trace_summary is not None:
+        console.print(_trace_line(launcher.trace_summary))
     if prom is not None and args.keep_prometheus:
         console.print(f"Prometheus keeps running at {prom.url} (pid {prom.proc.pid}; stop it with "
                       f"kill {prom.proc.pid})")
@@ -77,6 +88,13 @@ def _run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)
     return 0 if result["verdict"] == "pass" else EXIT_FAIL
+
+
+def _trace_line(t: dict) -> str:
+    return (f"trace: {t['path']}: {t['spans']} spans of {t['operations']} sampled operations in "
+            f"{len(t['processes'])} processes, {t['flows']} flows"
+            + (f", {t['dropped']} spans dropped (the per-node bound)" if t["dropped"] else "")
+            + "; open it in https://ui.perfetto.dev or chrome://tracing")
 
 
 def _node(args: argparse.Namespace) -> int:
@@ -133,7 +151,7 @@ def _perf(args: argparse.Namespace) -> int:
         print(json.dumps(res) if args.json else format_submit(res))
         return 0
     from bench.perf import format_trap, run_trap
-    res = run_trap(seconds=args.seconds, rounds=args.rounds)
+    res = run_trap(seconds=args.seconds, rounds=args.rounds, trace_rate=args.trace_rate or 0.0)
     print(json.dumps(res) if args.json else format_trap(res))
     return 0
 
@@ -175,6 +193,12 @@ def parser() -> argparse.ArgumentParser:
                    help="with --prometheus: leave it running after the run, for queries")
     r.add_argument("--run-dir", default="runs", metavar="DIR",
                    help="where a run's folder (Prometheus config and data) goes (default: runs/)")
+    r.add_argument("--trace", metavar="PATH",
+                   help="write a timeline of sampled operations (Chrome trace-event JSON, for "
+                        "ui.perfetto.dev or chrome://tracing)")
+    r.add_argument("--trace-rate", type=float, metavar="N",
+                   help="with --trace: operations sampled per second per guest (default: "
+                        "run.trace_rate, else 20)")
     r.set_defaults(fn=_run)
     n = sub.add_parser("node", help="run one node alone (for multi-host runs)")
     n.add_argument("role", choices=["gpu", "mediator", "hypervisor", "guest"])
@@ -205,6 +229,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=3.0, help="trap, neighbour: seconds per measurement")
     p.add_argument("--rounds", type=int, default=3,
                    help="trap, submit: alternating echo/measure rounds; neighbour: alone/flooded rounds")
+    p.add_argument("--trace-rate", type=float, metavar="N",
+                   help="trap: sample N reads per second for tracing in every run (spans recorded, "
+                        "not written): what tracing costs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_perf)
     rep = sub.add_parser("report", help="print a result JSON as a table, or write it as one "

@@ -53,6 +53,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                            "seconds > 0 a trapped access may take before its outcome is unknown"),
         "link_silent_s": ((int, float), 30.0, lambda v: v >= 1,
                           "seconds >= 1 after which a silent peer's link is dropped"),
+        "trace_rate": ((int, float), 0.0, _nonneg,
+                       "sampled operations per second per guest >= 0 (0: no tracing)"),
     },
     "gpu": {
         # the vfio backend (a real device) is not part of this version yet
@@ -176,8 +178,11 @@ def load(path: str | os.PathLike | None = None) -> dict:
 
 
 def apply_overrides(cfg: dict, *, duration: float | None = None, vgpus: int | None = None,
-                    seed: int | None = None, ops: int | None = None) -> dict:
+                    seed: int | None = None, ops: int | None = None,
+                    trace_rate: float | None = None) -> dict:
     raw = {sec: dict(v) for sec, v in cfg.items() if not sec.startswith("_")}
+    if trace_rate is not None:
+        raw["run"]["trace_rate"] = trace_rate
     if duration is not None:
         raw["run"]["duration_s"] = duration
     if vgpus is not None:

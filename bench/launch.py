@@ -1,5 +1,7 @@
 """The launcher: starts every node as its own OS process, drives the run, takes the ledger, and
-tears everything down (processes, /dev/shm files, ipc sockets), also on Ctrl-C or a failure."""
+tears everything down (processes, /dev/shm files, ipc sockets), also on Ctrl-C or a failure.
+With a trace path it also gathers every node's spans into a trace file (bench.trace), from the
+nodes still there when the run fails."""
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from bench import ledger
+from bench import ledger, trace
 from bench.config import public
 from nodes.actions import Call, Post, Sleep
 from nodes.errors import GvtError
@@ -69,8 +71,12 @@ class RunFailed(Exception):
 
 class Launcher:
     def __init__(self, cfg: dict, on_progress: Callable[[dict], None] | None = None,
-                 prometheus: Any = None):
+                 prometheus: Any = None, trace_path: str | None = None):
         self.cfg = cfg
+        self.trace_path = trace_path        # write the nodes' spans there (run.trace_rate > 0)
+        self.trace_summary: dict | None = None     # what was written: bench.trace.summary
+        if trace_path and not cfg["run"]["trace_rate"] > 0:
+            raise GvtError("EINVAL", "a trace needs sampled operations: run.trace_rate must be > 0")
         self.on_progress = on_progress
         self.prometheus = prometheus        # a bench.prom.PrometheusServer scraping the run
         self.run_id = f"{os.getpid()}x{secrets.token_hex(3)}"
@@ -184,7 +190,36 @@ class Launcher:
         try:
             self.result = yield from drive(self, names)
         except Exception as err:
+            if self.trace_path and self.trace_summary is None and self.phase != "starting":
+                # a failed run's trace is the one most worth reading: what the nodes still there have
+                try:
+                    yield from self.collect_trace(names, timeout=5.0)
+                except Exception:
+                    pass
             self.error = getattr(err, "text", None) or str(err)
+
+    def collect_trace(self, names: list[str], timeout: float = 30.0) -> Iterator[Any]:
+        """Every node's spans (TRACE_DUMP, page by page) into the trace file. A node that does
+        not answer (it died, say) contributes nothing; the file is complete without it."""
+        got = []
+        for n in names:
+            node = trace.NodeSpans(n, int(self.core.ready.get(n, {}).get("pid") or 0))
+            try:
+                while True:
+                    page = yield Call(n, "TRACE_DUMP", {"start": len(node.spans)}, timeout=timeout)
+                    node.spans += page["spans"]
+                    node.dropped = page["dropped"]
+                    if not page["spans"] or len(node.spans) >= page["total"]:
+                        break
+            except Exception:
+                continue
+            got.append(node)
+        doc = trace.build(got, {"run_id": self.run_id, "seed": self.cfg["run"]["seed"],
+                                "trace_rate": self.cfg["run"]["trace_rate"],
+                                "missing": sorted(set(names) - {n.name for n in got})})
+        trace.write(self.trace_path, doc)
+        self.trace_summary = trace.summary(doc, self.trace_path)
+        return self.trace_summary
 
     def wait_ready(self, names: list[str]) -> Iterator[Any]:
         core = self.core
@@ -273,6 +308,8 @@ class Launcher:
         thr_reasons = self._thresholds(snaps, wall)
         verdict, reasons = ledger.verdict(work_reasons, ggtt["reasons"], probe_reasons, link_reasons,
                                           thr_reasons)
+        if self.trace_path:
+            yield from self.collect_trace(names)
         if self.prometheus is not None:
             # let Prometheus scrape every node after the load ended before they stop
             from bench.prom import SCRAPE_INTERVAL_S
@@ -284,7 +321,10 @@ class Launcher:
                 pass
         ggtt["sha256"] = hashlib.sha256(dump.tobytes()).hexdigest()
         self.rams, self.pool = rams, pool
-        return self._result(snaps, vgpus, ggtt, probes, link_rows, verdict, reasons, wall)
+        res = self._result(snaps, vgpus, ggtt, probes, link_rows, verdict, reasons, wall)
+        if self.trace_summary is not None:
+            res["trace"] = self.trace_summary
+        return res
 
     def _thresholds(self, snaps: dict, wall: float) -> list[str]:
         th = self.cfg["thresholds"]

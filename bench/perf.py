@@ -116,8 +116,8 @@ def echo_rtt(seconds: float) -> list[float]:
             pass
 
 
-def _bench_cfg(seconds: float, **load) -> dict:
-    raw = {"run": {"duration_s": seconds, "seed": 7}, "vgpus": {"count": 1},
+def _bench_cfg(seconds: float, trace_rate: float = 0.0, **load) -> dict:
+    raw = {"run": {"duration_s": seconds, "seed": 7, "trace_rate": trace_rate}, "vgpus": {"count": 1},
            "load": {"mode": "closed", **load}}
     return config.validate(raw, "perf")
 
@@ -145,14 +145,16 @@ def _against_echo(seconds: float, rounds: int, name: str,
     return out, mid, res
 
 
-def run_trap(seconds: float = 3.0, rounds: int = 3) -> dict:
+def run_trap(seconds: float = 3.0, rounds: int = 3, trace_rate: float = 0.0) -> dict:
+    """`trace_rate` > 0: every node records spans and the guest samples that many operations
+    per second (what tracing costs; the spans are not collected)."""
     def reads_once() -> tuple[dict, dict]:
-        res = _run(_bench_cfg(seconds, concurrency=1, mix={"mmio-read": 1.0}))
+        res = _run(_bench_cfg(seconds, trace_rate, concurrency=1, mix={"mmio-read": 1.0}))
         return res, res["vgpus"][0]["traps"]["mmio_read"]
     rounds_out, mid, reads = _against_echo(seconds, rounds, "mmio_read", reads_once)
-    writes = _run(_bench_cfg(seconds, concurrency=1024, mix={"mmio-write": 1.0}))
+    writes = _run(_bench_cfg(seconds, trace_rate, concurrency=1024, mix={"mmio-write": 1.0}))
     wg = writes["vgpus"][0]["guest"]
-    bursts = _run(_bench_cfg(seconds, concurrency=8, burst=4096, mix={"gtt-burst": 1.0},
+    bursts = _run(_bench_cfg(seconds, trace_rate, concurrency=8, burst=4096, mix={"gtt-burst": 1.0},
                              not_present_ratio=0.0, invalid_gfn_ratio=0.0, outside_ratio=0.0))
     bg = bursts["vgpus"][0]
     return {
@@ -165,6 +167,7 @@ def run_trap(seconds: float = 3.0, rounds: int = 3) -> dict:
         "posted_writes_per_s": round(wg["completed"] / wg["elapsed_s"]),
         "gtt_entries_per_s": round(bg["traps"]["gtt_write"]["count"] / bg["guest"]["elapsed_s"]),
         "translator": reads["translator"],
+        "trace_rate": trace_rate,
     }
 
 
@@ -177,6 +180,8 @@ def format_trap(r: dict) -> str:
         f"posted MMIO writes, 1 vGPU:   {r['posted_writes_per_s']:,} /s",
         f"GGTT burst, end to end:       {r['gtt_entries_per_s']:,} entries/s",
         f"translator:                   {r['translator']}",
+        *([f"tracing:                      {r['trace_rate']:g} sampled ops/s per guest"]
+          if r.get("trace_rate") else []),
     ])
 
 

@@ -6,6 +6,12 @@ it met: RemoteError, CallTimeout), a Post, Signal, Spawn or Wait at once or when
 set, a Sleep after the time has passed. The task's return value is the reply to the request that
 started it. Time is given to cores, never read by them: `now` comes with every message and tick,
 and a finished Call carries the time its reply arrived in `done_at`.
+
+Tracing: a Call, Post or Spawn may name the sampled operation it belongs to (`trace`, an id the
+guest made up when it sampled the operation). None, the default, means: the operation of the
+task that sends it, if that task has one. 0 means: none. The shell records the timing; a core
+only carries the id as plain data where it alone knows the causal link (a write it forwards
+later, a workload that completes long after the ELSP write that made it).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ class Call:
     vgpu: int = 0
     timeout: float = DEFAULT_TIMEOUT_S
     done_at: int = 0            # set by the shell: monotonic ns when the reply (or timeout) came
+    trace: int | None = None    # the sampled operation (see the module doc)
 
 
 @dataclass(slots=True)
@@ -35,6 +42,7 @@ class Post:
     kind: str
     payload: Any = None
     vgpu: int = 0
+    trace: int | None = None    # the sampled operation (see the module doc)
 
 
 @dataclass(slots=True)
@@ -66,9 +74,14 @@ class Signal:
 @dataclass(slots=True)
 class Spawn:
     """Start another task: in `lane` (after the lane's earlier work, holding it until it ends),
-    or at once beside the caller (lane None). The caller goes on without waiting for it."""
+    or at once beside the caller (lane None). The caller goes on without waiting for it.
+    With a trace id (not None, not 0) the task is a stage of that sampled operation: the shell
+    times it as a span named `span`, on the track of `vgpu`, and what it sends carries the id."""
     gen: Any
     lane: Any = None
+    trace: int | None = None
+    span: str = ""
+    vgpu: int = 0
 
 
 YIELD = Sleep(0.0)

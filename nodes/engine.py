@@ -7,6 +7,15 @@ own VM (EPERM), a vGPU id must be one of this run's (ENODEV), and a link may hav
 requests unanswered (EAGAIN). Then the message goes to its handler, in its lane if the core
 gives it one. Every send is guarded: a peer that is gone or does not read costs a counted drop,
 never the node.
+
+Spans (a node made with trace_spans > 0): a stage of a sampled operation, timed here, never in a
+core. A traced message opens a span from its arrival until it has been handled (its reply sent,
+its task ended); a traced Spawn opens one for its task; a traced Post or Call that no open span
+of the same operation covers gets one of its own (a Call's lasts until its reply has been
+handled). Each span lists the traced messages of its operation it received and sent, as
+(peer, seq, ns, kind): the launcher pairs the two ends of each message into a flow. What a task
+sends carries its span's trace id unless the core names another. At most trace_spans spans are
+kept (and TRACE_HOPS_MAX messages per span): a peer's trace flags cannot make a node hold more.
 """
 from __future__ import annotations
 
@@ -23,18 +32,42 @@ from nodes.wire.schema import CONTROL_KINDS, KINDS, may_send
 
 Handler = Callable[[Envelope, int], Any]
 
+TRACE_SPANS_MAX = 16384     # spans a tracing node keeps (about 10 MB)
+TRACE_HOPS_MAX = 16         # messages noted per span
+TRACE_PAGE = 1024           # spans per TRACE_DUMP reply at most...
+_SPAN_BYTES, _HOP_BYTES = 200, 100      # ...and as many as fit half a frame, by these bounds
+_CALLS_PRUNE = 1024         # traced calls remembered before those that timed out are forgotten
+
+
+class Span:
+    """An open span: `kind` says what opened it (handle: a message; task: a Spawn; post, call:
+    a message sent outside any span of its operation)."""
+    __slots__ = ("name", "vgpu", "trace", "t0", "kind", "ins", "outs")
+
+    def __init__(self, name: str, vgpu: int, trace: int, t0: int, kind: str):
+        self.name, self.vgpu, self.trace, self.t0, self.kind = name, vgpu, trace, t0, kind
+        self.ins: list[tuple[str, int, int, str]] = []      # (from, seq, arrival ns, kind)
+        self.outs: list[tuple[str, int, int, str]] = []     # (to, seq, send ns, kind)
+
+
+def _hop(hops: list, peer: str, seq: int, t: int, kind: str) -> None:
+    if len(hops) < TRACE_HOPS_MAX:
+        hops.append((peer, seq, t, kind))
+
 
 class Origin:
-    """The request a task answers: its link, its envelope, and when it arrived."""
-    __slots__ = ("link", "env", "t0")
+    """The request a task answers: its link, its envelope, when it arrived, and its span (if the
+    message was traced and this node records spans)."""
+    __slots__ = ("link", "env", "t0", "span")
 
-    def __init__(self, link: Link, env: Envelope, t0: int):
-        self.link, self.env, self.t0 = link, env, t0
+    def __init__(self, link: Link, env: Envelope, t0: int, span: Span | None = None):
+        self.link, self.env, self.t0, self.span = link, env, t0, span
 
 
 class NodeEngine:
     def __init__(self, name: str, role: str, core: Any, *, vgpus: Iterable[int],
-                 clock: Callable[[], int], stats: Stats | None = None, max_frame: int = MAX_FRAME):
+                 clock: Callable[[], int], stats: Stats | None = None, max_frame: int = MAX_FRAME,
+                 trace_spans: int = 0):
         self.name, self.role, self.core = name, role, core
         self.vgpus = frozenset(vgpus) | {0}
         self.clock = clock
@@ -60,6 +93,16 @@ class NodeEngine:
         self._observed: frozenset[str] = getattr(core, "OBSERVED", frozenset())
         self._tick = getattr(core, "tick", None)
         self._core_wake = getattr(core, "next_wake", None)
+        # tracing: 0 spans kept means this node records none and sends no trace id on
+        self.trace_spans = trace_spans
+        self.spans: list[tuple] = []        # closed: (t0, t1, vgpu, name, trace, kind, ins, outs)
+        self.spans_dropped = 0
+        self._calls: dict[Hashable, tuple[Span, bool]] = {}    # traced call -> (span, its own)
+        self._calls_prune_at = _CALLS_PRUNE
+        self._ctx: Span | None = None       # the span of the message whose core actions run now
+        if trace_spans:
+            s.counter("gvtbench_trace_spans", "Spans of sampled operations, kept or dropped (past "
+                      "the node's bound)", ["outcome"])
 
     def serve(self, kinds: Iterable[str], handler: Handler) -> None:
         """Route these kinds to `handler` instead of the core (control, the memory fabric)."""
@@ -104,6 +147,13 @@ class NodeEngine:
             link.outstanding += 1
         origin = Origin(link, env, now)
         lane = self._lane(env) if self._lane is not None else None
+        if env.trace and link.role == "guest" and env.trace >> 40 != link.vm:
+            env.trace = 0               # another VM's operation: a guest names only its own
+        if env.trace and self.trace_spans:
+            span = origin.span = self._open(kind, env.vgpu or (lane if type(lane) is int else 0),
+                                            env.trace, now, "handle")
+            if span is not None:
+                span.ins.append((link.name, env.seq, now, kind))
         if lane is None:
             self._handle(origin, None, now)
         else:
@@ -138,11 +188,17 @@ class NodeEngine:
             self.finish(origin, None, err, now)
             return
         if self._outbox and self.core.outbox:
-            self._run_outbox(now)
+            self._ctx = origin.span     # what the core queued now may belong to this message's span
+            try:
+                self._run_outbox(now)
+            finally:
+                self._ctx = None
         if isinstance(result, GeneratorType):
-            self.sched.spawn(result, now, origin, lane)
+            self.sched.spawn(result, now, origin, lane, origin.span)
         elif env.flags & FLAG_WANT_REPLY or env.kind in self._observed:
             self.finish(origin, result, None, now)
+        elif origin.span is not None:   # a traced posted message handled at once
+            self._close(origin.span, self.clock())
         # else: a posted message handled at once: nothing to answer, nothing to time
 
     def _on_reply(self, link: Link, env: Envelope, now: int) -> None:
@@ -160,7 +216,15 @@ class NodeEngine:
                 exc = GvtError("EPROTO", f"{link.name} answered {call.kind} wrongly: {err.text}")
         else:
             exc = RemoteError(env.payload["code"], env.payload["text"], link.name, call.kind)
+        traced = self._calls.pop(key, None) if self._calls else None
+        if traced is None:
+            self.sched.resume(key, value, exc, now)
+            return
+        span, own = traced
+        _hop(span.ins, link.name, env.seq, now, env.kind)
         self.sched.resume(key, value, exc, now)
+        if own:                         # a call's own span ends once its answer was handled
+            self._close(span, self.clock())
 
     # ---- TaskIO: what tasks send -----------------------------------------------------------------
     def _link_to(self, peer: str) -> Link:
@@ -172,6 +236,22 @@ class NodeEngine:
     def send_call(self, call: Call, now: int) -> Hashable:
         link = self._link_to(call.peer)
         seq = link.tx_seq + 1
+        if self.trace_spans:
+            trace, span = self._resolve(call.trace)
+            if trace:
+                t = self.clock()
+                link.send_frame(encode(call.kind, seq, 0, call.vgpu, t, FLAG_WANT_REPLY,
+                                       call.payload, trace), seq, self.max_frame, now)
+                key = (link.name, seq)
+                own = span is None
+                if own:
+                    span = self._open(call.kind, call.vgpu, trace, t, "call")
+                if span is not None:
+                    _hop(span.outs, link.name, seq, t, call.kind)
+                    if len(self._calls) >= self._calls_prune_at:
+                        self._forget_calls()
+                    self._calls[key] = (span, own)
+                return key
         link.send_frame(encode(call.kind, seq, 0, call.vgpu, self.clock(), FLAG_WANT_REPLY, call.payload),
                         seq, self.max_frame, now)
         return (link.name, seq)
@@ -179,6 +259,20 @@ class NodeEngine:
     def send_post(self, post: Post, now: int) -> None:
         link = self._link_to(post.peer)
         seq = link.tx_seq + 1
+        if self.trace_spans:
+            trace, span = self._resolve(post.trace)
+            if trace:
+                t = self.clock()
+                link.send_frame(encode(post.kind, seq, 0, post.vgpu, t, 0, post.payload, trace),
+                                seq, self.max_frame, now)
+                if span is not None:
+                    _hop(span.outs, link.name, seq, t, post.kind)
+                else:                   # a stage of its own: the send
+                    span = self._open(post.kind, post.vgpu, trace, t, "post")
+                    if span is not None:
+                        _hop(span.outs, link.name, seq, t, post.kind)
+                        self._close(span, self.clock())
+                return
         link.send_frame(encode(post.kind, seq, 0, post.vgpu, self.clock(), 0, post.payload), seq,
                         self.max_frame, now)
 
@@ -187,6 +281,14 @@ class NodeEngine:
             if err is not None:
                 self.stats.inc("gvtbench_handler_errors", (_code(err),))
             return
+        span = origin.span
+        try:
+            self._answer(origin, result, err, now)
+        finally:
+            if span is not None:
+                self._close(span, self.clock())
+
+    def _answer(self, origin: Origin, result: Any, err: BaseException | None, now: int) -> None:
         link, env = origin.link, origin.env
         if err is None and env.kind in self._observed:
             self._observe(env, result, self.clock() - origin.t0)
@@ -198,8 +300,11 @@ class NodeEngine:
         if err is None:
             try:
                 seq = link.tx_seq + 1
-                link.send_frame(encode_reply(seq, env.seq, env.vgpu, self.clock(), result), seq,
+                t = self.clock()
+                link.send_frame(encode_reply(seq, env.seq, env.vgpu, t, result), seq,
                                 self.max_frame, now)
+                if origin.span is not None:
+                    _hop(origin.span.outs, link.name, seq, t, "REPLY")
                 return
             except SendFailed as failed:
                 if failed.code != "E2BIG":
@@ -208,7 +313,10 @@ class NodeEngine:
                 err = failed
             except Exception as bad:    # a result msgpack cannot carry: a bug, answered as EIO
                 err = bad
+        sent = link.tx_seq
         self.send_error(link, env, err)
+        if origin.span is not None and link.tx_seq != sent:
+            _hop(origin.span.outs, link.name, link.tx_seq, self.clock(), "ERROR")
 
     def send_error(self, link: Link, env: Envelope, err: BaseException) -> None:
         code = _code(err)
@@ -223,6 +331,69 @@ class NodeEngine:
 
     def _dropped(self, failed: SendFailed) -> None:
         self.stats.inc("gvtbench_dropped_frames", (failed.code,))
+
+    # ---- spans ------------------------------------------------------------------------------------
+    def _resolve(self, trace: int | None) -> tuple[int, Span | None]:
+        """The trace id a message goes with, and the open span of that operation to note it in
+        (None: it needs a span of its own). A task's message without an id of its own goes with
+        its task's; a message the core queued outside a task goes with the id it names only."""
+        task = self.sched.current
+        if task is not None:
+            span = task.span
+            if trace is None:
+                trace = span.trace if span is not None else 0
+        else:
+            span = self._ctx
+            if trace is None:
+                trace = 0
+        if not trace:
+            return 0, None
+        return trace, (span if span is not None and span.trace == trace else None)
+
+    def _open(self, name: str, vgpu: int, trace: int, t0: int, kind: str) -> Span | None:
+        if len(self.spans) >= self.trace_spans:
+            self.spans_dropped += 1
+            self.stats.inc("gvtbench_trace_spans", ("dropped",))
+            return None
+        return Span(name, vgpu, trace, t0, kind)
+
+    def _close(self, span: Span, t1: int) -> None:
+        if len(self.spans) >= self.trace_spans:     # others closed first filled the buffer
+            self.spans_dropped += 1
+            self.stats.inc("gvtbench_trace_spans", ("dropped",))
+            return
+        self.spans.append((span.t0, t1, span.vgpu, span.name, span.trace, span.kind, span.ins,
+                           span.outs))
+        self.stats.inc("gvtbench_trace_spans", ("kept",))
+
+    def _forget_calls(self) -> None:
+        """Traced calls that timed out or whose link dropped are never answered: forget them.
+        The next look is when twice as many as are left are remembered (each look is linear)."""
+        for key in [k for k in self._calls if self.sched.call_waiting(k) is None]:
+            del self._calls[key]
+        self._calls_prune_at = max(_CALLS_PRUNE, 2 * len(self._calls))
+
+    def span_for(self, spawn: Spawn, now: int) -> Span | None:
+        """The span of a traced Spawn's task (the scheduler asks; the task closes it)."""
+        if not self.trace_spans:
+            return None
+        lane = spawn.lane
+        return self._open(spawn.span or "task", spawn.vgpu or (lane if type(lane) is int else 0),
+                          spawn.trace, self.clock(), "task")
+
+    def end_span(self, span: Span) -> None:
+        self._close(span, self.clock())
+
+    def trace_page(self, start: int) -> dict:
+        """TRACE_DUMP: spans from `start` (at most TRACE_PAGE, and no more than half a frame
+        holds), how many there are, how many were dropped."""
+        page, size = [], 0
+        for s in self.spans[start:start + TRACE_PAGE]:
+            size += _SPAN_BYTES + len(s[3]) + _HOP_BYTES * (len(s[6]) + len(s[7]))
+            if page and size > self.max_frame // 2:
+                break
+            page.append(s)
+        return {"spans": page, "total": len(self.spans), "dropped": self.spans_dropped}
 
     # ---- core actions and time -----------------------------------------------------------------------
     def run_actions(self, actions: Iterable[Any] | None, now: int) -> None:

@@ -10,6 +10,7 @@ import sys
 from typing import Any, Iterator
 
 from nodes.actions import Post, Sleep
+from nodes.engine import TRACE_SPANS_MAX
 from nodes.errors import GvtError
 from nodes.hw import MiB, PAGE_SIZE
 from nodes.memory import Fabric, Layout, OwnedMemory, RegionMemory, WriteProtect, make_p2m
@@ -151,7 +152,8 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
                         ops=run["ops"], stores_per_batch=ld["stores_per_batch"],
                         batches_per_workload=ld["batches_per_workload"], bad_ratio=float(ld["bad_ratio"]),
                         engines=tuple(ld["engines"]), hang_timeout_s=float(ld["hang_timeout_s"]),
-                        churn_halves_ratio=float(ld["churn_halves_ratio"]))
+                        churn_halves_ratio=float(ld["churn_halves_ratio"]),
+                        trace_rate=float(run["trace_rate"]))
         ctl = "launcher" if launcher else None
         region = layout.vm_region(vm)
         attach = None
@@ -172,8 +174,10 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
         vm_binds = {v: (vm_binds or {}).get(v) or vm_endpoint(bind, v) for v in vm_ids(cfg)}
     elif vm_binds:
         raise GvtError("EINVAL", "--vm-bind is for the hypervisor")
+    # every node of a traced run records spans; the guests decide which operations are traced
     rt = Runtime(name, role, core, bind, vgpus=vm_ids(cfg), vm_binds=vm_binds, keys=keys,
-                 link_silent_s=run["link_silent_s"])
+                 link_silent_s=run["link_silent_s"],
+                 trace_spans=TRACE_SPANS_MAX if run["trace_rate"] > 0 else 0)
     if owned.mem:
         rt.engine.serve(OwnedMemory.KINDS, owned.serve)
     rt.on_stop.append(owned.close)

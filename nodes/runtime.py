@@ -165,7 +165,7 @@ class Runtime:
     def __init__(self, name: str, role: str, core: Any, bind: str, *, vgpus: Iterable[int],
                  vm_binds: dict[int, str] | None = None, keys: Keys | None = None,
                  max_frame: int = MAX_FRAME, link_silent_s: float = LINK_SILENT_S,
-                 heartbeat_s: float = HEARTBEAT_S):
+                 heartbeat_s: float = HEARTBEAT_S, trace_spans: int = 0):
         self.name, self.role, self.core = name, role, core
         self.vgpus = frozenset(vgpus)
         self.max_frame = max_frame
@@ -174,8 +174,9 @@ class Runtime:
         # quiet links must speak well within the silence a peer tolerates (the same setting)
         self.heartbeat_ns = int(min(heartbeat_s, link_silent_s / 3) * 1e9)
         self.engine = NodeEngine(name, role, core, vgpus=self.vgpus, clock=monotonic_ns,
-                                 max_frame=max_frame)
+                                 max_frame=max_frame, trace_spans=trace_spans)
         self.engine.serve(["STATS"], lambda env, now: self.snapshot())
+        self.engine.serve(["TRACE_DUMP"], lambda env, now: self.engine.trace_page(env.payload["start"]))
         self.engine.serve(["SHUTDOWN"], self._shutdown)
         st = self.engine.stats
         st.counter("gvtbench_handshake_failures",

@@ -27,12 +27,17 @@ class TaskIO(Protocol):
     def finish(self, origin: Any, result: Any, err: BaseException | None, now: int) -> None:
         """A task ended: answer whoever `origin` is (None: nobody waits; count a failure)."""
 
+    # Optional, for tracing: `span_for(spawn, now)` gives the span a Spawn of a traced task opens
+    # (or None), and `end_span(span)` closes it when that task ends. A span is opaque here; the
+    # task that runs with one is `current` while it steps, so the I/O can tell whose sends are
+    # whose.
+
 
 class _Task:
-    __slots__ = ("gen", "origin", "lane", "call")
+    __slots__ = ("gen", "origin", "lane", "call", "span")
 
-    def __init__(self, gen: Any, origin: Any, lane: Hashable | None):
-        self.gen, self.origin, self.lane = gen, origin, lane
+    def __init__(self, gen: Any, origin: Any, lane: Hashable | None, span: Any = None):
+        self.gen, self.origin, self.lane, self.span = gen, origin, lane, span
         self.call: Call | None = None
 
 
@@ -55,22 +60,29 @@ class Scheduler:
         self._yielded: deque[_Task] = deque()
         self._n = itertools.count()
         self.late_replies = 0
+        self.current: _Task | None = None      # the task stepping now (for the I/O's tracing)
+        self._span_for = getattr(io, "span_for", None)
+        self._end_span = getattr(io, "end_span", None)
 
     # ---- entry points -----------------------------------------------------------------------
-    def spawn(self, gen: Any, now: int, origin: Any = None, lane: Hashable | None = None) -> None:
-        """Start a task. With a lane, the lane is held until the task ends."""
-        task = _Task(gen, origin, lane)
+    def spawn(self, gen: Any, now: int, origin: Any = None, lane: Hashable | None = None,
+              span: Any = None) -> None:
+        """Start a task. With a lane, the lane is held until the task ends. `span`: the I/O's
+        span the task runs in (a traced message it handles, or a traced Spawn)."""
+        task = _Task(gen, origin, lane, span)
         if lane is not None:
             self._lanes.setdefault(lane, _Lane()).active += 1
         self._step(task, None, None, now)
 
     def spawn_in(self, action: Spawn, now: int) -> None:
-        """A Spawn action: the task starts in its lane's turn, or at once without a lane."""
+        """A Spawn action: the task starts in its lane's turn, or at once without a lane. A
+        traced one opens its span now, so the span shows the wait for the lane too."""
         gen, lane = action.gen, action.lane
+        span = self._span_for(action, now) if action.trace and self._span_for is not None else None
         if lane is None:
-            self.spawn(gen, now)
+            self.spawn(gen, now, None, None, span)
         else:
-            self.submit(lane, lambda t: self.spawn(gen, t, None, lane), now)
+            self.submit(lane, lambda t: self.spawn(gen, t, None, lane, span), now)
 
     def submit(self, lane: Hashable, start: Callable[[int], None], now: int) -> bool:
         """Run `start(now)` at once if `lane` is idle (True), else queue it behind the lane's
@@ -161,6 +173,14 @@ class Scheduler:
 
     # ---- stepping ---------------------------------------------------------------------------------
     def _step(self, task: _Task, value: Any, exc: BaseException | None, now: int) -> None:
+        prev = self.current
+        self.current = task
+        try:
+            self._run(task, value, exc, now)
+        finally:
+            self.current = prev
+
+    def _run(self, task: _Task, value: Any, exc: BaseException | None, now: int) -> None:
         gen = task.gen
         while True:
             try:
@@ -214,6 +234,8 @@ class Scheduler:
         try:
             self.io.finish(task.origin, result, err, now)
         finally:
+            if task.span is not None and task.origin is None and self._end_span is not None:
+                self._end_span(task.span)       # a traced Spawn's (a request's: closed by finish)
             if task.lane is not None:
                 st = self._lanes.get(task.lane)
                 if st is not None:

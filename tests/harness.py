@@ -27,7 +27,7 @@ from nodes.hypervisor.core import HypervisorCore
 from nodes.mediator.core import MediatorCore
 from nodes.mediator.translate import translate_entries
 from nodes.memory import Fabric, Layout, OwnedMemory, RegionMemory
-from nodes.wire.codec import Envelope, decode
+from nodes.wire.codec import PROTOCOL_VERSION, Envelope, decode
 from nodes.wire.link import Link
 from nodes.wire.schema import pack_write_batch, role_of
 
@@ -48,8 +48,10 @@ class SimNet:
     def clock(self) -> int:
         return self.now
 
-    def add(self, name: str, core: Any, services: dict[Iterable[str], Callable] | None = None) -> NodeEngine:
-        e = NodeEngine(name, role_of(name)[0], core, vgpus=self.vgpus, clock=self.clock)
+    def add(self, name: str, core: Any, services: dict[Iterable[str], Callable] | None = None,
+            trace_spans: int = 0) -> NodeEngine:
+        e = NodeEngine(name, role_of(name)[0], core, vgpus=self.vgpus, clock=self.clock,
+                       trace_spans=trace_spans)
         for kinds, handler in (services or {}).items():
             e.serve(kinds, handler)
         self.engines[name] = e
@@ -61,7 +63,7 @@ class SimNet:
             return lambda frame: self.frames.append((src, dst, frame))
         la = Link(b, sender(a, b), control=control, max_outstanding=1 << 20)
         lb = Link(a, sender(b, a), max_outstanding=1 << 20)
-        la.version = lb.version = 2
+        la.version = lb.version = PROTOCOL_VERSION
         self.engines[a].add_link(la)
         self.engines[b].add_link(lb)
         return la, lb
@@ -237,8 +239,10 @@ class _Launcher:
 def make_bench(*, translate: Callable[..., Any] = translate_entries,
                vm_frames: dict[int, int] | None = None, host_frames: int = HOST_POOL_FRAMES,
                aperture_size: int = 1024 << 20, max_vgpus: int = partition.GVT_MAX_VGPU - 1,
-               seed: int = SEED, guests: Iterable[int] = (), call_timeout: float = 10.0) -> Bench:
-    """A real mediator, hypervisor and gpu (and guests) on one Layout, with anonymous memory."""
+               seed: int = SEED, guests: Iterable[int] = (), call_timeout: float = 10.0,
+               trace_spans: int = 0) -> Bench:
+    """A real mediator, hypervisor and gpu (and guests) on one Layout, with anonymous memory;
+    with trace_spans, each records up to that many spans."""
     vm_frames = dict(VM_FRAMES if vm_frames is None else vm_frames)
     layout = Layout.build(host_frames, vm_frames)
     net = SimNet(vgpus=sorted(vm_frames))
@@ -253,9 +257,9 @@ def make_bench(*, translate: Callable[..., Any] = translate_entries,
                             aperture_size=aperture_size, max_vgpus=max_vgpus, translate=translate)
     hv = HypervisorCore(layout, vms, seed, call_timeout=call_timeout)
     gpu = GpuSim(Fabric(layout, "msg", "test"))
-    net.add("gpu", gpu)
-    net.add("mediator", mediator, {OwnedMemory.KINDS: m_owned.serve})
-    net.add("hypervisor", hv, {OwnedMemory.KINDS: h_owned.serve})
+    net.add("gpu", gpu, trace_spans=trace_spans)
+    net.add("mediator", mediator, {OwnedMemory.KINDS: m_owned.serve}, trace_spans=trace_spans)
+    net.add("hypervisor", hv, {OwnedMemory.KINDS: h_owned.serve}, trace_spans=trace_spans)
     net.add("launcher", _Launcher())
     net.connect("mediator", "gpu")
     net.connect("hypervisor", "mediator")
@@ -263,7 +267,7 @@ def make_bench(*, translate: Callable[..., Any] = translate_entries,
     for name in ("gpu", "mediator", "hypervisor"):
         net.connect(name, "launcher", control=True)
     for vm in guests:
-        add_guest(net, vm, vm_frames[vm], seed)
+        add_guest(net, vm, vm_frames[vm], seed, trace_spans=trace_spans)
     return Bench(net, layout, mediator, hv, gpu, [host_mem, *vms.values()])
 
 
@@ -287,10 +291,10 @@ def add_peer(net: SimNet, name: str, connect_to: str = "hypervisor") -> Recorder
 
 
 def add_guest(net: SimNet, vm: int, ram_frames: int, seed: int = SEED, load: LoadSpec | None = None,
-              **kw: Any) -> GuestCore:
+              trace_spans: int = 0, **kw: Any) -> GuestCore:
     g = GuestCore(vm, ram_frames, seed, load or LoadSpec(), launcher=None, **kw)
     name = f"guest{vm}"
-    net.add(name, g)
+    net.add(name, g, trace_spans=trace_spans)
     net.connect(name, "hypervisor")
     net.connect(name, "launcher", control=True)
     return g

@@ -15,7 +15,8 @@ import msgpack
 import pytest
 import zmq.auth
 
-from nodes.wire.codec import MAX_POSTED_WRITES
+from nodes.engine import TRACE_SPANS_MAX
+from nodes.wire.codec import MAX_POSTED_WRITES, PROTOCOL_VERSION
 from wireclient import Cluster, RawPeer, free_port, metric, peak_rss_kib, start_node, wait_for
 
 GPR0 = 0x2600
@@ -62,7 +63,7 @@ def _leave_with_requests_pending(cluster: Cluster, target: str, name: str, kind:
         cluster.guest(1).close()            # the vGPU is up
     for _ in range(20):                     # HELLO, then gone before the answer
         p = cluster.peer(target, name)
-        p.send("HELLO", {"name": name, "role": name.rstrip("0123456789"), "version": 2})
+        p.send("HELLO", {"name": name, "role": name.rstrip("0123456789"), "version": PROTOCOL_VERSION})
         p.close()
     p = cluster.peer(target, name)
     assert wait_for(lambda: (p.hello() or [""])[0] == "REPLY", 20, "the HELLO to be answered")
@@ -338,9 +339,55 @@ def test_a_write_to_a_stalled_mediator_has_an_unknown_outcome_and_may_be_applied
 def test_a_second_hello_with_another_version_is_refused_on_a_live_link(cluster):
     g = cluster.guest(1)
     try:
-        r = g.hello(version=3)
+        r = g.hello(version=PROTOCOL_VERSION + 1)
         assert r[0] == "ERROR" and r[6]["code"] == "EPROTO" and "keeps its version" in r[6]["text"]
         assert g.call("MMIO_READ", {"off": PV_MAGIC, "size": 8}, 1)[0] == "REPLY"
         assert g.hello()[0] == "REPLY"          # the same version again is answered again
+    finally:
+        g.close()
+
+
+# ---- trace flags ----------------------------------------------------------------------------------
+def test_trace_flags_from_a_flooding_peer_leave_a_bounded_span_buffer(short_ipc_dir):
+    """Nodes that record spans (run.trace_rate > 0) take a peer's word that a message is traced:
+    a guest that marks every write traced gets a span each, up to the node's bound, and no more;
+    the rest are counted as dropped, and the node serves on."""
+    c = Cluster(Path(short_ipc_dir), "[run]\ntrace_rate = 1\n[vgpus]\ncount = 1\nram_mib = 8\n")
+    g = c.guest(1)
+    pid = c.procs["hypervisor"].pid
+    try:
+        before = peak_rss_kib(pid)
+        n = 2 * TRACE_SPANS_MAX
+        for k in range(1, n + 1):
+            g.send("MMIO_WRITE", {"off": GPR0, "size": 4, "val": k, "w": k}, 1, want_reply=False,
+                   trace=(1 << 40) | k)
+        wait_for(lambda: metric(c.metrics("hypervisor"), "gvtbench_trace_spans_total",
+                                outcome="dropped") >= n - TRACE_SPANS_MAX, 60,
+                 "the hypervisor to drop the spans past its bound")
+        m = c.metrics("hypervisor")
+        assert metric(m, "gvtbench_trace_spans_total", outcome="kept") == TRACE_SPANS_MAX
+        assert metric(c.metrics("mediator"), "gvtbench_trace_spans_total", outcome="kept") <= TRACE_SPANS_MAX
+        assert peak_rss_kib(pid) - before < 32 * 1024     # 16384 spans: about 10 MB
+        r = g.call("MMIO_READ", {"off": GPR0, "size": 4}, 1)
+        assert r[0] == "REPLY" and c.alive("hypervisor") and c.alive("mediator")
+    finally:
+        g.close()
+        c.close()
+
+
+def test_a_node_that_does_not_trace_serves_traced_messages_as_any_other(cluster):
+    """Without run.trace_rate a node records nothing and sends no trace on, but a traced
+    message is still an ordinary message to it."""
+    g = cluster.guest(1)
+    try:
+        g.send("MMIO_WRITE", {"off": GPR0, "size": 4, "val": 0xBEEF, "w": 1}, 1,
+               want_reply=False, trace=(1 << 40) | 1)
+        done = g.recv(10000)
+        assert done[0] == "WRITE_DONE" and done[6]["status"] == "ok" and len(done) == 7, done
+        seq = g.send("MMIO_READ", {"off": GPR0, "size": 4}, 1, trace=(1 << 40) | 2)
+        r = g.recv(10000)
+        assert r[0] == "REPLY" and r[2] == seq and r[6] == 0xBEEF
+        for role in ("hypervisor", "mediator"):
+            assert "gvtbench_trace_spans" not in cluster.metrics(role)
     finally:
         g.close()

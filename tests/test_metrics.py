@@ -12,7 +12,7 @@ from wireclient import RawPeer, RawServer, free_port, metric, scrape, start_node
 PROMTOOL = shutil.which("promtool")
 # the label names the metric set may use: each has a bounded set of values in a run
 LABELS = {"vgpu", "kind", "stage", "engine", "link", "direction", "status", "reason", "result",
-          "state", "mix", "code", "role", "version", "translator"}
+          "state", "mix", "code", "role", "version", "translator", "outcome"}
 
 
 def check_metric_names(node: str, text: str) -> None:

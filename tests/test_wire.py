@@ -35,7 +35,13 @@ def test_a_good_frame_decodes():
     (frame("MMIO_READ", {}, seq=0), "EBADMSG", "seq"),
     (frame("MMIO_READ", {}, vgpu=-1), "EBADMSG", "vgpu"),
     (frame("MMIO_READ", {}, vgpu=1 << 32), "EBADMSG", "vgpu"),
-    (frame("MMIO_READ", {}, flags=2), "EBADMSG", "flags"),
+    (frame("MMIO_READ", {}, flags=2), "EBADMSG", "flags bit 1 (traced) needs an 8th field"),
+    (frame("MMIO_READ", {}, flags=4), "EBADMSG", "flags must be an integer in 0..3"),
+    (msgpack.packb(("MMIO_READ", 1, 0, 0, 0, 3, {}, 0)), "EBADMSG", "trace: an integer in 1..2**64-1"),
+    (msgpack.packb(("MMIO_READ", 1, 0, 0, 0, 3, {}, "t1")), "EBADMSG", "needs an 8th field, trace"),
+    (msgpack.packb(("MMIO_READ", 1, 0, 0, 0, 3, {}, -1)), "EBADMSG", "needs an 8th field, trace"),
+    (msgpack.packb(("MMIO_READ", 1, 0, 0, 0, 1, {}, 5)), "EBADMSG", "only with flags bit 1"),
+    (msgpack.packb(("MMIO_READ", 1, 0, 0, 0, 3, {}, 5, 6)), "EBADMSG", "or 8 with trace"),
     (frame("MMIO_READ", {}, ts=True), "EBADMSG", "ts_ns"),
     (frame(7, {}), "EBADMSG", "kind"),
     (frame("NOPE", {}), "EPROTO", "NOPE"),
@@ -54,6 +60,19 @@ def test_a_good_frame_decodes():
 def test_a_bad_frame_is_refused_naming_what_is_wrong(f, code, words):
     err = refused(f)
     assert err.code == code and words in err.text, err.text
+
+
+def test_a_traced_frame_carries_its_id_and_an_untraced_one_none():
+    f = encode("MMIO_READ", 7, 0, 1, 123, 1, {"off": 0x2600, "size": 4}, trace=(1 << 40) | 9)
+    doc = msgpack.unpackb(f)
+    assert len(doc) == 8 and doc[5] == 3 and doc[7] == (1 << 40) | 9    # bit 1 set, id 8th
+    env = decode(f)
+    assert env.trace == (1 << 40) | 9 and env.wants_reply and env.payload["off"] == 0x2600
+    plain = encode("MMIO_READ", 7, 0, 1, 123, 1, {"off": 0x2600, "size": 4})
+    assert len(msgpack.unpackb(plain)) == 7 and decode(plain).trace == 0
+    # the largest id fits; a posted traced message keeps bit 0 clear
+    top = decode(encode("MMIO_WRITE", 1, 0, 1, 0, 0, {"off": 0, "size": 4, "val": 1}, trace=(1 << 64) - 1))
+    assert top.trace == (1 << 64) - 1 and not top.wants_reply
 
 
 def test_an_oversized_frame_is_emsgsize():

@@ -4,6 +4,7 @@ raw peer that speaks the wire by hand. The node answers with the reason, counts 
 import msgpack
 import pytest
 
+from nodes.wire.codec import PROTOCOL_VERSION
 from wireclient import RawPeer, free_port, metric, scrape, start_node, stop, wait_for
 
 # the name a raw peer may take towards each role (nodes.wire.schema.CONNECTS_TO), and a request
@@ -44,7 +45,7 @@ def test_node_survives_bad_frames(role, cfg_file, short_ipc_dir, tmp_path):
             assert r[0] == "ERROR" and r[6]["code"] == "EPERM"
         else:
             r = peer.hello()
-            assert r[0] == "REPLY" and r[6]["version"] == 2 and r[6]["max_frame"] == 1 << 20
+            assert r[0] == "REPLY" and r[6]["version"] == PROTOCOL_VERSION and r[6]["max_frame"] == 1 << 20
         # not msgpack
         r = peer.raw(b"\xc1\xc1 definitely not msgpack")
         assert r[0] == "ERROR" and r[6]["code"] == "EBADMSG"

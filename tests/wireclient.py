@@ -39,9 +39,14 @@ class RawPeer:
         self.name = name
         self.seq = 0
 
-    def send(self, kind: str, payload: Any = None, vgpu: int = 0, want_reply: bool = True) -> int:
+    def send(self, kind: str, payload: Any = None, vgpu: int = 0, want_reply: bool = True,
+             trace: int = 0) -> int:
+        """With a trace id, flags bit 1 is set and the id is the envelope's 8th field."""
         self.seq += 1
-        doc = (kind, self.seq, 0, vgpu, time.monotonic_ns(), 1 if want_reply else 0, payload)
+        doc: tuple = (kind, self.seq, 0, vgpu, time.monotonic_ns(), int(want_reply) | (2 if trace else 0),
+                      payload)
+        if trace:
+            doc += (trace,)
         self.s.send(msgpack.packb(doc, use_bin_type=True))
         return self.seq
 

@@ -81,18 +81,18 @@ class Engine:
         self.gpu, self.name = gpu, name
         self.base = regs.ENGINES[name]
         self.port = lrc.ElspPort()
-        self.queue: list[tuple[lrc.Descriptor, lrc.Descriptor]] = []
+        self.queue: list[tuple[lrc.Descriptor, lrc.Descriptor, int]] = []   # elements, trace id
         self.busy = False
         self.csb_wp = regs.CSB_PTR_RESET
         self.executed = 0
         self.hangs = 0
         self.user_irqs = 0
 
-    def elsp_write(self, data: int) -> Iterator[Any] | None:
+    def elsp_write(self, data: int, trace: int = 0) -> Iterator[Any] | None:
         elems = self.port.elsp_write(data)
         if elems is None:
             return None
-        self.queue.append(elems)
+        self.queue.append((*elems, trace))
         if self.busy:
             return None
         self.busy = True
@@ -101,7 +101,7 @@ class Engine:
     def _run(self) -> Iterator[Any]:
         try:
             while self.queue:
-                e0, e1 = self.queue.pop(0)
+                e0, e1, trace = self.queue.pop(0)
                 csb: list[list[int]] = [[lrc.CSB_IDLE_TO_ACTIVE, 0]]
                 faults: list[list] = []
                 elems = [e for e in (e0, e1) if e.valid]
@@ -116,7 +116,7 @@ class Engine:
                         faults.append([d.ctx_id, h.addr, h.reason[:200]])
                 for lo, hi in csb:
                     self._post_csb(lo, hi)
-                yield self.gpu.irq(self.name, csb, faults)
+                yield self.gpu.irq(self.name, csb, faults, trace)
         finally:
             self.busy = False
 

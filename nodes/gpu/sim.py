@@ -2,6 +2,9 @@
 execlist ports that execute contexts (nodes.gpu.engine), and DMA by mfn through the memory fabric.
 The mediator reaches it only through MMIO messages, like a host driver, and hears from it through
 ENGINE_IRQ.
+
+A context submitted by a traced ELSP write runs as a traced task (the shell times the execution)
+and its interrupt carries the same trace id.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from nodes.actions import Post
+from nodes.actions import Post, Spawn
 from nodes.errors import GvtError
 from nodes.gpu.engine import Engine, GpuMemory
 from nodes.hw import PAGE_SIZE, bar0, gtt, regs
@@ -33,6 +36,7 @@ class GpuSim:
         self.regs: dict[int, int] = {}
         self.ggtt = np.zeros(gtt.ENTRIES, dtype=np.uint64)
         self.ggtt_flushes = 0
+        self.trace = 0              # the sampled operation of the message being handled (if any)
         self.stats = Stats()
         declare_trap_metrics(self.stats)
         self.stats.counter("gvtbench_gpu_ggtt_writes", "Physical GGTT entries written")
@@ -54,16 +58,18 @@ class GpuSim:
             self.ggtt_flushes += 1
         engine = self._elsp.get(off)
         if engine is not None and size == 4:
-            run = engine.elsp_write(val)
+            run = engine.elsp_write(val, self.trace)
             if run is not None:
-                self.outbox.append(run)
+                self.outbox.append(Spawn(run, trace=self.trace, span=f"execute {engine.name}")
+                                   if self.trace else run)
             return
         write_dwords(self.regs, off, size, val)
 
-    def irq(self, engine: str, csb: list, faults: list) -> Post:
+    def irq(self, engine: str, csb: list, faults: list, trace: int = 0) -> Post:
         """The engine's interrupt to the mediator, with the CSB entries it posted and the
-        contexts it hung on."""
-        return Post(self.mediator, "ENGINE_IRQ", {"engine": engine, "csb": csb, "faults": faults})
+        contexts it hung on; `trace`: that of the ELSP write that submitted them."""
+        return Post(self.mediator, "ENGINE_IRQ", {"engine": engine, "csb": csb, "faults": faults},
+                    trace=trace)
 
     def mmio_write_batch(self, offs: np.ndarray, sizes: np.ndarray, vals: np.ndarray) -> None:
         """Writes in order; runs of aligned 8-byte GGTT writes are stored in one go. The batch is
@@ -98,6 +104,7 @@ class GpuSim:
     # ---- messages ------------------------------------------------------------------------
     def handle(self, msg: Envelope, now: int) -> Any:
         kind, p = msg.kind, msg.payload
+        self.trace = msg.trace
         if kind == "MMIO_READ":
             return self.mmio_read(p["off"], p["size"])
         if kind == "MMIO_WRITE":

@@ -9,6 +9,10 @@ loop), so a slow system cannot hide its queueing.
 The register check is the one Jepsen makes of a register with indeterminate writes: a read must
 return the value of the last write before it that was applied, or of any write between that one
 and the read whose outcome is unknown.
+
+Tracing: with a trace rate, the guest samples at most that many load operations per second (by
+their intended issue time) and gives each an id, `vm << 40 | n`, that the messages of the
+operation carry on every hop (see nodes/actions.py).
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ class LoadSpec:
     engines: tuple[str, ...] = ("rcs", "bcs")
     hang_timeout_s: float = 2.0     # the guest's hang check: no progress this long with work queued
     churn_halves_ratio: float = 0.25    # ppgtt-churn: PTE writes made as two 4-byte halves
+    trace_rate: float = 0.0         # load ops sampled for tracing per second (0: none)
 
 
 class _Write:
@@ -112,6 +117,8 @@ class GuestCore:
         self._draw_val: list[int] = []
         self._draw_i = 0
         self._plan: tuple[int, list] | None = None
+        self.trace_next = 0         # the intended time from which the next op is sampled
+        self.traced = 0             # ops sampled so far (the low bits of their trace ids)
         self.ram = ram or GuestRam(vm, ram_frames, hypervisor)
         self.wl = WorkloadDriver(self, self.ram, tuple(load.engines))
         self.stats = Stats()
@@ -127,21 +134,22 @@ class GuestCore:
         self.last_reply_at = call.done_at
         return val
 
-    def _post_write(self, off: int, val: int, size: int = 4) -> Post:
+    def _post_write(self, off: int, val: int, size: int = 4, trace: int = 0) -> Post:
         self.wno += 1
         return Post(self.hv, "MMIO_WRITE", {"off": off, "size": size, "val": val, "w": self.wno},
-                    vgpu=self.vm)
+                    vgpu=self.vm, trace=trace)
 
     # ---- for the GPU driver (nodes.guest.workloads) ---------------------------------------------
-    def post_batch(self, offs: Any, sizes: Any, vals: Any) -> Post:
-        """Posted register or GTT writes of the driver's own (not load ops)."""
+    def post_batch(self, offs: Any, sizes: Any, vals: Any, trace: int | None = None) -> Post:
+        """Posted register or GTT writes of the driver's own (not load ops); `trace`: the
+        sampled operation they belong to (an ELSP write submits a sampled workload)."""
         n = len(sizes)
         self.wno += 1
         self.writes[self.wno] = _Write(0, "driver", n, None)
         self.writes_in_flight += n
         payload = pack_write_batch(offs, sizes, [v & 0xFFFFFFFFFFFFFFFF for v in vals])
         payload["w"] = self.wno
-        return Post(self.hv, "MMIO_WRITE_BATCH", payload, vgpu=self.vm)
+        return Post(self.hv, "MMIO_WRITE_BATCH", payload, vgpu=self.vm, trace=trace)
 
     def next_fault_w(self, gpa: int) -> int:
         """The write number of a faulting RAM store (its WRITE_DONE ends the fault)."""
@@ -259,6 +267,7 @@ class GuestCore:
         if "submit" in self._mix_names:
             series += [("workloads", "completed"), ("workloads", "failed")]
         self.timeline = Timeline(now, series)
+        self.trace_next = 0
 
     def _due(self, now: int) -> bool:
         if self.load.ops:
@@ -326,30 +335,46 @@ class GuestCore:
         self._draw_i += 1
         return self._mix_names[min(self._draw_mix[i], len(self._mix_names) - 1)], self._draw_gpr[i], self._draw_val[i]
 
+    def _sample(self, intended: int) -> int:
+        """The trace id of the op intended at `intended` if it is sampled, else 0: an op is
+        sampled when 1/trace_rate s of intended time have passed since the last sampled one
+        (so every op is when ops are sparser than that)."""
+        if intended < self.trace_next:
+            return 0
+        self.trace_next = intended + int(1e9 / self.load.trace_rate)
+        self.traced += 1
+        return self.vm << 40 | self.traced
+
     def _issue(self, intended: int) -> Any:
         mix, k, val = self._draw()
         self.issued += 1
+        trace = self._sample(intended) if self.load.trace_rate > 0 else 0
         if mix == "mmio-read":
             self.reads_inflight += 1
             # what the read may return is fixed now, in issue order: the writes before it
-            return self._op_read(intended, k, self.gpr_base[k], list(self.gpr_hist[k]))
+            return self._op_read(intended, k, self.gpr_base[k], list(self.gpr_hist[k]), trace)
         if mix == "submit":
-            return self.wl.submit(intended)
+            return self.wl.submit(intended, trace)
         if mix == "ppgtt-churn":
             out = self.wl.churn()
+            if trace:
+                for a in out:           # the faults its page-table stores became, made just now
+                    a.trace = trace
             self.op_done("ppgtt-churn", intended)
             return out
         if mix == "mmio-write":
-            post = self._post_write(regs.RCS_GPR0 + 4 * k, val)
+            post = self._post_write(regs.RCS_GPR0 + 4 * k, val, trace=trace)
             entry = [self.wno, val, None, k]
             self.gpr_hist[k].append(entry)
             self.writes[self.wno] = _Write(intended, "mmio_write", 1, entry)
             self.writes_in_flight += 1
             return post
-        return self._gtt_burst(intended)
+        return self._gtt_burst(intended, trace)
 
-    def _op_read(self, intended: int, k: int, base: int, before: list[list]) -> Iterator[Any]:
-        call = Call(self.hv, "MMIO_READ", {"off": regs.RCS_GPR0 + 4 * k, "size": 4}, vgpu=self.vm)
+    def _op_read(self, intended: int, k: int, base: int, before: list[list],
+                 trace: int = 0) -> Iterator[Any]:
+        call = Call(self.hv, "MMIO_READ", {"off": regs.RCS_GPR0 + 4 * k, "size": 4}, vgpu=self.vm,
+                    trace=trace)
         try:
             val = yield call
         except GvtError as err:
@@ -365,7 +390,7 @@ class GuestCore:
             self._fail_reason(f"GPR{k} read {val:#x}, expected one of "
                               f"{', '.join(f'{v:#x}' for v in sorted(allowed)[:4])}")
 
-    def _gtt_burst(self, intended: int) -> Post:
+    def _gtt_burst(self, intended: int, trace: int = 0) -> Post:
         ld, rng = self.load, self.rng
         r = 0 if rng.random() < 0.5 else 1
         first, count = self.ranges[r]
@@ -391,7 +416,7 @@ class GuestCore:
         self.writes_in_flight += len(idx)
         payload = pack_write_batch(gtt.offset_of(idx), np.full(len(idx), 8), vals)
         payload["w"] = self.wno
-        return Post(self.hv, "MMIO_WRITE_BATCH", payload, vgpu=self.vm)
+        return Post(self.hv, "MMIO_WRITE_BATCH", payload, vgpu=self.vm, trace=trace)
 
     def _outside_indices(self, n: int) -> np.ndarray:
         out: list[int] = []
@@ -581,7 +606,7 @@ class GuestCore:
                 "irqs": self.irqs, "boot_error": self.boot_error, "pv": self.pv,
                 "workloads": self.wl.report(), "workload_latency": self.workload_latency(),
                 "elapsed_s": (now - self.t0) / 1e9 if self.t0 else 0.0,
-                "latency": self.latency(),
+                "latency": self.latency(), "traced": self.traced,
                 "timeline": self.timeline.to_dict(now if self.t0 else None)}
 
     def latency(self) -> dict[str, dict]:

@@ -60,6 +60,8 @@ class Workload:
     bad: bool = False               # meant to hang
     batches: list[int] = field(default_factory=list)    # batch page indices it uses
     churn_slot: int = -1
+    trace: int = 0                  # its trace id, if the guest sampled it
+    elsp: bool = False              # an ELSP write has submitted it
 
 
 @dataclass(eq=False)

@@ -132,7 +132,7 @@ class WorkloadDriver:
     def room(self) -> bool:
         return self.lay is not None and len(self.batch_busy) + self.core.load.batches_per_workload <= i915.BATCH_PAGES
 
-    def submit(self, intended: int) -> list[Any]:
+    def submit(self, intended: int, trace: int = 0) -> list[Any]:
         ld, lay, rng = self.core.load, self.lay, self.core.rng
         e = lay.engines[self.engines_used[self.counts["submitted"] % len(self.engines_used)]]
         ctx = min(e.contexts, key=lambda c: len(c.inflight))
@@ -140,7 +140,7 @@ class WorkloadDriver:
             ctx = max(e.contexts, key=lambda c: c.ring_free())
         bad = ld.bad_ratio > 0 and rng.random() < ld.bad_ratio
         ctx.seq += 1
-        w = Workload(ctx.seq, ctx, intended, 0, [], bad)
+        w = Workload(ctx.seq, ctx, intended, 0, [], bad, trace=trace)
         out: list[Any] = []
         batch_vas = []
         k = 0
@@ -173,11 +173,25 @@ class WorkloadDriver:
         writes: list[tuple[int, int]] = []
         out += self.try_submit(e, writes)
         if writes:
-            out.append(self._post(writes))
+            out.append(self._post(writes, self._elsp_trace(e)))
         return out
 
-    def _post(self, writes: list[tuple[int, int]]) -> Post:
-        return self.core.post_batch([o for o, _ in writes], [4] * len(writes), [v for _, v in writes])
+    def _post(self, writes: list[tuple[int, int]], trace: int | None = None) -> Post:
+        return self.core.post_batch([o for o, _ in writes], [4] * len(writes), [v for _, v in writes],
+                                    trace)
+
+    @staticmethod
+    def _elsp_trace(*engines: EngineState) -> int:
+        """The trace id an ELSP write carries: that of the first sampled workload it submits
+        (0: none; the others' traces end at the guest)."""
+        trace = 0
+        for e in engines:
+            for c in e.submitted or ():
+                for w in c.inflight:
+                    if not w.elsp:
+                        w.elsp = True
+                        trace = trace or w.trace
+        return trace
 
     def _batch_page(self) -> int:
         for _ in range(i915.BATCH_PAGES):
@@ -307,6 +321,7 @@ class WorkloadDriver:
             bits |= b
         # the IIR ack, and the ELSPs this pass makes, go as one batch of posted writes
         writes: list[tuple[int, int]] = [(regs.gt_iir(0), bits)]
+        submitted: list[EngineState] = []
         progressed = False
         n_dws = lrc.HWS_SEQNO_INDEX + len(lay.engines) * i915.CONTEXTS_PER_ENGINE
         for e in lay.engines.values():
@@ -324,9 +339,13 @@ class WorkloadDriver:
                     c.inflight.remove(w)
                     yield from self._retire(w, now)
                 c.retired = max(c.retired, seqno)
+            n = len(writes)
             for p in self.try_submit(e, writes):
                 yield p
-        yield self._post(writes)
+            if len(writes) > n:
+                submitted.append(e)
+        # the ELSPs go with the sampled workload they submit, not with this interrupt's
+        yield self._post(writes, self._elsp_trace(*submitted))
         if not progressed:
             self.counts["empty_irqs"] += 1
         if self.irqs % CHECK_REGISTERS_EVERY == 0:

@@ -17,6 +17,11 @@ guest store to such a page faults (PAGE_FAULT, or a RAM_WRITE that hits one) and
 in the VM's fifo: it goes to the mediator as TRACKED_WRITE after the VM's earlier writes, is stored
 in guest RAM once the mediator has emulated it, and nothing behind it in the fifo moves before
 that (the vCPU is stopped on the fault).
+
+Tracing: a sampled guest operation's id comes with its message. The core keeps it with what it
+queues (a batch takes the id of the first sampled write in it; the others' traces end here, at
+their arrival), and forwards a batch or a fault as a traced Spawn, so the shell times the forward
+and the mediator's call carries the id.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from nodes.actions import Call, Event, Post, Signal, Wait
+from nodes.actions import Call, Event, Post, Signal, Spawn, Wait
 from nodes.errors import GvtError, OutcomeUnknown
 from nodes.hw import PAGE_SHIFT, PAGE_SIZE, bar0
 from nodes.memory import Layout, RegionMemory, WriteProtect, make_p2m
@@ -44,7 +49,7 @@ ERRORS_KEPT = 8
 
 class _Writes:
     """Posted writes of one VM, in guest order, that go to the mediator as one batch."""
-    __slots__ = ("off", "size", "val", "first", "last", "arrivals")
+    __slots__ = ("off", "size", "val", "first", "last", "arrivals", "trace")
 
     def __init__(self, first: int) -> None:
         self.off = bytearray()
@@ -53,6 +58,7 @@ class _Writes:
         self.first = first          # the guest's number of the first and last write message here
         self.last = first
         self.arrivals: list[tuple[int, int, int]] = []     # (arrival ns, n mmio, n gtt)
+        self.trace = 0              # the first sampled operation among its writes
 
     def __len__(self) -> int:
         return len(self.size)
@@ -60,10 +66,10 @@ class _Writes:
 
 class _Fault:
     """A guest store to a write-protected page, waiting for its turn in the fifo."""
-    __slots__ = ("gpa", "data", "w")
+    __slots__ = ("gpa", "data", "w", "trace")
 
-    def __init__(self, gpa: int, data: bytes, w: int):
-        self.gpa, self.data, self.w = gpa, data, w
+    def __init__(self, gpa: int, data: bytes, w: int, trace: int = 0):
+        self.gpa, self.data, self.w, self.trace = gpa, data, w, trace
 
 
 class Vm:
@@ -109,6 +115,7 @@ class HypervisorCore:
                     for vm, mem in vms.items()}
         self._dirty: set[int] = set()       # VMs whose fifo has something to send
         self._irqs: dict[int, int | None] = {}     # VM -> MSI vector to deliver at the next tick
+        self._irq_traces: dict[int, int] = {}       # VM -> the first sampled operation among them
         self.outbox: list[Any] = []
         self.stats = Stats()
         declare_trap_metrics(self.stats)
@@ -143,10 +150,11 @@ class HypervisorCore:
         if kind == "MMIO_WRITE":
             off = p["off"]
             return self._posted(vm, _U32.pack(off), bytes((p["size"],)), _U64.pack(p["val"]), 1,
-                                int(bar0.in_gtt(off)), p.get("w", 0), now)
+                                int(bar0.in_gtt(off)), p.get("w", 0), now, msg.trace)
         if kind == "MMIO_WRITE_BATCH":
             n = write_batch_len(p)
-            return self._posted(vm, p["off"], p["size"], p["val"], n, -1, p.get("w", 0), now)
+            return self._posted(vm, p["off"], p["size"], p["val"], n, -1, p.get("w", 0), now,
+                                msg.trace)
         if kind == "MMIO_READ":
             return self._read(vm, p["off"], p["size"])
         if kind == "GPA_READ":
@@ -160,9 +168,9 @@ class HypervisorCore:
         if kind == "PAGE_TRACK":
             return self.page_track(vm, _u64s(p["gfns"]), p["enable"])
         if kind == "PAGE_FAULT":
-            return self._fault(vm, p["gpa"], p["data"], p.get("w", 0))
+            return self._fault(vm, p["gpa"], p["data"], p.get("w", 0), msg.trace)
         if kind == "RAM_WRITE":
-            return self.ram_write(vm, p["ops"])
+            return self.ram_write(vm, p["ops"], msg.trace)
         if kind == "INJECT_MSI":
             # delivered at the end of this drain of the sockets: MSIs of one vector that come
             # before the vCPU could take the first merge, as the LAPIC's IRR bit does
@@ -172,16 +180,19 @@ class HypervisorCore:
                 vm.msi_merged += 1
                 self.stats.inc("gvtbench_msi_merged", (vm.id,))
             self._irqs[vm.id] = p.get("vector")
+            if msg.trace and vm.id not in self._irq_traces:
+                self._irq_traces[vm.id] = msg.trace
             return None
         raise GvtError("ENOTSUP", f"the hypervisor does not handle {kind}")
 
     def _posted(self, vm: Vm, offs: bytes, sizes: bytes, vals: bytes, n: int, n_gtt: int, w: int,
-                now: int) -> None:
+                now: int, trace: int = 0) -> None:
         if vm.queued + vm.in_flight + n > self.max_posted:
             self.stats.inc("gvtbench_posted_writes", (vm.id, "refused"), n)
             self.outbox.append(self._done(vm, w, w, n, "failed",
                                           f"EAGAIN: VM {vm.id} has {vm.queued + vm.in_flight} posted "
-                                          f"writes queued or in flight, the limit is {self.max_posted}"))
+                                          f"writes queued or in flight, the limit is {self.max_posted}",
+                                          trace=trace))
             return None
         if n_gtt < 0:               # counted only once accepted: refusing must stay cheap
             n_gtt = int(np.count_nonzero(bar0.in_gtt(np.frombuffer(offs, dtype="<u4"))))
@@ -194,6 +205,8 @@ class HypervisorCore:
         tail.val += vals
         tail.last = w
         tail.arrivals.append((now, n - n_gtt, n_gtt))
+        if trace and not tail.trace:
+            tail.trace = trace
         vm.queued += n
         self._dirty.add(vm.id)
         return None
@@ -230,11 +243,11 @@ class HypervisorCore:
                 self._unqueue_fault(vm, head)
                 if vm.track[head.gpa >> PAGE_SHIFT]:
                     vm.faulting = True
-                    out.append(self._tracked_write(vm, head))
+                    out.append(_traced(self._tracked_write(vm, head), head.trace, "forward", vm.id))
                 else:                       # untracked meanwhile: a plain store
                     self._store(vm, head.gpa, head.data)
                     if head.w:
-                        out.append(self._done(vm, head.w, head.w, 1, "ok", None))
+                        out.append(self._done(vm, head.w, head.w, 1, "ok", None, trace=head.trace))
                 continue
             # a batch that is not full waits for the one in flight (and grows meanwhile); full
             # ones go while the VM has fewer than batches_in_flight out
@@ -244,7 +257,7 @@ class HypervisorCore:
             vm.queued -= len(head)
             vm.in_flight += len(head)
             vm.batches += 1
-            out.append(self._write_batch(vm, head))
+            out.append(_traced(self._write_batch(vm, head), head.trace, "forward", vm.id))
         if not fifo:
             self._dirty.discard(vm.id)
         return out
@@ -263,13 +276,13 @@ class HypervisorCore:
         self.stats.set("gvtbench_hv_tracked_pages", (vm.id,), int(np.count_nonzero(vm.track)))
         return len(g)
 
-    def _fault(self, vm: Vm, gpa: int, data: bytes, w: int) -> None:
+    def _fault(self, vm: Vm, gpa: int, data: bytes, w: int, trace: int = 0) -> None:
         """A guest store the guest's MMU stopped: it waits its turn in the fifo."""
         vm.gpa_to_mfn(gpa, len(data))
         if len(data) not in (1, 2, 4, 8) or gpa % len(data):
             raise GvtError("EINVAL", f"a faulting store is 1, 2, 4 or 8 aligned bytes, not "
                            f"{len(data)} at gpa {gpa:#x}")
-        self._queue_fault(vm, _Fault(gpa, data, w))
+        self._queue_fault(vm, _Fault(gpa, data, w, trace))
         return None
 
     def _queue_fault(self, vm: Vm, f: _Fault) -> None:
@@ -286,7 +299,7 @@ class HypervisorCore:
         else:
             del vm.faults_queued[g]
 
-    def ram_write(self, vm: Vm, ops: list) -> None:
+    def ram_write(self, vm: Vm, ops: list, trace: int = 0) -> None:
         """Guest stores sent as messages (the msg fabric: the guest cannot map its RAM). A store
         to a tracked page, or to a page with a fault still queued (order), faults in 8-byte
         pieces; the rest is stored now."""
@@ -302,7 +315,7 @@ class HypervisorCore:
                     else:
                         piece_ops = [(gpa + k, piece)]
                     for a, d in piece_ops:
-                        self._queue_fault(vm, _Fault(a, d, 0))
+                        self._queue_fault(vm, _Fault(a, d, 0, trace))
             else:
                 self._store(vm, gpa, data)
         return None
@@ -360,13 +373,13 @@ class HypervisorCore:
             pass                            # the guest has gone: nobody to tell
 
     def _done(self, vm: Vm, first: int, last: int, n: int, status: str, reason: str | None,
-              n_errors: int = 0, errors: list[str] | None = None) -> Post:
+              n_errors: int = 0, errors: list[str] | None = None, trace: int | None = None) -> Post:
         self.stats.inc("gvtbench_posted_writes", (vm.id, status), n)
         p: dict[str, Any] = {"first": first, "last": last, "n": n, "status": status,
                              "n_errors": n_errors, "errors": list(errors or ())[:ERRORS_KEPT]}
         if reason:
             p["reason"] = reason
-        return Post(guest_name(vm.id), "WRITE_DONE", p, vgpu=vm.id)
+        return Post(guest_name(vm.id), "WRITE_DONE", p, vgpu=vm.id, trace=trace)
 
     def _observe_writes(self, vm: Vm, q: _Writes, end: int) -> None:
         """Each write's hypervisor stage: from its arrival to the mediator's answer."""
@@ -391,10 +404,12 @@ class HypervisorCore:
         out = self.outbox
         self.outbox = []
         if self._irqs:
+            traces = self._irq_traces
             for vm_id, vector in self._irqs.items():
                 out.append(Post(guest_name(vm_id), "IRQ", {} if vector is None else {"vector": vector},
-                                vgpu=vm_id))
+                                vgpu=vm_id, trace=traces.get(vm_id, 0)))
             self._irqs = {}
+            self._irq_traces = {}
         for vm_id in list(self._dirty):
             vm = self.vms[vm_id]
             out.extend(self._pump(vm))
@@ -445,3 +460,8 @@ class HypervisorCore:
 
 def _u64s(b: bytes) -> np.ndarray:
     return np.frombuffer(b, dtype="<u8")
+
+
+def _traced(task: Iterator[Any], trace: int, span: str, vm: int) -> Any:
+    """A forwarding task, as a stage of the sampled operation it carries (if any)."""
+    return Spawn(task, trace=trace, span=span, vgpu=vm) if trace else task

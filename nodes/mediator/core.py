@@ -114,6 +114,7 @@ class MediatorCore:
         vg = self.vgpus.get(msg.vgpu)
         if vg is not None:
             vg.now = now
+            vg.trace = msg.trace
         if kind == "TRAP_READ":
             return mmio.emulate_read(self._vgpu(msg.vgpu), p["off"], p["size"])
         if kind == "TRAP_WRITE":

@@ -8,6 +8,10 @@ A workload's life: created at the ELSP write (the guest context is read then: in
 workload) and queued on its vGPU's engine queue, where it stays until it completes; dispatched
 when the policy picks it for an idle engine; completed (or failed) by the engine's interrupt.
 Only the queue head of a vGPU's engine runs, and each physical engine runs one workload at a time.
+
+A workload keeps the trace id of the ELSP write that made it (vgpu.trace, the message being
+emulated), so its dispatch, which may come long after, and the gpu's execution of it are stages
+of the same sampled operation.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ class Workload:
     state: str = "queued"           # queued, running, done
     shadow_pages: list[list[int]] = field(default_factory=list)     # runs of host pool pages
     events: set[int] = field(default_factory=set)
+    trace: int = 0                  # the sampled operation that submitted it (0: none)
 
 
 class WorkloadScheduler:
@@ -99,7 +104,8 @@ class WorkloadScheduler:
             raise GvtError("EINVAL", f"vGPU {vgpu.id} {engine}: addressing mode {mode} is not a "
                            f"PPGTT mode GVT-g shadows")
         pdps = [lrc.pdp(list(st), n) for n in range(4)]
-        w = Workload(self.next_id, vgpu, engine, d, schedule_in, head, tail, start, ctl, now)
+        w = Workload(self.next_id, vgpu, engine, d, schedule_in, head, tail, start, ctl, now,
+                     trace=vgpu.trace)
         self.next_id = self.next_id % 0xFFFFFFFF + 1
         w.mm = yield from vgpu.ppgtt.get_mm(mode, pdps)
         return w
@@ -120,7 +126,8 @@ class WorkloadScheduler:
             if w.vgpu.id == lane:
                 yield from self._dispatch(w)
             else:
-                yield Spawn(self._dispatch(w), lane=w.vgpu.id)
+                yield Spawn(self._dispatch(w), lane=w.vgpu.id, trace=w.trace,
+                            span=f"dispatch {engine}", vgpu=w.vgpu.id)
 
     def _dispatch(self, w: Workload) -> Iterator[Any]:
         vgpu = w.vgpu
@@ -137,7 +144,8 @@ class WorkloadScheduler:
         pd = lrc.descriptor(lrca, w.id, w.desc.addressing)
         elsp = regs.ring(w.engine, regs.RING_ELSP)
         yield Post(self.gpu, "MMIO_WRITE_BATCH",
-                   pack_write_batch([elsp] * 4, [4] * 4, lrc.elsp_dwords(pd)), vgpu=vgpu.id)
+                   pack_write_batch([elsp] * 4, [4] * 4, lrc.elsp_dwords(pd)), vgpu=vgpu.id,
+                   trace=w.trace)
 
     def _shadow(self, w: Workload) -> Iterator[Any]:
         """intel_gvt_scan_and_shadow_workload + populate_shadow_context: ring copy, batch copies
