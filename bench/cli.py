@@ -234,6 +234,12 @@ def parser() -> argparse.ArgumentParser:
                         "not written): what tracing costs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_perf)
+    dash = sub.add_parser("dashboards", help="write the Grafana dashboards (JSON) that "
+                          "bench/dashboards.py builds")
+    dash.add_argument("--out", default="dashboards", help="folder to write (default: dashboards/)")
+    dash.add_argument("--check", action="store_true",
+                      help="write nothing; exit 1 if a file differs from what the code builds")
+    dash.set_defaults(fn=_dashboards)
     rep = sub.add_parser("report", help="print a result JSON as a table, or write it as one "
                          "self-contained HTML file")
     rep.add_argument("result", help="a result JSON (gvtbench run --json)")
@@ -242,6 +248,11 @@ def parser() -> argparse.ArgumentParser:
                           "instead of printing the table")
     rep.set_defaults(fn=_report)
     return ap
+
+
+def _dashboards(args: argparse.Namespace) -> int:
+    from bench import dashboards
+    return dashboards.main(["--out", args.out] + (["--check"] if args.check else []))
 
 
 def main(argv: list[str] | None = None) -> int:

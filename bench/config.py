@@ -11,10 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:         # Python 3.10
-    import tomli as tomllib         # type: ignore[no-redef]
+import tomllib
 
 from nodes.guest.core import MIXES
 from nodes.hw import partition

@@ -231,7 +231,11 @@ class Launcher:
             raise RunFailed("; ".join(f"{n}: {e}" for n, e in failed.items()))
         if self.prometheus is not None:
             from bench.prom import write_targets
-            write_targets(self.prometheus.folder, {n: core.ready[n] for n in names})
+            nodes = {n: core.ready[n] for n in names}
+            write_targets(self.prometheus.folder, nodes)
+            scraped = sum(1 for r in nodes.values() if r.get("metrics_port"))
+            yield from self._wait(lambda: self.prometheus.scraping(scraped), 30,
+                                  "Prometheus to scrape every node")
 
     def _drive(self, names: list[str]) -> Iterator[Any]:
         cfg, core = self.cfg, self.core

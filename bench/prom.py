@@ -98,6 +98,17 @@ class PrometheusServer:
         self.stop()
         raise RuntimeError(f"prometheus did not become ready within {timeout:g} s")
 
+    def scraping(self, nodes: int) -> bool:
+        """Prometheus has scraped each of `nodes` targets at least once, successfully. It applies
+        a changed target list at most every 5 s (its scrape manager's reload tick), so a run that
+        started its load before this would lose its first seconds."""
+        try:
+            with urllib.request.urlopen(self.url + "/api/v1/targets?state=active", timeout=2) as r:
+                active = json.load(r)["data"]["activeTargets"]
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            return False
+        return len(active) == nodes and all(t.get("health") == "up" for t in active)
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return

@@ -648,6 +648,6 @@ class Runtime:
         self._http, self.metrics_port = serve_metrics(
             [StatsCollector(self.core.stats), StatsCollector(self.engine.stats),
              LinkCollector(lambda: self.engine.links, lambda: self.engine.sched.pending_calls),
-             BuildInfoCollector(self.role, translator)],
+             BuildInfoCollector(translator)],
             addr, port)
         return self.metrics_port

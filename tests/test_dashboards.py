@@ -42,6 +42,11 @@ def test_check_names_a_file_that_differs(tmp_path):
     victim.write_text(victim.read_text().replace("vGPU state", "vGPU status"))
     assert dashboards.stale(tmp_path) == ["gvtbench-nodes.json"]
     assert dashboards.main(["--check", "--out", str(tmp_path)]) == 1
+    # the same through the command line: gvtbench dashboards --check, then a rewrite fixes it
+    check = [sys.executable, "-m", "bench.cli", "dashboards", "--out", str(tmp_path), "--check"]
+    assert subprocess.run(check, capture_output=True, timeout=60).returncode == 1
+    subprocess.run(check[:-1], check=True, capture_output=True, timeout=60)
+    assert subprocess.run(check, capture_output=True, timeout=60).returncode == 0
 
 
 def test_a_few_dashboards_with_stable_uids():

@@ -80,7 +80,7 @@ def test_standalone_nodes_metrics(tmp_path):
                 pytest.fail("promtool is missing in CI")
         med = scrape(ports["mediator"])
         assert 'gvtbench_vgpu_state{state="active",vgpu="1"} 1.0' in med
-        assert 'gvtbench_build_info{role="mediator",translator="c",version="' in med
+        assert 'gvtbench_build_info{translator="c",version="' in med
         assert 'gvtbench_ggtt_entries_translated_total{result="ok",vgpu="1"}' in med
         assert 'gvtbench_traps_total{kind="gtt_write",stage="mediator",vgpu="1"}' in med
         assert metric(scrape(ports["gpu"]), "gvtbench_gpu_ggtt_writes_total") > 0

@@ -51,23 +51,6 @@ class Run:
     end: float
 
 
-def _scraping(url: str, nodes: int) -> bool:
-    """Prometheus has scraped every node of the run at least once, successfully."""
-    active = api(url, "/api/v1/targets", state="active")["activeTargets"]
-    return len(active) == nodes and all(t["health"] == "up" for t in active)
-
-
-class ScrapedLauncher(Launcher):
-    """A run whose load starts once Prometheus scrapes every node. Prometheus applies a changed
-    target list at most every 5 s (its scrape manager's reload tick), so without this wait the
-    first seconds of a short run are never scraped and rate() over them has nothing."""
-
-    def wait_ready(self, names: list[str]) -> Iterator[object]:
-        yield from super().wait_ready(names)
-        yield from self._wait(lambda: _scraping(self.prometheus.url, len(names)), 30,
-                              "Prometheus to scrape every node")
-
-
 @pytest.fixture(scope="module")
 def scraped_run(tmp_path_factory) -> Iterator[Run]:
     """A short run under a real Prometheus, with every kind of load so that every dashboard panel
@@ -81,7 +64,7 @@ def scraped_run(tmp_path_factory) -> Iterator[Run]:
     prom.start()
     try:
         start = time.time()
-        res = ScrapedLauncher(cfg, prometheus=prom).run()
+        res = Launcher(cfg, prometheus=prom).run()
         yield Run(prom, res, start, time.time())
     finally:
         prom.stop()

@@ -69,17 +69,19 @@ class BuildInfoCollector:
     """gvtbench_build_info: constant 1, its labels say what runs (the usual *_build_info idiom,
     so a query can join on it)."""
 
-    def __init__(self, role: str, translator: str = ""):
+    def __init__(self, translator: str = ""):
         try:
             version = metadata.version("gvtbench")
         except metadata.PackageNotFoundError:     # run from a source tree that was never installed
             version = "unknown"
-        self.labels = [version, role, translator]
+        self.labels = [version, translator]
 
     def collect(self) -> Iterator[Metric]:
-        m = GaugeMetricFamily("gvtbench_build_info", "The gvtbench version a node runs, its role, "
-                              "and the mediator's GTT translator (c or python)",
-                              labels=["version", "role", "translator"])
+        # no role label: the launcher's scrape targets carry `role`, and a metric label of the
+        # same name would be renamed exported_role
+        m = GaugeMetricFamily("gvtbench_build_info", "The gvtbench version a node runs, and the "
+                              "mediator's GTT translator (c or python)",
+                              labels=["version", "translator"])
         m.add_metric(self.labels, 1)
         yield m
 
