@@ -101,6 +101,9 @@ def check_workloads(reports: dict[int, dict]) -> list[str]:
             reasons.append(f"guest {vm}: boot failed: {r['boot_error']}")
         if r["pending"]:
             reasons.append(f"guest {vm}: {r['pending']} operations still pending at the end")
+        if r.get("faulting_pages"):
+            reasons.append(f"guest {vm}: {r['faulting_pages']} pages still wait for a faulting "
+                           f"store to be acknowledged at the end (a WRITE_DONE lost or unhandled)")
         unknown = r.get("unknown", 0)
         if r["issued"] != r["completed"] + r["failed"] + unknown + r["pending"]:
             reasons.append(f"guest {vm}: issued {r['issued']} != completed {r['completed']} + failed "

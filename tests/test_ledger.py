@@ -85,6 +85,8 @@ def test_workload_accounting():
     # a write whose outcome is unknown is neither lost nor failed
     indeterminate = dict(good, completed=8, unknown=2)
     assert ledger.check_workloads({1: indeterminate}) == []
+    unacked = dict(good, faulting_pages=1)
+    assert any("faulting store" in r for r in ledger.check_workloads({1: unacked}))
     failed = dict(good, completed=9, failed=1, fail_reasons={"EFAULT: x": 1})
     assert any("EFAULT" in r for r in ledger.check_workloads({1: failed}))
 

@@ -319,6 +319,11 @@ def test_workloads_run_once_with_their_tokens_in_place_and_nothing_else_changed(
         assert b.net.call("launcher", "mediator", "POOL_CHECK")["violations"] == 0
         v = b.mediator.vgpus[1]
         assert v.ppgtt.counts["tracked_writes"] > 0 and v.workloads["failed"] == 0
+        # each faulting store's WRITE_DONE ended its fault: no page stays faulting, no write is
+        # left waiting, and no message made a handler fail on the way
+        assert g.ram.faulting == {} and g.writes == {} and g.writes_in_flight == 0
+        for name, eng in b.net.engines.items():
+            assert eng.stats.total("gvtbench_handler_errors") == 0, name
         assert sum(e.executed for e in b.gpu.engines.values()) >= w["completed"]
         # every shadow page is still there and every workload's shadow buffers were released
         assert b.mediator.pool.in_use() == 4 + v.ppgtt.shadow_pages()

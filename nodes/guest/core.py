@@ -483,16 +483,16 @@ class GuestCore:
         for w in done:
             op = writes.pop(w)
             self.writes_in_flight -= op.n
+            if op.kind == "fault":              # its gpr field is the faulting store's gpa
+                self.ram.fault_done(op.gpr)
+                if status == "failed":
+                    self._fail_reason(f"a RAM store that faulted failed: {p.get('reason', status)}")
+                continue
             if op.gpr is not None:
                 self._settle_gpr(op.gpr, status)
             if op.kind in ("boot", "driver"):      # not ops of the load
                 if status == "failed" and op.kind == "driver":
                     self._fail_reason(f"driver write failed: {p.get('reason', status)}")
-                continue
-            if op.kind == "fault":
-                self.ram.fault_done(op.gpr)
-                if status == "failed":
-                    self._fail_reason(f"a RAM store that faulted failed: {p.get('reason', status)}")
                 continue
             if status == "ok":
                 t, n = ok.setdefault(op.kind, ([], []))
@@ -603,6 +603,7 @@ class GuestCore:
         return {"vm": self.vm, "state": self.state, "issued": self.issued, "completed": self.completed,
                 "failed": self.failed, "unknown": self.unknown, "pending": self._inflight(),
                 "mismatches": self.mismatches, "fail_reasons": dict(self.fail_reasons),
+                "faulting_pages": len(self.ram.faulting),
                 "irqs": self.irqs, "boot_error": self.boot_error, "pv": self.pv,
                 "workloads": self.wl.report(), "workload_latency": self.workload_latency(),
                 "elapsed_s": (now - self.t0) / 1e9 if self.t0 else 0.0,
