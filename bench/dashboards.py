@@ -319,8 +319,8 @@ def nodes() -> Board:
            "Frames a node could not decode (bad frames), messages it refused (permissions, limits) and failed "
            "handshakes, by reason; 0 while none happened." + node_note, "cps",
            [(events("gvtbench_bad_frames_total", "node, reason"), "{{node}} bad frame {{reason}}"),
-            (events("gvtbench_refused_messages_total", "node, role, kind, code"),
-             "{{node}} refused {{kind}} from {{role}} {{code}}"),
+            (events("gvtbench_refused_messages_total", "node, peer_role, kind, code"),
+             "{{node}} refused {{kind}} from {{peer_role}} {{code}}"),
             (events("gvtbench_handshake_failures_total", "node, reason"), "{{node}} handshake {{reason}}")]),
         ts("Dropped frames, handler errors and dropped links",
            "Frames a node could not send (peer gone or not reading), requests its handlers answered with an "

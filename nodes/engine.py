@@ -80,8 +80,9 @@ class NodeEngine:
         s = self.stats
         s.counter("gvtbench_bad_frames", "Frames refused as malformed, by reason", ["reason"])
         s.counter("gvtbench_refused_messages",
-                  "Well-formed messages refused (EPERM, ENODEV, EAGAIN), by sender role and kind",
-                  ["role", "kind", "code"])
+                  "Well-formed messages refused (EPERM, ENODEV, EAGAIN), by the sender's role and "
+                  "kind (peer_role, not role: the launcher's scrape targets carry `role`)",
+                  ["peer_role", "kind", "code"])
         s.counter("gvtbench_handler_errors", "Requests that ended in an error, by code", ["code"])
         s.counter("gvtbench_dropped_frames",
                   "Frames this node could not send (peer gone, queue full, too large)", ["reason"])

@@ -94,7 +94,7 @@ def test_a_guest_cannot_stop_or_inspect_the_hypervisor(cluster):
         assert g.call("MMIO_READ", {"off": PV_MAGIC, "size": 8}, 1)[6] == 0x4776544776544776
         assert cluster.alive("hypervisor")
         text = cluster.metrics("hypervisor")
-        assert metric(text, "gvtbench_refused_messages_total", role="guest", kind="SHUTDOWN", code="EPERM") == 1
+        assert metric(text, "gvtbench_refused_messages_total", peer_role="guest", kind="SHUTDOWN", code="EPERM") == 1
     finally:
         g.close()
     # a peer calling itself the launcher is not one: no launcher connects to a node's socket

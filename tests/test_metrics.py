@@ -10,9 +10,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from wireclient import RawPeer, RawServer, free_port, metric, scrape, start_node, stop, wait_for
 
 PROMTOOL = shutil.which("promtool")
-# the label names the metric set may use: each has a bounded set of values in a run
+# the label names the metric set may use: each has a bounded set of values in a run, and none is
+# a label the launcher's scrape targets carry (node, role), which Prometheus would rename exported_*
 LABELS = {"vgpu", "kind", "stage", "engine", "link", "direction", "status", "reason", "result",
-          "state", "mix", "code", "role", "version", "translator", "outcome"}
+          "state", "mix", "code", "peer_role", "version", "translator", "outcome"}
 
 
 def check_metric_names(node: str, text: str) -> None:
