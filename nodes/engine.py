@@ -237,45 +237,37 @@ class NodeEngine:
     def send_call(self, call: Call, now: int) -> Hashable:
         link = self._link_to(call.peer)
         seq = link.tx_seq + 1
-        if self.trace_spans:
-            trace, span = self._resolve(call.trace)
-            if trace:
-                t = self.clock()
-                link.send_frame(encode(call.kind, seq, 0, call.vgpu, t, FLAG_WANT_REPLY,
-                                       call.payload, trace), seq, self.max_frame, now)
-                key = (link.name, seq)
-                own = span is None
-                if own:
-                    span = self._open(call.kind, call.vgpu, trace, t, "call")
-                if span is not None:
-                    _hop(span.outs, link.name, seq, t, call.kind)
-                    if len(self._calls) >= self._calls_prune_at:
-                        self._forget_calls()
-                    self._calls[key] = (span, own)
-                return key
-        link.send_frame(encode(call.kind, seq, 0, call.vgpu, self.clock(), FLAG_WANT_REPLY, call.payload),
+        trace, span = self._resolve(call.trace) if self.trace_spans else (0, None)
+        t = self.clock()
+        link.send_frame(encode(call.kind, seq, 0, call.vgpu, t, FLAG_WANT_REPLY, call.payload, trace),
                         seq, self.max_frame, now)
-        return (link.name, seq)
+        key = (link.name, seq)
+        if trace:
+            own = span is None          # no open span of its operation: the call is a stage
+            if own:
+                span = self._open(call.kind, call.vgpu, trace, t, "call")
+            if span is not None:
+                _hop(span.outs, link.name, seq, t, call.kind)
+                if len(self._calls) >= self._calls_prune_at:
+                    self._forget_calls()
+                self._calls[key] = (span, own)
+        return key
 
     def send_post(self, post: Post, now: int) -> None:
         link = self._link_to(post.peer)
         seq = link.tx_seq + 1
-        if self.trace_spans:
-            trace, span = self._resolve(post.trace)
-            if trace:
-                t = self.clock()
-                link.send_frame(encode(post.kind, seq, 0, post.vgpu, t, 0, post.payload, trace),
-                                seq, self.max_frame, now)
-                if span is not None:
-                    _hop(span.outs, link.name, seq, t, post.kind)
-                else:                   # a stage of its own: the send
-                    span = self._open(post.kind, post.vgpu, trace, t, "post")
-                    if span is not None:
-                        _hop(span.outs, link.name, seq, t, post.kind)
-                        self._close(span, self.clock())
-                return
-        link.send_frame(encode(post.kind, seq, 0, post.vgpu, self.clock(), 0, post.payload), seq,
+        trace, span = self._resolve(post.trace) if self.trace_spans else (0, None)
+        t = self.clock()
+        link.send_frame(encode(post.kind, seq, 0, post.vgpu, t, 0, post.payload, trace), seq,
                         self.max_frame, now)
+        if trace:
+            own = span is None          # no open span of its operation: the send is a stage
+            if own:
+                span = self._open(post.kind, post.vgpu, trace, t, "post")
+            if span is not None:
+                _hop(span.outs, link.name, seq, t, post.kind)
+                if own:
+                    self._close(span, self.clock())
 
     def finish(self, origin: Origin | None, result: Any, err: BaseException | None, now: int) -> None:
         if origin is None:
@@ -351,17 +343,19 @@ class NodeEngine:
             return 0, None
         return trace, (span if span is not None and span.trace == trace else None)
 
+    def _full(self) -> bool:
+        """No room for one more span: it is counted as dropped."""
+        if len(self.spans) < self.trace_spans:
+            return False
+        self.spans_dropped += 1
+        self.stats.inc("gvtbench_trace_spans", ("dropped",))
+        return True
+
     def _open(self, name: str, vgpu: int, trace: int, t0: int, kind: str) -> Span | None:
-        if len(self.spans) >= self.trace_spans:
-            self.spans_dropped += 1
-            self.stats.inc("gvtbench_trace_spans", ("dropped",))
-            return None
-        return Span(name, vgpu, trace, t0, kind)
+        return None if self._full() else Span(name, vgpu, trace, t0, kind)
 
     def _close(self, span: Span, t1: int) -> None:
-        if len(self.spans) >= self.trace_spans:     # others closed first filled the buffer
-            self.spans_dropped += 1
-            self.stats.inc("gvtbench_trace_spans", ("dropped",))
+        if self._full():            # others closed first filled the buffer
             return
         self.spans.append((span.t0, t1, span.vgpu, span.name, span.trace, span.kind, span.ins,
                            span.outs))
