@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-TRAP_KINDS = ("mmio_read", "mmio_write", "gtt_write")
+from bench.report import KINDS as TRAP_KINDS
+from nodes.stats import LatencyHistogram
+
 STAGES = ("hypervisor", "mediator")
 # Tableau 10: distinct on screen and in print
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -68,12 +70,10 @@ def check_result(result: Any, where: str = "the result") -> None:
 def _decode(encoded: str) -> Any:
     """A result's "hdr" string as an hdrh HdrHistogram (decoded once: the table and the chart
     both read it)."""
-    from hdrh.histogram import HdrHistogram
     try:
-        return HdrHistogram.decode(encoded)
-    except Exception as err:        # hdrh raises TypeError, zlib.error or its own cookie errors
-        raise ResultInvalid(f"an 'hdr' value is not a base64 HdrHistogram: "
-                            f"{type(err).__name__}: {err}") from None
+        return LatencyHistogram.from_dict({"hdr": encoded}).hdr
+    except ValueError as err:
+        raise ResultInvalid(f"an 'hdr' value is not a base64 HdrHistogram: {err}") from None
 
 
 def percentile_points(encoded: str) -> list[tuple[float, float]]:
