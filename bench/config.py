@@ -63,6 +63,11 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "mediator": {
         "max_vgpus": (int, partition.GVT_MAX_VGPU - 1, lambda v: 1 <= v <= 1024, "1..1024"),
         "translator": (str, "auto", lambda v: v in ("auto", "c", "python"), "'auto', 'c' or 'python'"),
+        "scratch": (str, "kernel", lambda v: v in ("kernel", "fault"),
+                    "'kernel' (the scratch tree is present and absorbs stray GPU accesses, as "
+                    "GVT-g has it) or 'fault' (a stray access faults)"),
+        "shadow_quota_pages": (int, 0, _nonneg, "host pool pages a vGPU may hold for its shadows, "
+                               ">= 0 (0: an even share of the pool among max_vgpus)"),
     },
     "vgpus": {
         "count": (int, 2, lambda v: 1 <= v <= 1024, "1..1024"),

@@ -129,7 +129,9 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
         translate, info["translator"] = select_translator(cfg["mediator"]["translator"])
         core = MediatorCore(layout, Fabric(layout, run["fabric"], run_id, owned=owned),
                             aperture_size=cfg["gpu"]["aperture_mib"] * MiB,
-                            max_vgpus=cfg["mediator"]["max_vgpus"], translate=translate)
+                            max_vgpus=cfg["mediator"]["max_vgpus"], translate=translate,
+                            scratch=cfg["mediator"]["scratch"],
+                            shadow_quota=cfg["mediator"]["shadow_quota_pages"])
         setup = core.setup([(v, vgpu_type(cfg, v)) for v in vm_ids(cfg)])
     elif role == "hypervisor":
         from nodes.hypervisor.core import HypervisorCore

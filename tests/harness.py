@@ -22,7 +22,7 @@ from nodes.engine import NodeEngine
 from nodes.errors import GvtError, WireError
 from nodes.gpu.sim import GpuSim
 from nodes.guest.core import GuestCore, LoadSpec
-from nodes.hw import gtt, partition
+from nodes.hw import gtt, partition, pvinfo, regs
 from nodes.hypervisor.core import HypervisorCore
 from nodes.mediator.core import MediatorCore
 from nodes.mediator.translate import translate_entries
@@ -269,6 +269,22 @@ def make_bench(*, translate: Callable[..., Any] = translate_entries,
     for vm in guests:
         add_guest(net, vm, vm_frames[vm], seed, trace_spans=trace_spans)
     return Bench(net, layout, mediator, hv, gpu, [host_mem, *vms.values()])
+
+
+def run_task(b: Bench, gen: Any, node: str = "mediator") -> Any:
+    """Run a task fragment of a core (a generator of actions) on its node to its end."""
+    box = b.net.spawn(node, gen)
+    b.net.run(until=lambda: bool(box))
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def enable_execlists(b: Bench, vgpu: int, engines: Iterable[str] = ("rcs", "bcs", "vcs", "vecs")) -> None:
+    """What a GVT-g aware guest does before it submits: read the PV page, enable execlists."""
+    b.trap_read(vgpu, pvinfo.BASE + pvinfo.MAGIC_OFF, 8)
+    b.trap_writes(vgpu, [(regs.ring(e, regs.RING_MODE), 4,
+                          regs.masked_enable(regs.GFX_MODE_RUN_LIST_ENABLE)) for e in engines])
 
 
 def started_bench(**kw: Any) -> Iterator[Bench]:

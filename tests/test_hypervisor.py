@@ -87,8 +87,23 @@ def test_write_done_reports_the_accesses_the_mediator_refused(bench):
     bench.net.spawn("guest1", task())
     bench.net.run()
     (done,) = bench.guests[1].of("WRITE_DONE")
-    assert (done["first"], done["last"], done["n"], done["status"]) == (7, 7, 3, "ok")
+    assert (done["first"], done["last"], done["n"], done["status"]) == (7, 7, 3, "refused")
+    assert list(done["refused"]) == [1]          # the second write of the message
     assert done["n_errors"] == 1 and "EFAULT" in done["errors"][0]
+
+
+def test_write_done_splits_a_batch_around_the_message_with_a_refused_write(bench):
+    """Messages merged into one TRAP_WRITE: only the one with the refused write says refused."""
+    def task():
+        for w, off in ((1, gpr(0)), (2, 3 << 20), (3, gpr(1)), (4, gpr(2))):
+            yield Post("hypervisor", "MMIO_WRITE", {"off": off, "size": 4, "val": w, "w": w}, vgpu=1)
+    bench.net.spawn("guest1", task())
+    bench.net.run()
+    done = [(d["first"], d["last"], d["n"], d["status"]) for d in bench.guests[1].of("WRITE_DONE")]
+    assert (2, 2, 1, "refused") in done
+    covered = sorted(w for first, last, _n, _st in done for w in range(first, last + 1))
+    assert covered == [1, 2, 3, 4]
+    assert all(st == "ok" for first, _l, _n, st in done if first != 2)
 
 
 def test_a_batch_with_ragged_fields_is_refused_whole(bench):

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from harness import SEED, add_guest, make_bench, started_bench
+from harness import SEED, add_guest, enable_execlists, make_bench, run_task, started_bench
 from nodes.guest.core import LoadSpec
 from nodes.hw import PAGE_SHIFT, PAGE_SIZE, lrc, regs
 from nodes.mediator import execlist, interrupt
@@ -24,12 +24,7 @@ def bench(request):
     yield from started_bench(translate=get_translator(request.param))
 
 
-def run(b, gen):
-    box = b.net.spawn("mediator", gen)
-    b.net.run(until=lambda: bool(box))
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+run = run_task
 
 
 def csb(v, engine="rcs"):
@@ -49,7 +44,17 @@ def test_elsp_takes_element1_hi_lo_then_element0_hi_lo_and_the_fourth_submits():
     assert el.index == 0                    # the next write starts a new submission
 
 
+def test_elsp_before_execlists_are_enabled_is_refused(bench):
+    """Until the guest enables execlists (GFX_MODE run list) GVT-g does not schedule the vGPU at
+    all (intel_vgpu_start_schedule); the bench refuses the submission outright."""
+    elsp = regs.ring("rcs", regs.RING_ELSP)
+    res = bench.trap_writes(1, [(elsp, 4, d) for d in lrc.elsp_dwords(A)])
+    assert res["n_errors"] == 1 and "before the guest enabled execlists" in res["errors"][0]
+    assert not bench.mediator.vgpus[1].queues["rcs"] and bench.mediator.vgpus[1].failsafe is None
+
+
 def test_elsp_refuses_an_invalid_element0_and_a_missing_privilege_bit(bench):
+    enable_execlists(bench, 1)
     elsp = regs.ring("rcs", regs.RING_ELSP)
     res = bench.trap_writes(1, [(elsp, 4, d) for d in lrc.elsp_dwords(NONE, A)])
     assert res["n_errors"] == 1 and "element 0 is not valid" in res["errors"][0]
@@ -172,7 +177,7 @@ def test_turning_the_master_on_with_one_pending_sends_the_msi_and_iir_write_clea
     assert len(bench.posts_of("INJECT_MSI")) == 1
     bench.trap_write(1, regs.gt_iir(0), 4, CTX_SWITCH)       # write 1 to clear
     assert not v.vregs[regs.gt_iir(0)] & CTX_SWITCH
-    assert not v.vregs[regs.MASTER_IRQ] & regs.GT_BANK_MASTER_BIT[0]
+    assert not v.vregs[regs.MASTER_IRQ] & 1 << 0
 
 
 # ---- PPGTT shadow rules -------------------------------------------------------------------------------
@@ -217,17 +222,29 @@ def test_rule_4k_entries_hold_machine_frames_and_tables_are_tracked(bench):
     assert bench.hv.vms[1].pins[DATA] and bench.hv.vms[1].pins[PT]
 
 
-def test_rule_non_present_entries_point_at_the_scratch_of_the_next_level_not_present(bench):
+def test_rule_never_present_entries_stay_zero_in_the_shadow(bench):
+    """ppgtt_populate_spt shadows only present guest entries; a shadow page starts zeroed, so the
+    GPU faults on an entry that was never present."""
     v, _ = build(bench)
-    pt = shadow_of(bench, table(v, PT, 3).mfn)
-    assert pt[2] == bench.mediator.pool.scratch_mfn << PAGE_SHIFT          # present bit clear
-    pd = shadow_of(bench, table(v, PD, 2).mfn)
-    assert pd[5] == bench.mediator.ppgtt_scratch[3] << PAGE_SHIFT
+    assert shadow_of(bench, table(v, PT, 3).mfn)[2] == 0
+    assert shadow_of(bench, table(v, PD, 2).mfn)[5] == 0
 
 
-def test_rule_an_invalid_gfn_is_not_present_in_the_shadow(bench):
+def test_rule_the_scratch_tree_is_present_in_the_kernels_mode(bench):
+    """alloc_scratch_pages: each level's scratch table points at the next one, present and RW."""
+    sc = bench.mediator.vgpus[1].scratch
+    for level in range(3):
+        ents = shadow_of(bench, sc.page[level])
+        assert (ents == lrc.entry(sc.page[level + 1], F)).all()
+    assert not shadow_of(bench, sc.page[3]).any()
+    assert sc.page != bench.mediator.vgpus[2].scratch.page     # each vGPU has its own
+
+
+def test_rule_an_invalid_gfn_maps_the_scratch_page(bench):
+    """ppgtt_populate_spt: a present leaf whose gfn is not guest RAM points at the scratch page
+    (present: a GPU access there is absorbed); counted as invalid."""
     v, _ = build(bench, pt={0: lrc.entry(10 ** 7, F)})
-    assert not shadow_of(bench, table(v, PT, 3).mfn)[0] & lrc.PTE_PRESENT
+    assert shadow_of(bench, table(v, PT, 3).mfn)[0] == lrc.entry(v.scratch.page[3], F)
     assert v.ppgtt.counts["invalid"] == 1
 
 
@@ -262,7 +279,7 @@ def test_rule_a_4_byte_half_leaves_scratch_until_the_entry_is_shadowed_whole(ben
     new = lrc.entry(DATA + 9, F)
     tracked(bench, (PT << PAGE_SHIFT) + 16, struct.pack("<I", new & 0xFFFFFFFF))
     t = table(v, PT, 3)
-    assert shadow_of(bench, t.mfn)[2] == bench.mediator.pool.scratch_mfn << PAGE_SHIFT
+    assert shadow_of(bench, t.mfn)[2] == v.scratch.page[3] << PAGE_SHIFT      # was never present
     assert 2 in t.post_shadow
     tracked(bench, (PT << PAGE_SHIFT) + 20, struct.pack("<I", new >> 32))
     # the hypervisor stores each half once it is emulated; then the next workload flushes
@@ -280,7 +297,7 @@ def test_rule_an_unmapped_table_page_loses_its_shadow_and_its_tracking(bench):
     assert not bench.hv.vms[1].track[PT] and not bench.hv.vms[1].pins[DATA]
     assert mfn not in bench.mediator.pool.owner and not shadow_of(bench, mfn).any()
     pd = shadow_of(bench, table(v, PD, 2).mfn)
-    assert pd[0] == bench.mediator.ppgtt_scratch[3] << PAGE_SHIFT
+    assert pd[0] == lrc.entry(v.scratch.page[2], F)       # the removed entry: scratch, present
     tracked(bench, (PT << PAGE_SHIFT), struct.pack("<Q", 0))     # no longer tracked: nothing to do
     assert v.ppgtt.counts["tracked_writes"] == 1
 
@@ -325,8 +342,9 @@ def test_workloads_run_once_with_their_tokens_in_place_and_nothing_else_changed(
         for name, eng in b.net.engines.items():
             assert eng.stats.total("gvtbench_handler_errors") == 0, name
         assert sum(e.executed for e in b.gpu.engines.values()) >= w["completed"]
-        # every shadow page is still there and every workload's shadow buffers were released
-        assert b.mediator.pool.in_use() == 4 + v.ppgtt.shadow_pages()
+        # every shadow page is still there and every workload's shadow buffers were released:
+        # the GGTT scratch page, each vGPU's 4-page scratch tree, the PPGTT shadows
+        assert b.mediator.pool.in_use() == 1 + 4 * len(b.mediator.vgpus) + v.ppgtt.shadow_pages()
     finally:
         b.close()
 
@@ -388,10 +406,12 @@ def test_a_guest_cannot_make_the_mediator_queue_workloads_without_bound(bench):
     """A flood of ELSP submissions of a context that never completes (its LRCA maps nothing):
     refused with EINVAL each; and of valid-looking ones past the queue bound: EBUSY."""
     from nodes.mediator import scheduler
+    enable_execlists(bench, 1)
     v = bench.mediator.vgpus[1]
     elsp = regs.ring("rcs", regs.RING_ELSP)
     res = bench.trap_writes(1, [(elsp, 4, d) for d in lrc.elsp_dwords(A)])
-    assert res["n_errors"] == 1 and "EFAULT" in res["errors"][0]       # the context does not translate
+    assert res["n_errors"] == 1 and "EINVAL" in res["errors"][0]       # the context does not translate
+    assert v.failsafe is None                                          # a refusal, not a guest error
     v.queues["rcs"].extend(object() for _ in range(scheduler.QUEUE_MAX - 1))
     res = bench.trap_writes(1, [(elsp, 4, d) for d in lrc.elsp_dwords(A)])
     assert res["n_errors"] == 1 and "EBUSY" in res["errors"][0]

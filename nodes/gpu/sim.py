@@ -93,6 +93,10 @@ class GpuSim:
         for off, size, val in zip(offs.tolist(), sizes.tolist(), vals.tolist()):
             self.mmio_write(off, size, val)
 
+    def timestamp(self) -> int:
+        """The engines' timestamp: commands run so far by all of them (the gpu has no clock)."""
+        return sum(e.commands for e in self.engines.values())
+
     def gm_to_mfn(self, gm: int) -> int:
         if not 0 <= gm < gtt.GM_SIZE:
             raise GvtError("EFAULT", f"GM address {gm:#x} is outside the 4 GiB GGTT range")

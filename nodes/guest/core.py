@@ -489,10 +489,10 @@ class GuestCore:
                     self._fail_reason(f"a RAM store that faulted failed: {p.get('reason', status)}")
                 continue
             if op.gpr is not None:
-                self._settle_gpr(op.gpr, status)
+                self._settle_gpr(op.gpr, "failed" if status == "refused" else status)
             if op.kind in ("boot", "driver"):      # not ops of the load
-                if status == "failed" and op.kind == "driver":
-                    self._fail_reason(f"driver write failed: {p.get('reason', status)}")
+                if status in ("failed", "refused") and op.kind == "driver":
+                    self._fail_reason(f"driver write {status}: {p.get('reason', status)}")
                 continue
             if status == "ok":
                 t, n = ok.setdefault(op.kind, ([], []))
@@ -502,7 +502,7 @@ class GuestCore:
                 self.unknown += 1
                 self.stats.inc("gvtbench_guest_ops", (self.vm, _MIX[op.kind], "unknown"))
             else:
-                self._fail(_MIX[op.kind], f"posted write failed: {p.get('reason', status)}", now)
+                self._fail(_MIX[op.kind], f"posted write {status}: {p.get('reason', status)}", now)
         for kind, (intended, n) in ok.items():
             # one WRITE_DONE settles many ops: their latencies are recorded in one go
             lab = (self.vm, kind, "guest")

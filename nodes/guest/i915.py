@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nodes.hw import PAGE_SHIFT, PAGE_SIZE, gtt, lrc, mi, regs
+from nodes.hw import PAGE_SHIFT, PAGE_SIZE, cmd, gtt, lrc, regs
 
 ENGINE_RESET_BIT = {"rcs": regs.GRDOM_RENDER, "bcs": regs.GRDOM_BLT, "vcs": regs.GRDOM_MEDIA,
                     "vecs": regs.GRDOM_VECS}
@@ -206,26 +206,26 @@ def context_image(ctx: Context, pml4: int) -> bytes:
 
 def batch_commands(stores: list[tuple[int, int]], counter_va: int) -> bytes:
     """A batch: MI_STORE_DATA_IMM of each (PPGTT address, token), the counter increment, END."""
-    out = []
+    out: list[int] = []
     for va, tok in stores:
-        out += [mi.mi(mi.MI_STORE_DATA_IMM, mi.LEN_STORE_DWORD - 2), va & 0xFFFFFFFF, va >> 32, tok]
-    out += [mi.mi(mi.MI_ATOMIC, mi.LEN_ATOMIC - 2) | mi.MI_ATOMIC_INC, counter_va & 0xFFFFFFFF,
-            counter_va >> 32]
-    out += [mi.mi(mi.MI_BATCH_BUFFER_END)]
-    return struct.pack(f"<{len(out)}I", *out)
+        out += cmd.store_dword(va, tok)
+    out += cmd.atomic(counter_va, "inc")
+    out.append(cmd.MI_BATCH_BUFFER_END.header())
+    return cmd.encode(*out)
 
 
 def ring_commands(batch_vas: list[int], seqno_gm: int, seqno: int) -> bytes:
-    """A workload's ring segment, a multiple of 8 bytes (RING_TAIL is qword aligned)."""
-    out = []
+    """A workload's ring segment, a multiple of 8 bytes (RING_TAIL is qword aligned): a PPGTT
+    (non-privileged) batch start per batch, the seqno store to the status page (GGTT), and the
+    user interrupt."""
+    out: list[int] = []
     for va in batch_vas:
-        out += [mi.mi(mi.MI_BATCH_BUFFER_START, mi.LEN_BB_START - 2) | mi.MI_BATCH_PPGTT,
-                va & 0xFFFFFFFF, va >> 32]
-    out += [mi.mi(mi.MI_STORE_DATA_IMM, mi.LEN_STORE_DWORD - 2) | mi.MI_USE_GGTT,
-            seqno_gm & 0xFFFFFFFF, seqno_gm >> 32, seqno, mi.mi(mi.MI_USER_INTERRUPT)]
+        out += cmd.bb_start(va, ppgtt=True)
+    out += cmd.store_dword(seqno_gm, seqno, ggtt=True)
+    out.append(cmd.MI_USER_INTERRUPT.header())
     if len(out) % 2:
-        out.append(mi.mi(mi.MI_NOOP))
-    return struct.pack(f"<{len(out)}I", *out)
+        out.append(cmd.MI_NOOP.header())
+    return cmd.encode(*out)
 
 
 def token(vm: int, ctx_id: int, seq: int, k: int) -> int:

@@ -485,8 +485,13 @@ class WorkloadDriver:
         e.csb_head = regs.RING_CSB_ENTRIES - 1
         out += self.store((e.hwsp_gfn << PAGE_SHIFT) + 4 * lrc.HWS_CSB_WRITE_INDEX,
                           _I.pack(regs.RING_CSB_ENTRIES - 1))
-        out.append(self.core.post_batch([regs.ring(e.name, regs.RING_CSB_PTR)], [4],
-                                        [regs.csb_ptr_guest_reset()]))
+        # the engine's reset finished: i915 resumes it as it first set it up (execlists_resume:
+        # run list enabled, the status page, the CSB pointers), which also restarts GVT-g's
+        # scheduling of the vGPU (a reset stops it)
+        out.append(self._post([(regs.ring(e.name, regs.RING_CSB_PTR), regs.csb_ptr_guest_reset()),
+                               (regs.ring(e.name, regs.RING_MODE),
+                                regs.masked_enable(regs.GFX_MODE_RUN_LIST_ENABLE)),
+                               (regs.ring(e.name, regs.RING_HWS_PGA), e.hwsp_gm)]))
         e.last_progress = now
         return out
 

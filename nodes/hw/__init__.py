@@ -6,7 +6,7 @@ interrupt.c, execlist.c, aperture_gm.c), i915_pvinfo.h, i915_reg.h and gt/ in th
 
 Submodules: bar0 (the BAR and its decode), gtt (entry format, index and offset helpers), lrc
 (context descriptor, context image, status page, CSB entries, PPGTT entries), regs
-(registers and their bits), pvinfo (the PV info page), mi (command opcodes), partition (vGPU
+(registers and their bits), pvinfo (the PV info page), cmd (the command table), partition (vGPU
 types and the host's share).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ GiB = 1 << 30
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
-from nodes.hw import bar0, gtt, lrc, mi, partition, pvinfo, regs  # noqa: E402  (after the units they use)
+from nodes.hw import bar0, cmd, gtt, lrc, partition, pvinfo, regs  # noqa: E402  (after the units they use)
 
-__all__ = ["KiB", "MiB", "GiB", "PAGE_SHIFT", "PAGE_SIZE", "bar0", "gtt", "lrc", "mi", "partition",
+__all__ = ["KiB", "MiB", "GiB", "PAGE_SHIFT", "PAGE_SIZE", "bar0", "cmd", "gtt", "lrc", "partition",
            "pvinfo", "regs"]

@@ -16,6 +16,7 @@ RING_HEAD = 0x34
 RING_START = 0x38
 RING_CTL = 0x3C
 RING_HWS_PGA = 0x80
+RING_NOPID = 0x94                   # a register with no effect: unused FORCE_TO_NONPRIV slots name it
 RING_MI_MODE = 0x9C                 # masked
 RING_IMR = 0xA8
 RING_INSTPM = 0xC0                  # masked
@@ -29,6 +30,21 @@ RING_CSB_SIZE = RING_CSB_ENTRIES * 8
 RING_CSB_PTR = 0x3A0                # masked: write pointer 2:0, read pointer 10:8
 RING_GPR0 = 0x600                   # CS_GPR: 16 x 64-bit general purpose registers
 RING_GPRS = 16
+RING_PDP0 = 0x270                   # PDP n: low dword at 0x270 + 8n, high dword 4 above it
+RING_PDPS = 4
+RING_FORCE_TO_NONPRIV = 0x4D0       # 12 slots: registers a non-privileged batch may access
+RING_FORCE_TO_NONPRIV_SLOTS = 12
+FORCE_TO_NONPRIV_ADDR_MASK = 0x3FFFFFC  # bits 25:2 of a slot: the register's offset
+RING_TIMESTAMP = 0x358
+RING_CSFE_CHICKEN1 = 0xD4           # masked; bits 3 and 4 a guest may not enable
+
+
+def pdp_ldw(n: int) -> int:
+    return RING_PDP0 + 8 * n
+
+
+def pdp_udw(n: int) -> int:
+    return RING_PDP0 + 8 * n + 4
 
 # RING_MODE bits (all masked)
 GFX_MODE_BIT0 = 1 << 0              # a guest may not enable it (handlers.c ring_mode_mmio_write)
@@ -77,12 +93,17 @@ def gt_ier(bank: int) -> int:
 # GT interrupt events (gen8 GT IIR layout, interrupt.c init_events): each engine owns 16 bits of
 # a GT bank; the user interrupt is bit 0 and the context switch bit 8 of its half.
 GT_USER_INTERRUPT = 1 << 0
+GT_PIPE_NOTIFY = 1 << 4             # PIPE_CONTROL notify on the render engine, MI_FLUSH_DW on others
 GT_CONTEXT_SWITCH = 1 << 8
 # engine -> (GT bank, shift of its half in the bank)
 ENGINE_IRQ: dict[str, tuple[int, int]] = {"rcs": (0, 0), "bcs": (0, 16), "vcs": (1, 0), "vecs": (3, 0)}
-# GT bank -> the master IRQ bit it reports through (GVT-g's gen8_init_irq: GT0 bit 0, GT1 bit 2,
-# GT2 bit 4, GT3 bit 6)
-GT_BANK_MASTER_BIT = {0: 1 << 0, 1: 1 << 2, 2: 1 << 4, 3: 1 << 6}
+# (GT bank, IIR bits) -> the master IRQ bit they report through (interrupt.c gen8_irq_map: each
+# half of GT0 and GT1 has its own bit, GT2 and GT3 their low half)
+GT_MASTER_MAP: tuple[tuple[int, int, int], ...] = (
+    (0, 0x0000FFFF, 1 << 0), (0, 0xFFFF0000, 1 << 1),
+    (1, 0x0000FFFF, 1 << 2), (1, 0xFFFF0000, 1 << 3),
+    (2, 0x0000FFFF, 1 << 4), (3, 0x0000FFFF, 1 << 6),
+)
 
 
 def engine_event(engine: str, event: int) -> tuple[int, int]:
@@ -133,6 +154,10 @@ FORCEWAKE_ACK: dict[int, int] = {
 FORCEWAKE_KERNEL = 1 << 0
 
 GUC_STATUS = 0xC000
+# GAMW_ECO_DEV_RW_IA (gen9): the 64 KiB page (IPS) enable of the PPGTT, all four bits or none
+GAMW_ECO_DEV_RW_IA = 0x4080
+GAMW_ECO_ENABLE_64K_IPS_FIELD = 0xF
+L3SQCREG4 = 0xB118                  # GEN8_L3SQCREG4
 GS_MIA_IN_RESET = 1 << 0
 
 # --- Other -------------------------------------------------------------------------------------

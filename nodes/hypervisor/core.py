@@ -49,7 +49,7 @@ ERRORS_KEPT = 8
 
 class _Writes:
     """Posted writes of one VM, in guest order, that go to the mediator as one batch."""
-    __slots__ = ("off", "size", "val", "first", "last", "arrivals", "trace")
+    __slots__ = ("off", "size", "val", "first", "last", "arrivals", "msgs", "trace")
 
     def __init__(self, first: int) -> None:
         self.off = bytearray()
@@ -58,6 +58,7 @@ class _Writes:
         self.first = first          # the guest's number of the first and last write message here
         self.last = first
         self.arrivals: list[tuple[int, int, int]] = []     # (arrival ns, n mmio, n gtt)
+        self.msgs: list[tuple[int, int]] = []   # (the guest's number, writes) of each message
         self.trace = 0              # the first sampled operation among its writes
 
     def __len__(self) -> int:
@@ -205,6 +206,7 @@ class HypervisorCore:
         tail.val += vals
         tail.last = w
         tail.arrivals.append((now, n - n_gtt, n_gtt))
+        tail.msgs.append((w, n))
         if trace and not tail.trace:
             tail.trace = trace
         vm.queued += n
@@ -355,12 +357,15 @@ class HypervisorCore:
         n = len(q)
         try:
             res = yield call
-            done = self._done(vm, q.first, q.last, n, "ok", None, res["n_errors"], res["errors"])
+            if res["n_errors"] and res.get("refused"):
+                done = self._done_refused(vm, q, res)
+            else:
+                done = [self._done(vm, q.first, q.last, n, "ok", None, res["n_errors"], res["errors"])]
             self._observe_writes(vm, q, call.done_at)
         except OutcomeUnknown as err:       # it may have been applied, or may be yet
-            done = self._done(vm, q.first, q.last, n, "unknown", str(err))
+            done = [self._done(vm, q.first, q.last, n, "unknown", str(err))]
         except GvtError as err:             # refused, or never sent: not applied
-            done = self._done(vm, q.first, q.last, n, "failed", str(err))
+            done = [self._done(vm, q.first, q.last, n, "failed", str(err))]
         finally:
             vm.in_flight -= n
             vm.batches -= 1
@@ -368,17 +373,46 @@ class HypervisorCore:
                 self._dirty.add(vm.id)
             self.stats.set("gvtbench_hv_posted_writes_in_flight", (vm.id,), vm.queued + vm.in_flight)
         try:
-            yield done
+            for d in done:
+                yield d
         except GvtError:
             pass                            # the guest has gone: nobody to tell
 
+    def _done_refused(self, vm: Vm, q: _Writes, res: dict) -> list[Post]:
+        """WRITE_DONE for a batch the mediator refused some writes of: each message with a
+        refused write has its own, status refused, naming those writes (their index in the
+        message); the runs of messages between them are ok."""
+        bits = np.unpackbits(np.frombuffer(res["refused"], dtype=np.uint8), bitorder="little")
+        out: list[Post] = []
+        run: list[tuple[int, int]] = []     # ok messages not yet reported
+        at = 0
+
+        def flush() -> None:
+            if run:
+                out.append(self._done(vm, run[0][0], run[-1][0], sum(k for _w, k in run), "ok", None))
+                run.clear()
+        for w, k in q.msgs:
+            idx = np.flatnonzero(bits[at:at + k]).tolist()
+            at += k
+            if not idx:
+                run.append((w, k))
+                continue
+            flush()
+            out.append(self._done(vm, w, w, k, "refused", res["errors"][0] if res["errors"] else None,
+                                  len(idx), res["errors"], refused=idx))
+        flush()
+        return out
+
     def _done(self, vm: Vm, first: int, last: int, n: int, status: str, reason: str | None,
-              n_errors: int = 0, errors: list[str] | None = None, trace: int | None = None) -> Post:
+              n_errors: int = 0, errors: list[str] | None = None, trace: int | None = None,
+              refused: list[int] | None = None) -> Post:
         self.stats.inc("gvtbench_posted_writes", (vm.id, status), n)
         p: dict[str, Any] = {"first": first, "last": last, "n": n, "status": status,
                              "n_errors": n_errors, "errors": list(errors or ())[:ERRORS_KEPT]}
         if reason:
             p["reason"] = reason
+        if refused is not None:
+            p["refused"] = refused
         return Post(guest_name(vm.id), "WRITE_DONE", p, vgpu=vm.id, trace=trace)
 
     def _observe_writes(self, vm: Vm, q: _Writes, end: int) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from nodes.actions import Call, Post
 from nodes.errors import GvtError
-from nodes.hw import bar0, gtt, partition
+from nodes.hw import bar0, gtt, lrc, partition
 from nodes.mediator import mmio
 from nodes.mediator.aperture import GmAllocator
 from nodes.mediator.dma import HostPool
@@ -18,9 +18,9 @@ from nodes.mediator.scheduler import WorkloadScheduler
 from nodes.mediator.translate import translate_entries
 from nodes.mediator.vgpu import VGpu, declare_vgpu_metrics
 from nodes.memory import Fabric, Layout
-from nodes.mediator.ppgtt import PPGTT_RESULTS
-from nodes.metrics import (TRAP_LATENCY, TRAPS, WORKLOAD_LATENCY, WORKLOADS, declare_shadow_metrics,
-                           declare_trap_metrics, declare_workload_metrics)
+from nodes.mediator.ppgtt import PPGTT_RESULTS, SCRATCH_MODES, Scratch
+from nodes.metrics import (TRAP_LATENCY, TRAPS, declare_shadow_metrics, declare_trap_metrics,
+                           declare_workload_metrics)
 from nodes.stats import Stats
 from nodes.wire.codec import Envelope
 from nodes.wire.schema import pack_write_batch, unpack_write_batch
@@ -36,16 +36,24 @@ class MediatorCore:
     def __init__(self, layout: Layout, fabric: Fabric, *, aperture_size: int = 1024 << 20,
                  max_vgpus: int = partition.GVT_MAX_VGPU - 1,
                  translate: Callable[..., Any] = translate_entries,
-                 hypervisor: str = "hypervisor", gpu: str = "gpu"):
+                 hypervisor: str = "hypervisor", gpu: str = "gpu", scratch: str = "kernel",
+                 shadow_quota: int = 0):
         self.layout, self.fabric = layout, fabric
         self.alloc = GmAllocator(aperture_size)
         self.max_vgpus = max_vgpus
         self.translate = translate
         self.hypervisor, self.gpu = hypervisor, gpu
+        if scratch not in SCRATCH_MODES:
+            raise GvtError("EINVAL", f"scratch mode {scratch!r}: one of {', '.join(SCRATCH_MODES)}")
+        self.scratch_mode = scratch
         self.pool = HostPool(layout.host, fabric)
-        self.scratch_mfn = self.pool.scratch_mfn      # the first page of the host pool
-        # per-level PPGTT scratch tables: index 1 PDP, 2 PD, 3 PT (all entries not present)
-        self.ppgtt_scratch = [0] + [self.pool.alloc(f"ppgtt scratch {n}") for n in ("pdp", "pd", "pt")]
+        self.scratch_mfn = self.pool.scratch_mfn      # the first page of the host pool (GGTT)
+        # each vGPU's share of the pool: what is left after the GGTT scratch page and every
+        # vGPU's PPGTT scratch tree (4 pages), split evenly, so no vGPU can starve another
+        self.shadow_quota = shadow_quota or max(1, (layout.host.frames - 1) // max_vgpus - 4)
+        if self.shadow_quota * max_vgpus + 4 * max_vgpus + 1 > layout.host.frames:
+            raise GvtError("EINVAL", f"{max_vgpus} vGPUs with a quota of {self.shadow_quota} pages "
+                           f"each do not fit in the host pool's {layout.host.frames} pages")
         self.scheduler = WorkloadScheduler(self.pool, gpu)
         self.vgpus: dict[int, VGpu] = {}
         self.stats = Stats()
@@ -73,7 +81,8 @@ class MediatorCore:
         vgpu = VGpu(vgpu_id, vgpu_type, part, stats=self.stats, pool=self.pool, fabric=self.fabric,
                     gfns=region.frames + GFN_HOLE_FRAMES, hypervisor=self.hypervisor, gpu=self.gpu,
                     translate=self.translate, scheduler=self.scheduler,
-                    ppgtt_scratch=self.ppgtt_scratch)
+                    scratch=Scratch(self.pool, vgpu_id, self.scratch_mode))
+        self.pool.quota[vgpu_id] = self.shadow_quota
         self.vgpus[vgpu_id] = vgpu
         self.scheduler.vgpus[vgpu_id] = vgpu
         return vgpu
@@ -102,15 +111,19 @@ class MediatorCore:
 
     def lane(self, msg: Envelope) -> Any:
         # a vGPU's accesses are emulated one at a time, in the order the guest made them; an
-        # engine's interrupt is handled in the lane of the vGPU whose workload it ran
+        # engine's interrupt is taken at once (a reset that holds the vGPU's lane waits for it),
+        # and queues the guest-visible completion in the vGPU's lane
         if msg.kind in self.LANED:
             return msg.vgpu
-        if msg.kind == "ENGINE_IRQ":
-            return self.scheduler.lane_of(msg.payload["engine"])
         return None
+
+    def tick(self, now: int) -> list[Any]:
+        self.scheduler.now = now
+        return []
 
     def handle(self, msg: Envelope, now: int) -> Any:
         kind, p = msg.kind, msg.payload
+        self.scheduler.now = now
         vg = self.vgpus.get(msg.vgpu)
         if vg is not None:
             vg.now = now
@@ -123,7 +136,7 @@ class MediatorCore:
         if kind == "TRACKED_WRITE":
             return self._tracked_write(self._vgpu(msg.vgpu), p["gpa"], p["data"])
         if kind == "ENGINE_IRQ":
-            return self._engine_irq(p, now)
+            return self._engine_irq(p)
         if kind == "SYNC":
             return self._sync()
         if kind == "POOL_CHECK":
@@ -141,22 +154,13 @@ class MediatorCore:
         return res
 
     def _tracked_write(self, vgpu: VGpu, gpa: int, data: bytes) -> Iterator[Any]:
-        yield from vgpu.track.on_write(gpa, data)
+        yield from vgpu.track.on_write(gpa, data, failsafe=vgpu.failsafe is not None)
         self._export_workloads({vgpu.id})
 
-    def _engine_irq(self, p: dict, now: int) -> Iterator[Any]:
+    def _engine_irq(self, p: dict) -> Iterator[Any]:
         if p["engine"] not in self.scheduler.inflight:
             raise GvtError("EINVAL", f"ENGINE_IRQ from unknown engine {p['engine']!r}")
-        done = len(self.scheduler.done)
-        yield from self.scheduler.on_engine_irq(p["engine"], p["csb"], p["faults"], now)
-        touched = set()
-        for vgpu, engine, status, lat in self.scheduler.done[done:]:
-            lab = (vgpu, engine, "mediator")
-            self.stats.hist(WORKLOAD_LATENCY, lab).record(lat)
-            self.stats.inc(WORKLOADS, (vgpu, engine, "mediator", status))
-            touched.add(vgpu)
-        del self.scheduler.done[:]
-        self._export_workloads(touched)
+        yield from self.scheduler.on_engine_irq(p["engine"], p["csb"], p["faults"])
 
     def _export_workloads(self, which: set[int] | None = None) -> None:
         for v in self.vgpus.values():
@@ -170,39 +174,77 @@ class MediatorCore:
             self.stats.set("gvtbench_context_switches", (v.id,),
                            sum(el.context_switches for el in v.execlists.values()))
             self.stats.set("gvtbench_virtual_irqs", (v.id,), v.msi_injected)
+            self.stats.set("gvtbench_ppgtt_reclaimed", (v.id,), v.ppgtt.counts["reclaimed"])
+            self.stats.set("gvtbench_cmd_scanned", (v.id,), v.commands_scanned)
+            self.stats.set("gvtbench_pool_pages", (v.id, "used"), self.pool.used.get(v.id, 0))
+            self.stats.set("gvtbench_pool_pages", (v.id, "quota"), self.pool.quota.get(v.id, 0))
 
     def pool_check(self) -> dict:
-        """The host pool holds only mediator data: every page not in use is zero, and every
-        present entry of every shadow page table points into its own VM's RAM or the pool."""
+        """The host pool holds only mediator data, table by table: every page not in use is zero;
+        each vGPU's scratch tables hold their scratch entries only; every present entry of every
+        shadow table of every level points where it may: an upper level at a shadow table of the
+        same vGPU or its scratch, a 2 MiB entry at the VM's own RAM, a leaf at the VM's own RAM or
+        its scratch page. What GPU accesses left in a vGPU's scratch page is counted, not a
+        violation (the kernel's scratch absorbs them)."""
         pool = self.pool
         region = pool.region
         violations: list[str] = []
         n_viol = 0
+
+        def bad(text: str) -> None:
+            nonlocal n_viol
+            n_viol += 1
+            if len(violations) < 8:
+                violations.append(text)
+        scratch_tables = {m for v in self.vgpus.values() for m in v.scratch.page[:3]}
+        scratch_data = {self.scratch_mfn: "the GGTT scratch page"}
+        scratch_data.update({v.scratch.page[3]: f"vGPU {v.id}'s scratch page" for v in self.vgpus.values()})
+        dirty: dict[str, int] = {}
         for k in range(region.frames):
             mfn = region.base_mfn + k
-            page = pool.page(mfn)
-            what = pool.owner.get(mfn, "free")
-            if pool.is_free(mfn) or "scratch" in what:
-                if np.frombuffer(page, dtype=np.uint8).any():
-                    n_viol += 1
-                    if len(violations) < 8:
-                        violations.append(f"host pool page {mfn:#x} ({what}) is not zero")
+            if mfn in scratch_tables:
+                continue                # checked below against what it must hold
+            what = scratch_data.get(mfn)
+            if what is None and not pool.is_free(mfn):
+                continue
+            nz = int(np.count_nonzero(np.frombuffer(pool.page(mfn), dtype=np.uint8)))
+            if nz and what is not None:
+                dirty[what] = nz
+            elif nz:
+                bad(f"host pool page {mfn:#x} is free but not zero")
         for v in self.vgpus.values():
             vm = self.layout.vm_region(v.id)
-            leaves = [t for t in v.ppgtt.tables.values() if t.level == 3]
-            leaves += [c for t in v.ppgtt.tables.values() for c in t.children.values()
-                       if c.split and c.mfn]           # 2 MiB entries split into 4 KiB tables
-            for t in leaves:
+            for level in range(3):
+                if bytes(pool.page(v.scratch.page[level])) != v.scratch.expected(level):
+                    bad(f"vGPU {v.id}: its {lrc.LEVEL_NAMES[level]}-level scratch table was written")
+            own = {t.mfn for t in v.ppgtt.tables.values()}
+            own |= {c.mfn for t in v.ppgtt.tables.values() for c in t.children.values() if c.split and c.mfn}
+            tables = list(v.ppgtt.tables.values())
+            tables += [c for t in tables for c in t.children.values() if c.split and c.mfn]
+            for t in tables:
                 ents = np.frombuffer(bytes(pool.page(t.mfn)), dtype="<u8")
-                frames = gtt.frame_of(ents[gtt.present(ents)]).astype(np.int64)
-                bad = frames[(frames < vm.base_mfn) | (frames >= vm.end_mfn)]
-                if len(bad):
-                    n_viol += 1
-                    if len(violations) < 8:
-                        violations.append(f"vGPU {v.id}: shadow PT for gfn {t.gfn:#x} maps machine "
-                                          f"frame {int(bad[0]):#x} outside VM {v.id}'s RAM")
+                pres = gtt.present(ents)
+                frames = gtt.frame_of(ents).astype(np.int64)
+                if t.level == 3:
+                    ok = ((frames >= vm.base_mfn) & (frames < vm.end_mfn)) | (frames == v.scratch.page[3])
+                    wrong = np.flatnonzero(pres & ~ok)
+                    if len(wrong):
+                        bad(f"vGPU {v.id}: shadow PT for gfn {t.gfn:#x} entry {int(wrong[0])} maps "
+                            f"machine frame {int(frames[wrong[0]]):#x} outside VM {v.id}'s RAM")
+                    continue
+                for i in np.flatnonzero(pres).tolist():
+                    e, f = int(ents[i]), int(frames[i])
+                    if t.level == 2 and e & lrc.PDE_PS_2M:
+                        if not (vm.base_mfn <= f and f + lrc.ENTRIES_PER_TABLE <= vm.end_mfn):
+                            bad(f"vGPU {v.id}: shadow PD for gfn {t.gfn:#x} entry {i} maps a 2 MiB page "
+                                f"at machine frame {f:#x} outside VM {v.id}'s RAM")
+                        continue
+                    if f in own or f == v.scratch.page[t.level]:
+                        continue
+                    bad(f"vGPU {v.id}: shadow {lrc.LEVEL_NAMES[t.level]} for gfn {t.gfn:#x} entry {i} "
+                        f"points at machine frame {f:#x}, no table of its own")
         return {"pages_checked": region.frames, "violations": n_viol, "reasons": violations,
-                "in_use": pool.in_use()}
+                "in_use": pool.in_use(), "scratch_dirty": dirty}
 
     def _sync(self) -> Iterator[Any]:
         # a request on the gpu link is answered after every posted write before it
@@ -241,9 +283,13 @@ class MediatorCore:
         return {"vgpus": {v.id: {**v.info(), "ggtt": dict(v.ggtt.counts), "pinned": v.pins.count(),
                                  "pin_calls": v.pins.pin_calls, "workloads": dict(v.workloads),
                                  "fail_reasons": dict(v.fail_reasons),
+                                 "refusals": dict(v.refusals), "commands_scanned": v.commands_scanned,
+                                 "scheduled": v.sched_active,
+                                 "pool_pages": self.pool.used.get(v.id, 0),
                                  "ppgtt": {**v.ppgtt.counts, "shadow_pages": v.ppgtt.shadow_pages()},
                                  "context_switches": sum(el.context_switches for el in v.execlists.values()),
                                  "csb_entries": sum(el.csb_entries for el in v.execlists.values()),
                                  "virtual_irqs": v.msi_injected}
                           for v in self.vgpus.values()},
-                "pool_pages_in_use": self.pool.in_use()}
+                "pool_pages_in_use": self.pool.in_use(), "scratch": self.scratch_mode,
+                "shadow_quota": self.shadow_quota}

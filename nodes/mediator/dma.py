@@ -25,11 +25,18 @@ if TYPE_CHECKING:
 FREE_RUN = "free"
 
 
+class QuotaExceeded(GvtError):
+    """A vGPU's shadow pages are at its quota: ENOMEM for that vGPU alone."""
+
+
 class HostPool:
-    """Pages of the host pool. Frame 0 is the scratch page; the rest are handed out and taken
-    back zeroed, so a pool page that is not in use holds nothing (the ledger checks it). Host GM
-    page k maps pool frame k (the mediator sets those GGTT entries at start), so every pool page
-    also has a GGTT address the GPU can use."""
+    """Pages of the host pool. Frame 0 is the GGTT scratch page; the rest are handed out and
+    taken back zeroed, so a pool page that is not in use holds nothing (the ledger checks it).
+    Host GM page k maps pool frame k (the mediator sets those GGTT entries at start), so every
+    pool page also has a GGTT address the GPU can use.
+
+    Pages taken for a vGPU (its shadow tables, rings, contexts, batches) count against that
+    vGPU's quota: a vGPU at its quota gets ENOMEM for itself, and the others keep theirs."""
 
     def __init__(self, region: Region, fabric: Fabric):
         self.region, self.fabric = region, fabric
@@ -37,20 +44,37 @@ class HostPool:
         self.free: list[int] = list(range(region.end_mfn - 1, region.base_mfn, -1))
         self.owner: dict[int, str] = {region.base_mfn: "scratch"}    # mfn -> what it holds
         self.runs: dict[int, list[int]] = {}    # length -> first pages of free runs kept whole
+        self.vgpu_of: dict[int, int] = {}       # mfn -> the vGPU whose quota it counts against
+        self.used: dict[int, int] = {}          # vGPU -> pages it holds
+        self.quota: dict[int, int] = {}         # vGPU -> the most it may hold
 
-    def alloc(self, what: str) -> int:
+    def room(self, vgpu: int) -> int:
+        """Pages vGPU may still take under its quota."""
+        return self.quota.get(vgpu, self.region.frames) - self.used.get(vgpu, 0)
+
+    def _charge(self, vgpu: int, n: int, what: str) -> None:
+        if vgpu and n > self.room(vgpu):
+            raise QuotaExceeded("ENOMEM", f"vGPU {vgpu} holds {self.used.get(vgpu, 0)} host pool "
+                                f"pages, its quota is {self.quota.get(vgpu)}: no {n} more for {what}")
+
+    def alloc(self, what: str, vgpu: int = 0) -> int:
+        self._charge(vgpu, 1, what)
         if not self.free:
             raise GvtError("ENOMEM", f"the host pool ({self.region.frames} pages) is full: no page "
                            f"for {what}")
         mfn = self.free.pop()
         self.owner[mfn] = what
+        if vgpu:
+            self.vgpu_of[mfn] = vgpu
+            self.used[vgpu] = self.used.get(vgpu, 0) + 1
         return mfn
 
-    def alloc_run(self, n: int, what: str) -> list[int]:
+    def alloc_run(self, n: int, what: str, vgpu: int = 0) -> list[int]:
         """n pages that are contiguous in the pool (and so in host GM). Runs given back are kept
         by length and handed out again first (shadow contexts are two pages, every workload)."""
         if n == 1:
-            return [self.alloc(what)]
+            return [self.alloc(what, vgpu)]
+        self._charge(vgpu, n, what)
         kept = self.runs.get(n)
         if kept:
             first = kept.pop()
@@ -69,23 +93,37 @@ class HostPool:
             self.free = [m for m in self.free if m not in taken]
         for m in mfns:
             self.owner[m] = what
+            if vgpu:
+                self.vgpu_of[m] = vgpu
+        if vgpu:
+            self.used[vgpu] = self.used.get(vgpu, 0) + n
         return mfns
 
+    def _uncharge(self, mfn: int) -> None:
+        vgpu = self.vgpu_of.pop(mfn, 0)
+        if vgpu:
+            self.used[vgpu] -= 1
+
     def release_run(self, mfns: list[int]) -> None:
-        """Give back what alloc_run gave, zeroed, for the next run of its length."""
+        """Give back what alloc_run gave, zeroed, for the next run of its length. Giving back a
+        page that is not in use is the mediator's own bug (an internal error)."""
         if len(mfns) == 1:
             self.release(mfns[0])
             return
         for m in mfns:
             if self.owner.get(m, FREE_RUN) == FREE_RUN:
-                raise GvtError("EINVAL", f"host pool page {m:#x} is not in use")
+                raise RuntimeError(f"host pool page {m:#x} given back, but it is not in use")
+        for m in mfns:
             self.page(m)[:] = bytes(PAGE_SIZE)
             self.owner[m] = FREE_RUN
+            self._uncharge(m)
         self.runs.setdefault(len(mfns), []).append(mfns[0])
 
     def release(self, mfn: int) -> None:
-        if self.owner.pop(mfn, None) is None:
-            raise GvtError("EINVAL", f"host pool page {mfn:#x} is not in use")
+        if self.owner.get(mfn, FREE_RUN) == FREE_RUN:
+            raise RuntimeError(f"host pool page {mfn:#x} given back, but it is not in use")
+        del self.owner[mfn]
+        self._uncharge(mfn)
         self.page(mfn)[:] = bytes(PAGE_SIZE)
         self.free.append(mfn)
 

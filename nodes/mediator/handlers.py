@@ -14,7 +14,7 @@ submits workloads, the interrupt hooks may inject an MSI.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from nodes.errors import GvtError
@@ -40,14 +40,17 @@ class MmioInfo:
     ro_mask: int = 0            # bits a guest write cannot change; all ones: a read-only register
     masked: bool = False        # F_MODE_MASK
     write: DwordHook | None = None
+    cmd: bool = False           # F_CMD_ACCESS: a guest's commands may name it
+    cmd_patch: bool = False     # F_CMD_WRITE_PATCH: an LRI's value goes through `write` first
 
 
 MMIO: dict[int, MmioInfo] = {}          # dword offset -> attributes
 
 
 def _reg(off: int, size: int = 4, **attrs: Any) -> None:
+    """Register `size` bytes at `off` with these attributes (added to any it has already)."""
     for d in range(off, off + size, 4):
-        MMIO[d] = MmioInfo(**attrs)
+        MMIO[d] = replace(MMIO[d], **attrs) if d in MMIO else MmioInfo(**attrs)
 
 
 def _ring(rel: int, size: int = 4, **attrs: Any) -> None:
@@ -60,17 +63,22 @@ _ENGINE_OF = {base: name for name, base in regs.ENGINES.items()}
 
 
 # ---- hooks ----------------------------------------------------------------------------------
-def ring_mode_write(vgpu: VGpu, off: int, data: int) -> None:
+def ring_mode_write(vgpu: VGpu, off: int, data: int) -> Actions:
     """GFX_MODE (ring_mode_mmio_write): a masked-enable of bit 0 is stripped and sends the vGPU to
     failsafe; enabling PPGTT or execlists before the guest read the PV page means it is not a
-    GVT-g aware i915: failsafe too. The rest of the write lands either way."""
+    GVT-g aware i915: failsafe too. The rest of the write lands either way. Enabling execlists
+    (re)starts the vGPU's scheduling (intel_vgpu_start_schedule)."""
     vgpu.vregs[off] = data & ~regs.masked_enable(regs.GFX_MODE_BIT0)
     if regs.masked_bits_enabled(data, regs.GFX_MODE_BIT0):
         vgpu.enter_failsafe(FAILSAFE_UNSUPPORTED_GUEST)
-        return
+        return None
     if (regs.masked_bits_enabled(data, regs.GFX_MODE_PPGTT_ENABLE)
             or regs.masked_bits_enabled(data, regs.GFX_MODE_RUN_LIST_ENABLE)) and not vgpu.pv_notified:
         vgpu.enter_failsafe(FAILSAFE_UNSUPPORTED_GUEST)
+        return None
+    if regs.masked_bits_enabled(data, regs.GFX_MODE_RUN_LIST_ENABLE):
+        return vgpu.start_schedule()
+    return None
 
 
 def gdrst_write(vgpu: VGpu, off: int, data: int) -> Actions:
@@ -117,6 +125,40 @@ def force_wake_write(vgpu: VGpu, off: int, data: int) -> None:
     new = (data & 0xFFFF0000) | (old & 0xFFFF & ~mask) | (data & mask)
     vgpu.vregs[off] = new
     vgpu.vregs[regs.FORCEWAKE_ACK[off]] = new & 0xFFFF
+
+
+def force_nonpriv_write(vgpu: VGpu, off: int, data: int) -> None:
+    """RING_FORCE_TO_NONPRIV (force_nonpriv_write): a slot may name only a register of the
+    kernel's whitelist, or the engine's RING_NOPID; any other value is not stored."""
+    reg = data & regs.FORCE_TO_NONPRIV_ADDR_MASK
+    base = next(b for b in regs.ENGINES.values()
+                if 0 <= off - b - regs.RING_FORCE_TO_NONPRIV < 4 * regs.RING_FORCE_TO_NONPRIV_SLOTS)
+    if reg in FORCE_NONPRIV_WHITELIST or reg == base + regs.RING_NOPID:
+        vgpu.vregs[off] = data
+
+
+def csfe_chicken1_write(vgpu: VGpu, off: int, data: int) -> None:
+    """CSFE_CHICKEN1 (csfe_chicken1_mmio_write): enabling bit 3 or 4 is stripped and means a
+    guest the mediator cannot serve: failsafe."""
+    vgpu.vregs[off] = data & ~regs.masked_enable(0x18)
+    if regs.masked_bits_enabled(data, 0x10) or regs.masked_bits_enabled(data, 0x8):
+        vgpu.enter_failsafe(FAILSAFE_UNSUPPORTED_GUEST)
+
+
+def gamw_eco_write(vgpu: VGpu, off: int, data: int) -> None:
+    """GAMW_ECO_DEV_RW_IA (gamw_echo_dev_rw_ia_write): 64 KiB pages are enabled on all engines
+    or none; a partial IPS field is refused."""
+    ips = data & regs.GAMW_ECO_ENABLE_64K_IPS_FIELD
+    if ips not in (0, regs.GAMW_ECO_ENABLE_64K_IPS_FIELD):
+        raise GvtError("EINVAL", f"vGPU {vgpu.id}: IPS field {ips:#x} of GAMW_ECO_DEV_RW_IA: 64 KiB "
+                       f"pages are enabled for all engines together or not at all")
+    vgpu.vregs[off] = data
+
+
+def ips_enabled(vgpu: VGpu) -> bool:
+    """vgpu_ips_enabled (gen9): the guest enabled 64 KiB pages."""
+    ips = vgpu.vregs.get(regs.GAMW_ECO_DEV_RW_IA, 0) & regs.GAMW_ECO_ENABLE_64K_IPS_FIELD
+    return ips == regs.GAMW_ECO_ENABLE_64K_IPS_FIELD
 
 
 def pv_read(vgpu: VGpu, off: int, size: int) -> int:
@@ -206,6 +248,47 @@ for _isr in regs.IRQ_ISRS:
 _reg(regs.GDRST, write=gdrst_write)
 for _req in regs.FORCEWAKE_ACK:
     _reg(_req, write=force_wake_write)
+_reg(regs.GAMW_ECO_DEV_RW_IA, write=gamw_eco_write)
+
+# ---- command access (F_CMD_ACCESS, F_CMD_WRITE_PATCH): the registers a guest's commands may
+# name, as handlers.c marks them for gen9 (D_ALL, D_BDW_PLUS and D_SKL_PLUS entries). The
+# kernel also marks the registers of the host's golden context at its first scan (is_init_ctx);
+# the bench has no golden context, so this table is the whole list.
+_ring(regs.RING_MODE, cmd=True, cmd_patch=True)
+_ring(regs.RING_MI_MODE, cmd=True)
+_ring(regs.RING_INSTPM, cmd=True)
+for _rel in (0x28, 0x134, 0x244, 0x40, 0x44, regs.RING_TIMESTAMP, regs.RING_TIMESTAMP + 4):
+    _ring(_rel, cmd=True)
+_ring(regs.RING_PDP0, 8 * regs.RING_PDPS, cmd=True)
+_ring(regs.RING_CSFE_CHICKEN1, masked=True, cmd=True, cmd_patch=True, write=csfe_chicken1_write)
+_reg(regs.ENGINES["rcs"] + regs.RING_FORCE_TO_NONPRIV, 4 * regs.RING_FORCE_TO_NONPRIV_SLOTS,
+     cmd=True, cmd_patch=True, write=force_nonpriv_write)
+for _off in (0x7008, 0x7000, 0x7004, 0x2120, 0x2124, 0x20DC, 0x2090, 0x2088, 0x20E4, 0x2470,
+             0x7010, 0x7014, 0x7018, 0xE184, 0xE100, 0x4030, 0x7300, 0xE4F0, 0xE4F4, 0xE194,
+             0xE188, 0xE180, 0x2580, 0x20E0, 0x20EC, 0x7304, 0x5588):
+    _reg(_off, masked=True, cmd=True)           # masked chicken and mode registers
+for _off in (0x4090, 0x9030, 0x20A0, 0x2420, 0x2430, 0x2434, 0x2438, 0x243C, 0x120000, 0x120008,
+             0x940C, 0x215C, 0x2178, 0x217C, 0x12178, 0x1217C, 0x1C17C, 0x1C178, 0x22200, 0x4094,
+             0x2220, 0x12220, 0x22220, 0x22178, 0x1A178, 0x1A17C, 0x2217C, 0x9430, regs.L3SQCREG4,
+             0xE220, 0xE230, 0xE240, 0xE260, 0xE270, 0xE280, 0xE2A0, 0xE2B0, 0xE2C0, 0x21F0,
+             0x4AB0, 0x4DDC, 0xB11C, 0x4DE0, 0x4DE4, 0x4DE8, 0x4DEC, 0x4DF0, 0x4DF4, 0xB004):
+    _reg(_off, cmd=True)
+_reg(0x2290, 8, cmd=True)
+_reg(0x5200, 32, cmd=True)
+_reg(0x5240, 32, cmd=True)
+_reg(0x5280, 16, cmd=True)
+_reg(0x2300, 0x58, cmd=True)                    # the 3D pipeline statistics counters
+MOCS_RANGES = ((0xC800, 0x7F8), (0xB020, 0x80))  # is_mocs_mmio: an LRI there updates the vreg
+for _start, _size in MOCS_RANGES:
+    _reg(_start, _size, cmd=True)
+
+# the registers a FORCE_TO_NONPRIV slot may name (handlers.c force_nonpriv_white_list)
+FORCE_NONPRIV_WHITELIST = frozenset({
+    0xD80, 0x20EC, 0x2248, 0x2340, 0x2348, 0x2350, 0x2580, 0x2690, 0x2694, 0x2698, 0x2754,
+    0x28A0, 0x4DE0, 0x4DE4, 0x4DFC, 0x7010, 0x7014, 0x7300, 0x7304, 0x7700, 0x7704, 0x7708,
+    0x770C, 0x83A8, 0xB110, 0xB118, 0xE100, 0xE18C, 0xE48C, 0xE5F4, 0x64844})
+# MI_STORE_REGISTER_MEM and MI_LOAD_REGISTER_MEM may name only these (cmd_reg_handler, gen9)
+SRM_LRM_ALLOWED = frozenset({regs.L3SQCREG4, 0x21F0})
 
 # (start, end, read hook, write hook) of the ranges that take raw accesses
 RANGES: tuple[tuple[int, int, Callable[..., int], Callable[..., Actions]], ...] = (

@@ -21,35 +21,45 @@ Actions = list[Any]
 
 
 def trigger_event(vgpu: VGpu, engine: str, event: int) -> Actions:
-    """intel_vgpu_trigger_virtual_event: an engine's user interrupt or context switch."""
+    """intel_vgpu_trigger_virtual_event: an engine's event sets its IIR bit unless IMR masks it
+    (propagate_event); the pending check runs either way (check_pending_irq)."""
     bank, bit = regs.engine_event(engine, event)
     vgpu.irq_events += 1
-    if vgpu.vregs.get(regs.gt_imr(bank), 0xFFFFFFFF) & bit:
-        return []                   # masked: the event leaves no trace
-    iir = regs.gt_iir(bank)
-    vgpu.vregs[iir] = vgpu.vregs.get(iir, 0) | bit
-    _update_upstream(vgpu, bank)
+    if not vgpu.vregs.get(regs.gt_imr(bank), 0xFFFFFFFF) & bit:
+        iir = regs.gt_iir(bank)
+        vgpu.vregs[iir] = vgpu.vregs.get(iir, 0) | bit
+        _update_upstream(vgpu, bank)
     return check_pending(vgpu)
 
 
 def _update_upstream(vgpu: VGpu, bank: int) -> None:
-    bit = regs.GT_BANK_MASTER_BIT[bank]
+    """update_upstream_irq: each half of the bank whose IIR & IER has a bit sets its master bit
+    (gen8_irq_map), the others clear theirs."""
     pending = vgpu.vregs.get(regs.gt_iir(bank), 0) & vgpu.vregs.get(regs.gt_ier(bank), 0)
     m = vgpu.vregs.get(regs.MASTER_IRQ, 0)
-    vgpu.vregs[regs.MASTER_IRQ] = (m | bit) if pending else (m & ~bit)
+    for b, bits, master in regs.GT_MASTER_MAP:
+        if b == bank:
+            m = (m | master) if pending & bits else (m & ~master)
+    vgpu.vregs[regs.MASTER_IRQ] = m
 
 
 def check_pending(vgpu: VGpu) -> Actions:
-    """An MSI if the master enable and a reporting bit are both set."""
+    """gen8_check_pending_irq: with the master enable set, the banks with a pending interrupt
+    report upstream, and an MSI goes out if any master bit is set."""
     m = vgpu.vregs.get(regs.MASTER_IRQ, 0)
-    if not m & regs.MASTER_IRQ_CONTROL or not m & ~regs.MASTER_IRQ_CONTROL:
+    if not m & regs.MASTER_IRQ_CONTROL:
+        return []
+    for bank in range(regs.GT_IRQ_BANKS):
+        if vgpu.vregs.get(regs.gt_iir(bank), 0) & vgpu.vregs.get(regs.gt_ier(bank), 0):
+            _update_upstream(vgpu, bank)
+    if not vgpu.vregs.get(regs.MASTER_IRQ, 0) & ~regs.MASTER_IRQ_CONTROL:
         return []
     vgpu.msi_injected += 1
     return [Post(vgpu.hypervisor, "INJECT_MSI", {}, vgpu=vgpu.id)]
 
 
 def _bank_of(off: int) -> int | None:
-    for bank in regs.GT_BANK_MASTER_BIT:
+    for bank in range(regs.GT_IRQ_BANKS):
         if regs.gt_isr(bank) <= off <= regs.gt_ier(bank):
             return bank
     return None

@@ -51,8 +51,10 @@ def emulate_write(vgpu: VGpu, off: int, size: int, val: int) -> Any:
 
 def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.ndarray) -> Iterator[Any]:
     """A batch of writes in guest order (a task). Runs of aligned 8-byte GGTT writes are shadowed
-    as one vectorised update; a refused access is reported and the rest still apply. Other vGPUs
-    get a turn every TURN_WORK of work. Returns the TRAP_WRITE reply."""
+    as one vectorised update; a refused access is reported (a bit per write in `refused`, and the
+    first ERRORS_KEPT reasons) and the rest still apply. Other vGPUs get a turn every TURN_WORK of work. A write
+    that sent the vGPU to failsafe has its queued work failed after the batch. Returns the
+    TRAP_WRITE reply."""
     n = len(offs)
     if n <= SMALL_BATCH:            # numpy's per-call overhead would dominate a few writes
         offs_l, sizes_l = offs.tolist(), sizes.tolist()
@@ -66,6 +68,7 @@ def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.nda
     vals_l: list[int] | None = None     # Python lists, made when an access goes one by one
     n_mmio = n_gtt = 0
     errors: list[str] = []
+    refused = bytearray()                   # a bit per write of the batch, once one is refused
     n_errors = work = 0
     for a, b in zip(bounds, bounds[1:]):
         if a == b:
@@ -81,6 +84,7 @@ def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.nda
                     n_errors += d - c
                     if len(errors) < ERRORS_KEPT:
                         errors.append(str(err))
+                    _mark(refused, n, c, d)
                 work += (d - c) // GGTT_RUN_COST + 1
                 if work >= TURN_WORK:
                     work = 0
@@ -114,8 +118,20 @@ def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.nda
                 n_errors += 1
                 if len(errors) < ERRORS_KEPT:
                     errors.append(str(err))
+                _mark(refused, n, i, i + 1)
             work += 1
             if work >= TURN_WORK:
                 work = 0
                 yield YIELD
-    return {"n": n, "n_errors": n_errors, "errors": errors, "mmio": n_mmio, "gtt": n_gtt}
+    if vgpu.failsafe_pending:
+        yield from vgpu.scheduler.kick(vgpu.id)
+    return {"n": n, "n_errors": n_errors, "errors": errors, "refused": bytes(refused),
+            "mmio": n_mmio, "gtt": n_gtt}
+
+
+def _mark(bits: bytearray, n: int, a: int, b: int) -> None:
+    """Writes a..b-1 of a batch of n were refused."""
+    if not bits:
+        bits.extend(bytes((n + 7) // 8))
+    for i in range(a, b):
+        bits[i >> 3] |= 1 << (i & 7)

@@ -21,19 +21,22 @@ class PageTrack:
         self.vgpu, self.hypervisor = vgpu, hypervisor
         self.handlers: dict[int, Handler] = {}      # gfn -> what emulates writes to it
         self.writes = 0
+        self.dropped_in_failsafe = 0
 
     def tracked(self, gfn: int) -> bool:
         return gfn in self.handlers
 
     def enable(self, gfns: list[int], handler: Handler) -> Iterator[Any]:
         """Write-protect gfns at the hypervisor (intel_vgpu_enable_page_track). Returns once it
-        has: a guest write after that traps, so a page read afterwards cannot miss one."""
+        has (a guest write after that traps, so a page read afterwards cannot miss one), with
+        whether any gfn was newly tracked. Nothing is tracked if the hypervisor refuses."""
         new = [g for g in gfns if g not in self.handlers]
-        for g in gfns:
-            self.handlers[g] = handler
         if new:
             yield Call(self.hypervisor, "PAGE_TRACK",
                        {"gfns": np.array(new, dtype="<u8").tobytes(), "enable": True}, vgpu=self.vgpu)
+        for g in gfns:
+            self.handlers[g] = handler
+        return bool(new)
 
     def disable(self, gfns: list[int]) -> Iterator[Any]:
         gone = [g for g in gfns if self.handlers.pop(g, None) is not None]
@@ -45,14 +48,21 @@ class PageTrack:
         """Failsafe and resets: nothing is tracked any more."""
         yield from self.disable(list(self.handlers))
 
-    def on_write(self, gpa: int, data: bytes) -> Iterator[Any]:
+    def on_write(self, gpa: int, data: bytes, failsafe: bool = False) -> Iterator[Any]:
         """A guest write to a page this vGPU tracked (intel_vgpu_page_track_handler). A page no
-        longer tracked (the hypervisor sent the write before it heard) needs nothing here."""
+        longer tracked (the hypervisor sent the write before it heard) needs nothing here. In
+        failsafe the write is not emulated and the page's write protection goes, so no later
+        write to it traps."""
         if len(data) not in (4, 8) or gpa % len(data):
             raise GvtError("EINVAL", f"tracked write of {len(data)} bytes at gpa {gpa:#x}: only "
                            f"aligned 4- or 8-byte writes reach a page table")
-        handler = self.handlers.get(gpa >> PAGE_SHIFT)
+        gfn = gpa >> PAGE_SHIFT
+        handler = self.handlers.get(gfn)
         if handler is None:
+            return
+        if failsafe:
+            self.dropped_in_failsafe += 1
+            yield from self.disable([gfn])
             return
         self.writes += 1
         yield from handler(gpa, data)

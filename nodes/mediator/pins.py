@@ -57,8 +57,17 @@ class GfnPins:
             np.add.at(self.refs, gfns, 1)
 
     def release(self, gfns: np.ndarray) -> None:
-        if len(gfns):
-            np.subtract.at(self.refs, gfns, 1)
+        """Give back holds. Releasing more than was held is the mediator's own bug: it raises
+        before changing anything (an internal error, never a silent negative count)."""
+        if not len(gfns):
+            return
+        uniq, n = np.unique(gfns.astype(np.int64, copy=False), return_counts=True)
+        short = self.refs[uniq] < n
+        if short.any():
+            g = int(uniq[short][0])
+            raise RuntimeError(f"vGPU {self.vgpu}: gfn {g:#x} released {int(n[short][0])} times, "
+                               f"held {int(self.refs[g])} times")
+        self.refs[uniq] -= n
 
     def settle(self, candidates: np.ndarray) -> Post | None:
         """Unpin those of the candidate gfns nothing holds any more (released, or pinned for an

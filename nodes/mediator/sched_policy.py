@@ -1,6 +1,9 @@
 """Which vGPU's workload an idle engine runs next (gvt/sched_policy.c's place). This room is the
 simple one: each engine runs one workload at a time, and vGPUs with work take turns, round robin.
 The weighted time-slice scheduler replaces this class; the rest of the mediator only calls pick().
+
+A vGPU takes part only while it is scheduled (the guest enabled execlists, and no reset stopped
+it since: intel_vgpu_start_schedule / intel_vgpu_stop_schedule) and not in failsafe.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ class RoundRobin:
     def pick(self, engine: str, vgpus: Iterable[VGpu]) -> Workload | None:
         """The next workload for an idle engine: the head of the next vGPU's queue after the one
         served last that has one waiting."""
-        ready = [v for v in vgpus if v.failsafe is None and v.queues[engine]
+        ready = [v for v in vgpus if v.sched_active and v.failsafe is None and v.queues[engine]
                  and v.queues[engine][0].state == "queued"]
         if not ready:
             return None

@@ -1,17 +1,31 @@
-"""Workloads (gvt/scheduler.c): a context the guest submitted through the ELSP becomes a workload;
-it is shadowed (its PPGTT, its ring and batches copied to the host pool, a shadow context that
-points at them), dispatched to the physical engine, and completed when the GPU says so: the ring
-head goes back into the guest's context, the virtual CSB and interrupts are emulated, and every
-shadow resource is released.
+"""Workloads (gvt/scheduler.c, execlist.c): a context the guest submitted through the ELSP becomes a
+workload; it is scanned and shadowed (its PPGTT, its ring and privileged batches copied to the
+host pool, a shadow context that points at them), dispatched to the physical engine, and
+completed when the GPU says so: the ring head goes back into the guest's context, the virtual
+CSB and interrupts are emulated, and every shadow resource is released.
 
-A workload's life: created at the ELSP write (the guest context is read then: intel_vgpu_create_
-workload) and queued on its vGPU's engine queue, where it stays until it completes; dispatched
-when the policy picks it for an idle engine; completed (or failed) by the engine's interrupt.
-Only the queue head of a vGPU's engine runs, and each physical engine runs one workload at a time.
+A workload's life (WORKLOAD_TRANSITIONS below):
+- created at the ELSP write (intel_vgpu_create_workload): the guest context is read, its ring
+  and PPGTT checked and the PPGTT shadowed; if it is the first of its engine's queue it is also
+  scanned now (intel_gvt_scan_and_shadow_workload), else when it is dispatched. An error refuses
+  the ELSP write; EBADRQC and EFAULT from the scan send the vGPU to failsafe (GUEST_ERR).
+- queued on its vGPU's engine queue until the policy picks it for an idle physical engine;
+- dispatching: in its vGPU's lane, scanned if not yet, its PPGTT pinned (and shadowed again if
+  it was reclaimed), half-written entries shadowed whole, the shadow ring and context placed,
+  and only then schedule-in emulated (prepare_workload: emulation comes last). An error fails it
+  without a CSB (and the vGPU's other work on that engine: clean_workloads), failsafe as above;
+- running: the shadow ELSP went to the gpu. Nothing it uses is released before the gpu reports
+  it (ENGINE_IRQ), whatever happens to the vGPU meanwhile;
+- reported: the gpu is done with it (completed, or hung); the guest-visible completion runs
+  in the vGPU's lane (context head, events, schedule-out), then its shadow resources go.
 
-A workload keeps the trace id of the ELSP write that made it (vgpu.trace, the message being
-emulated), so its dispatch, which may come long after, and the gpu's execution of it are stages
-of the same sampled operation.
+Each physical engine runs one workload at a time. A vGPU is scheduled only once the guest has
+enabled execlists (intel_vgpu_start_schedule); a reset stops scheduling it, waits until the gpu
+has reported every workload of it that runs (intel_gvt_wait_vgpu_idle), fails its other work on
+the engines reset with the reset as the reason, and only then releases their shadows.
+
+Counting: every workload that ends is counted where it ends (workloads_total and the latency
+histogram, stage mediator), completed or failed, at the time it ended.
 """
 from __future__ import annotations
 
@@ -19,12 +33,13 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
-from nodes.actions import Post, Spawn
+from nodes.actions import Event, Post, Signal, Spawn, Wait
 from nodes.errors import GvtError
-from nodes.hw import PAGE_SIZE, lrc, mi, regs
-from nodes.mediator import execlist, interrupt
-from nodes.mediator.dma import HostPool
+from nodes.hw import PAGE_SIZE, lrc, regs
+from nodes.mediator import cmd_parser, execlist, interrupt
+from nodes.mediator.dma import HostPool, QuotaExceeded
 from nodes.mediator.sched_policy import RoundRobin
+from nodes.metrics import WORKLOAD_LATENCY, WORKLOADS
 from nodes.wire.schema import pack_write_batch
 
 if TYPE_CHECKING:
@@ -33,6 +48,26 @@ if TYPE_CHECKING:
 
 QUEUE_MAX = 64                      # workloads a vGPU may have queued on one engine
 STATUSES = ("completed", "failed")
+
+# (state, event) -> state. A workload in another state meeting an event is the mediator's bug.
+WORKLOAD_TRANSITIONS: dict[tuple[str, str], str] = {
+    ("queued", "pick"): "dispatching",
+    ("queued", "fail"): "done",              # dropped: a reset, failsafe, an earlier hang
+    ("dispatching", "send"): "running",
+    ("dispatching", "fail"): "done",         # its shadowing failed, or a reset came first
+    ("running", "report"): "reported",
+    ("reported", "complete"): "done",
+    ("reported", "fail"): "done",            # a hang, a reset, failsafe
+}
+WORKLOAD_STATES = ("queued", "dispatching", "running", "reported", "done")
+
+
+def _to(w: "Workload", event: str) -> None:
+    nxt = WORKLOAD_TRANSITIONS.get((w.state, event))
+    if nxt is None:
+        raise RuntimeError(f"workload {w.id} of vGPU {w.vgpu.id}: event {event!r} in state "
+                           f"{w.state!r}")
+    w.state = nxt
 
 
 @dataclass(eq=False)
@@ -48,9 +83,13 @@ class Workload:
     ctl: int
     created_ns: int
     mm: PpgttMm | None = None
-    state: str = "queued"           # queued, running, done
-    shadow_pages: list[list[int]] = field(default_factory=list)     # runs of host pool pages
+    state: str = "queued"
+    ring: cmd_parser.Buffer | None = None   # the scanned ring segment (None: not scanned yet)
     events: set[int] = field(default_factory=set)
+    lri_mms: list = field(default_factory=list)     # PPGTTs its PDP LRIs load (refs held)
+    pinned: list = field(default_factory=list)      # PPGTTs pinned while it runs
+    shadow_pages: list[list[int]] = field(default_factory=list)     # runs of host pool pages
+    gpu_fault: tuple[int, str] | None = None        # (address, reason) of its hang, if it hung
     trace: int = 0                  # the sampled operation that submitted it (0: none)
 
 
@@ -61,11 +100,15 @@ class WorkloadScheduler:
         self.inflight: dict[str, Workload | None] = {e: None for e in engines}
         self.vgpus: dict[int, VGpu] = {}
         self.next_id = 1
-        self.done: list[tuple[int, str, str, int]] = []     # (vgpu, engine, status, latency ns)
+        self.now = 0                # the time of the message or tick being handled
+        self.scanned = 0            # commands the parser scanned
 
-    # ---- submission (the ELSP hook) ---------------------------------------------------------------
+    # ---- submission (the ELSP hook: intel_vgpu_submit_execlist) ----------------------------------
     def submit(self, vgpu: VGpu, engine: str, elems: tuple[lrc.Descriptor, lrc.Descriptor],
                now: int) -> Iterator[Any]:
+        if not vgpu.vregs.get(regs.ring(engine, regs.RING_MODE), 0) & regs.GFX_MODE_RUN_LIST_ENABLE:
+            raise GvtError("EINVAL", f"vGPU {vgpu.id} {engine}: an ELSP submission before the guest "
+                           f"enabled execlists on the engine (GFX_MODE run list)")
         execlist.check_submission(vgpu, engine, elems)
         if len(vgpu.queues[engine]) + 2 > QUEUE_MAX:
             # GVT-g queues without a bound; a guest that submits faster than its work retires
@@ -81,7 +124,12 @@ class WorkloadScheduler:
 
     def _create(self, vgpu: VGpu, engine: str, d: lrc.Descriptor,
                 schedule_in: tuple | None, now: int) -> Iterator[Any]:
-        raw = yield from vgpu.mem.read_gm(d.lrca + lrc.LRC_STATE_PN * PAGE_SIZE, 4 * lrc.CTX_STATE_DWORDS)
+        try:
+            raw = yield from vgpu.mem.read_gm(d.lrca + lrc.LRC_STATE_PN * PAGE_SIZE,
+                                              4 * lrc.CTX_STATE_DWORDS)
+        except GvtError as err:
+            raise GvtError("EINVAL", f"vGPU {vgpu.id} {engine}: invalid guest context LRCA "
+                           f"{d.lrca:#x}: {err.text}") from None
         st = struct.unpack(f"<{lrc.CTX_STATE_DWORDS}I", raw)
         head, tail = st[lrc.CTX_RING_HEAD] & lrc.RING_HEAD_OFF_MASK, st[lrc.CTX_RING_TAIL] & lrc.RING_TAIL_OFF_MASK
         for last in reversed(vgpu.queues[engine]):
@@ -93,9 +141,9 @@ class WorkloadScheduler:
         if not ctl & lrc.RING_CTL_VALID:
             raise GvtError("EINVAL", f"vGPU {vgpu.id} {engine}: the context's ring is not valid "
                            f"(RING_CTL {ctl:#x})")
-        if not vgpu.ggtt.range_valid(start, size):
+        if start & (PAGE_SIZE - 1) or not vgpu.ggtt.range_valid(start, size):
             raise GvtError("EINVAL", f"vGPU {vgpu.id} {engine}: ring at GM {start:#x} (+{size:#x}) is "
-                           f"outside the vGPU's graphics memory")
+                           f"outside the vGPU's graphics memory or not page aligned")
         if head >= size or tail >= size:
             raise GvtError("EINVAL", f"vGPU {vgpu.id} {engine}: ring head {head:#x} / tail {tail:#x} "
                            f"past the ring's {size:#x} bytes")
@@ -108,20 +156,59 @@ class WorkloadScheduler:
                      trace=vgpu.trace)
         self.next_id = self.next_id % 0xFFFFFFFF + 1
         w.mm = yield from vgpu.ppgtt.get_mm(mode, pdps)
+        if not vgpu.queues[engine]:
+            # only the first of the queue is scanned at once (intel_vgpu_create_workload)
+            try:
+                yield from self._scan(w)
+            except GvtError as err:
+                self._failsafe_if_unhealthy(vgpu, err)
+                yield from self._release(w)
+                raise
         return w
+
+    def _failsafe_if_unhealthy(self, vgpu: VGpu, err: GvtError) -> None:
+        vgpu.count_refusal(err.code)
+        if err.code in cmd_parser.UNHEALTHY:
+            vgpu.enter_failsafe(vgpu.FAILSAFE_GUEST_ERR)
+
+    def _scan(self, w: Workload) -> Iterator[Any]:
+        """The ring segment's copy, scanned (the privileged batches read, scanned, kept)."""
+        vgpu = w.vgpu
+        size = lrc.ring_size(w.ctl)
+        if w.tail >= w.head:
+            ring = yield from vgpu.mem.read_gm(w.start + w.head, w.tail - w.head)
+        else:
+            ring = (yield from vgpu.mem.read_gm(w.start + w.head, size - w.head)) + \
+                   (yield from vgpu.mem.read_gm(w.start, w.tail))
+        s = cmd_parser.Scan(vgpu, w.engine, w.mm)
+        try:
+            w.ring = yield from cmd_parser.scan_ring(s, ring, w.start, w.head, size)
+        finally:
+            w.lri_mms += s.lri_mms          # held even when the scan failed, released with it
+            self.scanned += s.commands
+            vgpu.commands_scanned += s.commands
+        w.events = s.events
 
     # ---- dispatch ---------------------------------------------------------------------------------------
     def kick(self, lane: int | None = None) -> Iterator[Any]:
         """Give every idle engine the workload the policy picks, dispatched in its vGPU's lane (in
         order with that vGPU's trapped accesses): right here when the caller holds that lane
-        already, else as a task queued in it."""
+        already, else as a task queued in it. A vGPU that entered failsafe since has its queued
+        work failed first, in its lane."""
+        for v in self.vgpus.values():
+            if v.failsafe_pending:
+                v.failsafe_pending = False
+                if v.id == lane:
+                    yield from self.on_failsafe(v)
+                else:
+                    yield Spawn(self.on_failsafe(v), lane=v.id)
         for engine, cur in self.inflight.items():
             if cur is not None:
                 continue
             w = self.policy.pick(engine, self.vgpus.values())
             if w is None:
                 continue
-            w.state = "running"
+            _to(w, "pick")
             self.inflight[engine] = w
             if w.vgpu.id == lane:
                 yield from self._dispatch(w)
@@ -131,167 +218,217 @@ class WorkloadScheduler:
 
     def _dispatch(self, w: Workload) -> Iterator[Any]:
         vgpu = w.vgpu
+        if w.state != "dispatching":
+            return                          # a reset or failsafe took it meanwhile
         try:
-            if w.state != "running":
-                return                      # an engine reset took it meanwhile
+            if w.ring is None:
+                yield from self._scan(w)
+            for mm in (w.mm, *w.lri_mms):
+                yield from vgpu.ppgtt.pin_mm(mm)
+                w.pinned.append(mm)
             yield from vgpu.ppgtt.flush_post_shadow(vgpu.mem.read)
+            lrca = yield from self._populate_context(w)
+            if w.state != "dispatching":
+                raise GvtError("ECANCELED", "a reset came while the workload was shadowed")
             if w.schedule_in is not None:
                 yield from execlist.schedule_in(vgpu, vgpu.execlists[w.engine], w.schedule_in)
-            lrca = yield from self._shadow(w)
         except GvtError as err:
-            yield from self._complete(w, False, f"shadowing failed: {err}")
+            if w.state == "dispatching":
+                self._free_engine(w)
+                self._failsafe_if_unhealthy(vgpu, err)
+                yield from self._fail(w, f"shadowing failed: {err}", drop_engine=True)
+            yield from self.kick(vgpu.id)
             return
+        _to(w, "send")
+        vgpu.running += 1
         pd = lrc.descriptor(lrca, w.id, w.desc.addressing)
         elsp = regs.ring(w.engine, regs.RING_ELSP)
         yield Post(self.gpu, "MMIO_WRITE_BATCH",
                    pack_write_batch([elsp] * 4, [4] * 4, lrc.elsp_dwords(pd)), vgpu=vgpu.id,
                    trace=w.trace)
 
-    def _shadow(self, w: Workload) -> Iterator[Any]:
-        """intel_gvt_scan_and_shadow_workload + populate_shadow_context: ring copy, batch copies
-        (MI_BATCH_BUFFER_START retargeted at them), the shadow context. Returns its GGTT address."""
+    def _populate_context(self, w: Workload) -> Iterator[Any]:
+        """populate_shadow_context + prepare_shadow_batch_buffer: the scanned batches and ring
+        placed in the host pool (each batch start retargeted at its copy, PDP loads at the shadow
+        roots), then the shadow context. Returns its GGTT address."""
         vgpu = w.vgpu
-        size = lrc.ring_size(w.ctl)
-        if w.tail >= w.head:
-            ring = yield from vgpu.mem.read_gm(w.start + w.head, w.tail - w.head)
-        else:
-            ring = (yield from vgpu.mem.read_gm(w.start + w.head, size - w.head)) + \
-                   (yield from vgpu.mem.read_gm(w.start, w.tail))
-        cmds = list(struct.unpack(f"<{len(ring) // 4}I", ring))
-        i = 0
-        while i < len(cmds):
-            dw = cmds[i]
-            op = mi.opcode_of(dw)
-            n = mi.length_of(dw)
-            if op == mi.MI_USER_INTERRUPT:
-                w.events.add(regs.GT_USER_INTERRUPT)
-            elif op == mi.MI_BATCH_BUFFER_START and i + 2 < len(cmds):
-                addr = cmds[i + 1] | cmds[i + 2] << 32
-                batch = yield from self._read_batch(w, addr, bool(dw & mi.MI_BATCH_PPGTT))
-                gm = self._place(w, batch, "batch")
-                cmds[i] = dw & ~mi.MI_BATCH_PPGTT
-                cmds[i + 1], cmds[i + 2] = gm & 0xFFFFFFFF, gm >> 32
-            i += n
-        body = struct.pack(f"<{len(cmds)}I", *cmds)
-        ring_gm = self._place(w, body, "ring", min_pages=1)
+        body = yield from self._place_tree(w, w.ring)
         ring_pages = max(1, -(-len(body) // PAGE_SIZE))
+        ring_gm = yield from self._place(w, body, "ring")
         image = bytearray((yield from vgpu.mem.read_gm(w.desc.lrca, lrc.LRC_PAGES * PAGE_SIZE)))
         state = lrc.LRC_STATE_PN * PAGE_SIZE
         regs_ = {lrc.CTX_RING_HEAD: 0, lrc.CTX_RING_TAIL: len(body), lrc.CTX_RING_START: ring_gm,
                  lrc.CTX_RING_CTL: lrc.ring_ctl(ring_pages * PAGE_SIZE)}
-        for n, root in enumerate(w.mm.shadow_pdps() if w.mm else []):
+        for n, root in enumerate(w.mm.shadow_pdps()):
             regs_[lrc.CTX_PDP_UDW[n]] = root >> 32
             regs_[lrc.CTX_PDP_LDW[n]] = root & 0xFFFFFFFF
         for dwi, v in regs_.items():
             struct.pack_into("<I", image, state + 4 * dwi, v)
-        return self._place(w, bytes(image), "context")
+        return (yield from self._place(w, bytes(image), "context"))
 
-    def _read_batch(self, w: Workload, addr: int, ppgtt: bool) -> Iterator[Any]:
-        """The batch at addr, up to and with its MI_BATCH_BUFFER_END, read page by page through
-        the guest's PPGTT (or GGTT)."""
-        vgpu = w.vgpu
-        out = bytearray()
-        at, scanned = addr, 0
-        while len(out) < mi.BATCH_MAX:
-            n = PAGE_SIZE - (at & (PAGE_SIZE - 1))
-            if ppgtt:
-                chunk = yield from vgpu.mem.read(vgpu.ppgtt.guest_walk(w.mm, at), n)
-            else:
-                chunk = yield from vgpu.mem.read_gm(at, n)
-            out += chunk
-            end, scanned = mi.batch_end(out, scanned)
-            if end is not None:
-                return bytes(out[:end])
-            at += n
-        raise GvtError("E2BIG", f"batch at {addr:#x} has no MI_BATCH_BUFFER_END in {mi.BATCH_MAX} bytes")
+    def _place_tree(self, w: Workload, buf: cmd_parser.Buffer) -> Iterator[Any]:
+        """A scanned buffer's bytes, with its batches placed first and its sites patched."""
+        words = buf.words
+        for i, sub in buf.batches:
+            gm = yield from self._place(w, (yield from self._place_tree(w, sub)), "batch")
+            words[i] &= ~0x100              # the copy is in the GGTT (privileged, as scanned)
+            words[i + 1], words[i + 2] = gm & 0xFFFFFFFF, gm >> 32
+        for i, mm in buf.pdp_sites:
+            root = mm.shadow_pdps()[0]
+            words[i], words[i + 2] = root >> 32, root & 0xFFFFFFFF
+        return buf.data()
 
-    def _place(self, w: Workload, data: bytes, what: str, min_pages: int = 1) -> int:
-        """Copy data to fresh contiguous host pool pages owned by the workload; their GM address."""
-        pages = max(min_pages, -(-len(data) // PAGE_SIZE))
-        mfns = self.pool.alloc_run(pages, f"vgpu{w.vgpu.id} {w.engine} shadow {what}")
+    def _place(self, w: Workload, data: bytes, what: str) -> Iterator[Any]:
+        """Copy data to fresh contiguous host pool pages charged to the workload's vGPU (this
+        vGPU's PPGTTs not in use give theirs back first if it is at its quota)."""
+        pages = max(1, -(-len(data) // PAGE_SIZE))
+        tag = f"vgpu{w.vgpu.id} {w.engine} shadow {what}"
+        try:
+            mfns = self.pool.alloc_run(pages, tag, w.vgpu.id)
+        except QuotaExceeded:
+            yield from w.vgpu.ppgtt.reclaim(pages=pages)
+            mfns = self.pool.alloc_run(pages, tag, w.vgpu.id)
         w.shadow_pages.append(mfns)
         for k, m in enumerate(mfns):
             self.pool.write(m, 0, data[k * PAGE_SIZE:(k + 1) * PAGE_SIZE])
         return self.pool.gm_of(mfns[0])
 
-    # ---- completion --------------------------------------------------------------------------------------
-    def on_engine_irq(self, engine: str, csb: list, faults: list, now: int) -> Iterator[Any]:
-        """The engine's interrupt: its CSB entries and any context it had to give up on."""
+    def _free_engine(self, w: Workload) -> None:
+        if self.inflight.get(w.engine) is w:
+            self.inflight[w.engine] = None
+
+    # ---- completion ----------------------------------------------------------------------------------------
+    def on_engine_irq(self, engine: str, csb: list, faults: list) -> Iterator[Any]:
+        """The engine's interrupt, handled at once (in no lane: a reset holding the vGPU's lane
+        waits for it): the gpu is done with its workload, the physical engine is free, and the
+        guest-visible completion is queued in the vGPU's lane."""
         w = self.inflight.get(engine)
-        if w is None:
+        if w is None or w.state != "running":
             return
         for ctx_id, addr, reason in faults:
             if ctx_id == w.id:
-                yield from self._complete(w, False, f"GPU hang at {addr:#x}: {reason}", now)
-                return
-        for lo, hi in csb:
-            if hi == w.id and lo & lrc.CSB_CONTEXT_COMPLETE:
-                yield from self._complete(w, True, "", now)
-                return
-
-    def lane_of(self, engine: str) -> int | None:
-        w = self.inflight.get(engine)
-        return w.vgpu.id if w is not None else None
-
-    def _complete(self, w: Workload, ok: bool, reason: str, now: int = 0) -> Iterator[Any]:
+                w.gpu_fault = (addr, reason)
+                break
+        else:
+            if not any(hi == w.id and lo & lrc.CSB_CONTEXT_COMPLETE for lo, hi in csb):
+                return                      # not its end yet
+        _to(w, "report")
+        self.inflight[engine] = None
         vgpu = w.vgpu
-        if self.inflight.get(w.engine) is w:
-            self.inflight[w.engine] = None
-        if w.state == "done":
-            return
-        w.state = "done"
-        q = vgpu.queues[w.engine]
-        if w in q:
-            q.remove(w)
-        try:
-            if ok:
-                yield from vgpu.mem.write_gm(w.desc.lrca + lrc.LRC_STATE_PN * PAGE_SIZE + 4 * lrc.CTX_RING_HEAD,
-                                             struct.pack("<I", w.tail))
+        vgpu.running -= 1
+        if not vgpu.running:
+            for ev in vgpu.idle_waiters:
+                yield Signal(ev)
+            vgpu.idle_waiters.clear()
+        yield Spawn(self._complete(w), lane=vgpu.id, trace=w.trace, span=f"complete {engine}",
+                    vgpu=vgpu.id)
+        yield from self.kick()
+
+    def _complete(self, w: Workload) -> Iterator[Any]:
+        """complete_current_workload + complete_execlist_workload, in the vGPU's lane."""
+        if w.state != "reported":
+            return                          # a reset failed it already
+        vgpu = w.vgpu
+        if w.gpu_fault is not None:
+            # a hang: no completion reaches the guest, and its queued work on that engine goes
+            addr, reason = w.gpu_fault
+            yield from self._fail(w, f"GPU hang at {addr:#x}: {reason}", drop_engine=True)
+        elif vgpu.failsafe is not None:
+            yield from self._fail(w, f"vGPU in failsafe ({vgpu.failsafe})")
+        else:
+            q = vgpu.queues[w.engine]
+            q.remove(w)                     # the next in the queue decides about a lite restore
+            _to(w, "complete")
+            self._count(w, "completed")
+            try:
+                yield from vgpu.mem.write_gm(w.desc.lrca + lrc.LRC_STATE_PN * PAGE_SIZE +
+                                             4 * lrc.CTX_RING_HEAD, struct.pack("<I", w.tail))
+            except GvtError:
+                pass                        # the guest unmapped its context: nothing to update
+            try:
                 for ev in sorted(w.events):
                     for a in interrupt.trigger_event(vgpu, w.engine, ev):
                         yield a
                 if not (q and q[0].desc.same_context(w.desc)):      # else a lite restore follows
                     yield from execlist.schedule_out(vgpu, vgpu.execlists[w.engine], w.desc)
-                self._count(w, "completed", now)
-            else:
-                # a hang: no completion reaches the guest, and its queued work goes too
-                # (complete_execlist_workload -> clean_workloads)
-                self._fail(w, reason, now)
-                for other in list(q):
-                    q.remove(other)
-                    other.state = "done"
-                    self._fail(other, f"dropped after an earlier workload on {w.engine} failed", now)
-                    yield from self._release(other)
-        finally:
-            yield from self._release(w)
-            yield from self.kick(vgpu.id)
+            finally:
+                yield from self._release(w)
+        yield from self.kick(vgpu.id)
 
-    def _fail(self, w: Workload, reason: str, now: int) -> None:
-        w.vgpu.fail_reasons[reason] = w.vgpu.fail_reasons.get(reason, 0) + 1
-        self._count(w, "failed", now)
+    def _fail(self, w: Workload, reason: str, drop_engine: bool = False) -> Iterator[Any]:
+        """w ends failed and gives its shadows back; with drop_engine its vGPU's other queued
+        work on that engine goes too (clean_workloads)."""
+        vgpu = w.vgpu
+        q = vgpu.queues[w.engine]
+        if w in q:
+            q.remove(w)
+        _to(w, "fail")
+        vgpu.fail_reasons[reason] = vgpu.fail_reasons.get(reason, 0) + 1
+        self._count(w, "failed")
+        yield from self._release(w)
+        if drop_engine:
+            yield from self.drop(vgpu, [w.engine], f"dropped after an earlier workload on "
+                                 f"{w.engine} failed")
 
-    def _count(self, w: Workload, status: str, now: int) -> None:
-        w.vgpu.workloads[status] += 1
-        self.done.append((w.vgpu.id, w.engine, status, max(0, now - w.created_ns)))
+    def drop(self, vgpu: VGpu, engines: list[str], reason: str) -> Iterator[Any]:
+        """Fail the vGPU's workloads on these engines that the gpu is not running: queued, being
+        dispatched, or reported and not yet completed (a reported one stays at the head of its
+        queue until its completion: a lite restore's head is its tail)."""
+        for e in engines:
+            for w in list(vgpu.queues[e]):
+                if w.state in ("queued", "dispatching", "reported"):
+                    self._free_engine(w)
+                    yield from self._fail(w, reason)
+
+    def _count(self, w: Workload, status: str) -> None:
+        vgpu = w.vgpu
+        vgpu.workloads[status] += 1
+        lab = (vgpu.id, w.engine, "mediator")
+        vgpu.stats.hist(WORKLOAD_LATENCY, lab).record(max(0, self.now - w.created_ns))
+        vgpu.stats.inc(WORKLOADS, (vgpu.id, w.engine, "mediator", status))
 
     def _release(self, w: Workload) -> Iterator[Any]:
         for run in w.shadow_pages:
             self.pool.release_run(run)
         w.shadow_pages = []
+        ppgtt = w.vgpu.ppgtt
+        for mm in w.pinned:
+            ppgtt.unpin_mm(mm)
+        w.pinned = []
+        for mm in w.lri_mms:
+            yield from ppgtt.put_mm(mm)
+        w.lri_mms = []
         if w.mm is not None:
             mm, w.mm = w.mm, None
-            yield from w.vgpu.ppgtt.put_mm(mm)
+            yield from ppgtt.put_mm(mm)
 
-    def reset_engine(self, vgpu: VGpu, engine: str, reason: str, now: int = 0) -> Iterator[Any]:
-        """An engine reset of the vGPU: its queued workloads fail with the reason; one the GPU is
-        running is abandoned (its interrupt will find nothing)."""
-        q = vgpu.queues[engine]
-        for w in list(q):
-            q.remove(w)
-            if self.inflight.get(engine) is w:
-                self.inflight[engine] = None
-            w.state = "done"
-            self._fail(w, reason, now)
-            yield from self._release(w)
-        yield from self.kick(vgpu.id)
+    # ---- resets and failsafe -----------------------------------------------------------------------------
+    def reset(self, vgpu: VGpu, engines: list[str], reason: str) -> Iterator[Any]:
+        """intel_gvt_reset_vgpu_locked's submission part: stop scheduling the vGPU, wait until the
+        gpu has reported every workload of it that runs, then fail its work on `engines` (the
+        reset is the reason) and reset their execlists. Scheduling starts again when the guest
+        enables execlists."""
+        vgpu.sched_active = False
+        for e in engines:
+            for w in list(vgpu.queues[e]):
+                if w.state == "dispatching":
+                    self._free_engine(w)
+                    yield from self._fail(w, reason)
+        while vgpu.running:
+            ev = Event(f"vgpu{vgpu.id} idle")
+            vgpu.idle_waiters.append(ev)
+            yield Wait(ev)
+        yield from self.drop(vgpu, engines, reason)
+        for e in engines:
+            execlist.reset_engine(vgpu, e)
 
+    def on_failsafe(self, vgpu: VGpu) -> Iterator[Any]:
+        """A vGPU that entered failsafe runs nothing more: its queued work fails with the reason
+        (what the gpu runs still ends as the gpu reports it)."""
+        yield from self.drop(vgpu, list(vgpu.queues), f"vGPU entered failsafe ({vgpu.failsafe})")
+
+    def start(self, vgpu: VGpu) -> Iterator[Any]:
+        """intel_vgpu_start_schedule: the guest enabled execlists."""
+        if vgpu.failsafe is None and not vgpu.sched_active:
+            vgpu.sched_active = True
+            yield from self.kick(vgpu.id)

@@ -12,13 +12,16 @@ from nodes.mediator.dma import GuestMemory, HostPool
 from nodes.mediator.gtt import GgttShadow
 from nodes.mediator.page_track import PageTrack
 from nodes.mediator.pins import GfnPins
-from nodes.mediator.ppgtt import Ppgtt
+from nodes.mediator.ppgtt import Ppgtt, Scratch
 from nodes.memory import Fabric
 from nodes.stats import Stats
 
 VGPU_STATE = "gvtbench_vgpu_state"
 VGPU_STATES = ("active", "failsafe")
+CMD_REFUSED = "gvtbench_cmd_refused"
 ENGINE_RESET = "engine reset (GDRST)"
+GT_RESET = "GT reset (GDRST)"
+DEVICE_RESET = "device reset"
 
 
 def declare_vgpu_metrics(stats: Stats) -> None:
@@ -28,12 +31,17 @@ def declare_vgpu_metrics(stats: Stats) -> None:
                   ["vgpu", "reason"])
     stats.counter("gvtbench_vgpu_resets", "vGPU resets, by kind (engine, gt, device)",
                   ["vgpu", "kind"])
+    stats.counter(CMD_REFUSED, "Workloads the mediator refused while creating or shadowing them, "
+                  "by errno (EBADRQC and EFAULT send the vGPU to failsafe)", ["vgpu", "code"])
+    stats.counter("gvtbench_cmd_scanned", "Commands the command parser scanned", ["vgpu"])
 
 
 class VGpu:
+    FAILSAFE_GUEST_ERR = handlers.FAILSAFE_GUEST_ERR
+
     def __init__(self, vgpu_id: int, vgpu_type: str, part: Partition, *, stats: Stats,
                  pool: HostPool, fabric: Fabric, gfns: int, hypervisor: str, gpu: str,
-                 translate: Callable[..., Any], scheduler: Any, ppgtt_scratch: list[int]):
+                 translate: Callable[..., Any], scheduler: Any, scratch: Scratch):
         self.id, self.type, self.part = vgpu_id, vgpu_type, part
         self.weight = type_info(vgpu_type)[3]
         self.stats = stats
@@ -41,18 +49,26 @@ class VGpu:
         self.vregs: dict[int, int] = {}         # dword offset -> value
         self.pv_notified = False                # set by any read of the PV info page
         self.failsafe: str | None = None        # the reason, while in failsafe
+        self.failsafe_pending = False           # entered failsafe; its queued work not failed yet
         self.g2v_notifications: list[int] = []
         self.pins = GfnPins(vgpu_id, gfns, hypervisor)
         self.ggtt = GgttShadow(vgpu_id, part, self.pins, pool.scratch_mfn, gpu, translate)
         self.track = PageTrack(vgpu_id, hypervisor)
         self.mem = GuestMemory(self, fabric)
-        self.ppgtt = Ppgtt(vgpu_id, pool, fabric, self.pins, self.track, translate, ppgtt_scratch)
+        self.scratch = scratch
+        self.ppgtt = Ppgtt(vgpu_id, pool, fabric, self.pins, self.track, translate, scratch,
+                           ips_enabled=lambda: handlers.ips_enabled(self))
         self.scheduler = scheduler
         self.execlists: dict[str, execlist.Execlist] = {}
         self.queues: dict[str, list] = {e: [] for e in regs.ENGINES}
+        self.running = 0                        # workloads on the gpu (sent, not reported)
+        self.idle_waiters: list = []            # Events set when `running` drops to 0
+        self.sched_active = False               # scheduled: the guest enabled execlists
         self.hws_pga: dict[str, int] = {}       # engine -> GGTT address of its status page
         self.workloads = {"submitted": 0, "completed": 0, "failed": 0}
         self.fail_reasons: dict[str, int] = {}
+        self.refusals: dict[str, int] = {}      # errno -> workloads refused by creation/shadowing
+        self.commands_scanned = 0
         self.irq_events = 0
         self.msi_injected = 0
         self.now = 0                            # the time of the message being emulated
@@ -70,32 +86,41 @@ class VGpu:
 
     def enter_failsafe(self, reason: str) -> None:
         """Stop emulating this vGPU's registers and GGTT; only its virtual copies change from now
-        on (mmio.c failsafe_emulate_mmio_rw). The first reason is kept."""
+        on (mmio.c failsafe_emulate_mmio_rw). The first reason is kept; its queued work fails at
+        the scheduler's next turn (failsafe_pending)."""
         if self.failsafe is None:
             self.failsafe = reason
+            self.failsafe_pending = True
             self._export_state()
             self.stats.inc("gvtbench_vgpu_failsafe_entered", (self.id, reason))
 
+    def count_refusal(self, code: str) -> None:
+        self.refusals[code] = self.refusals.get(code, 0) + 1
+        self.stats.inc(CMD_REFUSED, (self.id, code))
+
+    def start_schedule(self) -> Iterator[Any]:
+        """The guest enabled execlists on an engine (intel_vgpu_start_schedule)."""
+        yield from self.scheduler.start(self)
+
     def reset_engines(self, engines: frozenset[str]) -> Iterator[Any]:
-        """A guest's GDRST (not a device-model reset): the engines' execlist state and queued
-        workloads (each fails with the reason), and for all engines a GT reset: the registers
-        below 0x44200 and the PV info page. The GGTT, fences, failsafe and pv_notified stay."""
-        for e in sorted(engines):
-            execlist.reset_engine(self, e)
-            yield from self.scheduler.reset_engine(self, e, ENGINE_RESET)
-        gt = engines == frozenset(regs.ENGINES)
-        if gt:
+        """A guest's GDRST (not a device-model reset). Engine bits: those engines' execlists and
+        work. Bit 0 (GRDOM_FULL, every engine): also execlists off and the registers below
+        0x44200 and the PV info page back to their reset values, and every PPGTT shadow and its
+        page tracking dropped (intel_vgpu_invalidate_ppgtt). The GGTT, fences, failsafe and
+        pv_notified stay."""
+        full = engines == frozenset(regs.ENGINES)
+        yield from self.scheduler.reset(self, sorted(engines), GT_RESET if full else ENGINE_RESET)
+        if full:
+            yield from self.ppgtt.invalidate_all()
             handlers.reset_mmio(self, dmlr=False)
             handlers.populate_pvinfo(self)
-        self.stats.inc("gvtbench_vgpu_resets", (self.id, "gt" if gt else "engine"))
+        self.stats.inc("gvtbench_vgpu_resets", (self.id, "gt" if full else "engine"))
 
     def reset_device(self) -> Iterator[Any]:
-        """A device-model reset (intel_gvt_reset_vgpu): every engine, the PPGTT shadows and page
+        """A device-model reset (intel_gvt_reset_vgpu): every engine, the PPGTTs and their page
         tracking, the GGTT's host entries, the fences, all registers, the PV page; failsafe and
         pv_notified are cleared."""
-        for e in regs.ENGINES:
-            execlist.reset_engine(self, e)
-            yield from self.scheduler.reset_engine(self, e, "device reset")
+        yield from self.scheduler.reset(self, list(regs.ENGINES), DEVICE_RESET)
         self.hws_pga.clear()
         yield from self.ppgtt.destroy_all()
         yield from self.track.drop_all()
@@ -105,6 +130,7 @@ class VGpu:
         handlers.reset_mmio(self, dmlr=True)
         handlers.populate_pvinfo(self)
         self.failsafe = None
+        self.failsafe_pending = False
         self._export_state()
         self.pv_notified = False
         self.stats.inc("gvtbench_vgpu_resets", (self.id, "device"))

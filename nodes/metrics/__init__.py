@@ -44,10 +44,15 @@ def declare_shadow_metrics(stats: Stats) -> None:
                   "Guest writes to write-protected PPGTT page tables emulated", ["vgpu"])
     stats.counter("gvtbench_ppgtt_entries_translated",
                   "Guest PPGTT entries shadowed, by result: ok (a leaf entry mapped), invalid (a "
-                  "present entry whose gfn is not the VM's: scratch, not present), huge_2m (a 2 MiB "
-                  "entry kept 2 MiB), split_2m (a 2 MiB entry split into a 4 KiB table)",
+                  "present entry whose gfn is not the VM's: the scratch page), huge_2m (a 2 MiB "
+                  "entry kept 2 MiB), split_2m (a 2 MiB entry split into a 4 KiB table), split_64k "
+                  "(a 64 KiB entry split into 16 4 KiB ones)",
                   ["vgpu", "result"])
     stats.counter("gvtbench_context_switches", "Virtual context switches (CSB schedule-outs)",
                   ["vgpu"])
+    stats.counter("gvtbench_ppgtt_reclaimed", "PPGTT shadows dropped to make room under the vGPU's "
+                  "quota of host pool pages (reclaim_one_ppgtt_mm)", ["vgpu"])
+    stats.gauge("gvtbench_pool_pages", "Host pool pages a vGPU holds (shadow tables, rings, "
+                "contexts, batches), against its quota", ["vgpu", "state"])
     stats.counter("gvtbench_virtual_irqs",
                   "Virtual interrupts raised (MSIs sent to the hypervisor)", ["vgpu"])
