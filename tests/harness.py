@@ -44,6 +44,8 @@ class SimNet:
         self.frames: deque[tuple[str, str, bytes]] = deque()
         self.log: list[tuple[str, str, Envelope]] = []
         self.lose: Callable[[str, str, Envelope], bool] | None = None    # frames the network loses
+        self.hold: Callable[[str, str, Envelope], bool] | None = None    # frames it keeps back
+        self.held: list[tuple[str, str, bytes]] = []
 
     def clock(self) -> int:
         return self.now
@@ -84,6 +86,9 @@ class SimNet:
                     continue
                 if self.lose is not None and self.lose(src, dst, env):
                     continue
+                if self.hold is not None and self.hold(src, dst, env):
+                    self.held.append((src, dst, frame))
+                    continue
                 self.log.append((src, dst, env))
                 eng.deliver(eng.links[src], env, self.now)
                 if until is not None and until():
@@ -99,6 +104,12 @@ class SimNet:
                 return
             self.now = max(self.now + 1, min(wakes))
         raise AssertionError("the network did not settle")
+
+    def release(self) -> None:
+        """The frames kept back arrive now, in the order they were sent, before anything else."""
+        self.hold = None
+        self.frames.extendleft(reversed(self.held))
+        self.held = []
 
     def spawn(self, node: str, task: Any) -> dict:
         """Run a task on a node; returns a box that gets 'value' or 'error' when it ends."""
@@ -240,7 +251,7 @@ def make_bench(*, translate: Callable[..., Any] = translate_entries,
                vm_frames: dict[int, int] | None = None, host_frames: int = HOST_POOL_FRAMES,
                aperture_size: int = 1024 << 20, max_vgpus: int = partition.GVT_MAX_VGPU - 1,
                seed: int = SEED, guests: Iterable[int] = (), call_timeout: float = 10.0,
-               trace_spans: int = 0) -> Bench:
+               trace_spans: int = 0, scratch: str = "kernel", shadow_quota: int = 0) -> Bench:
     """A real mediator, hypervisor and gpu (and guests) on one Layout, with anonymous memory;
     with trace_spans, each records up to that many spans."""
     vm_frames = dict(VM_FRAMES if vm_frames is None else vm_frames)
@@ -254,7 +265,8 @@ def make_bench(*, translate: Callable[..., Any] = translate_entries,
     for rm in vms.values():
         h_owned.add(rm)
     mediator = MediatorCore(layout, Fabric(layout, "msg", "test", owned=m_owned),
-                            aperture_size=aperture_size, max_vgpus=max_vgpus, translate=translate)
+                            aperture_size=aperture_size, max_vgpus=max_vgpus, translate=translate,
+                            scratch=scratch, shadow_quota=shadow_quota)
     hv = HypervisorCore(layout, vms, seed, call_timeout=call_timeout)
     gpu = GpuSim(Fabric(layout, "msg", "test"))
     net.add("gpu", gpu, trace_spans=trace_spans)

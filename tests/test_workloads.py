@@ -180,6 +180,34 @@ def test_turning_the_master_on_with_one_pending_sends_the_msi_and_iir_write_clea
     assert not v.vregs[regs.MASTER_IRQ] & 1 << 0
 
 
+def test_gen8_irq_map_a_blitter_event_reports_through_master_bit_1(bench):
+    """gen8_irq_map: GT0 bits 15:0 (render) report through master bit 0, bits 31:16 (blitter)
+    through bit 1; the video banks through their own bits."""
+    bcs = regs.engine_event("bcs", regs.GT_CONTEXT_SWITCH)[1]
+    bench.trap_writes(1, [(regs.gt_ier(0), 4, 0xFFFFFFFF), (regs.gt_imr(0), 4, 0),
+                          (regs.gt_ier(1), 4, 0xFFFFFFFF), (regs.gt_imr(1), 4, 0),
+                          (regs.MASTER_IRQ, 4, regs.MASTER_IRQ_CONTROL)])
+    v = bench.mediator.vgpus[1]
+    assert [a.kind for a in interrupt.trigger_event(v, "bcs", regs.GT_CONTEXT_SWITCH)] == ["INJECT_MSI"]
+    assert v.vregs[regs.gt_iir(0)] == bcs
+    assert v.vregs[regs.MASTER_IRQ] & 0xFF == 1 << 1
+    interrupt.trigger_event(v, "vcs", regs.GT_USER_INTERRUPT)
+    assert v.vregs[regs.MASTER_IRQ] & 0xFF == (1 << 1) | (1 << 2)
+
+
+def test_a_masked_event_still_runs_the_pending_check(bench):
+    """intel_vgpu_trigger_virtual_event runs check_pending_irq after propagate_event whether or
+    not IMR masked the event: an interrupt already pending in IIR and IER goes out."""
+    _irq_setup(bench)
+    v = bench.mediator.vgpus[1]
+    v.vregs[regs.gt_iir(0)] = CTX_SWITCH                    # pending, its master bit not set yet
+    v.vregs[regs.MASTER_IRQ] = regs.MASTER_IRQ_CONTROL
+    bench.trap_write(1, regs.gt_imr(0), 4, 0xFFFFFFFF)       # everything masked from now on
+    actions = interrupt.trigger_event(v, "rcs", regs.GT_USER_INTERRUPT)
+    assert [a.kind for a in actions] == ["INJECT_MSI"]
+    assert not v.vregs[regs.gt_iir(0)] & regs.GT_USER_INTERRUPT
+
+
 # ---- PPGTT shadow rules -------------------------------------------------------------------------------
 PML4, PDP, PD, PT, DATA = 100, 101, 102, 103, 200
 F = lrc.PTE_PRESENT | lrc.PTE_RW
