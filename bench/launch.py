@@ -90,6 +90,7 @@ class Launcher:
         self.eps: dict[str, str] = {}
         self.rams: dict[int, dict] = {}
         self.pool: dict = {}
+        self.node_errors: dict = {}
 
     # ---- processes -------------------------------------------------------------------------------
     def _endpoint(self, name: str) -> str:
@@ -302,6 +303,7 @@ class Launcher:
             snaps[n] = yield Call(n, "STATS", timeout=30)
         snaps["launcher"] = self.rt.snapshot()
         link_rows, link_reasons = ledger.check_links(snaps)
+        self.node_errors, error_reasons = ledger.check_errors(snaps, self.hostile_vms())
         work_reasons = ledger.check_workloads(self.core.reports)
         for v in vm_ids(cfg):
             work_reasons += ledger.check_gpu_workloads(v, self.core.reports.get(v, {}).get("workloads", {}),
@@ -311,7 +313,7 @@ class Launcher:
                                 + "; ".join(pool["reasons"][:3]))
         thr_reasons = self._thresholds(snaps, wall)
         verdict, reasons = ledger.verdict(work_reasons, ggtt["reasons"], probe_reasons, link_reasons,
-                                          thr_reasons)
+                                          error_reasons, thr_reasons)
         if self.trace_path:
             yield from self.collect_trace(names)
         if self.prometheus is not None:
@@ -329,6 +331,11 @@ class Launcher:
         if self.trace_summary is not None:
             res["trace"] = self.trace_summary
         return res
+
+    def hostile_vms(self) -> frozenset[int]:
+        """The VMs whose load includes the hostile mix: their refusals are expected."""
+        return frozenset(v for v in vm_ids(self.cfg) if self.cfg["load"]["mix"].get("hostile", 0) > 0
+                         and v in self.cfg["load"].get("hostile_vms", vm_ids(self.cfg)))
 
     def _thresholds(self, snaps: dict, wall: float) -> list[str]:
         th = self.cfg["thresholds"]
@@ -393,6 +400,7 @@ class Launcher:
                                      for vm, r in self.core.reports.items()}},
             "isolation": isolation,
             "memory_sha256": mem_hash,
+            "errors": self.node_errors,
             "verdict": verdict,
             "reasons": reasons,
         }

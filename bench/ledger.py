@@ -141,6 +141,48 @@ def check_links(snapshots: dict[str, dict]) -> tuple[list[dict], list[str]]:
     return rows, reasons
 
 
+ERROR_FAMILIES = {"bad_frames": "gvtbench_bad_frames", "refused_messages": "gvtbench_refused_messages",
+                  "late_replies": "gvtbench_late_replies", "dropped_frames": "gvtbench_dropped_frames"}
+
+
+def _family_total(snap: dict, name: str) -> int:
+    fam = snap.get("runtime", {}).get(name)
+    return int(sum(v for _labels, v in fam["rows"])) if fam else 0
+
+
+def check_errors(snapshots: dict[str, dict], hostile: frozenset[int] = frozenset()) -> tuple[dict, list[str]]:
+    """Every node's own error counts. An internal error (a handler or task that failed with
+    something other than a refusal) is a bug and fails the run; so does any request that failed,
+    any frame refused as malformed or for its route, any reply that came too late and any frame
+    that could not be sent, unless it was a hostile vGPU's request (those are expected, and
+    counted apart)."""
+    reasons: list[str] = []
+    summary: dict[str, dict] = {}
+    for name, snap in sorted(snapshots.items()):
+        errs = snap.get("errors", {"by_vgpu": {}, "internal": []})
+        row = {k: _family_total(snap, fam) for k, fam in ERROR_FAMILIES.items()}
+        row["internal_errors"] = _family_total(snap, "gvtbench_internal_errors")
+        expected: dict[str, int] = {}
+        unexpected: dict[str, int] = {}
+        for vg, codes in errs["by_vgpu"].items():
+            into = expected if int(vg) in hostile else unexpected
+            for code, n in codes.items():
+                into[code] = into.get(code, 0) + n
+        row["failed_requests"] = unexpected
+        row["hostile_failed_requests"] = expected
+        summary[name] = row
+        if row["internal_errors"]:
+            reasons.append(f"{name}: {row['internal_errors']} internal errors (bugs): "
+                           + "; ".join(errs["internal"][:3]))
+        if unexpected:
+            reasons.append(f"{name}: requests failed that the run did not expect: "
+                           + ", ".join(f"{c} x{n}" for c, n in sorted(unexpected.items())))
+        for k in ERROR_FAMILIES:
+            if row[k]:
+                reasons.append(f"{name}: {row[k]} {k.replace('_', ' ')}")
+    return summary, reasons
+
+
 def verdict(*reason_lists: list[str]) -> tuple[str, list[str]]:
     reasons = [r for rs in reason_lists for r in rs]
     return ("fail" if reasons else "pass"), reasons

@@ -87,6 +87,13 @@ class NodeEngine:
         s.counter("gvtbench_dropped_frames",
                   "Frames this node could not send (peer gone, queue full, too large)", ["reason"])
         s.counter("gvtbench_late_replies", "Replies that came after their request timed out")
+        s.counter("gvtbench_internal_errors",
+                  "Handlers and tasks that failed with something other than a refusal (GvtError): "
+                  "this node's own bugs, which fail the run's verdict")
+        # requests that failed, by the vGPU they were for (0: none) and errno, and the first few
+        # internal errors: what the ledger reads to tell a hostile guest's refusals from bugs
+        self.errors_by_vgpu: dict[int, dict[str, int]] = {}
+        self.internal_errors: list[str] = []
         self._core_handle = core.handle
         self._outbox = hasattr(core, "outbox")
         self._lane = getattr(core, "lane", None)
@@ -269,7 +276,24 @@ class NodeEngine:
                 if own:
                     self._close(span, self.clock())
 
+    def note_error(self, err: BaseException, vgpu: int) -> None:
+        """A request or task of this node failed: by vGPU and errno; an exception that is not a
+        GvtError is this node's own bug."""
+        code = _code(err)
+        per = self.errors_by_vgpu.setdefault(vgpu, {})
+        per[code] = per.get(code, 0) + 1
+        if not isinstance(err, GvtError):
+            self.stats.inc("gvtbench_internal_errors")
+            if len(self.internal_errors) < 16:
+                tb = err.__traceback__
+                while tb is not None and tb.tb_next is not None:
+                    tb = tb.tb_next
+                where = f" at {tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb else ""
+                self.internal_errors.append(f"{type(err).__name__}: {err}{where}")
+
     def finish(self, origin: Origin | None, result: Any, err: BaseException | None, now: int) -> None:
+        if err is not None:
+            self.note_error(err, origin.env.vgpu if origin is not None else 0)
         if origin is None:
             if err is not None:
                 self.stats.inc("gvtbench_handler_errors", (_code(err),))
@@ -403,6 +427,7 @@ class NodeEngine:
                     self._dropped(failed)
                 except GvtError as err:
                     self.stats.inc("gvtbench_handler_errors", (_code(err),))
+                    self.note_error(err, a.vgpu)
             elif type(a) is Signal:
                 self.sched.signal(a.event, now)
             elif type(a) is Spawn:

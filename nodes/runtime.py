@@ -641,6 +641,8 @@ class Runtime:
         return {"name": self.name, "role": self.role,
                 "links": {n: l.counters() for n, l in self.engine.links.items()},
                 "runtime": self.engine.stats.snapshot(),
+                "errors": {"by_vgpu": {str(k): v for k, v in self.engine.errors_by_vgpu.items()},
+                           "internal": list(self.engine.internal_errors)},
                 "stats": self.core.stats.snapshot(),
                 "core": snap_fn() if snap_fn else {}}
 

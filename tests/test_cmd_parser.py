@@ -428,3 +428,19 @@ def test_the_parser_table_covers_every_rule_and_every_command_it_names():
     assert struct.pack("<I", cmd.MI_BATCH_BUFFER_START.header(cmd.LEN_BB_START)) == \
         struct.pack("<I", 0x18800001)                          # MI_BATCH_BUFFER_START_GEN8
     assert PAGE_SIZE and gtt
+
+
+def test_a_workload_failed_outside_an_engine_interrupt_is_counted_with_its_latency(bench, hg):
+    """workloads_total{stage=mediator} counted only the workloads an ENGINE_IRQ ended, and failed
+    ones got a latency of 0: a failure at dispatch is counted where it happens, with its time."""
+    from nodes.metrics import WORKLOAD_LATENCY, WORKLOADS
+    long = hg.put_batch(16, [cmd.MI_NOOP.header()] * 8 + [cmd.MI_BATCH_BUFFER_END.header()])
+    hg.submit(cmd.bb_start(long, ppgtt=True) + seqno_store(hg, 1), run=False)
+    hg.submit([0x1F800000, 0], k=1, run=False)          # scanned at dispatch: EBADRQC
+    bench.net.now += 5_000_000
+    bench.net.run()
+    st = bench.mediator.stats
+    assert st.families[WORKLOADS].values[(1, "rcs", "mediator", "failed")] == 1
+    assert st.families[WORKLOADS].values[(1, "rcs", "mediator", "completed")] == 1
+    h = st.families[WORKLOAD_LATENCY].values[(1, "rcs", "mediator")]
+    assert h.n == 2 and h.summary_us()["p50_us"] > 1000

@@ -179,3 +179,35 @@ def test_only_failures_the_load_meant_are_forgiven():
     assert ledger.check_gpu_workloads(1, meant, GOOD_RAM) == []
     unmeant = dict(GOOD_WL, completed=8, failed=2, failed_expected=1)
     assert any("did not mean to fail" in r for r in ledger.check_gpu_workloads(1, unmeant, GOOD_RAM))
+
+
+# ---- the nodes' own error counts ---------------------------------------------------------------
+def _snap(internal=0, by_vgpu=None, bad=0, texts=()):
+    rows = lambda n: {"type": "counter", "labels": [], "rows": [[[], n]] if n else []}   # noqa: E731
+    return {"runtime": {"gvtbench_internal_errors": rows(internal), "gvtbench_bad_frames": rows(bad)},
+            "errors": {"by_vgpu": by_vgpu or {}, "internal": list(texts)}}
+
+
+def test_a_clean_run_has_no_error_reasons():
+    summary, reasons = ledger.check_errors({"mediator": _snap(), "gpu": _snap()})
+    assert reasons == [] and summary["mediator"]["internal_errors"] == 0
+
+
+def test_an_internal_error_fails_the_run_even_next_to_a_hostile_guest():
+    _s, reasons = ledger.check_errors({"mediator": _snap(1, texts=["RuntimeError: x at ppgtt.py:1"])},
+                                      hostile=frozenset({1, 2}))
+    assert reasons and "internal errors (bugs)" in reasons[0] and "ppgtt.py" in reasons[0]
+
+
+def test_failed_requests_fail_the_run_unless_a_hostile_vgpu_made_them():
+    snaps = {"mediator": _snap(by_vgpu={"2": {"EINVAL": 3}}), "hypervisor": _snap(by_vgpu={"0": {"EIO": 1}})}
+    summary, reasons = ledger.check_errors(snaps, hostile=frozenset({2}))
+    assert summary["mediator"]["hostile_failed_requests"] == {"EINVAL": 3}
+    assert reasons == ["hypervisor: requests failed that the run did not expect: EIO x1"]
+    _s, reasons = ledger.check_errors(snaps)
+    assert len(reasons) == 2
+
+
+def test_bad_frames_fail_the_run():
+    _s, reasons = ledger.check_errors({"gpu": _snap(bad=2)}, hostile=frozenset({1}))
+    assert reasons == ["gpu: 2 bad frames"]

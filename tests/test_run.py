@@ -27,7 +27,7 @@ def _run(cfg):
 
 @pytest.mark.parametrize("transport,fabric", [("ipc", "shm"), ("tcp", "msg")])
 def test_full_run_passes(small_cfg, transport, fabric):
-    res = _run(small_cfg(run__transport=transport, run__fabric=fabric))
+    res = _run(small_cfg(run__transport=transport, run__fabric=fabric, load__outside_ratio=0.5))
     assert res["verdict"] == "pass", res["reasons"]
     assert res["schema"] == 1 and res["seed"] == 11 and res["translator"] in ("c", "python")
     for v in res["vgpus"]:
@@ -35,7 +35,9 @@ def test_full_run_passes(small_cfg, transport, fabric):
         assert set(v["traps"]) >= {"mmio_read", "mmio_write", "gtt_write"}
         for s in v["traps"].values():
             assert s["count"] > 0 and 0 < s["p50_us"] <= s["p99_us"] <= s["p999_us"]
-        assert v["ggtt"]["ok"] > 0 and v["ggtt"]["dropped"] >= 0
+        # every GGTT write the guest aimed outside its partition was dropped, and no other
+        assert v["ggtt"]["ok"] > 0 and v["guest"]["outside_probes"] > 0
+        assert v["ggtt"]["dropped"] == v["guest"]["outside_probes"]
         assert v["probes"]["probes"] > 0 and v["probes"]["landed"] == v["probes"]["probes"]
         assert v["guest"]["issued"] == 300 == v["guest"]["completed"]
         tl = v["timeline"]

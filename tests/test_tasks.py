@@ -198,3 +198,28 @@ def test_fail_calls_ends_every_call_to_a_peer_that_left(io, sched):
     sched.spawn(task("here"), 0)
     assert sched.fail_calls(lambda key: key[0] == "gone", GvtError("ECONNRESET", "left"), 1) == 1
     assert got == [("gone", "ECONNRESET")] and sched.pending_calls == 1
+
+
+def test_a_handler_bug_is_counted_as_an_internal_error_and_a_refusal_is_not():
+    """The engine tells a peer's mistake (GvtError) from its own bug (anything else)."""
+    from harness import SimNet
+    from nodes.errors import GvtError as _G
+
+    class Core:
+        def handle(self, msg, now):
+            if msg.payload["size"] == 1:
+                raise _G("EINVAL", "a refusal")
+            raise RuntimeError("a bug")
+    net = SimNet(vgpus=[1])
+    net.add("mediator", Core())
+    net.add("hypervisor", Core())
+    net.connect("hypervisor", "mediator")
+    for size in (1, 4):
+        try:
+            net.call("hypervisor", "mediator", "TRAP_READ", {"off": 0, "size": size}, vgpu=1)
+        except _G:
+            pass
+    eng = net.engines["mediator"]
+    assert eng.stats.total("gvtbench_internal_errors") == 1
+    assert eng.errors_by_vgpu == {1: {"EINVAL": 1, "EIO": 1}}
+    assert eng.internal_errors and eng.internal_errors[0].startswith("RuntimeError: a bug at test_tasks.py:")

@@ -103,6 +103,7 @@ class GuestCore:
         self.reads_inflight = 0
         self.issued = self.completed = self.failed = self.unknown = 0
         self.mismatches = 0
+        self.outside_probes = 0                     # GGTT writes outside the partition it made
         self.fail_reasons: dict[str, int] = {}
         self._latency_base: dict[str, LatencyHistogram] = {}    # the histograms when the load began
         self.timeline = Timeline()          # ops and workloads per second, from the load's start
@@ -409,6 +410,7 @@ class GuestCore:
         if rng.random() < ld.outside_ratio:
             # probe the ballooned space: these writes must be dropped by the mediator
             probe = self._outside_indices(4)
+            self.outside_probes += len(probe)
             idx = np.concatenate([idx, probe])
             vals = np.concatenate([vals, np.full(len(probe), gtt.encode(1), dtype=np.uint64)])
         self.wno += 1
@@ -603,7 +605,7 @@ class GuestCore:
         return {"vm": self.vm, "state": self.state, "issued": self.issued, "completed": self.completed,
                 "failed": self.failed, "unknown": self.unknown, "pending": self._inflight(),
                 "mismatches": self.mismatches, "fail_reasons": dict(self.fail_reasons),
-                "faulting_pages": len(self.ram.faulting),
+                "faulting_pages": len(self.ram.faulting), "outside_probes": self.outside_probes,
                 "irqs": self.irqs, "boot_error": self.boot_error, "pv": self.pv,
                 "workloads": self.wl.report(), "workload_latency": self.workload_latency(),
                 "elapsed_s": (now - self.t0) / 1e9 if self.t0 else 0.0,
