@@ -294,10 +294,15 @@ def test_the_fault_mode_leaves_every_entry_that_maps_no_ram_not_present():
         v = hg.vgpu
         for level in range(3):
             assert not any(b.mediator.pool.page(v.scratch.page[level]))
-        tracked(b, (hg.pt1 << PAGE_SHIFT) + 8, struct.pack("<Q", lrc.entry(10 ** 7, F)))   # not RAM
+        page = np.zeros(512, dtype="<u8")
+        page[1] = lrc.entry(10 ** 7, F)                 # a new PT with an entry that is not RAM
+        b.hv.gpa_write(b.hv.vms[1], [[500 << PAGE_SHIFT, page.tobytes()]])
+        tracked(b, (hg.pd << PAGE_SHIFT) + 8 * 2, struct.pack("<Q", lrc.entry(500, F)))
         tracked(b, hg.pt1 << PAGE_SHIFT, struct.pack("<Q", 0))                              # removed
         shadow = np.frombuffer(bytes(b.mediator.pool.page(v.ppgtt.tables[(hg.pt1, 3)].mfn)), dtype="<u8")
-        assert not shadow[0] & lrc.PTE_PRESENT and not shadow[1] & lrc.PTE_PRESENT
+        assert not shadow[0] & lrc.PTE_PRESENT
+        fresh = np.frombuffer(bytes(b.mediator.pool.page(v.ppgtt.tables[(500, 3)].mfn)), dtype="<u8")
+        assert not fresh[1] & lrc.PTE_PRESENT
         # a GPU store through the removed entry faults instead of landing in the scratch page
         hg.submit(cmd.store_dword(hg.data_va(0), 1) + seqno_store(hg, 5))
         assert any("not present" in r for r in v.fail_reasons) and not any(b.mediator.pool.page(v.scratch.page[3]))
@@ -412,3 +417,16 @@ def test_a_lite_restore_that_comes_while_the_gpu_reports_starts_at_the_last_tail
 def test_the_interrupt_of_a_workload_does_not_wait_for_its_vgpus_lane(bench):
     b = bench
     assert b.mediator.lane(type("E", (), {"kind": "ENGINE_IRQ", "vgpu": 1})()) is None
+
+
+def test_a_tracked_pte_to_a_gfn_that_is_not_ram_fails_and_the_old_shadow_stays(bench):
+    """ppgtt_handle_guest_entry_add -> ppgtt_populate_shadow_entry: the DMA map of a gfn that is
+    not guest RAM fails (ENXIO); unlike a table's first population, which maps it to scratch."""
+    b = bench
+    hg = HandGuest(b, 1)
+    t = hg.vgpu.ppgtt.tables[(hg.pt1, 3)]
+    before = bytes(b.mediator.pool.page(t.mfn))
+    with pytest.raises(Exception) as e:
+        tracked(b, (hg.pt1 << PAGE_SHIFT) + 8 * 3, struct.pack("<Q", lrc.entry(10 ** 7, F)))
+    assert "ENXIO" in str(e.value)
+    assert bytes(b.mediator.pool.page(t.mfn)) == before and int(t.held[3]) == hg.data_gfns[3]

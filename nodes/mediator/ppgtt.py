@@ -18,7 +18,8 @@ Rules, as the kernel has them:
 5. a tracked 8-byte write adds the new entry before it removes the old one
    (ppgtt_handle_guest_write_page_table): the new child is found or built and linked, then what
    the old entry held is released; a write of the value the entry has changes nothing; a new
-   entry that cannot be shadowed leaves the old shadow in place and fails the write
+   entry that cannot be shadowed (a leaf whose gfn is not guest RAM: ENXIO, a table that is not
+   RAM: EINVAL) leaves the old shadow in place and fails the write
 6. a removed entry points at the scratch of its level, and so does a half-written (4-byte) one
    until it is shadowed whole before the vGPU's next workload (post_shadow,
    intel_vgpu_flush_post_shadow)
@@ -560,6 +561,8 @@ class Ppgtt:
             return
         old_se = self._shadow_entry_value(t, i)
         if t.level == PT:
+            if new & lrc.PTE_PRESENT:
+                yield from self._check_ram(lrc.frame_of(new), t, i)
             old_pin = int(t.held[i])
             t.held[i] = -1
             try:
@@ -588,6 +591,18 @@ class Ppgtt:
         t.post_shadow.discard(i)
         if old_child is not None:
             yield from self._unref(old_child)
+
+    def _check_ram(self, gfn: int, t: ShadowTable, i: int) -> Iterator[Any]:
+        """A new leaf entry must map guest RAM: the kernel maps the page for DMA when it adds the
+        entry (ppgtt_populate_shadow_entry), and that fails (ENXIO) for a gfn that is not RAM;
+        the old shadow entry stays. (A table's first population maps such an entry to scratch.)"""
+        ok = 0 <= gfn < len(self.pins.cache)
+        if ok:
+            yield from self.pins.fetch(np.array([gfn], dtype=np.int64))
+            ok = int(self.pins.cache[gfn]) not in (0, CACHE_INVALID)
+        if not ok:
+            raise GvtError("ENXIO", f"vGPU {self.vgpu}: PT entry {i} of the table at gfn {t.gfn:#x} "
+                           f"maps gfn {gfn:#x}, which is not guest RAM")
 
     def _write_ips(self, t: ShadowTable, i: int) -> Iterator[Any]:
         """A write to a 64 KiB table: only the first entry of each 16 maps anything; its 16
