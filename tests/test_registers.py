@@ -254,10 +254,22 @@ def test_device_model_reset_message_resets_the_whole_vgpu(bench):
     assert bench.net.sent("SYNC", "mediator", "gpu")        # the reset is on the gpu when it answers
 
 
-def test_device_model_reset_comes_only_from_the_launcher(bench):
+def test_device_model_reset_comes_from_the_launcher_or_the_hypervisor_never_a_guest(bench):
+    """A VM that resets itself has its hypervisor (the device model) reset the vGPU; a guest
+    cannot send VGPU_RESET, and asks its hypervisor with VM_RESET, for its own VM only."""
+    from harness import add_peer
+    info = bench.net.call("hypervisor", "mediator", "VGPU_RESET", None, 1)
+    assert info["id"] == 1 and info["failsafe"] is None
+    add_peer(bench.net, "guest1")
     with pytest.raises(GvtError) as e:
-        bench.net.call("hypervisor", "mediator", "VGPU_RESET", None, 1)
+        bench.net.call("guest1", "hypervisor", "VGPU_RESET", None, 1)
     assert e.value.code == "EPERM"
+    with pytest.raises(GvtError) as e:
+        bench.net.call("guest1", "hypervisor", "VM_RESET", None, 2)
+    assert e.value.code == "EPERM"
+    bench.mediator.vgpus[1].enter_failsafe("guest_error")
+    info = bench.net.call("guest1", "hypervisor", "VM_RESET", None, 1)
+    assert info["failsafe"] is None and bench.mediator.vgpus[1].failsafe is None
 
 
 # ---- 11. failsafe: default reads and writes ---------------------------------------------------------

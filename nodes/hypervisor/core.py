@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from nodes.actions import Call, Event, Post, Signal, Spawn, Wait
-from nodes.errors import GvtError, OutcomeUnknown
+from nodes.errors import GvtError, OutcomeUnknown, RemoteError
 from nodes.hw import PAGE_SHIFT, PAGE_SIZE, bar0
 from nodes.memory import Layout, RegionMemory, WriteProtect, make_p2m
 from nodes.metrics import TRAP_LATENCY, TRAPS, declare_trap_metrics
@@ -131,6 +131,8 @@ class HypervisorCore:
         s.gauge("gvtbench_hv_tracked_pages", "Guest pages write-protected for the mediator", ["vgpu"])
         s.counter("gvtbench_hv_tracked_writes", "Guest stores to tracked pages sent to the mediator",
                   ["vgpu"])
+        s.counter("gvtbench_hv_vm_resets", "VM resets a guest asked for (each a device-model reset "
+                  "of its vGPU)", ["vgpu"])
 
     def accepting(self, vm_id: int) -> bool:
         """Whether the shell should read more from this VM's guest now: not while half its
@@ -158,6 +160,8 @@ class HypervisorCore:
                                 msg.trace)
         if kind == "MMIO_READ":
             return self._read(vm, p["off"], p["size"])
+        if kind == "VM_RESET":
+            return self._vm_reset(vm)
         if kind == "GPA_READ":
             return self.gpa_read(vm, p["ops"])
         if kind == "GPA_WRITE":
@@ -220,6 +224,19 @@ class HypervisorCore:
             vm.fifo.append(held)
             self.outbox.extend(self._pump(vm))
         return self._trap_read(vm, off, size, held)
+
+    def _vm_reset(self, vm: Vm) -> Iterator[Any]:
+        """The VM resets itself (QEMU's device reset of the mdev: intel_vgpu_reset -> a device-
+        model reset): in order after the writes the guest made before it, as a read is."""
+        held = None
+        if vm.fifo:
+            held = Event("vm reset")
+            vm.fifo.append(held)
+            self.outbox.extend(self._pump(vm))
+        if held is not None:
+            yield Wait(held)
+        self.stats.inc("gvtbench_hv_vm_resets", (vm.id,))
+        return (yield Call(self.mediator, "VGPU_RESET", None, vgpu=vm.id, timeout=self.call_timeout))
 
     def _trap_read(self, vm: Vm, off: int, size: int, held: Event | None) -> Iterator[Any]:
         if held is not None:
@@ -329,23 +346,26 @@ class HypervisorCore:
     def _tracked_write(self, vm: Vm, f: _Fault) -> Iterator[Any]:
         vm.tracked_writes += 1
         self.stats.inc("gvtbench_hv_tracked_writes", (vm.id,))
-        status, reason = "ok", None
+        status, reason, errors = "ok", None, None
         try:
             yield Call(self.mediator, "TRACKED_WRITE", {"gpa": f.gpa, "data": f.data}, vgpu=vm.id,
                        timeout=self.call_timeout)
-            self._store(vm, f.gpa, f.data)
         except OutcomeUnknown as err:
             status, reason = "unknown", str(err)
-            self._store(vm, f.gpa, f.data)      # the guest's store happens either way
+        except RemoteError as err:
+            # the mediator refused to emulate it (its shadow keeps the old entry); the store
+            # itself happens, as the vCPU's instruction completes either way
+            status, reason, errors = "refused", str(err), [str(err)]
         except GvtError as err:
             status, reason = "failed", str(err)
-            self._store(vm, f.gpa, f.data)
         finally:
+            self._store(vm, f.gpa, f.data)
             vm.faulting = False
             self._dirty.add(vm.id)
         if f.w:
             try:
-                yield self._done(vm, f.w, f.w, 1, status, reason)
+                yield self._done(vm, f.w, f.w, 1, status, reason, len(errors or ()), errors,
+                                 refused=[0] if errors else None)
             except GvtError:
                 pass
 
@@ -357,15 +377,13 @@ class HypervisorCore:
         n = len(q)
         try:
             res = yield call
-            if res["n_errors"] and res.get("refused"):
-                done = self._done_refused(vm, q, res)
-            else:
-                done = [self._done(vm, q.first, q.last, n, "ok", None, res["n_errors"], res["errors"])]
+            refused = res.get("refused") if res["n_errors"] else None
+            done = self._dones(vm, q, "ok", None, res, refused)
             self._observe_writes(vm, q, call.done_at)
         except OutcomeUnknown as err:       # it may have been applied, or may be yet
-            done = [self._done(vm, q.first, q.last, n, "unknown", str(err))]
+            done = self._dones(vm, q, "unknown", str(err))
         except GvtError as err:             # refused, or never sent: not applied
-            done = [self._done(vm, q.first, q.last, n, "failed", str(err))]
+            done = self._dones(vm, q, "failed", str(err))
         finally:
             vm.in_flight -= n
             vm.batches -= 1
@@ -378,28 +396,37 @@ class HypervisorCore:
         except GvtError:
             pass                            # the guest has gone: nobody to tell
 
-    def _done_refused(self, vm: Vm, q: _Writes, res: dict) -> list[Post]:
-        """WRITE_DONE for a batch the mediator refused some writes of: each message with a
-        refused write has its own, status refused, naming those writes (their index in the
-        message); the runs of messages between them are ok."""
-        bits = np.unpackbits(np.frombuffer(res["refused"], dtype=np.uint8), bitorder="little")
+    def _dones(self, vm: Vm, q: _Writes, status: str, reason: str | None, res: dict | None = None,
+               refused: bytes | None = None) -> list[Post]:
+        """The WRITE_DONEs of a batch: one per run of its messages with consecutive numbers (a
+        guest may number them out of order: each is answered exactly), and with refused writes
+        (a bit per write from the mediator), one of its own, status refused, for each message that
+        had any: it names those writes (their index in the message)."""
+        bits = (np.unpackbits(np.frombuffer(refused, dtype=np.uint8), bitorder="little")
+                if refused else None)
+        n_errors = res["n_errors"] if res else 0
+        errors = res["errors"] if res else None
         out: list[Post] = []
-        run: list[tuple[int, int]] = []     # ok messages not yet reported
+        run: list[tuple[int, int]] = []     # messages not yet reported, consecutively numbered
         at = 0
 
         def flush() -> None:
             if run:
-                out.append(self._done(vm, run[0][0], run[-1][0], sum(k for _w, k in run), "ok", None))
+                out.append(self._done(vm, run[0][0], run[-1][0], sum(k for _w, k in run), status,
+                                      reason, 0 if bits is not None else n_errors,
+                                      None if bits is not None else errors))
                 run.clear()
         for w, k in q.msgs:
-            idx = np.flatnonzero(bits[at:at + k]).tolist()
+            idx = np.flatnonzero(bits[at:at + k]).tolist() if bits is not None else []
             at += k
-            if not idx:
-                run.append((w, k))
+            if idx:
+                flush()
+                out.append(self._done(vm, w, w, k, "refused", f"the mediator refused {len(idx)} of "
+                                      f"the message's {k} writes", len(idx), errors, refused=idx))
                 continue
-            flush()
-            out.append(self._done(vm, w, w, k, "refused", res["errors"][0] if res["errors"] else None,
-                                  len(idx), res["errors"], refused=idx))
+            if run and w != run[-1][0] + 1:
+                flush()
+            run.append((w, k))
         flush()
         return out
 

@@ -234,8 +234,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("VERIFY", _routes("launcher>guest"), _NONCE, "map",
          "read the probe tokens back from guest RAM"),
     Kind("PARTITIONS", _routes("launcher>mediator"), None, "list[map]", "every vGPU and its partition"),
-    Kind("VGPU_RESET", _routes("launcher>mediator"), None, "map",
-         "device-model reset of the envelope's vGPU (intel_gvt_reset_vgpu)"),
+    Kind("VGPU_RESET", _routes("launcher>mediator", "hypervisor>mediator"), None, "map",
+         "device-model reset of the envelope's vGPU (intel_gvt_reset_vgpu): from the launcher, "
+         "or from the hypervisor for a VM that resets itself"),
     Kind("SYNC", _routes("launcher>mediator", "mediator>gpu"), None, "map",
          "returns once everything sent before it on the link has been applied"),
     Kind("POOL_CHECK", _routes("launcher>mediator"), None, "map",
@@ -292,6 +293,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("PAGE_FAULT", _routes("guest>hypervisor"),
          (Field("gpa", "u64"), Field("data", "bytes", max_len=8), _WRITE_NO), None,
          "a guest store the guest's MMU found write-protected"),
+    Kind("VM_RESET", _routes("guest>hypervisor"), None, "map",
+         "the guest resets its VM (a reboot): after the guest's earlier writes, the hypervisor "
+         "has the mediator reset the VM's vGPU (VGPU_RESET) and answers with the vGPU"),
     Kind("RAM_WRITE", _routes("guest>hypervisor"), _GPA_WRITE, None,
          "guest stores to its own RAM, where the guest cannot map it (msg fabric)"),
     Kind("ENGINE_IRQ", _routes("gpu>mediator"),
