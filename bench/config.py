@@ -97,6 +97,13 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "hang_timeout_s": ((int, float), 2.0, _pos, "seconds > 0 without progress before the guest "
                            "resets an engine"),
         "churn_halves_ratio": ((int, float), 0.25, _ratio, "a ratio 0..1 of PTE writes made as two halves"),
+        "hostile_vms": (list, [], lambda v: all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                                                for x in v) and len(set(v)) == len(v),
+                        "a list of distinct VM numbers >= 1 that run the hostile mix (empty: every VM, "
+                        "when the mix has a hostile weight)"),
+        "hostile_repeat": (int, 2, lambda v: 1 <= v <= 100, "tries of each attack a vGPU survives, 1..100"),
+        "hostile_timeout_s": ((int, float), 1.0, _pos, "seconds > 0 an accepted attack may take before "
+                              "the guest calls it failed"),
     },
     "thresholds": {
         "mmio_read_p99_us": ((int, float), 0.0, _nonneg, "microseconds >= 0 (0: no threshold)"),
@@ -142,6 +149,13 @@ def validate(raw: dict, where: str = "<config>") -> dict:
     if types and len(types) != cfg["vgpus"]["count"]:
         raise ConfigError(where, "vgpus.types", f"names {len(types)} types for "
                           f"{cfg['vgpus']['count']} vGPUs")
+    stray = [v for v in cfg["load"]["hostile_vms"] if v > cfg["vgpus"]["count"]]
+    if stray:
+        raise ConfigError(where, "load.hostile_vms", f"VM {stray[0]} is not one of the "
+                          f"{cfg['vgpus']['count']} VMs")
+    if cfg["load"]["hostile_vms"] and not cfg["load"]["mix"].get("hostile", 0) > 0:
+        raise ConfigError(where, "load.hostile_vms", "names hostile VMs, but load.mix gives "
+                          "'hostile' no weight")
     if cfg["vgpus"]["count"] > cfg["mediator"]["max_vgpus"]:
         raise ConfigError(where, "vgpus.count", f"{cfg['vgpus']['count']} vGPUs exceed "
                           f"mediator.max_vgpus = {cfg['mediator']['max_vgpus']}")

@@ -26,7 +26,7 @@ from nodes.errors import GvtError
 from nodes.hw import gtt
 from nodes.memory import remove_run_shm, sweep_stale_shm
 from nodes.metrics import TRAP_LATENCY
-from nodes.node import build_layout, needed_peers, node_names, vm_ids
+from nodes.node import build_layout, hostile_vms, needed_peers, node_names, vm_ids
 from nodes.runtime import Keys, Runtime, make_keys
 from nodes.stats import Stats
 from nodes.wire.codec import Envelope
@@ -91,6 +91,7 @@ class Launcher:
         self.rams: dict[int, dict] = {}
         self.pool: dict = {}
         self.node_errors: dict = {}
+        self.hostile: dict[int, dict] = {}
 
     # ---- processes -------------------------------------------------------------------------------
     def _endpoint(self, name: str) -> str:
@@ -296,18 +297,27 @@ class Launcher:
             maps[v] = (np.concatenate(idx), np.concatenate(vals))
             res = yield Call(f"guest{v}", "VERIFY", {"nonce": nonce}, vgpu=v, timeout=120)
             probes[v] = res
-            probe_reasons += ledger.check_probes(v, hit, res, layout)
+            failsafe = bool(next((x["failsafe"] for x in vgpus if x["id"] == v), None))
+            probe_reasons += ledger.check_probes(v, hit, res, layout, failsafe)
         ggtt = ledger.check_ggtt(dump, vgpus, maps, layout, seed, layout.host.base_mfn)
+        if pool.get("scratch_dirty"):
+            ggtt["scratch_dirty"] = pool["scratch_dirty"]
         snaps = {}
         for n in names:
             snaps[n] = yield Call(n, "STATS", timeout=30)
         snaps["launcher"] = self.rt.snapshot()
         link_rows, link_reasons = ledger.check_links(snaps)
         self.node_errors, error_reasons = ledger.check_errors(snaps, self.hostile_vms())
-        work_reasons = ledger.check_workloads(self.core.reports)
+        hostile = self.hostile_vms()
+        work_reasons = ledger.check_workloads(self.core.reports, hostile)
         for v in vm_ids(cfg):
             work_reasons += ledger.check_gpu_workloads(v, self.core.reports.get(v, {}).get("workloads", {}),
-                                                       rams[v])
+                                                       rams[v], v in hostile)
+        self.hostile = {}
+        for v in sorted(hostile):
+            fs = next((x["failsafe"] for x in vgpus if x["id"] == v), None)
+            self.hostile[v], rs = ledger.check_hostile(v, self.core.reports.get(v, {}).get("hostile"), fs)
+            work_reasons += rs
         if pool["violations"]:
             work_reasons.append(f"host pool: {pool['violations']} violations: "
                                 + "; ".join(pool["reasons"][:3]))
@@ -334,8 +344,7 @@ class Launcher:
 
     def hostile_vms(self) -> frozenset[int]:
         """The VMs whose load includes the hostile mix: their refusals are expected."""
-        return frozenset(v for v in vm_ids(self.cfg) if self.cfg["load"]["mix"].get("hostile", 0) > 0
-                         and v in self.cfg["load"].get("hostile_vms", vm_ids(self.cfg)))
+        return frozenset(hostile_vms(self.cfg))
 
     def _thresholds(self, snaps: dict, wall: float) -> list[str]:
         th = self.cfg["thresholds"]
@@ -380,6 +389,11 @@ class Launcher:
                 "ppgtt": {k: mv.get("ppgtt", {}).get(k, 0) for k in ("tracked_writes", "shadow_pages")},
                 "workload": ledger.summarize_workloads(snaps[f"guest{vm}"], vm),
                 "execlist": {k: mv.get(k, 0) for k in ("context_switches", "csb_entries", "virtual_irqs")},
+                # what the mediator saw of the vGPU's work: why workloads failed there, the
+                # parser's and shadowing's refusals by code, commands scanned, pool pages held
+                "mediator": {"fail_reasons": mv.get("fail_reasons", {}), "refusals": mv.get("refusals", {}),
+                             "commands_scanned": mv.get("commands_scanned", 0),
+                             "pool_pages": mv.get("pool_pages", 0)},
             })
         isolation = {"pages_checked": sum(r.get("pages_checked", 0) for r in self.rams.values())
                      + self.pool.get("pages_checked", 0),
@@ -391,6 +405,8 @@ class Launcher:
             "config": public(self.cfg),
             "seed": self.cfg["run"]["seed"],
             "translator": self.core.ready.get("mediator", {}).get("translator", "?"),
+            "scratch": med["core"].get("scratch", "?"),
+            "shadow_quota_pages": med["core"].get("shadow_quota"),
             "wall_s": round(wall, 3),
             "vgpus": out_vgpus,
             "ledger": {"links": link_rows, "ggtt_outside_written": ggtt["outside_written"],
@@ -401,6 +417,7 @@ class Launcher:
             "isolation": isolation,
             "memory_sha256": mem_hash,
             "errors": self.node_errors,
+            "hostile": {str(v): h for v, h in self.hostile.items()},
             "verdict": verdict,
             "reasons": reasons,
         }

@@ -30,6 +30,9 @@ def expected_host_entries(vals: np.ndarray, p2m: np.ndarray, scratch_mfn: int) -
 
 def check_ggtt(dump: np.ndarray, vgpus: list[dict], guest_maps: dict[int, tuple[np.ndarray, np.ndarray]],
                layout: Layout, seed: int, scratch_mfn: int) -> dict:
+    """The physical GGTT against the translation of what each guest wrote. For a vGPU in failsafe
+    the mediator stopped shadowing its GGTT when it entered failsafe, so only what must hold
+    whatever the guest did is checked: its entries point at its own RAM or the scratch page."""
     reasons: list[str] = []
     owned = np.zeros(len(dump), dtype=bool)
     reset_entry = U64(gtt.encode(scratch_mfn, gtt.PTE_PRESENT))     # entries never written
@@ -58,7 +61,7 @@ def check_ggtt(dump: np.ndarray, vgpus: list[dict], guest_maps: dict[int, tuple[
                                                          (frames >= U64(region.end_mfn)))
         per_vgpu[vm] = {"entries": int(len(glob)), "mapped": int(len(idx)), "mismatched": int(len(bad)),
                         "foreign": int(foreign.sum())}
-        if len(bad):
+        if len(bad) and not v.get("failsafe"):
             i = int(glob[bad[0]])
             reasons.append(f"vGPU {vm}: {len(bad)} physical GGTT entries differ from the translation "
                            f"of the guest's entries (first: index {i:#x} is {int(dump[i]):#x}, "
@@ -80,21 +83,29 @@ def check_ggtt(dump: np.ndarray, vgpus: list[dict], guest_maps: dict[int, tuple[
     return {"vgpus": per_vgpu, "outside_written": int(len(outside)), "reasons": reasons}
 
 
-def check_probes(vm: int, mfns_hit: list[int], verify: dict, layout: Layout) -> list[str]:
+def check_probes(vm: int, mfns_hit: list[int], verify: dict, layout: Layout,
+                 failsafe: bool = False) -> list[str]:
+    """GPU writes through the vGPU's GGTT land in its own RAM (or the GGTT scratch page, which
+    belongs to no VM) only; and, unless its GGTT is frozen in failsafe, each one where the
+    guest's own entry says."""
     region = layout.vm_region(vm)
+    scratch = layout.host.base_mfn
     reasons = []
-    stray = [m for m in mfns_hit if not region.base_mfn <= m < region.end_mfn]
+    stray = [m for m in mfns_hit if not region.base_mfn <= m < region.end_mfn and m != scratch]
     if stray:
         reasons.append(f"vGPU {vm}: {len(stray)} GPU writes through its GGTT hit machine frames "
                        f"outside its RAM (first {stray[0]:#x})")
-    if verify["landed"] != verify["probes"]:
+    if verify["landed"] != verify["probes"] and not failsafe:
         reasons.append(f"vGPU {vm}: {verify['probes'] - verify['landed']} of {verify['probes']} GPU "
                        f"writes through its GM did not land in its own page: "
                        + "; ".join(verify["misses"][:3]))
     return reasons
 
 
-def check_workloads(reports: dict[int, dict]) -> list[str]:
+def check_workloads(reports: dict[int, dict], hostile: frozenset[int] = frozenset()) -> list[str]:
+    """Every guest operation ended exactly once; none failed (a hostile guest's may: its attacks
+    and, once the kernel put its vGPU in failsafe, its GPU work fail by design); no read returned
+    a value no write could have left, hostile or not."""
     reasons = []
     for vm, r in sorted(reports.items()):
         if r.get("boot_error"):
@@ -109,13 +120,36 @@ def check_workloads(reports: dict[int, dict]) -> list[str]:
             reasons.append(f"guest {vm}: issued {r['issued']} != completed {r['completed']} + failed "
                            f"{r['failed']} + unknown {unknown} + pending {r['pending']}: an "
                            f"operation was lost or doubled")
-        if r["failed"]:
+        if r["failed"] and vm not in hostile:
             why = "; ".join(f"{k} (x{v})" for k, v in list(r["fail_reasons"].items())[:3])
             reasons.append(f"guest {vm}: {r['failed']} operations failed: {why}")
         if r["mismatches"]:
             reasons.append(f"guest {vm}: {r['mismatches']} register reads returned a value no write "
                            f"before them could have left")
     return reasons
+
+
+def check_hostile(vm: int, report: dict | None, failsafe: str | None) -> tuple[dict, list[str]]:
+    """A hostile guest's campaign: every attack ended as the kernel ends it, and the vGPU is in
+    failsafe at the end exactly when the campaign ended with an attack that sends it there."""
+    if not report:
+        return {}, [f"vGPU {vm}: the hostile mix ran, but the guest reported no attacks"]
+    reasons = []
+    for kind, st in sorted(report["attacks"].items()):
+        if st["unexpected"]:
+            reasons.append(f"vGPU {vm}: attack {kind}: {st['unexpected']} of {st['attempts']} did not end "
+                           f"as the kernel ends it ({'/'.join(st['expected'])}): "
+                           + "; ".join(r for r in report["reasons"] if r.startswith(kind + ":"))[:300])
+    if report["ended_in_failsafe"] != (failsafe is not None):
+        reasons.append(f"vGPU {vm}: the campaign {'ended' if report['ended_in_failsafe'] else 'did not end'} "
+                       f"with an attack that sends the vGPU to failsafe, but the mediator has it "
+                       f"{'in failsafe (' + failsafe + ')' if failsafe else 'active'}")
+    summary = {kind: {o: st[o] for o in ("attempts", "refused", "failsafe", "failed", "contained",
+                                           "unexpected")} | {"expected": st["expected"]}
+               for kind, st in report["attacks"].items()}
+    return {"attacks": summary, "attempted": report["attempted"], "planned": report["planned"],
+            "reboots": report["reboots"], "ended_in_failsafe": report["ended_in_failsafe"],
+            "failsafe": failsafe}, reasons
 
 
 def check_links(snapshots: dict[str, dict]) -> tuple[list[dict], list[str]]:
@@ -197,9 +231,10 @@ def summarize_traps(snap: dict, vm: int, stage: str) -> dict[str, Any]:
     return out
 
 
-def check_gpu_workloads(vm: int, wl: dict, ram: dict) -> list[str]:
+def check_gpu_workloads(vm: int, wl: dict, ram: dict, hostile: bool = False) -> list[str]:
     """A guest's workloads: none lost, none run twice, none storing where it should not, none
-    failed that the load did not mean to fail, its RAM exactly as it and its workloads left it."""
+    failed that the load did not mean to fail (a hostile guest's may fail), its RAM exactly as it
+    and its workloads left it (the attacker's too: only what its attacks may write is loose)."""
     reasons = []
     if wl.get("lost"):
         reasons.append(f"vGPU {vm}: {wl['lost']} workloads were submitted and never completed nor failed")
@@ -211,9 +246,9 @@ def check_gpu_workloads(vm: int, wl: dict, ram: dict) -> list[str]:
         why = "; ".join(list(wl.get("fail_reasons", {}))[:2] + list(ram.get("reasons", []))[:2])
         reasons.append(f"vGPU {vm}: {misplaced} workload stores misplaced: {why}")
     unexpected = wl.get("failed", 0) - wl.get("failed_expected", 0)
-    if unexpected > 0:
+    if unexpected > 0 and not hostile:
         reasons.append(f"vGPU {vm}: {unexpected} workloads failed that the load did not mean to fail")
-    if wl.get("csb_mismatches"):
+    if wl.get("csb_mismatches") and not hostile:
         reasons.append(f"vGPU {vm}: {wl['csb_mismatches']} CSB registers disagreed with the status page copy")
     if ram.get("violations"):
         reasons.append(f"VM {vm}: {ram['violations']} pages of its RAM differ from what the guest and its "

@@ -112,6 +112,18 @@ class NodeEngine:
             s.counter("gvtbench_trace_spans", "Spans of sampled operations, kept or dropped (past "
                       "the node's bound)", ["outcome"])
 
+    def snapshot(self) -> dict:
+        """What STATS answers: links, this engine's and the core's counters, the error counts
+        the ledger reads, and the core's own snapshot."""
+        snap_fn = getattr(self.core, "snapshot", None)
+        return {"name": self.name, "role": self.role,
+                "links": {n: l.counters() for n, l in self.links.items()},
+                "runtime": self.stats.snapshot(),
+                "errors": {"by_vgpu": {str(k): v for k, v in self.errors_by_vgpu.items()},
+                           "internal": list(self.internal_errors)},
+                "stats": self.core.stats.snapshot(),
+                "core": snap_fn() if snap_fn else {}}
+
     def serve(self, kinds: Iterable[str], handler: Handler) -> None:
         """Route these kinds to `handler` instead of the core (control, the memory fabric)."""
         for k in kinds:

@@ -36,6 +36,22 @@ def vgpu_type(cfg: dict, vm: int) -> str:
     return types[vm - 1] if types else cfg["vgpus"]["type"]
 
 
+def hostile_vms(cfg: dict) -> list[int]:
+    """The VMs that run the hostile mix: those load.hostile_vms names, or every VM when it names
+    none and the mix gives 'hostile' a weight."""
+    if not cfg["load"]["mix"].get("hostile", 0) > 0:
+        return []
+    return list(cfg["load"]["hostile_vms"]) or vm_ids(cfg)
+
+
+def guest_mix(cfg: dict, vm: int) -> dict[str, float]:
+    """VM vm's load mix: the config's, without 'hostile' for a VM that does not attack."""
+    mix = dict(cfg["load"]["mix"])
+    if vm not in hostile_vms(cfg):
+        mix.pop("hostile", None)
+    return mix
+
+
 def node_names(cfg: dict) -> list[str]:
     return ["gpu", "mediator", "hypervisor"] + [guest_name(v) for v in vm_ids(cfg)]
 
@@ -147,7 +163,7 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
         from nodes.guest.core import GuestCore, LoadSpec
         from nodes.guest.mmu import GuestRam
         ld = cfg["load"]
-        spec = LoadSpec(mix=dict(ld["mix"]), mode=ld["mode"], rate=float(ld["rate"]),
+        spec = LoadSpec(mix=guest_mix(cfg, vm), mode=ld["mode"], rate=float(ld["rate"]),
                         concurrency=ld["concurrency"], window=ld["window"], burst=ld["burst"],
                         invalid_gfn_ratio=ld["invalid_gfn_ratio"], not_present_ratio=ld["not_present_ratio"],
                         outside_ratio=ld["outside_ratio"], duration_s=float(run["duration_s"]),
@@ -155,7 +171,8 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
                         batches_per_workload=ld["batches_per_workload"], bad_ratio=float(ld["bad_ratio"]),
                         engines=tuple(ld["engines"]), hang_timeout_s=float(ld["hang_timeout_s"]),
                         churn_halves_ratio=float(ld["churn_halves_ratio"]),
-                        trace_rate=float(run["trace_rate"]))
+                        trace_rate=float(run["trace_rate"]), hostile_repeat=ld["hostile_repeat"],
+                        hostile_timeout_s=float(ld["hostile_timeout_s"]))
         ctl = "launcher" if launcher else None
         region = layout.vm_region(vm)
         attach = None

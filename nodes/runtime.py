@@ -637,14 +637,7 @@ class Runtime:
 
     # ---- observability -----------------------------------------------------------------------
     def snapshot(self) -> dict:
-        snap_fn = getattr(self.core, "snapshot", None)
-        return {"name": self.name, "role": self.role,
-                "links": {n: l.counters() for n, l in self.engine.links.items()},
-                "runtime": self.engine.stats.snapshot(),
-                "errors": {"by_vgpu": {str(k): v for k, v in self.engine.errors_by_vgpu.items()},
-                           "internal": list(self.engine.internal_errors)},
-                "stats": self.core.stats.snapshot(),
-                "core": snap_fn() if snap_fn else {}}
+        return self.engine.snapshot()
 
     def serve_metrics(self, addr: str = "127.0.0.1", port: int = 0, translator: str = "") -> int:
         self._http, self.metrics_port = serve_metrics(

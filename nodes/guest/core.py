@@ -17,18 +17,20 @@ operation carry on every hop (see nodes/actions.py).
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from nodes.actions import Call, Post, Sleep
+from nodes.actions import Call, Post, Signal, Sleep
 from nodes.errors import GvtError
 from nodes.hw import PAGE_SIZE, gtt, pvinfo, regs
 from nodes.guest.i915 import DRIVER_GGTT_PAGES
 from nodes.guest.mmu import GuestRam
 from nodes.guest.timeline import Timeline
+from nodes.guest.hostile import HostileDriver
 from nodes.guest.workloads import WorkloadDriver
 from nodes.metrics import (TRAP_LATENCY, TRAPS, WORKLOAD_LATENCY, declare_trap_metrics,
                            declare_workload_metrics)
@@ -36,8 +38,9 @@ from nodes.stats import LatencyHistogram, Stats
 from nodes.wire.codec import MAX_OUTSTANDING, MAX_POSTED_WRITES
 from nodes.wire.schema import pack_write_batch
 
-MIXES = ("mmio-read", "mmio-write", "gtt-burst", "submit", "ppgtt-churn")
-GPU_MIXES = ("submit", "ppgtt-churn")      # mixes that need the driver's GPU objects
+MIXES = ("mmio-read", "mmio-write", "gtt-burst", "submit", "ppgtt-churn", "hostile")
+GPU_HELD_MAX = 4096                 # GPU operations a guest holds back while its attack runs
+GPU_MIXES = ("submit", "ppgtt-churn", "hostile")   # mixes that need the driver's GPU objects
 _MIX = {"gtt_write": "gtt-burst", "mmio_write": "mmio-write"}     # posted trap kind -> its mix
 N_GPRS = regs.RING_GPRS
 TOKEN = struct.Struct("<IIQ")       # vm, GGTT index, nonce: 16 bytes written by the gpu probe
@@ -67,14 +70,18 @@ class LoadSpec:
     hang_timeout_s: float = 2.0     # the guest's hang check: no progress this long with work queued
     churn_halves_ratio: float = 0.25    # ppgtt-churn: PTE writes made as two 4-byte halves
     trace_rate: float = 0.0         # load ops sampled for tracing per second (0: none)
+    hostile_repeat: int = 2         # hostile: tries of each attack the vGPU survives
+    hostile_timeout_s: float = 1.0  # hostile: how long an accepted attack may take to complete
 
 
 class _Write:
-    """A posted write op in flight."""
-    __slots__ = ("intended", "kind", "n", "gpr")
+    """A posted write op in flight; on_done(status, WRITE_DONE payload) -> actions, if given,
+    learns its outcome."""
+    __slots__ = ("intended", "kind", "n", "gpr", "on_done")
 
-    def __init__(self, intended: int, kind: str, n: int, gpr: list | None):
-        self.intended, self.kind, self.n, self.gpr = intended, kind, n, gpr
+    def __init__(self, intended: int, kind: str, n: int, gpr: Any,
+                 on_done: Callable[[str, dict], list] | None = None):
+        self.intended, self.kind, self.n, self.gpr, self.on_done = intended, kind, n, gpr, on_done
 
 
 class GuestCore:
@@ -109,6 +116,7 @@ class GuestCore:
         self.timeline = Timeline()          # ops and workloads per second, from the load's start
         self.irqs = 0
         self.t0 = 0
+        self.sched_t0 = 0               # the open-loop schedule's origin (moved on by a reboot)
         self.next_op = 0            # index of the next op in the open-loop schedule
         self.end_ns = 0
         self.boot_error: str | None = None
@@ -121,7 +129,12 @@ class GuestCore:
         self.trace_next = 0         # the intended time from which the next op is sampled
         self.traced = 0             # ops sampled so far (the low bits of their trace ids)
         self.ram = ram or GuestRam(vm, ram_frames, hypervisor)
-        self.wl = WorkloadDriver(self, self.ram, tuple(load.engines))
+        self.now = 0                                # the time of the last message or tick
+        self.fault_watch: Callable[[str, dict], list] | None = None    # told a faulting store's outcome
+        self.hostile = (HostileDriver(self, load.hostile_repeat, load.hostile_timeout_s)
+                        if load.mix.get("hostile", 0) > 0 else None)
+        self.gpu_held: deque[tuple[str, int, int]] = deque()     # GPU ops drawn while an attack ran
+        self.wl = WorkloadDriver(self, self.ram, tuple(load.engines), attack=self.hostile is not None)
         self.stats = Stats()
         declare_trap_metrics(self.stats)
         declare_workload_metrics(self.stats)
@@ -141,12 +154,14 @@ class GuestCore:
                     vgpu=self.vm, trace=trace)
 
     # ---- for the GPU driver (nodes.guest.workloads) ---------------------------------------------
-    def post_batch(self, offs: Any, sizes: Any, vals: Any, trace: int | None = None) -> Post:
+    def post_batch(self, offs: Any, sizes: Any, vals: Any, trace: int | None = None,
+                   on_done: Callable[[str, dict], list] | None = None) -> Post:
         """Posted register or GTT writes of the driver's own (not load ops); `trace`: the
-        sampled operation they belong to (an ELSP write submits a sampled workload)."""
+        sampled operation they belong to (an ELSP write submits a sampled workload); on_done:
+        told their outcome."""
         n = len(sizes)
         self.wno += 1
-        self.writes[self.wno] = _Write(0, "driver", n, None)
+        self.writes[self.wno] = _Write(0, "driver", n, None, on_done)
         self.writes_in_flight += n
         payload = pack_write_batch(offs, sizes, [v & 0xFFFFFFFFFFFFFFFF for v in vals])
         payload["w"] = self.wno
@@ -155,7 +170,7 @@ class GuestCore:
     def next_fault_w(self, gpa: int) -> int:
         """The write number of a faulting RAM store (its WRITE_DONE ends the fault)."""
         self.wno += 1
-        self.writes[self.wno] = _Write(0, "fault", 1, gpa)
+        self.writes[self.wno] = _Write(0, "fault", 1, gpa, self.fault_watch)
         self.writes_in_flight += 1
         return self.wno
 
@@ -197,8 +212,9 @@ class GuestCore:
         raise GvtError("ETIMEDOUT", "no vGPU answered")     # not reached: the loop raises
 
     # ---- boot ------------------------------------------------------------------------------
-    def boot(self) -> Iterator[Any]:
-        """i915 on GVT-g: detect the PV page, balloon, reset the CSB pointers, enable execlists."""
+    def boot(self, reboot: bool = False) -> Iterator[Any]:
+        """i915 on GVT-g: detect the PV page, balloon, reset the CSB pointers, enable execlists
+        (reboot: after a VM reset, every GPU object is set up again)."""
         self.state = "booting"
         if self.gvt_aware:
             magic = yield from self._first_read(pvinfo.BASE + pvinfo.MAGIC_OFF, 8)
@@ -235,10 +251,24 @@ class GuestCore:
         mode = yield from self._read(gfx_mode, 4)
         if not mode & regs.GFX_MODE_RUN_LIST_ENABLE:
             raise GvtError("EIO", f"execlists did not turn on: GFX_MODE reads {mode:#x}")
-        if self.gvt_aware and self._uses_gpu() and self.wl.lay is None:
+        if self.gvt_aware and self._uses_gpu() and (self.wl.lay is None or reboot):
             yield from self.wl.setup(self.ranges[0][0])
         self.state = "booted"
         return dict(self.pv)
+
+    def rebooted(self, downtime_ns: int) -> None:
+        """The VM is up again after a reset: the open-loop schedule resumes where it stopped (a
+        VM that was down issued nothing; its operations were not late)."""
+        self.sched_t0 += downtime_ns
+
+    def after_vm_reset(self, now: int) -> None:
+        """The VM was reset: the vGPU's registers are back at their reset values, its GGTT's host
+        entries at scratch, its GPU work gone; the guest's bookkeeping follows."""
+        self.wl.reboot(now)
+        if self.map is not None:
+            self.map[:] = 0
+        self.gpr_base = [0] * N_GPRS
+        self.gpr_hist = [[] for _ in range(N_GPRS)]
 
     def _boot_write(self, off: int, val: int) -> Post:
         post = self._post_write(off, val)
@@ -256,7 +286,7 @@ class GuestCore:
             except TypeError as err:
                 raise GvtError("EINVAL", f"START spec: {err}") from None
         self.state = "running"
-        self.t0 = now
+        self.t0 = self.sched_t0 = now
         self.next_op = 0
         self.issued = self.completed = self.failed = self.unknown = self.mismatches = 0
         fam = self.stats.families[TRAP_LATENCY].values
@@ -275,34 +305,57 @@ class GuestCore:
             return self.issued < self.load.ops
         return now < self.end_ns
 
-    def _inflight(self) -> int:
+    def due(self) -> bool:
+        """Whether the load still issues operations."""
+        return self._due(self.now)
+
+    def ops_bounded(self) -> bool:
+        return bool(self.load.ops)
+
+    def outstanding(self) -> int:
+        """Operations on their way: reads and writes unanswered, workloads not retired."""
         return self.reads_inflight + len(self.writes) + self.wl.inflight
+
+    def _inflight(self) -> int:
+        return self.outstanding() + len(self.gpu_held)
 
     def _room(self) -> bool:
         """The hypervisor's limits are this guest's flow control: requests in flight and
-        posted writes not yet done."""
+        posted writes not yet done; and at most GPU_HELD_MAX GPU operations held back for an
+        attack (the window counts what is on its way: held work is not, so the register and
+        GGTT load goes on beside an attack as a VM's other vCPUs would)."""
         return (self.reads_inflight < self.max_outstanding
+                and len(self.gpu_held) < GPU_HELD_MAX
                 and self.writes_in_flight + self.load.burst + 4 <= self.max_posted
                 and (self.wl.lay is None or self.wl.room()))
 
+    def _attacking(self) -> bool:
+        return self.hostile is not None and self.hostile.busy
+
+    def _campaign_on(self) -> bool:
+        return self.hostile is not None and self.hostile.active
+
     def tick(self, now: int) -> list[Any]:
+        self.now = now
         if self.state != "running":
             return []
         out: list[Any] = []
         ld = self.load
+        while self.gpu_held and not self._attacking() and self.wl.room():
+            self._add(out, self._gpu_op(*self.gpu_held.popleft()))
         if ld.mode == "open":
             period = 1e9 / ld.rate
-            while self._due(now) and self._inflight() < ld.window and self._room():
-                intended = self.t0 + int(self.next_op * period)
+            while self._due(now) and self.outstanding() < ld.window and self._room():
+                intended = self.sched_t0 + int(self.next_op * period)
                 if intended > now:
                     break
                 self.next_op += 1
                 self._add(out, self._issue(intended))
         else:
-            while self._due(now) and self._inflight() < ld.concurrency and self._room():
+            while self._due(now) and self.outstanding() < ld.concurrency and self._room():
                 self._add(out, self._issue(now))
         out += self.wl.tick(now)
-        if not self._due(now) and self._inflight() == 0:
+        if not self._due(now) and self._inflight() == 0 and not self._campaign_on():
             self.state = "drained"
             if self.launcher:
                 out.append(Post(self.launcher, "LOAD_DONE", {"report": self.report(now)}, vgpu=self.vm))
@@ -319,7 +372,11 @@ class GuestCore:
         hang = self.wl.next_wake()
         if self.state != "running" or self.load.mode != "open":
             return hang
-        w = self.t0 + int(self.next_op * 1e9 / self.load.rate)
+        if not self._room() or self.outstanding() >= self.load.window:
+            # held back: what frees room (a reply, an attack's end) comes in a step of its own,
+            # which ticks; waking for the schedule meanwhile would only spin
+            return hang
+        w = self.sched_t0 + int(self.next_op * 1e9 / self.load.rate)
         return w if hang is None else min(w, hang)
 
     def _draw(self) -> tuple[str, int, int]:
@@ -354,15 +411,17 @@ class GuestCore:
             self.reads_inflight += 1
             # what the read may return is fixed now, in issue order: the writes before it
             return self._op_read(intended, k, self.gpr_base[k], list(self.gpr_hist[k]), trace)
-        if mix == "submit":
-            return self.wl.submit(intended, trace)
-        if mix == "ppgtt-churn":
-            out = self.wl.churn()
-            if trace:
-                for a in out:           # the faults its page-table stores became, made just now
-                    a.trace = trace
-            self.op_done("ppgtt-churn", intended)
+        if mix == "hostile":
+            out = self.hostile.issue(intended)
+            self.op_done("hostile", intended)
             return out
+        if mix in GPU_MIXES:
+            if self._attacking():
+                # an attack observes only its own GPU work: the guest's waits (its latency
+                # counts from the intended time), while the register and GGTT load goes on
+                self.gpu_held.append((mix, intended, trace))
+                return []
+            return self._gpu_op(mix, intended, trace)
         if mix == "mmio-write":
             post = self._post_write(regs.RCS_GPR0 + 4 * k, val, trace=trace)
             entry = [self.wno, val, None, k]
@@ -371,6 +430,19 @@ class GuestCore:
             self.writes_in_flight += 1
             return post
         return self._gtt_burst(intended, trace)
+
+    def _gpu_op(self, mix: str, intended: int, trace: int) -> Any:
+        if self.hostile is not None and self.hostile.ended_in_failsafe:
+            self._fail(mix, "the vGPU is in failsafe (the hostile mix put it there): no GPU work", intended)
+            return []
+        if mix == "submit":
+            return self.wl.submit(intended, trace)
+        out = self.wl.churn()
+        if trace:
+            for a in out:               # the faults its page-table stores became, made just now
+                a.trace = trace
+        self.op_done("ppgtt-churn", intended)
+        return out
 
     def _op_read(self, intended: int, k: int, base: int, before: list[list],
                  trace: int = 0) -> Iterator[Any]:
@@ -450,6 +522,7 @@ class GuestCore:
     # ---- messages ----------------------------------------------------------------------------
     def handle(self, msg: Any, now: int) -> Any:
         kind, p = msg.kind, msg.payload
+        self.now = now
         if kind == "WRITE_DONE":
             return self._write_done(p, now)
         if kind == "IRQ":
@@ -482,13 +555,16 @@ class GuestCore:
         else:
             done = [w for w in writes if first <= w <= last]
         ok: dict[str, tuple[list[int], list[int]]] = {}      # kind -> (intended, n) of ops done
+        told: list[Any] = []
         for w in done:
             op = writes.pop(w)
             self.writes_in_flight -= op.n
+            if op.on_done is not None:
+                told += [Signal(ev) for ev in op.on_done(status, p)]
             if op.kind == "fault":              # its gpr field is the faulting store's gpa
                 self.ram.fault_done(op.gpr)
-                if status == "failed":
-                    self._fail_reason(f"a RAM store that faulted failed: {p.get('reason', status)}")
+                if status in ("failed", "refused"):
+                    self._fail_reason(f"a RAM store that faulted was {status}: {p.get('reason', status)}")
                 continue
             if op.gpr is not None:
                 self._settle_gpr(op.gpr, "failed" if status == "refused" else status)
@@ -513,10 +589,10 @@ class GuestCore:
             self.stats.inc("gvtbench_guest_ops", (self.vm, _MIX[kind], "completed"), len(n))
             self.timeline.count(("ops", _MIX[kind], "completed"), now, len(n))
             self.completed += len(n)
-        if p["n_errors"]:
+        if p["n_errors"] and self.hostile is None:
             for e in p["errors"][:4]:
                 self._fail_reason(f"mediator refused a write: {e}")
-        return None
+        return _run_actions(told) if told else None
 
     def _settle_gpr(self, entry: list, status: str) -> None:
         entry[2] = status
@@ -610,7 +686,8 @@ class GuestCore:
                 "workloads": self.wl.report(), "workload_latency": self.workload_latency(),
                 "elapsed_s": (now - self.t0) / 1e9 if self.t0 else 0.0,
                 "latency": self.latency(), "traced": self.traced,
-                "timeline": self.timeline.to_dict(now if self.t0 else None)}
+                "timeline": self.timeline.to_dict(now if self.t0 else None),
+                "hostile": self.hostile.report() if self.hostile is not None else None}
 
     def latency(self) -> dict[str, dict]:
         """Latency of this load run (since START) by trap kind: p50/p99/p99.9 in us."""
@@ -630,6 +707,13 @@ class GuestCore:
     def progress(self) -> dict:
         return {"vm": self.vm, "issued": self.issued, "completed": self.completed, "failed": self.failed,
                 "unknown": self.unknown, "state": self.state}
+
+
+def _run_actions(actions: list[Any]) -> Iterator[Any]:
+    """Actions a message's handling asked for, as a task (a posted message's handler may not
+    return them bare)."""
+    for a in actions:
+        yield a
 
 
 def _register_values(base: int, before: list[list]) -> set[int]:

@@ -40,6 +40,9 @@ VA_COUNTERS = 0x100000              # PT 0, entry 256
 VA_TOKENS = 0x200000                # PD entry 1: a 2 MiB page
 VA_CHURN = 0x400000                 # PD entries 2 and 3
 VA_UNMAPPED = 0x800000
+VA_ATTACK = 0x12C000                # PT 0, entries 300..303: the hostile mix's pages
+ATTACK_PAGES = 4
+ATTACK_SEQNO = 16                   # status page seqno slot (after the contexts') of an attack context
 CHURN_SLOTS = 2 * lrc.ENTRIES_PER_TABLE
 CHURN_POOL = 64                     # guest pages churn maps
 TOKEN_SLOTS = (lrc.HUGE_2M // 4)
@@ -104,12 +107,14 @@ class EngineState:
     csb_head: int = regs.RING_CSB_ENTRIES - 1
     last_progress: int = 0
     resets: int = 0
+    attack: Context | None = None                           # the hostile mix's own context
 
 
 class Layout:
     """Where the driver's objects live: gfns, GGTT indices and PPGTT entries. Pure bookkeeping."""
 
-    def __init__(self, vm: int, ram_frames: int, aperture_first_index: int, engines: tuple[str, ...]):
+    def __init__(self, vm: int, ram_frames: int, aperture_first_index: int, engines: tuple[str, ...],
+                 attack: bool = False):
         if ram_frames < 2048:
             raise ValueError(f"VM {vm} needs at least 8 MiB of RAM for its GPU objects")
         self.vm = vm
@@ -135,6 +140,15 @@ class Layout:
                 ctxs.append(Context(e, k, (vm << 16) | (ei << 8) | (k + 1), lrca, lrc_gfns, ring_gm,
                                     ring_gfns, (self.counter_gfn << PAGE_SHIFT) + 4 * slot))
             self.engines[e] = EngineState(e, hwsp_gm, hwsp_gfn, ctxs)
+            if attack and ei < 2:           # the hostile mix attacks from two engines at most
+                lrc_gfns = [self.gfn() for _ in range(lrc.LRC_PAGES)]
+                lrca = self.map_gm(lrc_gfns)
+                ring_gfns = [self.gfn() for _ in range(RING_PAGES)]
+                self.engines[e].attack = Context(e, CONTEXTS_PER_ENGINE, (vm << 16) | (ei << 8) | 0x80,
+                                                 lrca, lrc_gfns, self.map_gm(ring_gfns), ring_gfns,
+                                                 (self.counter_gfn << PAGE_SHIFT) + 4 * (64 + ei))
+        self.attack_gfns = [self.gfn() for _ in range(ATTACK_PAGES)] if attack else []
+        self.attack_gm = [self.map_gm([g]) for g in self.attack_gfns]
         if self.next_gfn > HUGE_GFN:
             raise ValueError("the driver's pages run into the 2 MiB token page")
         if self.next_ggtt - aperture_first_index > DRIVER_GGTT_PAGES:
@@ -169,6 +183,8 @@ class Layout:
         for k, g in enumerate(self.batch_gfns):
             pt0[(VA_BATCH >> PAGE_SHIFT) + k] = lrc.entry(g, flags)
         pt0[VA_COUNTERS >> PAGE_SHIFT] = lrc.entry(self.counter_gfn, flags)
+        for k, g in enumerate(self.attack_gfns):
+            pt0[(VA_ATTACK >> PAGE_SHIFT) + k] = lrc.entry(g, flags)
         empty = np.zeros(512, dtype=np.uint64)
         return {self.pml4: pml4, self.pdp: pdp, self.pd: pd, self.pts[0]: pt0,
                 self.pts[1]: empty, self.pts[2]: empty.copy()}

@@ -52,6 +52,12 @@ class GuestRam:
                 out += self._faults(a, d, next_w)
         return out
 
+    def fault_store(self, gpa: int, data: bytes, next_w: Callable[[int], int]) -> list[Post]:
+        """A store sent as PAGE_FAULT whatever the page's protection, for a store whose outcome
+        the guest wants to hear (WRITE_DONE: the mediator emulated it, or refused it): the
+        hypervisor forwards it if the page is tracked, and stores it plainly if not."""
+        return self._faults(gpa, data, next_w)
+
     def _faults(self, gpa: int, data: bytes, next_w: Callable[[int], int]) -> list[Post]:
         out = []
         for k in range(0, len(data), 8):

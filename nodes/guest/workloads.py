@@ -34,8 +34,9 @@ CHECK_REGISTERS_EVERY = 16          # interrupts between cross-checks of the CSB
 
 
 class WorkloadDriver:
-    def __init__(self, core: GuestCore, ram: GuestRam, engines: tuple[str, ...]):
+    def __init__(self, core: GuestCore, ram: GuestRam, engines: tuple[str, ...], attack: bool = False):
         self.core, self.ram, self.engines_used = core, ram, engines
+        self.attack = attack                        # lay out the hostile mix's objects too
         self.lay: i915.Layout | None = None
         self.model: dict[int, bytearray] = {}       # gfn -> what the page must hold
         self.loose: dict[int, set[int]] = {}        # gfn -> dword offsets anything may hold
@@ -81,13 +82,16 @@ class WorkloadDriver:
         """Build the driver's objects, map them, point the engines at their status pages, unmask
         the engines' interrupts, enable execlists on each engine, announce the PPGTT."""
         core = self.core
-        lay = self.lay = i915.Layout(core.vm, core.ram_frames, ap_first, self.engines_used)
+        if self.lay is None:                        # a reboot keeps the layout and the seqnos
+            self.lay = i915.Layout(core.vm, core.ram_frames, ap_first, self.engines_used, self.attack)
+        lay = self.lay
         out: list[Any] = []
         for g, entries in lay.ppgtt_pages().items():
             out += self.store(g << PAGE_SHIFT, entries.astype("<u8").tobytes())
         pml4 = lay.pml4 << PAGE_SHIFT
         for e in lay.engines.values():
-            for c in e.contexts:
+            for c in e.contexts + ([e.attack] if e.attack else []):
+                c.tail = c.submitted_tail = 0
                 out += self.store(c.lrc_gfns[0] << PAGE_SHIFT, i915.context_image(c, pml4))
                 self.loosen((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_HEAD)
             # reset_csb_pointers: the status page's write pointer copy starts at the last entry
@@ -127,6 +131,8 @@ class WorkloadDriver:
         if got != lay.engines[self.engines_used[0]].hwsp_gm:
             raise GvtError("EIO", f"RING_HWS_PGA reads {got:#x} after writing "
                            f"{lay.engines[self.engines_used[0]].hwsp_gm:#x}")
+        if self.attack:
+            self.core.hostile.loosen_setup()
 
     # ---- submit ----------------------------------------------------------------------------------
     def room(self) -> bool:
@@ -166,7 +172,9 @@ class WorkloadDriver:
         out += self._ring_write(ctx, ring)
         w.tail = ctx.tail
         if not any(c.inflight for c in e.contexts):
-            e.last_progress = intended          # the hang check counts from when work came
+            # the hang check counts from when work came to the engine: an op issued late (the
+            # load fell behind its schedule, or was held back) counts from now, not its schedule
+            e.last_progress = max(intended, self.core.now)
         ctx.inflight.append(w)
         self.inflight += 1
         self.counts["submitted"] += 1
@@ -456,11 +464,18 @@ class WorkloadDriver:
 
     def _reset_engine(self, e: EngineState, busy: list[Workload], now: int) -> list[Any]:
         """i915's hang recovery, reduced: reset the engine (GDRST), fail what it had, rewind each
-        context's ring to its tail, reset the CSB pointers."""
+        context's ring to its tail, and resume the engine."""
         e.resets += 1
         self.counts["resets"] += 1
-        meant = any(w.bad for w in busy)
         out: list[Any] = [self.core.post_batch([regs.GDRST], [4], [i915.ENGINE_RESET_BIT[e.name]])]
+        out += self.abandon(e, now, any(w.bad for w in busy),
+                            f"{e.name} hung: reset after {self.core.load.hang_timeout_s:g} s without progress")
+        return out + self.resume_engine(e, now)
+
+    def abandon(self, e: EngineState, now: int, meant: bool, reason: str) -> list[Any]:
+        """The engine's workloads will never complete (a reset took them): fail them, and rewind
+        each context's ring past them (lrc_reset: head = tail)."""
+        out: list[Any] = []
         for c in e.contexts:
             for w in c.inflight:
                 self._release(w)
@@ -473,27 +488,40 @@ class WorkloadDriver:
                     self.counts["failed_expected"] += 1
                 self.core.stats.inc(WORKLOADS, (self.core.vm, e.name, "guest", "failed"))
                 self.core.workload_retired(now, failed=True)
-                self.core.op_done("submit", now, failed=not meant,
-                                  reason=None if meant else f"{e.name} hung: reset after "
-                                  f"{self.core.load.hang_timeout_s:g} s without progress")
+                self.core.op_done("submit", now, failed=not meant, reason=None if meant else reason)
             c.inflight.clear()
-            # the ring restarts past everything the reset threw away (lrc_reset: head = tail)
             out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_HEAD, _I.pack(c.tail))
             out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_TAIL, _I.pack(c.tail))
             c.submitted_tail = c.tail
+        return out
+
+    def resume_engine(self, e: EngineState, now: int) -> list[Any]:
+        """After an engine reset: the CSB is empty again, and i915 resumes the engine as it first
+        set it up (execlists_resume: run list enabled, the status page, the CSB pointers), which
+        also restarts GVT-g's scheduling of the vGPU (a reset stops it)."""
         e.active, e.submitted = [], None
         e.csb_head = regs.RING_CSB_ENTRIES - 1
-        out += self.store((e.hwsp_gfn << PAGE_SHIFT) + 4 * lrc.HWS_CSB_WRITE_INDEX,
-                          _I.pack(regs.RING_CSB_ENTRIES - 1))
-        # the engine's reset finished: i915 resumes it as it first set it up (execlists_resume:
-        # run list enabled, the status page, the CSB pointers), which also restarts GVT-g's
-        # scheduling of the vGPU (a reset stops it)
+        out = self.store((e.hwsp_gfn << PAGE_SHIFT) + 4 * lrc.HWS_CSB_WRITE_INDEX,
+                         _I.pack(regs.RING_CSB_ENTRIES - 1))
         out.append(self._post([(regs.ring(e.name, regs.RING_CSB_PTR), regs.csb_ptr_guest_reset()),
                                (regs.ring(e.name, regs.RING_MODE),
                                 regs.masked_enable(regs.GFX_MODE_RUN_LIST_ENABLE)),
                                (regs.ring(e.name, regs.RING_HWS_PGA), e.hwsp_gm)]))
         e.last_progress = now
         return out
+
+    def reboot(self, now: int) -> None:
+        """The VM was reset (VM_RESET): nothing of the GPU's state survived. Its workloads in
+        flight failed (meant: the guest asked for it); the next boot sets every object up again."""
+        if self.lay is None:
+            return
+        for e in self.lay.engines.values():
+            self.abandon(e, now, True, "")
+            e.active, e.submitted = [], None
+            e.csb_head = regs.RING_CSB_ENTRIES - 1
+        self.churn_map.clear()
+        self.churn_busy.clear()
+        self.pde3_present = True
 
     # ---- the end-of-run checks ----------------------------------------------------------------------
     def verify(self) -> Iterator[Any]:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from nodes.mediator.vgpu import VGpu
 
 QUEUE_MAX = 64                      # workloads a vGPU may have queued on one engine
+FAIL_REASONS_MAX = 32              # distinct failure reasons a vGPU keeps (past it: "(other reasons)")
 STATUSES = ("completed", "failed")
 
 # (state, event) -> state. A workload in another state meeting an event is the mediator's bug.
@@ -363,6 +364,9 @@ class WorkloadScheduler:
         if w in q:
             q.remove(w)
         _to(w, "fail")
+        # a guest chooses what its reasons say (addresses, dwords): keep a bounded set of them
+        if len(vgpu.fail_reasons) >= FAIL_REASONS_MAX and reason not in vgpu.fail_reasons:
+            reason = "(other reasons)"
         vgpu.fail_reasons[reason] = vgpu.fail_reasons.get(reason, 0) + 1
         self._count(w, "failed")
         yield from self._release(w)
