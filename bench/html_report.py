@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from bench import report
 from bench.report import KINDS as TRAP_KINDS
 from nodes.stats import LatencyHistogram
 
@@ -382,6 +383,38 @@ def _guest_rows(result: dict) -> list[list[Any]]:
     return rows
 
 
+def _hostile_html(result: dict) -> str:
+    hostile = result.get("hostile") or {}
+    if not hostile:
+        return '<p class="note">No VM of this run ran the hostile mix.</p>'
+    parts = []
+    for vm, h in sorted(hostile.items(), key=lambda kv: int(kv[0])):
+        fs = h.get("failsafe")
+        parts.append(f'<h3>vGPU {_e(vm)}</h3><p>{_num(h.get("attempted", 0), 0)} of '
+                     f'{_num(h.get("planned", 0), 0)} attacks tried, {_num(h.get("reboots", 0), 0)} VM '
+                     f'resets; the vGPU ends {"in failsafe (" + _e(fs) + ")" if fs else "active"}.</p>'
+                     + _table(f"hostile-{_slug(vm)}", ["attack", "tries", "the kernel", "here", "unexpected"],
+                              report.hostile_rows(h), numeric_from=99))
+    return ('<p class="note">Each attack of the hostile mix, what the kernel\'s GVT-g makes of it '
+            '(refused, failsafe, failed, contained) and what became of each try in this run; an '
+            'unexpected outcome fails the verdict.</p>' + "".join(parts))
+
+
+def _error_rows(result: dict) -> list[list[Any]]:
+    rows = []
+    for node, e in sorted((result.get("errors") or {}).items()):
+        fmt = lambda d: ", ".join(f"{c} {n}" for c, n in sorted((d or {}).items())) or "-"
+        rows.append([node, e.get("internal_errors", 0), fmt(e.get("failed_requests")),
+                     fmt(e.get("hostile_failed_requests")), e.get("bad_frames", 0),
+                     e.get("refused_messages", 0), e.get("late_replies", 0), e.get("dropped_frames", 0)])
+    return rows
+
+
+def _fail_reason_rows(result: dict) -> list[list[Any]]:
+    return [[str(v["id"]), reason, n] for v in result["vgpus"]
+            for reason, n in ((v.get("mediator") or {}).get("fail_reasons") or {}).items()]
+
+
 def _config_html(cfg: dict) -> str:
     parts = []
     for sec, keys in cfg.items():
@@ -445,8 +478,8 @@ def render_html(result: dict) -> str:
     vg = result["vgpus"]
     verdict = "pass" if result["verdict"] == "pass" else "fail"
     summary = (f"{len(vg)} vGPUs, seed {result.get('seed', '?')}, translator "
-               f"{result.get('translator', '?')}, {float(result.get('wall_s') or 0):.1f} s of load, "
-               f"result schema {result['schema']}")
+               f"{result.get('translator', '?')}, scratch mode {result.get('scratch', '?')}, "
+               f"{float(result.get('wall_s') or 0):.1f} s of load, result schema {result['schema']}")
     reasons = result["reasons"]
     if reasons:
         reasons_html = ('<ul id="reasons" class="reasons">'
@@ -488,13 +521,23 @@ def render_html(result: dict) -> str:
          + "<h3>Guest operations and GGTT entries</h3>"
          + _table("guests-table", ["vGPU", "issued", "completed", "failed", "unknown", "pending",
                                    "mismatches", "load s", "GGTT ok", "scratch", "not present",
-                                   "dropped", "pinned", "GPU probes landed"], _guest_rows(result))),
+                                   "dropped", "pinned", "GPU probes landed"], _guest_rows(result))
+         + "<h3>Why workloads failed at the mediator</h3>"
+         + (_table("fail-reasons-table", ["vGPU", "reason", "workloads"], _fail_reason_rows(result),
+                   numeric_from=2) if _fail_reason_rows(result) else
+            '<p class="note">No workload failed at the mediator.</p>')),
+        ("hostile", "Hostile guests", _hostile_html(result)),
         ("ledger", "Ledger",
          f'<p>GGTT entries written outside every partition: '
          f'{_e(_num(led.get("ggtt_outside_written", "-")))}; physical GGTT sha256 '
          f'<code>{_e(led.get("ggtt_sha256", "-"))}</code>.</p><h3>Links</h3>'
          + _table("links-table", ["from", "to", "sent", "received", "gaps"], link_rows,
-                  numeric_from=2)),
+                  numeric_from=2)
+         + "<h3>Errors the nodes counted</h3>"
+         + _table("errors-table", ["node", "internal errors", "failed requests",
+                                   "a hostile guest's failed requests", "bad frames",
+                                   "refused messages", "late replies", "dropped frames"],
+                  _error_rows(result), numeric_from=99)),
         ("config", "Config", _config_html(result["config"])),
     ]
     nav = "".join(f'<a href="#{sid}">{title}</a>' for sid, title, _b in sections)

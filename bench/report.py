@@ -11,6 +11,32 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:,.1f}"
 
 
+HOSTILE_OUTCOMES = ("refused", "failsafe", "failed", "contained")
+
+
+def hostile_rows(h: dict) -> list[list]:
+    """One row per attack kind: tries, what the kernel makes of it, what became of the tries
+    here, and how many did not end as the kernel ends them."""
+    return [[kind, st["attempts"], "/".join(st["expected"]),
+             ", ".join(f"{o} {st[o]}" for o in HOSTILE_OUTCOMES if st[o]) or "-", st["unexpected"]]
+            for kind, st in h.get("attacks", {}).items()]
+
+
+def hostile_table(vm: str, h: dict) -> Table:
+    fs = h.get("failsafe")
+    t = Table(title=f"vGPU {vm} (hostile): {h.get('attempted', 0)} of {h.get('planned', 0)} attacks "
+                    f"tried, {h.get('reboots', 0)} VM resets, ends "
+                    + (f"in failsafe ({fs})" if fs else "active"), box=None, padding=(0, 1))
+    t.add_column("attack", no_wrap=True)
+    t.add_column("tries", justify="right")
+    t.add_column("the kernel")
+    t.add_column("here")
+    t.add_column("unexpected", justify="right")
+    for row in hostile_rows(h):
+        t.add_row(*(str(x) for x in row), style="bold red" if row[-1] else None)
+    return t
+
+
 def print_result(result: dict, console: Console | None = None) -> None:
     console = console or Console()
     t = Table(title=f"gvtbench: {len(result['vgpus'])} vGPUs, seed {result['seed']}, "
@@ -59,7 +85,10 @@ def print_result(result: dict, console: Console | None = None) -> None:
         iso = result.get("isolation", {})
         console.print(f"isolation: {iso.get('pages_checked', 0):,} pages checked, "
                       f"{iso.get('violations', 0)} violations; memory image sha256 "
-                      f"{result.get('memory_sha256', '')[:16]}")
+                      f"{result.get('memory_sha256', '')[:16]}; scratch mode "
+                      f"{result.get('scratch', '?')}")
+    for vm, h in sorted(result.get("hostile", {}).items(), key=lambda kv: int(kv[0])):
+        console.print(hostile_table(vm, h))
     if result["verdict"] == "pass":
         console.print("[bold green]verdict: pass[/]")
     else:
