@@ -11,7 +11,7 @@ import pytest
 
 from gpuwork import F, HandGuest, seqno_store
 from harness import enable_execlists, make_bench, run_task, started_bench
-from nodes.hw import PAGE_SHIFT, cmd, lrc, pvinfo, regs
+from nodes.hw import PAGE_SHIFT, PAGE_SIZE, cmd, lrc, pvinfo, regs
 from nodes.mediator import handlers
 from nodes.mediator.pins import GfnPins
 from nodes.mediator.translate import get_translator
@@ -430,3 +430,25 @@ def test_a_tracked_pte_to_a_gfn_that_is_not_ram_fails_and_the_old_shadow_stays(b
         tracked(b, (hg.pt1 << PAGE_SHIFT) + 8 * 3, struct.pack("<Q", lrc.entry(10 ** 7, F)))
     assert "ENXIO" in str(e.value)
     assert bytes(b.mediator.pool.page(t.mfn)) == before and int(t.held[3]) == hg.data_gfns[3]
+
+
+def test_a_guest_cannot_make_the_mediator_keep_failure_reasons_without_bound(bench):
+    """Each hang names its address, which the guest chooses: past FAIL_REASONS_MAX distinct
+    reasons the rest are counted together, so the vGPU's STATS stay bounded."""
+    from nodes.mediator.scheduler import FAIL_REASONS_MAX
+    hg = HandGuest(bench, 1)
+    v = hg.vgpu
+    n = FAIL_REASONS_MAX + 8
+    for k in range(n):
+        # a non-privileged batch that stores where its PPGTT maps nothing: a hang at that address
+        batch = hg.put_batch(0, cmd.store_dword(0x4000_0000 + k * PAGE_SIZE, k) + [cmd.MI_BATCH_BUFFER_END.header()])
+        hg.submit(cmd.bb_start(batch))
+        hg.skip()
+        bench.trap_writes(1, [(regs.GDRST, 4, regs.GRDOM_RENDER),
+                              (regs.ring("rcs", regs.RING_MODE), 4,
+                               regs.masked_enable(regs.GFX_MODE_RUN_LIST_ENABLE))])
+        bench.net.run()
+    assert v.workloads["failed"] == n and v.failsafe is None
+    assert len(v.fail_reasons) == FAIL_REASONS_MAX + 1
+    assert v.fail_reasons["(other reasons)"] == n - FAIL_REASONS_MAX
+    assert sum(v.fail_reasons.values()) == n
