@@ -265,7 +265,7 @@ def memory() -> Board:
            [(f"sum by (vgpu, result) ({rate('gvtbench_ggtt_entries_translated_total')})", "vGPU {{vgpu}} {{result}}")]),
         ts("PPGTT entries translated by result",
            "Guest page-table entries shadowed per vGPU: ok, invalid (to scratch), huge_2m (shadowed as 2 MiB), "
-           "split_2m (2 MiB entries split into a 4 KiB table).", "ops",
+           "split_2m (2 MiB entries split into a 4 KiB table), split_64k (64 KiB entries split into 16 4 KiB ones).", "ops",
            [(f"sum by (vgpu, result) ({rate('gvtbench_ppgtt_entries_translated_total')})",
              "vGPU {{vgpu}} {{result}}")]),
     ]
@@ -283,10 +283,25 @@ def memory() -> Board:
             (f"max by (vgpu) ({sel('gvtbench_hv_tracked_pages')})", "vGPU {{vgpu}} tracked (hypervisor)"),
             (f"max by (vgpu) ({sel('gvtbench_hv_pinned_pages')})", "vGPU {{vgpu}} pinned (hypervisor)")]),
     ]
+    pool = [
+        ts("Host pool pages per vGPU",
+           "Host pool pages each vGPU holds for its shadows (page tables, rings, contexts, batches), against "
+           "its quota (mediator.shadow_quota_pages): a vGPU at its quota fails its own work, never another's.",
+           "short",
+           [(f"max by (vgpu, state) ({sel('gvtbench_pool_pages')})", "vGPU {{vgpu}} {{state}}")]),
+        ts("Commands scanned, refusals and PPGTT reclaims",
+           "Commands the command parser scanned per vGPU, workloads the mediator refused while creating or "
+           "shadowing them (by errno: EBADRQC and EFAULT send the vGPU to failsafe), and PPGTT shadows "
+           "reclaimed to stay under the quota; 0 while none happened.", "ops",
+           [(f"sum by (vgpu) ({rate('gvtbench_cmd_scanned_total')})", "vGPU {{vgpu}} commands scanned"),
+            (events("gvtbench_cmd_refused_total", "vgpu, code", VGPU), "vGPU {{vgpu}} refused {{code}}"),
+            (f"sum by (vgpu) ({rate('gvtbench_ppgtt_reclaimed_total')})", "vGPU {{vgpu}} PPGTTs reclaimed")]),
+    ]
     return Board("gvtbench-memory", "gvtbench / memory (GGTT/PPGTT)",
-                 "Graphics memory translation: GGTT and PPGTT entries by result, tracked page-table writes, and the "
-                 "pages shadowed, pinned and write-protected. Filters: job, instance, vGPU.",
-                 [("Translation", tr), ("Page tracking", track)])
+                 "Graphics memory translation: GGTT and PPGTT entries by result, tracked page-table writes, the "
+                 "pages shadowed, pinned and write-protected, and the host pool and command parser. Filters: "
+                 "job, instance, vGPU.",
+                 [("Translation", tr), ("Page tracking", track), ("Host pool and command parser", pool)])
 
 
 def nodes() -> Board:
@@ -322,11 +337,13 @@ def nodes() -> Board:
             (events("gvtbench_refused_messages_total", "node, peer_role, kind, code"),
              "{{node}} refused {{kind}} from {{peer_role}} {{code}}"),
             (events("gvtbench_handshake_failures_total", "node, reason"), "{{node}} handshake {{reason}}")]),
-        ts("Dropped frames, handler errors and dropped links",
+        ts("Dropped frames, handler errors, internal errors and dropped links",
            "Frames a node could not send (peer gone or not reading), requests its handlers answered with an "
-           "error, and links it dropped, by code or reason; 0 while none happened." + node_note, "cps",
+           "error, internal errors (a node's own bugs: any fails the verdict), and links it dropped, by code "
+           "or reason; 0 while none happened." + node_note, "cps",
            [(events("gvtbench_dropped_frames_total", "node, code"), "{{node}} dropped {{code}}"),
             (events("gvtbench_handler_errors_total", "node, code"), "{{node}} handler error {{code}}"),
+            (events("gvtbench_internal_errors_total", "node"), "{{node}} internal errors"),
             (events("gvtbench_links_dropped_total", "node, reason"), "{{node}} link dropped {{reason}}")]),
     ]
     procs = [
