@@ -106,6 +106,19 @@ def test_write_done_splits_a_batch_around_the_message_with_a_refused_write(bench
     assert all(st == "ok" for first, _l, _n, st in done if first != 2)
 
 
+def test_write_done_covers_exactly_the_messages_of_a_batch_numbered_out_of_order(bench):
+    """A guest may number its messages as it likes: each WRITE_DONE covers a run of consecutive
+    numbers, so no number the guest did not send is ever reported done."""
+    def task():
+        for w in (10, 11, 20, 12, 13):
+            yield Post("hypervisor", "MMIO_WRITE", {"off": gpr(0), "size": 4, "val": w, "w": w}, vgpu=1)
+    bench.net.spawn("guest1", task())
+    bench.net.run()
+    assert len(bench.net.sent("TRAP_WRITE")) == 1
+    done = [(d["first"], d["last"], d["n"], d["status"]) for d in bench.guests[1].of("WRITE_DONE")]
+    assert done == [(10, 11, 2, "ok"), (20, 20, 1, "ok"), (12, 13, 2, "ok")]
+
+
 def test_a_batch_with_ragged_fields_is_refused_whole(bench):
     def task():
         yield Post("hypervisor", "MMIO_WRITE_BATCH", {"off": b"\0" * 8, "size": b"\4", "val": b"\0" * 8},
