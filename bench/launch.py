@@ -393,6 +393,7 @@ class Launcher:
                 # parser's and shadowing's refusals by code, commands scanned, pool pages held
                 "mediator": {"fail_reasons": mv.get("fail_reasons", {}), "refusals": mv.get("refusals", {}),
                              "commands_scanned": mv.get("commands_scanned", 0),
+                             "scans": mv.get("scans", 0), "scan_ns": mv.get("scan_ns", 0),
                              "pool_pages": mv.get("pool_pages", 0)},
             })
         isolation = {"pages_checked": sum(r.get("pages_checked", 0) for r in self.rams.values())

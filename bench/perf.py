@@ -328,13 +328,22 @@ def _submit_cfg(seconds: float, vgpus: int, **load) -> dict:
 
 def run_submit(seconds: float = 3.0, rounds: int = 3) -> dict:
     """GPU workloads through all four processes: latency of one vGPU's workloads (one at a time)
-    next to a two-hop pyzmq echo in the same run, round by round; workloads per second with 1, 2
+    next to a two-hop pyzmq echo in the same run, round by round, and what the command parser's
+    scan of each took (the mediator times it); workloads per second with 1, 2
     and 4 vGPUs (closed loop, both engines); tracked page-table writes per second under
     ppgtt-churn."""
+    scans: list[dict] = []
+
     def one_at_a_time() -> tuple[dict, dict]:
         res = _run(_submit_cfg(seconds, 1, concurrency=1, mix={"submit": 1.0}, engines=["rcs"]))
+        m = res["vgpus"][0]["mediator"]
+        scans.append({"us_per_workload": m["scan_ns"] / max(m["scans"], 1) / 1e3,
+                      "us_per_command": m["scan_ns"] / max(m["commands_scanned"], 1) / 1e3,
+                      "commands_per_workload": m["commands_scanned"] / max(m["scans"], 1)})
         return res, res["vgpus"][0]["workload"]["all"]
     rounds_out, mid, _res = _against_echo(seconds, rounds, "workload", one_at_a_time)
+    scan = {k: round(statistics.median(x[k] for x in scans), 2) for k in scans[0]}
+    scan["share_of_workload_p50"] = round(scan["us_per_workload"] / mid["workload_p50_us"], 4)
     per_s: dict[str, float] = {}
     for n in (1, 2, 4):
         res = _run(_submit_cfg(seconds, n, concurrency=16, mix={"submit": 1.0}))
@@ -349,6 +358,7 @@ def run_submit(seconds: float = 3.0, rounds: int = 3) -> dict:
         "workload_p50_us": mid["workload_p50_us"],
         "workload_p99_us": mid["workload_p99_us"],
         "latency_vs_echo": round(mid["ratio"], 2),
+        "scan": scan,
         "workloads_per_s": per_s,
         "tracked_writes_per_s": round(v["ppgtt"]["tracked_writes"] / max(v["guest"]["elapsed_s"], 1e-9)),
         "targets_met": {"latency_vs_echo": mid["ratio"] <= 2.5, "workloads_per_s_1": per_s["1"] >= 2000,
@@ -363,6 +373,9 @@ def format_submit(r: dict) -> str:
           f"(p99 {x['workload_p99_us']:.1f}), ratio {x['ratio']:.2f}x"
           for i, x in enumerate(r["rounds"])),
         f"workload / echo (p50), median round: {r['latency_vs_echo']:.2f}x   (target <= 2.5)",
+        f"command parser, median of the rounds: {r['scan']['us_per_workload']:.1f} us per workload "
+        f"({r['scan']['commands_per_workload']:.1f} commands, {r['scan']['us_per_command']:.2f} us each), "
+        f"{100 * r['scan']['share_of_workload_p50']:.1f}% of the workload p50",
         f"workloads/s with 1, 2, 4 vGPUs:      {w['1']:,} / {w['2']:,} / {w['4']:,}   "
         f"(target: >= 2000 with 1, 4 >= 1)",
         f"tracked PTE writes/s (ppgtt-churn): {r['tracked_writes_per_s']:,}",

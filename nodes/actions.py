@@ -46,6 +46,13 @@ class Post:
 
 
 @dataclass(slots=True)
+class Now:
+    """Resume with the shell's monotonic clock, in ns, read at that moment: for a core that
+    measures a stage of its own work (the command parser's scan), which the time a message came
+    with cannot tell."""
+
+
+@dataclass(slots=True)
 class Sleep:
     """Resume after this many seconds. Sleep(0) yields: the task resumes after the shell has
     looked at its sockets again, so other work gets a turn (round robin)."""

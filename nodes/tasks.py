@@ -12,7 +12,7 @@ import itertools
 from collections import deque
 from typing import Any, Callable, Hashable, Protocol
 
-from nodes.actions import Call, Event, Post, Signal, Sleep, Spawn, Wait
+from nodes.actions import Call, Event, Now, Post, Signal, Sleep, Spawn, Wait
 from nodes.errors import CallTimeout, GvtError
 
 
@@ -26,6 +26,9 @@ class TaskIO(Protocol):
 
     def finish(self, origin: Any, result: Any, err: BaseException | None, now: int) -> None:
         """A task ended: answer whoever `origin` is (None: nobody waits; count a failure)."""
+
+    def clock(self) -> int:
+        """Monotonic ns, read now (a task's Now)."""
 
     # Optional, for tracing: `span_for(spawn, now)` gives the span a Spawn of a traced task opens
     # (or None), and `end_span(span)` closes it when that task ends. A span is opaque here; the
@@ -227,6 +230,9 @@ class Scheduler:
                 continue
             if kind is Spawn:
                 self.spawn_in(action, now)
+                continue
+            if kind is Now:
+                value = self.io.clock()
                 continue
             exc = GvtError("EINVAL", f"a task yielded {kind.__name__}, not an action")
 

@@ -48,3 +48,8 @@ def test_perf_submit_json():
     (rnd,) = res["rounds"]
     assert rnd["workload_p50_us"] > 0 and rnd["samples"] > 0
     assert set(res["targets_met"]) == {"latency_vs_echo", "workloads_per_s_1", "scales_to_4"}
+    # the parser's scan is timed by the mediator: every workload's, a few commands each
+    scan = res["scan"]
+    assert scan["us_per_workload"] > 0 and 0 < scan["us_per_command"] < scan["us_per_workload"]
+    assert scan["commands_per_workload"] >= 3      # the ring: BB start, seqno store, user interrupt
+    assert 0 < scan["share_of_workload_p50"] < 1

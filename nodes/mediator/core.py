@@ -284,6 +284,7 @@ class MediatorCore:
                                  "pin_calls": v.pins.pin_calls, "workloads": dict(v.workloads),
                                  "fail_reasons": dict(v.fail_reasons),
                                  "refusals": dict(v.refusals), "commands_scanned": v.commands_scanned,
+                                 "scans": v.scans, "scan_ns": v.scan_ns,
                                  "scheduled": v.sched_active,
                                  "pool_pages": self.pool.used.get(v.id, 0),
                                  "ppgtt": {**v.ppgtt.counts, "shadow_pages": v.ppgtt.shadow_pages()},

@@ -33,13 +33,13 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
-from nodes.actions import Event, Post, Signal, Spawn, Wait
+from nodes.actions import Event, Now, Post, Signal, Spawn, Wait
 from nodes.errors import GvtError
 from nodes.hw import PAGE_SIZE, lrc, regs
 from nodes.mediator import cmd_parser, execlist, interrupt
 from nodes.mediator.dma import HostPool, QuotaExceeded
 from nodes.mediator.sched_policy import RoundRobin
-from nodes.metrics import WORKLOAD_LATENCY, WORKLOADS
+from nodes.metrics import CMD_SCAN_SECONDS, WORKLOAD_LATENCY, WORKLOADS
 from nodes.wire.schema import pack_write_batch
 
 if TYPE_CHECKING:
@@ -182,12 +182,17 @@ class WorkloadScheduler:
             ring = (yield from vgpu.mem.read_gm(w.start + w.head, size - w.head)) + \
                    (yield from vgpu.mem.read_gm(w.start, w.tail))
         s = cmd_parser.Scan(vgpu, w.engine, w.mm)
+        t0 = yield Now()
         try:
             w.ring = yield from cmd_parser.scan_ring(s, ring, w.start, w.head, size)
         finally:
             w.lri_mms += s.lri_mms          # held even when the scan failed, released with it
             self.scanned += s.commands
             vgpu.commands_scanned += s.commands
+        took = (yield Now()) - t0
+        vgpu.scans += 1
+        vgpu.scan_ns += took
+        vgpu.stats.hist(CMD_SCAN_SECONDS, (vgpu.id,)).record(took)
         w.events = s.events
 
     # ---- dispatch ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from nodes.mediator.page_track import PageTrack
 from nodes.mediator.pins import GfnPins
 from nodes.mediator.ppgtt import Ppgtt, Scratch
 from nodes.memory import Fabric
+from nodes.metrics import CMD_SCAN_SECONDS
 from nodes.stats import Stats
 
 VGPU_STATE = "gvtbench_vgpu_state"
@@ -34,6 +35,8 @@ def declare_vgpu_metrics(stats: Stats) -> None:
     stats.counter(CMD_REFUSED, "Workloads the mediator refused while creating or shadowing them, "
                   "by errno (EBADRQC and EFAULT send the vGPU to failsafe)", ["vgpu", "code"])
     stats.counter("gvtbench_cmd_scanned", "Commands the command parser scanned", ["vgpu"])
+    stats.histogram(CMD_SCAN_SECONDS, "Time the command parser took per workload (its ring "
+                    "segment and privileged batches, their reads of guest memory included)", ["vgpu"])
 
 
 class VGpu:
@@ -69,6 +72,8 @@ class VGpu:
         self.fail_reasons: dict[str, int] = {}
         self.refusals: dict[str, int] = {}      # errno -> workloads refused by creation/shadowing
         self.commands_scanned = 0
+        self.scans = 0                          # workloads scanned whole, and their time
+        self.scan_ns = 0
         self.irq_events = 0
         self.msi_injected = 0
         self.now = 0                            # the time of the message being emulated

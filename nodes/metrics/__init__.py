@@ -9,6 +9,7 @@ from nodes.stats import Stats
 
 TRAP_LATENCY = "gvtbench_trap_latency_seconds"
 TRAPS = "gvtbench_traps"
+CMD_SCAN_SECONDS = "gvtbench_cmd_scan_seconds"
 
 
 def declare_trap_metrics(stats: Stats) -> None:
