@@ -95,3 +95,14 @@ def test_the_campaign_in_the_fault_scratch_mode_is_contained_too():
     assert ledger.check_workloads(reports, frozenset({1})) == []
     assert rams[1]["violations"] == rams[2]["violations"] == pool["violations"] == 0
     assert ledger.check_errors(snaps, frozenset({1}))[1] == []
+
+
+def test_the_readme_lists_every_attack_with_what_it_ends_in():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| attack | what it does | ends |"):].splitlines()[2:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table if line.startswith("|")]
+    rows = rows[:len(hostile.ATTACKS)]
+    assert [r[0].strip("`") for r in rows] == [a.kind for a in hostile.ATTACKS]
+    for r, a in zip(rows, hostile.ATTACKS):
+        assert r[1] == a.what and set(r[2].split(" or ")) == set(a.expect), a.kind
