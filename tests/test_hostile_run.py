@@ -20,9 +20,7 @@ HOSTILE = Path(__file__).resolve().parents[1] / "configs" / "hostile.toml"
 
 
 def _run(**over) -> dict:
-    # every hostile operation drawn is an attack that runs: with --ops the campaign is whole
-    raw = {sec: dict(v) for sec, v in config.apply_overrides(config.load(HOSTILE), ops=600).items()
-           if not sec.startswith("_")}
+    raw = {sec: dict(v) for sec, v in config.load(HOSTILE).items() if not sec.startswith("_")}
     for key, val in over.items():
         sec, k = key.split("__")
         raw[sec][k] = val
