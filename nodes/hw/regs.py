@@ -36,7 +36,9 @@ RING_FORCE_TO_NONPRIV = 0x4D0       # 12 slots: registers a non-privileged batch
 RING_FORCE_TO_NONPRIV_SLOTS = 12
 FORCE_TO_NONPRIV_ADDR_MASK = 0x3FFFFFC  # bits 25:2 of a slot: the register's offset
 RING_TIMESTAMP = 0x358
-RING_CSFE_CHICKEN1 = 0xD4           # masked; bits 3 and 4 a guest may not enable
+RING_CSFE_CHICKEN1 = 0xD4           # masked
+CSFE_CHICKEN1_FORBIDDEN = (1 << 3, 1 << 4)  # bits a guest may not enable (csfe_chicken1_mmio_write)
+PS_DEPTH_COUNT = 0x2350             # the render engine's depth count (a PIPE_CONTROL post-sync)
 
 
 def pdp_ldw(n: int) -> int:

@@ -112,15 +112,14 @@ def _scan(s: Scan, buf: Buffer, level: int, where: Callable[[int], str]) -> Iter
         dw = words[i]
         c = cmd.lookup(dw, s.engine)
         if c is None:
-            raise GvtError("EBADRQC", f"vGPU {s.vgpu.id} {s.engine}: unknown command {dw:#010x} at "
-                           f"{where(i)}")
+            raise _err(s, "EBADRQC", f"unknown command {dw:#010x} at {where(i)}")
         ln = c.length(dw)
         if i + ln > n:
-            raise GvtError("EFAULT", f"vGPU {s.vgpu.id} {s.engine}: {c.name} at {where(i)} runs past "
-                           f"the {'ring tail' if level == 0 else 'batch end'}")
+            raise _err(s, "EFAULT", f"{c.name} at {where(i)} runs past the "
+                       f"{'ring tail' if level == 0 else 'batch end'}")
         if c.fixed and ln != c.fixed:
-            raise GvtError("EFAULT", f"vGPU {s.vgpu.id} {s.engine}: {c.name} at {where(i)} is {ln} "
-                           f"dwords, its one valid length is {c.fixed}")
+            raise _err(s, "EFAULT", f"{c.name} at {where(i)} is {ln} dwords, its one valid length "
+                       f"is {c.fixed}")
         s.commands += 1
         if c.rule:
             r = _RULES[c.rule](s, buf, i, ln, level, where)
@@ -361,9 +360,9 @@ def _pipe_control(s: Scan, buf: Buffer, i: int, ln: int, level: int, where: Call
     if flags & cmd.PC_MMIO_WRITE:
         _reg(s, w[i + 2] & cmd.REG_MASK, "pipe_control", where(i))
     elif op == 2:
-        _reg(s, 0x2350, "pipe_control", where(i))          # the depth count it writes
+        _reg(s, regs.PS_DEPTH_COUNT, "pipe_control", where(i))     # the depth count it writes
     elif op == 3:
-        _reg(s, 0x2358, "pipe_control", where(i))          # the timestamp it writes
+        _reg(s, regs.ring("rcs", regs.RING_TIMESTAMP), "pipe_control", where(i))   # its timestamp
     elif op == 1 and flags & cmd.PC_GLOBAL_GTT:
         gma = (w[i + 2] & 0xFFFFFFF8) | (w[i + 3] & cmd.ADDR_HI_MASK) << 32
         index = bool(flags & cmd.PC_STORE_DATA_INDEX)

@@ -217,10 +217,9 @@ class MediatorCore:
             for level in range(3):
                 if bytes(pool.page(v.scratch.page[level])) != v.scratch.expected(level):
                     bad(f"vGPU {v.id}: its {lrc.LEVEL_NAMES[level]}-level scratch table was written")
-            own = {t.mfn for t in v.ppgtt.tables.values()}
-            own |= {c.mfn for t in v.ppgtt.tables.values() for c in t.children.values() if c.split and c.mfn}
             tables = list(v.ppgtt.tables.values())
             tables += [c for t in tables for c in t.children.values() if c.split and c.mfn]
+            own = {t.mfn for t in tables}
             for t in tables:
                 ents = np.frombuffer(bytes(pool.page(t.mfn)), dtype="<u8")
                 pres = gtt.present(ents)

@@ -140,8 +140,8 @@ def force_nonpriv_write(vgpu: VGpu, off: int, data: int) -> None:
 def csfe_chicken1_write(vgpu: VGpu, off: int, data: int) -> None:
     """CSFE_CHICKEN1 (csfe_chicken1_mmio_write): enabling bit 3 or 4 is stripped and means a
     guest the mediator cannot serve: failsafe."""
-    vgpu.vregs[off] = data & ~regs.masked_enable(0x18)
-    if regs.masked_bits_enabled(data, 0x10) or regs.masked_bits_enabled(data, 0x8):
+    vgpu.vregs[off] = data & ~regs.masked_enable(sum(regs.CSFE_CHICKEN1_FORBIDDEN))
+    if any(regs.masked_bits_enabled(data, bit) for bit in regs.CSFE_CHICKEN1_FORBIDDEN):
         vgpu.enter_failsafe(FAILSAFE_UNSUPPORTED_GUEST)
 
 

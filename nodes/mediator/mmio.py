@@ -52,9 +52,9 @@ def emulate_write(vgpu: VGpu, off: int, size: int, val: int) -> Any:
 def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.ndarray) -> Iterator[Any]:
     """A batch of writes in guest order (a task). Runs of aligned 8-byte GGTT writes are shadowed
     as one vectorised update; a refused access is reported (a bit per write in `refused`, and the
-    first ERRORS_KEPT reasons) and the rest still apply. Other vGPUs get a turn every TURN_WORK of work. A write
-    that sent the vGPU to failsafe has its queued work failed after the batch. Returns the
-    TRAP_WRITE reply."""
+    first ERRORS_KEPT reasons) and the rest still apply. Other vGPUs get a turn every TURN_WORK of
+    work. A write that sent the vGPU to failsafe has its queued work failed after the batch.
+    Returns the TRAP_WRITE reply."""
     n = len(offs)
     if n <= SMALL_BATCH:            # numpy's per-call overhead would dominate a few writes
         offs_l, sizes_l = offs.tolist(), sizes.tolist()

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from nodes.actions import Event, Now, Post, Signal, Spawn, Wait
 from nodes.errors import GvtError
-from nodes.hw import PAGE_SIZE, lrc, regs
+from nodes.hw import PAGE_SIZE, cmd, lrc, regs
 from nodes.mediator import cmd_parser, execlist, interrupt
 from nodes.mediator.dma import HostPool, QuotaExceeded
 from nodes.mediator.sched_policy import RoundRobin
@@ -102,7 +102,6 @@ class WorkloadScheduler:
         self.vgpus: dict[int, VGpu] = {}
         self.next_id = 1
         self.now = 0                # the time of the message or tick being handled
-        self.scanned = 0            # commands the parser scanned
 
     # ---- submission (the ELSP hook: intel_vgpu_submit_execlist) ----------------------------------
     def submit(self, vgpu: VGpu, engine: str, elems: tuple[lrc.Descriptor, lrc.Descriptor],
@@ -187,7 +186,6 @@ class WorkloadScheduler:
             w.ring = yield from cmd_parser.scan_ring(s, ring, w.start, w.head, size)
         finally:
             w.lri_mms += s.lri_mms          # held even when the scan failed, released with it
-            self.scanned += s.commands
             vgpu.commands_scanned += s.commands
         took = (yield Now()) - t0
         vgpu.scans += 1
@@ -277,7 +275,7 @@ class WorkloadScheduler:
         words = buf.words
         for i, sub in buf.batches:
             gm = yield from self._place(w, (yield from self._place_tree(w, sub)), "batch")
-            words[i] &= ~0x100              # the copy is in the GGTT (privileged, as scanned)
+            words[i] &= ~cmd.BB_PPGTT       # the copy is in the GGTT (privileged, as scanned)
             words[i + 1], words[i + 2] = gm & 0xFFFFFFFF, gm >> 32
         for i, mm in buf.pdp_sites:
             root = mm.shadow_pdps()[0]
