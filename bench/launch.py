@@ -269,6 +269,7 @@ class Launcher:
         layout = build_layout(cfg)
         yield Call("mediator", "SYNC", timeout=30)
         vgpus = yield Call("mediator", "PARTITIONS")
+        failsafe_of = {x["id"]: x["failsafe"] for x in vgpus}      # vGPU -> its failsafe reason, or None
         dump = np.empty(gtt.ENTRIES, dtype=np.uint64)
         for start in range(0, gtt.ENTRIES, DUMP_CHUNK):
             chunk = yield Call("gpu", "GGTT_DUMP", {"start": start, "count": DUMP_CHUNK}, timeout=30)
@@ -297,8 +298,7 @@ class Launcher:
             maps[v] = (np.concatenate(idx), np.concatenate(vals))
             res = yield Call(f"guest{v}", "VERIFY", {"nonce": nonce}, vgpu=v, timeout=120)
             probes[v] = res
-            failsafe = bool(next((x["failsafe"] for x in vgpus if x["id"] == v), None))
-            probe_reasons += ledger.check_probes(v, hit, res, layout, failsafe)
+            probe_reasons += ledger.check_probes(v, hit, res, layout, failsafe_of[v] is not None)
         ggtt = ledger.check_ggtt(dump, vgpus, maps, layout, seed, layout.host.base_mfn)
         if pool.get("scratch_dirty"):
             ggtt["scratch_dirty"] = pool["scratch_dirty"]
@@ -307,16 +307,16 @@ class Launcher:
             snaps[n] = yield Call(n, "STATS", timeout=30)
         snaps["launcher"] = self.rt.snapshot()
         link_rows, link_reasons = ledger.check_links(snaps)
-        self.node_errors, error_reasons = ledger.check_errors(snaps, self.hostile_vms())
         hostile = self.hostile_vms()
+        self.node_errors, error_reasons = ledger.check_errors(snaps, hostile)
         work_reasons = ledger.check_workloads(self.core.reports, hostile)
         for v in vm_ids(cfg):
             work_reasons += ledger.check_gpu_workloads(v, self.core.reports.get(v, {}).get("workloads", {}),
                                                        rams[v], v in hostile)
         self.hostile = {}
         for v in sorted(hostile):
-            fs = next((x["failsafe"] for x in vgpus if x["id"] == v), None)
-            self.hostile[v], rs = ledger.check_hostile(v, self.core.reports.get(v, {}).get("hostile"), fs)
+            self.hostile[v], rs = ledger.check_hostile(v, self.core.reports.get(v, {}).get("hostile"),
+                                                       failsafe_of[v])
             work_reasons += rs
         if pool["violations"]:
             work_reasons.append(f"host pool: {pool['violations']} violations: "

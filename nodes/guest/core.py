@@ -17,8 +17,8 @@ operation carry on every hop (see nodes/actions.py).
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -130,7 +130,6 @@ class GuestCore:
         self.traced = 0             # ops sampled so far (the low bits of their trace ids)
         self.ram = ram or GuestRam(vm, ram_frames, hypervisor)
         self.now = 0                                # the time of the last message or tick
-        self.fault_watch: Callable[[str, dict], list] | None = None    # told a faulting store's outcome
         self.hostile = (HostileDriver(self, load.hostile_repeat, load.hostile_timeout_s)
                         if load.mix.get("hostile", 0) > 0 else None)
         self.gpu_held: deque[tuple[str, int, int]] = deque()     # GPU ops drawn while an attack ran
@@ -167,10 +166,11 @@ class GuestCore:
         payload["w"] = self.wno
         return Post(self.hv, "MMIO_WRITE_BATCH", payload, vgpu=self.vm, trace=trace)
 
-    def next_fault_w(self, gpa: int) -> int:
-        """The write number of a faulting RAM store (its WRITE_DONE ends the fault)."""
+    def next_fault_w(self, gpa: int, on_done: Callable[[str, dict], list] | None = None) -> int:
+        """The write number of a faulting RAM store (its WRITE_DONE ends the fault); on_done:
+        told its outcome."""
         self.wno += 1
-        self.writes[self.wno] = _Write(0, "fault", 1, gpa, self.fault_watch)
+        self.writes[self.wno] = _Write(0, "fault", 1, gpa, on_done)
         self.writes_in_flight += 1
         return self.wno
 

@@ -185,45 +185,42 @@ class HostileDriver:
     def _ctx(self, a: Attack) -> i915.Context:
         return self.core.wl.lay.engines[a.engine].attack
 
-    def _seq_gm(self, a: Attack) -> int:
+    def _seq_off(self, a: Attack) -> tuple[i915.EngineState, int]:
+        """The engine and the byte offset in its status page of the attack context's seqno."""
         lay = self.core.wl.lay
         ei = list(lay.engines).index(a.engine)
-        return lay.engines[a.engine].hwsp_gm + 4 * (lrc.HWS_SEQNO_INDEX + i915.ATTACK_SEQNO + ei)
+        return lay.engines[a.engine], 4 * (lrc.HWS_SEQNO_INDEX + i915.ATTACK_SEQNO + ei)
+
+    def _seq_gm(self, a: Attack) -> int:
+        e, off = self._seq_off(a)
+        return e.hwsp_gm + off
 
     def _seq_gpa(self, a: Attack) -> int:
-        lay = self.core.wl.lay
-        ei = list(lay.engines).index(a.engine)
-        return (lay.engines[a.engine].hwsp_gfn << PAGE_SHIFT) + 4 * (lrc.HWS_SEQNO_INDEX + i915.ATTACK_SEQNO + ei)
+        e, off = self._seq_off(a)
+        return (e.hwsp_gfn << PAGE_SHIFT) + off
 
     def _post(self, writes: list[tuple[int, int]]) -> tuple[Any, Event, dict]:
-        """Posted register writes whose WRITE_DONE the attack waits for."""
-        ev, box = Event("attack write"), {}
-
-        def done(status: str, p: dict) -> list[Any]:
-            box["status"], box["p"] = status, p
-            return [ev]
+        """Posted register writes whose WRITE_DONE the attack waits for: (the Post, the event
+        its WRITE_DONE sets, the box that gets its status and payload)."""
+        ev, box, done = _watch("attack write")
         post = self.core.post_batch([o for o, _ in writes], [4] * len(writes), [v for _, v in writes],
                                     on_done=done)
         return post, ev, box
+
+    def _write(self, writes: list[tuple[int, int]]) -> Iterator[Any]:
+        """Posted register writes, and their WRITE_DONE waited for; returns its box."""
+        post, ev, box = self._post(writes)
+        yield post
+        yield Wait(ev)
+        return box
 
     def _store(self, gpa: int, data: bytes) -> Iterator[Any]:
         """A store to the guest's own RAM whose outcome it waits for (sent as a fault, so the
         hypervisor answers it on either fabric). Returns (status, WRITE_DONE payload)."""
         core = self.core
-        box: dict = {}
-        ev = Event("attack store")
-
-        def done(status: str, p: dict) -> list[Any]:
-            box["status"], box["p"] = status, p
-            return [ev]
+        ev, box, done = _watch("attack store")
         core.wl.expect(gpa, data)
-        before = core.fault_watch
-        core.fault_watch = done
-        try:
-            out = core.ram.fault_store(gpa, data, core.next_fault_w)
-        finally:
-            core.fault_watch = before
-        for p in out:
+        for p in core.ram.fault_store(gpa, data, lambda g: core.next_fault_w(g, done)):
             yield p
         yield Wait(ev)
         return box.get("status", "ok"), box.get("p", {})
@@ -288,18 +285,14 @@ class HostileDriver:
         resumed."""
         wl = self.core.wl
         e = wl.lay.engines[a.engine]
-        post, ev, _box = self._post([(regs.GDRST, i915.ENGINE_RESET_BIT[a.engine])])
-        yield post
-        yield Wait(ev)
+        yield from self._write([(regs.GDRST, i915.ENGINE_RESET_BIT[a.engine])])
         yield from self._skip(c)
         for p in wl.resume_engine(e, self.core.now):
             yield p
 
     def _in_failsafe(self) -> Iterator[Any]:
         """In failsafe a masked register takes a write raw: mask bits alone read back as written."""
-        post, ev, _box = self._post([(PROBE_REG, 0xFFFF0000)])
-        yield post
-        yield Wait(ev)
+        yield from self._write([(PROBE_REG, 0xFFFF0000)])
         got = yield from self.core.read_reg(PROBE_REG)
         return got == 0xFFFF0000
 
@@ -342,6 +335,17 @@ class HostileDriver:
                 a = Attack("", frozenset(), "", name)
                 wl.loosen(self._seq_gpa(a))
                 wl.loosen((e.attack.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_HEAD)
+
+
+def _watch(name: str) -> tuple[Event, dict, Callable[[str, dict], list]]:
+    """An event, a box, and the on_done callback that fills the box with a WRITE_DONE's status
+    and payload and sets the event."""
+    ev, box = Event(name), {}
+
+    def done(status: str, p: dict) -> list[Any]:
+        box["status"], box["p"] = status, p
+        return [ev]
+    return ev, box, done
 
 
 # ---- the attacks ---------------------------------------------------------------------------------
@@ -390,15 +394,11 @@ def _lrca_outside(h: HostileDriver, a: Attack) -> Iterator[Any]:
 
 def _elsp_before_execlists(h: HostileDriver, a: Attack) -> Iterator[Any]:
     mode = regs.ring(a.engine, regs.RING_MODE)
-    post, ev, _box = h._post([(mode, regs.masked_disable(regs.GFX_MODE_RUN_LIST_ENABLE))])
-    yield post
-    yield Wait(ev)
+    yield from h._write([(mode, regs.masked_disable(regs.GFX_MODE_RUN_LIST_ENABLE))])
     try:
         return (yield from h._submit(a, []))
     finally:
-        post, ev, _box = h._post([(mode, regs.masked_enable(regs.GFX_MODE_RUN_LIST_ENABLE))])
-        yield post
-        yield Wait(ev)
+        yield from h._write([(mode, regs.masked_enable(regs.GFX_MODE_RUN_LIST_ENABLE))])
 
 
 def _pt_entry(h: HostileDriver, table_gfn: int, i: int, value: int) -> Iterator[Any]:
@@ -477,11 +477,9 @@ def _g2v_flood(h: HostileDriver, a: Attack) -> Iterator[Any]:
     refused = 0
     for notify in (pvinfo.G2V_PPGTT_L4_CREATE, pvinfo.G2V_PPGTT_L4_DESTROY):
         for r in roots:
-            post, ev, box = h._post([(pvinfo.BASE + pvinfo.PDP0_LO, r & 0xFFFFFFFF),
-                                     (pvinfo.BASE + pvinfo.PDP0_LO + 4, r >> 32),
-                                     (pvinfo.BASE + pvinfo.G2V_NOTIFY, notify)])
-            yield post
-            yield Wait(ev)
+            box = yield from h._write([(pvinfo.BASE + pvinfo.PDP0_LO, r & 0xFFFFFFFF),
+                                       (pvinfo.BASE + pvinfo.PDP0_LO + 4, r >> 32),
+                                       (pvinfo.BASE + pvinfo.G2V_NOTIFY, notify)])
             refused += box["status"] != "ok"
     # the guest's own PPGTT is announced again (a destroy of its roots is not among these)
     if (yield from h._in_failsafe()):

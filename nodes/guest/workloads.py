@@ -475,7 +475,15 @@ class WorkloadDriver:
     def abandon(self, e: EngineState, now: int, meant: bool, reason: str) -> list[Any]:
         """The engine's workloads will never complete (a reset took them): fail them, and rewind
         each context's ring past them (lrc_reset: head = tail)."""
+        self._fail_inflight(e, now, meant, reason)
         out: list[Any] = []
+        for c in e.contexts:
+            out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_HEAD, _I.pack(c.tail))
+            out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_TAIL, _I.pack(c.tail))
+            c.submitted_tail = c.tail
+        return out
+
+    def _fail_inflight(self, e: EngineState, now: int, meant: bool, reason: str) -> None:
         for c in e.contexts:
             for w in c.inflight:
                 self._release(w)
@@ -490,10 +498,6 @@ class WorkloadDriver:
                 self.core.workload_retired(now, failed=True)
                 self.core.op_done("submit", now, failed=not meant, reason=None if meant else reason)
             c.inflight.clear()
-            out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_HEAD, _I.pack(c.tail))
-            out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_TAIL, _I.pack(c.tail))
-            c.submitted_tail = c.tail
-        return out
 
     def resume_engine(self, e: EngineState, now: int) -> list[Any]:
         """After an engine reset: the CSB is empty again, and i915 resumes the engine as it first
@@ -512,11 +516,12 @@ class WorkloadDriver:
 
     def reboot(self, now: int) -> None:
         """The VM was reset (VM_RESET): nothing of the GPU's state survived. Its workloads in
-        flight failed (meant: the guest asked for it); the next boot sets every object up again."""
+        flight failed (meant: the guest asked for it); the next boot sets every object up again,
+        its contexts' rings included."""
         if self.lay is None:
             return
         for e in self.lay.engines.values():
-            self.abandon(e, now, True, "")
+            self._fail_inflight(e, now, True, "")
             e.active, e.submitted = [], None
             e.csb_head = regs.RING_CSB_ENTRIES - 1
         self.churn_map.clear()
