@@ -302,11 +302,7 @@ class Ppgtt:
             try:
                 yield from self._populate(t)
             except BaseException:
-                del self.tables[(gfn, level)]
-                users = self.by_gfn[gfn]
-                users.remove(t)
-                if not users:
-                    del self.by_gfn[gfn]
+                self._unlist(t)
                 raise
         except BaseException:
             if tracked:
@@ -510,14 +506,21 @@ class Ppgtt:
                 self._free(t.mfn)
             yield from self._unpin(held.tolist())
             return
-        del self.tables[(t.gfn, t.level)]
-        users = self.by_gfn[t.gfn]
-        users.remove(t)
-        if not users:
-            del self.by_gfn[t.gfn]
+        if self._unlist(t):
             yield from self.track.disable([t.gfn])
         self._free(t.mfn)
         yield from self._unpin([*held.tolist(), t.gfn])
+
+    def _unlist(self, t: ShadowTable) -> bool:
+        """t is no longer the shadow of its guest table; whether no other shadow (of another
+        level) has that guest page either."""
+        del self.tables[(t.gfn, t.level)]
+        users = self.by_gfn[t.gfn]
+        users.remove(t)
+        if users:
+            return False
+        del self.by_gfn[t.gfn]
+        return True
 
     def _unpin(self, gfns: list[int]) -> Iterator[Any]:
         if gfns:
