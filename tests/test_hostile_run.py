@@ -109,7 +109,7 @@ def test_the_terminal_and_html_reports_show_each_attack(result):
     rows = tables["hostile-3"]
     assert rows[0] == ["attack", "tries", "the kernel", "here", "unexpected"]
     assert [r[0] for r in rows[1:]] == [a.kind for a in hostile.ATTACKS]
-    assert all(r[4] == "0" for r in rows[1:])
+    assert all(r[4] == "0" for r in rows[1:]), (rows, result["reasons"])
     errors = {r[0]: r for r in tables["errors-table"][1:]}
     assert set(errors) == set(result["errors"]) and errors["mediator"][1] == "0"
     reasons = {r[0] for r in tables["fail-reasons-table"][1:]}

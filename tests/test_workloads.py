@@ -402,6 +402,37 @@ def test_a_hang_fails_that_context_only_and_the_other_engine_goes_on():
         b.close()
 
 
+def test_a_hang_reset_keeps_the_abandoned_workloads_pages_until_the_gdrst_is_done():
+    """A workload the guest's hang check gave up on may still run: GVT-g lets the GPU finish it
+    before the GDRST completes. Its batch pages must not serve a new workload before then, or the
+    gpu runs the new batch in its name (the hostile run's duplicates under load)."""
+    b = make_bench()
+    try:
+        b.setup([(1, "_8")])
+        g = add_guest(b.net, 1, 16384, SEED, LoadSpec(mode="closed", concurrency=4, duration_s=1000,
+                                                      mix={"submit": 1.0}, ops=60,
+                                                      hang_timeout_s=0.05))
+        b.net.spawn("guest1", g.boot_and_start(True, None, b.net.now))
+        wl = g.wl
+        b.net.run(until=lambda: wl.counts["completed"] >= 10, max_steps=3_000_000)
+        # the gpu hears nothing more from the mediator: the running workloads stall, and the
+        # hang check resets the engine
+        b.net.hold = lambda s, d, e: s == "mediator" and d == "gpu" and e.kind.startswith("MMIO_WRITE")
+        b.net.run(until=lambda: wl.counts["resets"] >= 1, max_steps=3_000_000)
+        b.net.run(advance=False)
+        assert wl.counts["failed"] > 0 and b.net.held
+        assert not any(c.inflight for e in wl.lay.engines.values() for c in e.contexts)
+        # nothing is in flight for the guest any more, yet every failed workload's pages are busy
+        assert len(wl.batch_busy) == wl.counts["failed"] * g.load.batches_per_workload
+        b.net.release()
+        b.net.run(until=lambda: g.state in ("drained", "failed"), max_steps=3_000_000)
+        assert g.state == "drained" and not wl.batch_busy and not wl.churn_busy
+        ram = b.net.call("launcher", "guest1", "RAM_VERIFY", None, 1, timeout=60)
+        assert ram["violations"] == 0 and ram["duplicated"] == 0, ram["reasons"]
+    finally:
+        b.close()
+
+
 def test_an_unknown_command_hangs_only_its_context(bench):
     """The gpu alone: a context whose ring holds an unknown command is reported with its address;
     the engine then runs the next submission."""

@@ -65,6 +65,7 @@ class Workload:
     churn_slot: int = -1
     trace: int = 0                  # its trace id, if the guest sampled it
     elsp: bool = False              # an ELSP write has submitted it
+    elsp_ns: int = 0                # when the ELSP write that submits it went out
 
 
 @dataclass(eq=False)

@@ -11,7 +11,9 @@ may or may not have happened before the hang).
 from __future__ import annotations
 
 import hashlib
+import statistics
 import struct
+from collections import deque
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -31,6 +33,7 @@ _I = struct.Struct("<I")
 _Q = struct.Struct("<Q")
 SWEEP_PAGES = 128                   # pages per load of the sweep (512 KiB: inside a frame)
 CHECK_REGISTERS_EVERY = 16          # interrupts between cross-checks of the CSB registers
+RECENT = 32                         # workloads whose service time says how loaded the system is
 
 
 class WorkloadDriver:
@@ -48,6 +51,7 @@ class WorkloadDriver:
         self.churn_off: dict[int, int] = {}         # gfn -> next token offset in it
         self.pde3_present = True
         self.inflight = 0
+        self.recent_ns: deque[int] = deque(maxlen=RECENT)   # ELSP to retirement, last workloads
         self.counts = {"submitted": 0, "completed": 0, "failed": 0, "failed_expected": 0,
                        "misplaced": 0, "churn_ops": 0, "resets": 0, "csb_mismatches": 0,
                        "empty_irqs": 0}
@@ -188,16 +192,16 @@ class WorkloadDriver:
         return self.core.post_batch([o for o, _ in writes], [4] * len(writes), [v for _, v in writes],
                                     trace)
 
-    @staticmethod
-    def _elsp_trace(*engines: EngineState) -> int:
-        """The trace id an ELSP write carries: that of the first sampled workload it submits
-        (0: none; the others' traces end at the guest)."""
+    def _elsp_trace(self, *engines: EngineState) -> int:
+        """The workloads an ELSP write submits are marked with its time; returns the trace id it
+        carries: that of the first sampled workload among them (0: none; the others' traces end
+        at the guest)."""
         trace = 0
         for e in engines:
             for c in e.submitted or ():
                 for w in c.inflight:
                     if not w.elsp:
-                        w.elsp = True
+                        w.elsp, w.elsp_ns = True, self.core.now
                         trace = trace or w.trace
         return trace
 
@@ -421,11 +425,17 @@ class WorkloadDriver:
         self.counts["completed"] += 1
         self.inflight -= 1
         lat = now - w.intended
+        self.recent_ns.append(now - w.elsp_ns)
         lab = (self.core.vm, ctx.engine, "guest")
         self.core.stats.hist(WORKLOAD_LATENCY, lab).record(lat)
         self.core.stats.inc(WORKLOADS, (self.core.vm, ctx.engine, "guest", "completed"))
         self.core.op_done("submit", now)
         self.core.workload_retired(now, failed=False)
+
+    def typical_ns(self) -> int:
+        """The median time the last RECENT workloads took from their ELSP write to their
+        retirement (0 before any): how slow the mediator and the gpu are just now."""
+        return int(statistics.median(self.recent_ns)) if self.recent_ns else 0
 
     def _release(self, w: Workload) -> None:
         for p in w.batches:
@@ -467,15 +477,23 @@ class WorkloadDriver:
         context's ring to its tail, and resume the engine."""
         e.resets += 1
         self.counts["resets"] += 1
-        out: list[Any] = [self.core.post_batch([regs.GDRST], [4], [i915.ENGINE_RESET_BIT[e.name]])]
-        out += self.abandon(e, now, any(w.bad for w in busy),
-                            f"{e.name} hung: reset after {self.core.load.hang_timeout_s:g} s without progress")
-        return out + self.resume_engine(e, now)
+        gone = self._fail_inflight(e, now, any(w.bad for w in busy),
+                                   f"{e.name} hung: reset after {self.core.load.hang_timeout_s:g} s "
+                                   f"without progress")
 
-    def abandon(self, e: EngineState, now: int, meant: bool, reason: str) -> list[Any]:
-        """The engine's workloads will never complete (a reset took them): fail them, and rewind
-        each context's ring past them (lrc_reset: head = tail)."""
-        self._fail_inflight(e, now, meant, reason)
+        def reset_done(status: str, p: dict) -> list[Any]:
+            # the GPU may run a workload of the engine until the reset is done (GVT-g waits for
+            # it before the GDRST completes): only then may its batch pages and churn slots
+            # serve another workload
+            for w in gone:
+                self._release(w)
+            return []
+        out: list[Any] = [self.core.post_batch([regs.GDRST], [4], [i915.ENGINE_RESET_BIT[e.name]],
+                                               on_done=reset_done)]
+        return out + self._rewind(e) + self.resume_engine(e, now)
+
+    def _rewind(self, e: EngineState) -> list[Any]:
+        """Each context's ring goes on past what a reset threw away (lrc_reset: head = tail)."""
         out: list[Any] = []
         for c in e.contexts:
             out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_HEAD, _I.pack(c.tail))
@@ -483,10 +501,16 @@ class WorkloadDriver:
             c.submitted_tail = c.tail
         return out
 
-    def _fail_inflight(self, e: EngineState, now: int, meant: bool, reason: str) -> None:
+    def _fail_inflight(self, e: EngineState, now: int, meant: bool, reason: str) -> list[Workload]:
+        """The engine's workloads will never complete (a reset takes them): each fails, and what
+        it may still store (its tokens, its seqno) is left loose. Returns them: the caller gives
+        back their pages once the reset is done."""
+        gone: list[Workload] = []
         for c in e.contexts:
+            if c.inflight:
+                self.loosen((e.hwsp_gfn << PAGE_SHIFT) + 4 * (lrc.HWS_SEQNO_INDEX + _slot(self.lay, c)))
             for w in c.inflight:
-                self._release(w)
+                gone.append(w)
                 for gpa, _tok in w.tokens:
                     self.loosen(gpa)
                 self.per_ctx.setdefault(c.ctx_id, [0, 0])[1] += 1
@@ -498,6 +522,7 @@ class WorkloadDriver:
                 self.core.workload_retired(now, failed=True)
                 self.core.op_done("submit", now, failed=not meant, reason=None if meant else reason)
             c.inflight.clear()
+        return gone
 
     def resume_engine(self, e: EngineState, now: int) -> list[Any]:
         """After an engine reset: the CSB is empty again, and i915 resumes the engine as it first
@@ -521,7 +546,8 @@ class WorkloadDriver:
         if self.lay is None:
             return
         for e in self.lay.engines.values():
-            self._fail_inflight(e, now, True, "")
+            for w in self._fail_inflight(e, now, True, ""):
+                self._release(w)            # the VM reset is done: nothing runs any more
             e.active, e.submitted = [], None
             e.csb_head = regs.RING_CSB_ENTRIES - 1
         self.churn_map.clear()
