@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     # without --trace nothing collects spans, so no node records any
     rate = (args.trace_rate or cfg["run"]["trace_rate"] or DEFAULT_TRACE_RATE) if args.trace else 0.0
     cfg = config.apply_overrides(cfg, duration=args.duration, vgpus=args.vgpus, seed=args.seed,
-                                 ops=args.ops, trace_rate=rate)
+                                 ops=args.ops, trace_rate=rate, faults=args.fault)
     console = Console(stderr=True)
 
     def view(p: dict) -> Table:
@@ -185,6 +185,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--duration", type=float, help="seconds of load (run.duration_s)")
     r.add_argument("--vgpus", type=int, help="number of vGPUs / guests (vgpus.count)")
     r.add_argument("--seed", type=int, help="seed of p2m and load (run.seed)")
+    r.add_argument("--fault", action="append", metavar="SPEC",
+                   help="a link fault, added to [faults] links (repeatable): drop=0.05, "
+                        "link=hypervisor-mediator:delay=2ms+-1ms, partition=hypervisor-mediator@5s+1s")
     r.add_argument("--ops", type=int, help="stop each guest after N ops instead of a duration")
     r.add_argument("--json", metavar="PATH", help="write the result as JSON")
     r.add_argument("--prometheus", action="store_true",

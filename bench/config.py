@@ -15,6 +15,8 @@ import tomllib
 
 from nodes.guest.core import MIXES
 from nodes.hw import partition
+from nodes.node import fault_plan
+from nodes.wire.faults import FaultSpecError
 
 
 class ConfigError(Exception):
@@ -48,8 +50,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "drain_timeout_s": ((int, float), 60.0, _pos, "seconds > 0"),
         "call_timeout_s": ((int, float), 10.0, _pos,
                            "seconds > 0 a trapped access may take before its outcome is unknown"),
-        "link_silent_s": ((int, float), 30.0, lambda v: v >= 1,
-                          "seconds >= 1 after which a silent peer's link is dropped"),
+        "link_silent_s": ((int, float), 3.0, lambda v: v >= 1,
+                          "seconds >= 1 a peer may be heard from not at all before its link "
+                          "counts it dead (the link protocol's liveness timeout)"),
         "trace_rate": ((int, float), 0.0, _nonneg,
                        "sampled operations per second per guest >= 0 (0: no tracing)"),
     },
@@ -105,6 +108,12 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "hostile_timeout_s": ((int, float), 1.0, _pos, "seconds > 0 an accepted attack may take before "
                               "the guest calls it failed"),
     },
+    "faults": {
+        "seed": (int, -1, lambda v: v >= -1, "an integer >= 0 (-1: the run's seed)"),
+        "links": (list, [], lambda v: all(isinstance(x, str) for x in v),
+                  "a list of link fault specs (README: fault injection), for example "
+                  "[\"drop=0.05\", \"partition=hypervisor-mediator@5s+1s\"]"),
+    },
     "thresholds": {
         "mmio_read_p99_us": ((int, float), 0.0, _nonneg, "microseconds >= 0 (0: no threshold)"),
         "gtt_write_p99_us": ((int, float), 0.0, _nonneg, "microseconds >= 0 (0: no threshold)"),
@@ -156,6 +165,10 @@ def validate(raw: dict, where: str = "<config>") -> dict:
     if cfg["load"]["hostile_vms"] and not cfg["load"]["mix"].get("hostile", 0) > 0:
         raise ConfigError(where, "load.hostile_vms", "names hostile VMs, but load.mix gives "
                           "'hostile' no weight")
+    try:
+        fault_plan(cfg)
+    except FaultSpecError as err:
+        raise ConfigError(where, "faults.links", err.text) from None
     if cfg["vgpus"]["count"] > cfg["mediator"]["max_vgpus"]:
         raise ConfigError(where, "vgpus.count", f"{cfg['vgpus']['count']} vGPUs exceed "
                           f"mediator.max_vgpus = {cfg['mediator']['max_vgpus']}")
@@ -195,8 +208,10 @@ def load(path: str | os.PathLike | None = None) -> dict:
 
 def apply_overrides(cfg: dict, *, duration: float | None = None, vgpus: int | None = None,
                     seed: int | None = None, ops: int | None = None,
-                    trace_rate: float | None = None) -> dict:
+                    trace_rate: float | None = None, faults: list[str] | None = None) -> dict:
     raw = {sec: dict(v) for sec, v in cfg.items() if not sec.startswith("_")}
+    if faults:
+        raw["faults"]["links"] = list(raw["faults"]["links"]) + list(faults)
     if trace_rate is not None:
         raw["run"]["trace_rate"] = trace_rate
     if duration is not None:

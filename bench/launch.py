@@ -26,7 +26,7 @@ from nodes.errors import GvtError
 from nodes.hw import gtt
 from nodes.memory import remove_run_shm, sweep_stale_shm
 from nodes.metrics import TRAP_LATENCY
-from nodes.node import build_layout, hostile_vms, needed_peers, node_names, vm_ids
+from nodes.node import build_layout, fault_plan, hostile_vms, needed_peers, node_names, vm_ids
 from nodes.runtime import Keys, Runtime, make_keys
 from nodes.stats import Stats
 from nodes.wire.codec import Envelope
@@ -419,9 +419,26 @@ class Launcher:
             "memory_sha256": mem_hash,
             "errors": self.node_errors,
             "hostile": {str(v): h for v, h in self.hostile.items()},
+            "faults": self._faults(snaps),
             "verdict": verdict,
             "reasons": reasons,
         }
+
+    def _faults(self, snaps: dict) -> dict:
+        """The link fault plan (its specs, seed and rules) and what each directed link met: the
+        plan's counts by kind, as the sending end kept them."""
+        plan = fault_plan(self.cfg)
+        if plan is None:
+            return {"seed": None, "plan": [], "links": [], "totals": {}}
+        links, totals = [], {}
+        for name, snap in sorted(snaps.items()):
+            for peer, c in sorted(snap.get("links", {}).items()):
+                if c.get("faults"):
+                    links.append({"link": f"{name}>{peer}", **c["faults"]})
+                    for k, v in c["faults"].items():
+                        totals[k] = totals.get(k, 0) + v
+        return {"seed": plan.seed, "specs": list(plan.specs), "plan": plan.describe(),
+                "links": links, "totals": totals}
 
     # ---- teardown --------------------------------------------------------------------------------
     def _teardown(self) -> None:

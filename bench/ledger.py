@@ -160,8 +160,13 @@ def check_links(snapshots: dict[str, dict]) -> tuple[list[dict], list[str]]:
         for peer, c in sorted(snap["links"].items()):
             other = snapshots.get(peer, {}).get("links", {}).get(name)
             received = other["received"] if other else None
+            # the link protocol's work, counted apart: what the sender sent again, and what the
+            # receiver suppressed as repeats or refused by the checksum
             row = {"from": name, "to": peer, "sent": c["sent"], "received": received,
-                   "gaps": other["gaps"] if other else None}
+                   "gaps": other["gaps"] if other else None,
+                   "retransmits": c.get("retransmits", 0),
+                   "duplicates": other.get("duplicates", 0) if other else None,
+                   "corrupt": other.get("corrupt", 0) if other else None}
             rows.append(row)
             if other is None:
                 continue

@@ -26,6 +26,7 @@ from nodes.hw import regs
 from nodes.metrics import TRAP_LATENCY
 from nodes.stats import hist_from_snapshot
 from nodes.wire.codec import PROTOCOL_VERSION, encode
+from nodes.wire.linkproto import LinkFull, LinkProtocol
 from nodes.wire.schema import pack_write_batch
 
 
@@ -201,24 +202,37 @@ def _flood(endpoint: str, keys_dir: str, ready, stop) -> None:
         s.curve_publickey, s.curve_secretkey = pub, sec
         s.curve_serverkey = zmq.auth.load_certificate(os.path.join(keys_dir, "hypervisor.key"))[0]
     s.connect(endpoint)
-    s.send(encode("HELLO", 1, 0, 0, 0, 1, {"name": "guest1", "role": "guest", "version": PROTOCOL_VERSION}))
+    # it speaks the link protocol (its frames would be refused otherwise) and acks what comes
+    # back, so the hypervisor's window toward it stays open; the messages it drops
+    link = LinkProtocol(time.time_ns(), now=time.monotonic_ns())
+    for f in link.send(encode("HELLO", 1, 0, 0, 0, 1, {"name": "guest1", "role": "guest",
+                                                      "version": PROTOCOL_VERSION}),
+                       time.monotonic_ns()):
+        s.send(f)
     if not s.poll(30000):
         return
-    s.recv()
+    link.receive(s.recv(), time.monotonic_ns())
     ready.set()
     payload = pack_write_batch([regs.RCS_GPR0] * FLOOD_BATCH, [4] * FLOOD_BATCH, range(FLOOD_BATCH))
-    seq = 1
+    frames: list[bytes] = []
     while not stop.is_set():
-        seq += 1
-        frame = encode("MMIO_WRITE_BATCH", seq, 0, 1, 0, 0, {**payload, "w": seq})
-        while not stop.is_set():
+        now = time.monotonic_ns()
+        if not frames:
             try:
-                s.send(frame, zmq.NOBLOCK)
-                break
+                frames = link.send(encode("MMIO_WRITE_BATCH", link.next_seq, 0, 1, 0, 0,
+                                          {**payload, "w": link.next_seq}), now)
+            except LinkFull:
+                pass
+        frames += link.tick(now)
+        while frames and not stop.is_set():
+            try:
+                s.send(frames[0], zmq.NOBLOCK)
+                frames.pop(0)
             except zmq.Again:
                 s.poll(10, zmq.POLLOUT)
+                break
         while s.poll(0):
-            s.recv()
+            link.receive(s.recv(), time.monotonic_ns())
     ctx.destroy(linger=0)
 
 

@@ -28,6 +28,7 @@ from nodes.stats import Stats
 from nodes.tasks import Scheduler
 from nodes.wire.codec import FLAG_WANT_REPLY, MAX_FRAME, Envelope, encode, encode_error, encode_reply
 from nodes.wire.link import Link, SendFailed
+from nodes.wire.linkproto import State
 from nodes.wire.schema import CONTROL_KINDS, KINDS, may_send
 
 Handler = Callable[[Envelope, int], Any]
@@ -56,12 +57,13 @@ def _hop(hops: list, peer: str, seq: int, t: int, kind: str) -> None:
 
 
 class Origin:
-    """The request a task answers: its link, its envelope, when it arrived, and its span (if the
-    message was traced and this node records spans)."""
-    __slots__ = ("link", "env", "t0", "span")
+    """The request a task answers: its link, its envelope, when it arrived, its span (if the
+    message was traced and this node records spans), and the peer stream it came on."""
+    __slots__ = ("link", "env", "t0", "span", "gen")
 
     def __init__(self, link: Link, env: Envelope, t0: int, span: Span | None = None):
         self.link, self.env, self.t0, self.span = link, env, t0, span
+        self.gen = link.proto.rx_gen
 
 
 class NodeEngine:
@@ -87,6 +89,8 @@ class NodeEngine:
         s.counter("gvtbench_dropped_frames",
                   "Frames this node could not send (peer gone, queue full, too large)", ["reason"])
         s.counter("gvtbench_late_replies", "Replies that came after their request timed out")
+        s.counter("gvtbench_stale_replies", "Answers not sent: the peer that asked restarted, went "
+                  "silent or was replaced since")
         s.counter("gvtbench_internal_errors",
                   "Handlers and tasks that failed with something other than a refusal (GvtError): "
                   "this node's own bugs, which fail the run's verdict")
@@ -133,15 +137,21 @@ class NodeEngine:
     def add_link(self, link: Link) -> None:
         self.links[link.name] = link
 
-    def drop_link(self, name: str, now: int) -> None:
-        """Forget a peer that has gone; its calls in flight fail with EHOSTUNREACH."""
-        link = self.links.pop(name, None)
-        if link is None:
-            return
-        link.gone_at = link.gone_at or now
+    def drop_link(self, name: str, now: int, why: str = "went away") -> None:
+        """Forget a peer (a new incarnation replaced it); its calls in flight fail."""
+        if self.links.pop(name, None) is not None:
+            self.link_lost(name, why, now)
+
+    def link_lost(self, name: str, why: str, now: int) -> None:
+        """The peer restarted, went silent or was replaced: what it was asked and has not
+        answered has an unknown outcome (ECONNRESET), and what it asked of us is forgotten (an
+        answer would reach a stream that no longer expects it)."""
         self.sched.fail_calls(lambda key: key[0] == name,
-                              OutcomeUnknown("ECONNRESET", f"{name} went away with the request "
+                              OutcomeUnknown("ECONNRESET", f"{name} {why} with the request "
                                              f"unanswered"), now)
+        link = self.links.get(name)
+        if link is not None:
+            link.outstanding = 0
 
     # ---- receiving -----------------------------------------------------------------------------
     def deliver(self, link: Link, env: Envelope, now: int) -> None:
@@ -247,14 +257,22 @@ class NodeEngine:
             self._close(span, self.clock())
 
     # ---- TaskIO: what tasks send -----------------------------------------------------------------
-    def _link_to(self, peer: str) -> Link:
+    def _link_to(self, peer: str, kind: str) -> Link:
         link = self.links.get(peer)
-        if link is None or link.gone_at:
+        if link is None:
             raise GvtError("EHOSTUNREACH", f"{self.name} has no link to {peer!r}")
+        state = link.proto.state
+        if state is not State.OPEN and state is not State.HELLO_SENT and kind != "HELLO":
+            # re-opening (the peer restarted or returned, no HELLO yet) or dead: a definite
+            # refusal now, not a message the peer's new incarnation would refuse or run unasked.
+            # Behind a HELLO in flight a message may go: the peer takes the HELLO first
+            raise GvtError("ENOTCONN", f"the link to {peer} is {state.value}: "
+                           + ("it says HELLO again" if state is not State.DEAD
+                              else "its peer went silent"))
         return link
 
     def send_call(self, call: Call, now: int) -> Hashable:
-        link = self._link_to(call.peer)
+        link = self._link_to(call.peer, call.kind)
         seq = link.tx_seq + 1
         trace, span = self._resolve(call.trace) if self.trace_spans else (0, None)
         t = self.clock()
@@ -273,7 +291,7 @@ class NodeEngine:
         return key
 
     def send_post(self, post: Post, now: int) -> None:
-        link = self._link_to(post.peer)
+        link = self._link_to(post.peer, post.kind)
         seq = link.tx_seq + 1
         trace, span = self._resolve(post.trace) if self.trace_spans else (0, None)
         t = self.clock()
@@ -324,6 +342,9 @@ class NodeEngine:
         if not env.wants_reply:
             if err is not None:
                 self.stats.inc("gvtbench_handler_errors", (_code(err),))
+            return
+        if origin.gen != link.proto.rx_gen or self.links.get(link.name) is not link:
+            self.stats.inc("gvtbench_stale_replies")    # the peer that asked is gone
             return
         link.outstanding -= 1
         if err is None:

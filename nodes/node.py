@@ -15,6 +15,7 @@ from nodes.errors import GvtError
 from nodes.hw import MiB, PAGE_SIZE
 from nodes.memory import Fabric, Layout, OwnedMemory, RegionMemory, WriteProtect, make_p2m
 from nodes.runtime import Keys, Runtime, die_with_parent
+from nodes.wire.faults import FaultPlan
 from nodes.wire.schema import guest_name
 
 ROLES = ("gpu", "mediator", "hypervisor", "guest")
@@ -25,6 +26,14 @@ PROGRESS_EVERY_NS = 250_000_000
 def build_layout(cfg: dict) -> Layout:
     frames = cfg["vgpus"]["ram_mib"] * (MiB // PAGE_SIZE)
     return Layout.build(HOST_POOL_FRAMES, {vm: frames for vm in vm_ids(cfg)})
+
+
+def fault_plan(cfg: dict) -> FaultPlan | None:
+    """The run's link fault plan (None: no faults), from [faults] and the run's seed."""
+    f = cfg["faults"]
+    if not f["links"]:
+        return None
+    return FaultPlan.parse(f["seed"] if f["seed"] >= 0 else cfg["run"]["seed"], f["links"])
 
 
 def vm_ids(cfg: dict) -> list[int]:
@@ -195,7 +204,7 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
         raise GvtError("EINVAL", "--vm-bind is for the hypervisor")
     # every node of a traced run records spans; the guests decide which operations are traced
     rt = Runtime(name, role, core, bind, vgpus=vm_ids(cfg), vm_binds=vm_binds, keys=keys,
-                 link_silent_s=run["link_silent_s"],
+                 link_silent_s=run["link_silent_s"], faults=fault_plan(cfg),
                  trace_spans=TRACE_SPANS_MAX if run["trace_rate"] > 0 else 0)
     if owned.mem:
         rt.engine.serve(OwnedMemory.KINDS, owned.serve)

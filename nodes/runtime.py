@@ -39,10 +39,12 @@ from nodes.engine import NodeEngine
 from nodes.errors import GvtError, WireError
 from nodes.metrics.export import BuildInfoCollector, LinkCollector, StatsCollector, serve_metrics
 from nodes.wire.codec import (
-    HEARTBEAT_S, LINK_SILENT_S, MAX_FRAME, MAX_OUTSTANDING, MAX_POSTED_WRITES, PROTOCOL_VERSION,
-    Envelope, decode, encode, encode_error, encode_reply,
+    LINK_SILENT_S, MAX_FRAME, MAX_OUTSTANDING, MAX_POSTED_WRITES, PROTOCOL_VERSION, Envelope,
+    decode, encode_error, encode_reply,
 )
+from nodes.wire.faults import FaultPlan
 from nodes.wire.link import Link, SendFailed
+from nodes.wire.linkproto import FLAG_OOB, PeerRestarted, PeerReturned, PeerSilent, oob_frame, unpack
 from nodes.wire.schema import CONNECTS_TO, guest_name, role_of
 
 monotonic_ns = time.monotonic_ns
@@ -58,7 +60,7 @@ GC_THRESHOLDS = (50_000, 50, 100)      # gen0 allocations, then gen0 and gen1 co
 # why a frame was refused: the codec's WireError codes, then the link checks of _on_frame
 BAD_FRAME_REASONS = ("EBADMSG", "EINVAL", "EMSGSIZE", "EPROTO", "version", "auth", "no_hello",
                      "multipart")
-LINK_DROP_REASONS = ("gone", "silent", "replaced")
+LINK_DROP_REASONS = ("restarted", "silent", "replaced")
 _HANDSHAKE_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
                      zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
                      zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "other"}
@@ -165,14 +167,15 @@ class Runtime:
     def __init__(self, name: str, role: str, core: Any, bind: str, *, vgpus: Iterable[int],
                  vm_binds: dict[int, str] | None = None, keys: Keys | None = None,
                  max_frame: int = MAX_FRAME, link_silent_s: float = LINK_SILENT_S,
-                 heartbeat_s: float = HEARTBEAT_S, trace_spans: int = 0):
+                 trace_spans: int = 0, faults: FaultPlan | None = None, epoch: int = 0):
         self.name, self.role, self.core = name, role, core
         self.vgpus = frozenset(vgpus)
         self.max_frame = max_frame
         self.keys = keys
-        self.link_silent_ns = int(link_silent_s * 1e9)
-        # quiet links must speak well within the silence a peer tolerates (the same setting)
-        self.heartbeat_ns = int(min(heartbeat_s, link_silent_s / 3) * 1e9)
+        self.dead_ns = int(link_silent_s * 1e9)
+        # this incarnation: wall-clock ns at start, so a restarted node's epoch is the larger
+        self.epoch = epoch or time.time_ns()
+        self.faults = faults
         self.engine = NodeEngine(name, role, core, vgpus=self.vgpus, clock=monotonic_ns,
                                  max_frame=max_frame, trace_spans=trace_spans)
         self.engine.serve(["STATS"], lambda env, now: self.snapshot())
@@ -182,8 +185,9 @@ class Runtime:
         st.counter("gvtbench_handshake_failures",
                    "Connections refused in the ZeroMQ handshake (no key, a wrong key), by reason",
                    ["reason"])
-        st.counter("gvtbench_links_dropped", "Links dropped, by reason (gone, silent, replaced)",
-                   ["reason"])
+        st.counter("gvtbench_links_dropped", "Links that lost their peer, by reason (restarted: "
+                   "it came back with a new epoch; silent: nothing heard within the liveness "
+                   "timeout; replaced: a new incarnation said HELLO)", ["reason"])
         st.counter("gvtbench_disconnects", "Connections to this node's sockets that ended (a peer "
                    "left, or sent a frame over the limit)")
         # every reason is exported from the start at 0, so a rate over a clean run is 0, not absent
@@ -234,6 +238,9 @@ class Runtime:
     def _bind(self, endpoint: str, vm: int) -> _Router:
         sock = self._socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # a peer's connection re-made underneath (a tcp timeout) comes back under its routing id
+        # (name and epoch): it takes the old pipe's place, and its link goes on
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if self.keys is not None:
             domain = f"vm{vm}" if vm else "main"
             sock.zap_domain = domain.encode()
@@ -275,10 +282,10 @@ class Runtime:
     # ---- links we open -----------------------------------------------------------------------
     def connect(self, peer: str, endpoint: str, control: bool = False) -> Link:
         """A DEALER to a peer's ROUTER; the HELLO runs as a task (hello_task)."""
-        # No routing id of our own: ZeroMQ's random one. A ROUTER refuses a connection whose id
-        # it still holds, so a node restarted under its name would be ignored until its old
-        # connection had been torn down. Who a peer is comes from HELLO (and from its key).
+        # The routing id names this incarnation (name and epoch): a connection re-made underneath
+        # keeps it, and a restarted node's differs. Who a peer is comes from HELLO (and its key).
         s = self._socket(zmq.DEALER)
+        s.setsockopt(zmq.ROUTING_ID, f"{self.name}/{self.epoch:x}".encode())
         if self.keys is not None:
             server = self.keys.peers.get(peer)
             if server is None:
@@ -296,7 +303,7 @@ class Runtime:
             except zmq.ZMQError as err:
                 raise SendFailed("EHOSTUNREACH", f"send to {peer} failed: {err}") from None
 
-        link = Link(peer, send, control=control, max_outstanding=self._max_outstanding(peer))
+        link = self._link(peer, send, control)
         self.engine.add_link(link)
         self._dealers[s] = link
         self._socks[s] = link
@@ -304,14 +311,23 @@ class Runtime:
         self._fd_cache = None
         return link
 
+    def _link(self, peer: str, send: Callable[[bytes], None], control: bool = False) -> Link:
+        return Link(peer, send, control=control, max_outstanding=self._max_outstanding(peer),
+                    epoch=self.epoch, now=monotonic_ns(), dead_ns=self.dead_ns,
+                    faults=self.faults.for_link(self.name, peer) if self.faults else None)
+
     def hello_task(self, peers: Iterable[str]) -> Iterator[Any]:
         """HELLO to each peer we connected to: the protocol version checked both ways."""
         for peer in peers:
+            link = self.engine.links[peer]
+            link.proto.hello_sent()
             info = yield Call(peer, "HELLO", self._hello_payload(), timeout=30.0)
             if info["version"] != PROTOCOL_VERSION:
                 raise GvtError("EPROTO", f"peer {peer} speaks protocol {info['version']}, this node "
                                f"speaks {PROTOCOL_VERSION}")
-            self.engine.links[peer].version = info["version"]
+            link.version = info["version"]
+            if link.proto.state.value == "hello_sent":
+                link.proto.hello_answered()
         return True
 
     def _hello_payload(self) -> dict:
@@ -325,23 +341,23 @@ class Runtime:
             r.sock.send_multipart((ident, frame), zmq.NOBLOCK)
         except zmq.Again:
             raise SendFailed("EAGAIN", "the peer's queue is full") from None
-        except zmq.ZMQError as err:
-            link = r.by_ident.get(ident)
-            if link is not None and not link.gone_at:
-                link.gone_at = monotonic_ns()       # dropped at the next housekeeping
-            raise SendFailed("EHOSTUNREACH", f"the peer has gone ({err})") from None
+        except zmq.ZMQError as err:     # not connected now: the protocol resends, or liveness ends it
+            raise SendFailed("EHOSTUNREACH", f"the peer is not connected ({err})") from None
 
-    def _on_hello(self, r: _Router, ident: bytes, env: Envelope, uid: str | None, now: int) -> None:
-        p = env.payload
-        link = r.by_ident.get(ident)
-        if p["version"] != PROTOCOL_VERSION:
+    def _check_version(self, env: Envelope, again: bool) -> None:
+        v = env.payload["version"]
+        if v != PROTOCOL_VERSION:
             self._count_bad("version")
-            raise GvtError("EPROTO", f"protocol version mismatch: peer speaks {p['version']}, "
-                           f"{self.name} speaks {PROTOCOL_VERSION}"
-                           + (" (this link keeps its version)" if link else ""))
-        if link is not None:            # HELLO again on a live link: answered again
-            self._reply_hello(link, env, now)
-            return
+            raise GvtError("EPROTO", f"protocol version mismatch: peer speaks {v}, {self.name} "
+                           f"speaks {PROTOCOL_VERSION}" + (" (this link keeps its version)" if again else ""))
+
+    def _on_hello(self, r: _Router, ident: bytes, env: Envelope, uid: str | None, epoch: int,
+                  now: int) -> Link:
+        """The HELLO of a connection this node has no link for: a new link (not yet fed the
+        frame), or a refusal. A name already linked is taken over only by a later epoch (the
+        node restarted); its old link's calls fail."""
+        p = env.payload
+        self._check_version(env, False)
         name = p["name"]
         role, _vm = role_of(name)
         if uid is not None and name != uid:
@@ -353,35 +369,23 @@ class Runtime:
             raise GvtError("EPERM", refusal)
         old = self.engine.links.get(name)
         if old is not None:
-            if old in self._dealers.values() or not self._is_gone(old, now):
-                raise GvtError("EEXIST", f"a peer named {name} is connected already")
+            if old in self._dealers.values() or epoch <= old.proto.peer_epoch:
+                raise GvtError("EEXIST", f"a peer named {name} is linked already (epoch "
+                               f"{old.proto.peer_epoch:x}; a restarted node says HELLO with a "
+                               f"later one)")
             self._drop(old, "replaced", now)
-        link = Link(name, lambda frame: self._router_send(r, ident, frame),
-                    max_outstanding=self._max_outstanding(name))
+        link = self._link(name, lambda frame: self._router_send(r, ident, frame))
         link.version = p["version"]
         r.by_ident[ident] = link
         self.engine.add_link(link)
-        self._reply_hello(link, env, now)
+        return link
 
     def _reply_hello(self, link: Link, env: Envelope, now: int) -> None:
         link.note_rx(env.seq, now)
         try:
             link.send(lambda s: encode_reply(s, env.seq, 0, now, self._hello_payload()), self.max_frame, now)
         except SendFailed:
-            pass                        # gone already: housekeeping drops it
-
-    def _is_gone(self, link: Link, now: int) -> bool:
-        """Whether a link's peer has gone: known, or found now by sending it a HEARTBEAT."""
-        if not link.gone_at:
-            try:
-                self._heartbeat(link, now)
-            except SendFailed:
-                pass
-        return bool(link.gone_at)
-
-    def _heartbeat(self, link: Link, now: int) -> None:
-        link.send(lambda s: encode("HEARTBEAT", s, 0, 0, now, 0, None), self.max_frame, now,
-                  counted=False)
+            pass                        # full: the peer says HELLO again
 
     def _drop(self, link: Link, reason: str, now: int) -> None:
         for r in self.routers:
@@ -389,12 +393,45 @@ class Runtime:
                 if l is link:
                     del r.by_ident[ident]
         if self.engine.links.get(link.name) is link:
-            self.engine.drop_link(link.name, now)
+            self.engine.drop_link(link.name, now, reason)
+        link.proto.close()
         self.engine.stats.inc("gvtbench_links_dropped", (reason,))
 
+    def _link_events(self, link: Link, events: list, now: int) -> None:
+        """What the protocol found: a restarted or silent peer loses what was in flight; one that
+        returns or restarted is welcomed with a new HELLO (from the side that connects; the other
+        side takes a returned peer back as it was: same epoch, its name already checked)."""
+        for ev in events:
+            if isinstance(ev, PeerRestarted):
+                self.engine.link_lost(link.name, f"restarted (epoch {ev.old_epoch:x} -> "
+                                      f"{ev.new_epoch:x})", now)
+                self.engine.stats.inc("gvtbench_links_dropped", ("restarted",))
+                if link in self._dealers.values():
+                    self.spawn(self.hello_task([link.name]))
+            elif isinstance(ev, PeerSilent):
+                self.engine.link_lost(link.name, f"went silent for {ev.silent_ns / 1e9:.1f} s", now)
+                self.engine.stats.inc("gvtbench_links_dropped", ("silent",))
+            elif isinstance(ev, PeerReturned):
+                if link in self._dealers.values():
+                    self.spawn(self.hello_task([link.name]))
+                else:
+                    link.proto.hello_accepted()
+
+    def _tick_links(self, now: int) -> None:
+        for link in list(self.engine.links.values()):
+            if link.next_wake() <= now:
+                events = link.tick(now)
+                if events:
+                    self._link_events(link, events, now)
+
+    def _links_wake(self) -> int | None:
+        links = self.engine.links
+        return min(l.next_wake() for l in links.values()) if links else None
+
     def _refuse(self, ident: bytes | None, sock: zmq.Socket, seq: int, code: str, text: str) -> None:
-        """An error answer where there is no link (yet) whose sequence numbers to use."""
-        frame = encode_error(1, seq or 1, 0, monotonic_ns(), code, text)
+        """An error answer where there is no link (yet) whose sequence numbers to use: a frame
+        outside any stream."""
+        frame = oob_frame(self.epoch, encode_error(1, seq or 1, 0, monotonic_ns(), code, text))
         try:
             if ident is None:
                 sock.send(frame, zmq.NOBLOCK)
@@ -409,39 +446,83 @@ class Runtime:
     # ---- receiving ---------------------------------------------------------------------------
     def _on_frame(self, r: _Router | None, link: Link | None, ident: bytes | None, frame: bytes,
                   uid: str | None, now: int) -> None:
+        if link is not None:
+            if r is not None and uid is not None and uid != link.name:
+                self._count_bad("auth")     # another key speaking on this link's identity
+                self._refuse(ident, r.sock, 0, "EPERM",
+                             f"this connection's key is {uid}'s, not {link.name}'s")
+                return
+            proto = link.proto
+            bad = proto.counts["bad"]
+            bodies = link.receive(frame, now)
+            if proto.counts["bad"] != bad:  # malformed; a checksum that fails is the link's count
+                self._count_bad("EBADMSG")
+            if proto.events:
+                self._link_events(link, proto.take_events(), now)
+            for body in bodies:
+                self._on_message(r, link, ident, body, now)
+            return
+        # a connection this node has no link for: its first message must be HELLO
         try:
-            env = decode(frame, self.max_frame)
+            parts = unpack(frame)
         except WireError as err:
             self._count_bad(err.code)
-            if link is not None:
-                self.engine.send_error(link, Envelope("?", err.seq or 1, 0, 0, 0, 1, None), err)
-            elif r is not None:
-                self._refuse(ident, r.sock, err.seq, err.code, err.text)
+            self._refuse(ident, r.sock, 0, err.code, err.text)
             return
-        if r is None:                   # a link we opened
-            if env.kind == "HELLO":     # only the side that connects says HELLO
-                self._count_bad("EPROTO")
-                self.engine.send_error(link, env, GvtError("EPROTO", "HELLO comes from the side "
-                                                            "that connects"))
-                return
-        elif uid is not None and link is not None and uid != link.name:
-            self._count_bad("auth")     # another key speaking on this link's identity
-            self._refuse(ident, r.sock, env.seq, "EPERM",
-                         f"this connection's key is {uid}'s, not {link.name}'s")
+        epoch, stream, seq, ack, ack_epoch, ack_stream, flags, body = parts
+        if flags & FLAG_OOB or not seq:
+            return                      # an ack or a refusal from a peer we do not know: nothing to say
+        try:
+            env = decode(body, self.max_frame)
+        except WireError as err:
+            self._count_bad(err.code)
+            self._refuse(ident, r.sock, err.seq, err.code, err.text)
             return
-        elif env.kind == "HELLO":
-            try:
-                self._on_hello(r, ident, env, uid, now)
-            except GvtError as err:
-                self.engine.stats.inc("gvtbench_refused_messages", ("?", "HELLO", err.code))
-                self._refuse(ident, r.sock, env.seq, err.code, err.text)
-            return
-        elif link is None:
+        if env.kind != "HELLO":
             self._count_bad("no_hello")
             self._refuse(ident, r.sock, env.seq, "EPROTO",
                          f"{env.kind} before HELLO: say HELLO with protocol version first")
             return
-        if env.kind == "HEARTBEAT":
+        try:
+            if env.seq != seq:
+                raise GvtError("EPROTO", f"the envelope's seq {env.seq} is not the link header's {seq}")
+            link = self._on_hello(r, ident, env, uid, epoch, now)
+        except GvtError as err:
+            self.engine.stats.inc("gvtbench_refused_messages", ("?", "HELLO", err.code))
+            self._refuse(ident, r.sock, env.seq, err.code, err.text)
+            return
+        link.proto.start_at(epoch, stream, seq)      # the stream starts at its HELLO
+        link.proto.receive_parts(*parts, now)
+        link.proto.take_events()
+        link.proto.hello_accepted()
+        self._reply_hello(link, env, now)
+
+    def _on_message(self, r: _Router | None, link: Link, ident: bytes | None, body: bytes,
+                    now: int) -> None:
+        try:
+            env = decode(body, self.max_frame)
+        except WireError as err:
+            self._count_bad(err.code)
+            link.note_rx(err.seq or link.rx_seq + 1, now)
+            self.engine.send_error(link, Envelope("?", err.seq or 1, 0, 0, 0, 1, None), err)
+            return
+        if env.kind == "HELLO":
+            if r is None:               # only the side that connects says HELLO
+                self._count_bad("EPROTO")
+                link.note_rx(env.seq, now)
+                self.engine.send_error(link, env, GvtError("EPROTO", "HELLO comes from the side "
+                                                            "that connects"))
+                return
+            try:                        # HELLO again on a live link: answered again
+                self._check_version(env, True)
+                link.proto.hello_accepted()
+                self._reply_hello(link, env, now)
+            except GvtError as err:
+                self.engine.stats.inc("gvtbench_refused_messages", ("?", "HELLO", err.code))
+                link.note_rx(env.seq, now)
+                self.engine.send_error(link, env, err)
+            return
+        if env.kind == "HEARTBEAT":     # version 4's keep-alive: the protocol's acks do this now
             link.note_rx(env.seq, now, counted=False)
             return
         self.engine.deliver(link, env, now)
@@ -559,19 +640,6 @@ class Runtime:
 
     def _housekeeping(self, now: int) -> None:
         self._next_housekeeping = now + HOUSEKEEPING_NS
-        for r in self.routers:
-            for link in list(r.by_ident.values()):
-                if link.gone_at:
-                    self._drop(link, "gone", now)
-                elif (now - link.last_rx > self.link_silent_ns and link.outstanding == 0
-                      and r.vm not in self._gated):     # a gated peer is quiet because we wait
-                    self._drop(link, "silent", now)
-        for link in self._dealers.values():
-            if now - link.last_tx > self.heartbeat_ns and link.version:
-                try:
-                    self._heartbeat(link, now)
-                except SendFailed:
-                    pass
 
     # ---- loop ---------------------------------------------------------------------------------
     def spawn(self, task: Any) -> None:
@@ -598,6 +666,9 @@ class Runtime:
                     w = engine.next_wake(now)
                     if w is not None:
                         wake = min(wake, w)
+                    w = self._links_wake()
+                    if w is not None:
+                        wake = min(wake, w)
                     if wake > now:
                         try:
                             select.select(self._fds, (), (), (wake - now) / 1e9)
@@ -607,6 +678,7 @@ class Runtime:
                 self._drain(ready)
                 now = monotonic_ns()
                 engine.step(now)
+                self._tick_links(monotonic_ns())
                 self._gate()
                 if now >= self._next_housekeeping:
                     self._housekeeping(now)

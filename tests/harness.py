@@ -37,15 +37,24 @@ SEED = 1234
 
 
 class SimNet:
-    def __init__(self, vgpus: Iterable[int] = (1, 2), start_ns: int = 1_000_000_000):
+    """Frames go through each link's real LinkProtocol (header, checksum, acks) and arrive in
+    the order they were sent; the messages they carry can be lost or held back by a test
+    (`lose`, `hold`: above the link layer, so the protocol does not resend them). Liveness is
+    off (virtual time jumps), unless a test sets `dead_ns`."""
+
+    def __init__(self, vgpus: Iterable[int] = (1, 2), start_ns: int = 1_000_000_000,
+                 dead_ns: int = 1 << 62):
         self.vgpus = list(vgpus)
         self.now = start_ns
+        self.dead_ns = dead_ns
         self.engines: dict[str, NodeEngine] = {}
         self.frames: deque[tuple[str, str, bytes]] = deque()
+        self.ready: deque[tuple[str, str, bytes]] = deque()     # messages the links handed up
         self.log: list[tuple[str, str, Envelope]] = []
-        self.lose: Callable[[str, str, Envelope], bool] | None = None    # frames the network loses
-        self.hold: Callable[[str, str, Envelope], bool] | None = None    # frames it keeps back
+        self.lose: Callable[[str, str, Envelope], bool] | None = None    # messages the network loses
+        self.hold: Callable[[str, str, Envelope], bool] | None = None    # messages it keeps back
         self.held: list[tuple[str, str, bytes]] = []
+        self._epochs = 0
 
     def clock(self) -> int:
         return self.now
@@ -63,31 +72,49 @@ class SimNet:
         """`a` connects to `b` (as a DEALER to b's ROUTER): a link on each side."""
         def sender(src: str, dst: str) -> Callable[[bytes], None]:
             return lambda frame: self.frames.append((src, dst, frame))
-        la = Link(b, sender(a, b), control=control, max_outstanding=1 << 20)
-        lb = Link(a, sender(b, a), max_outstanding=1 << 20)
+        self._epochs += 2
+        la = Link(b, sender(a, b), control=control, max_outstanding=1 << 20,
+                  epoch=self._epochs, now=self.now, dead_ns=self.dead_ns)
+        lb = Link(a, sender(b, a), max_outstanding=1 << 20, epoch=self._epochs + 1, now=self.now,
+                  dead_ns=self.dead_ns)
         la.version = lb.version = PROTOCOL_VERSION
+        la.proto.hello_sent()               # the handshake is taken as done: no HELLO here
+        la.proto.hello_answered()
+        lb.proto.hello_accepted()
         self.engines[a].add_link(la)
         self.engines[b].add_link(lb)
         return la, lb
 
+    def _links(self) -> Iterator[Link]:
+        for e in self.engines.values():
+            yield from e.links.values()
+
     def run(self, until: Callable[[], bool] | None = None, max_steps: int = 1_000_000,
             advance: bool = True) -> None:
         """Deliver frames and step every engine until `until()` holds or nothing is left to do
-        (with `advance`, idle time jumps to the next deadline)."""
+        (with `advance`, idle time jumps to the next deadline; the links' acks and resends
+        count, their heartbeats do not)."""
         for _ in range(max_steps):
-            while self.frames:
-                src, dst, frame = self.frames.popleft()
+            while self.frames or self.ready:
+                if not self.ready:
+                    src, dst, frame = self.frames.popleft()
+                    link = self.engines[dst].links.get(src)
+                    if link is not None:
+                        self.ready.extend((src, dst, body) for body in link.receive(frame, self.now))
+                    continue
+                src, dst, body = self.ready.popleft()
                 eng = self.engines[dst]
                 try:
-                    env = decode(frame)
+                    env = decode(body)
                 except WireError as err:        # as the runtime does: counted and answered
                     eng.stats.inc("gvtbench_bad_frames", (err.code,))
+                    eng.links[src].note_rx(err.seq or eng.links[src].rx_seq + 1, self.now)
                     eng.send_error(eng.links[src], Envelope("?", err.seq or 1, 0, 0, 0, 1, None), err)
                     continue
                 if self.lose is not None and self.lose(src, dst, env):
                     continue
                 if self.hold is not None and self.hold(src, dst, env):
-                    self.held.append((src, dst, frame))
+                    self.held.append((src, dst, body))
                     continue
                 self.log.append((src, dst, env))
                 eng.deliver(eng.links[src], env, self.now)
@@ -95,20 +122,24 @@ class SimNet:
                     return
             for e in self.engines.values():
                 e.step(self.now)
+            for link in self._links():
+                if link.proto.next_wake() <= self.now:
+                    link.tick(self.now)
             if self.frames:
                 continue
             if until is not None and until():
                 return
             wakes = [w for e in self.engines.values() if (w := e.next_wake(self.now)) is not None]
+            wakes += [w for link in self._links() if (w := link.proto.send_wake()) is not None]
             if not wakes or not advance:
                 return
             self.now = max(self.now + 1, min(wakes))
         raise AssertionError("the network did not settle")
 
     def release(self) -> None:
-        """The frames kept back arrive now, in the order they were sent, before anything else."""
+        """The messages kept back arrive now, in the order they were sent, before anything else."""
         self.hold = None
-        self.frames.extendleft(reversed(self.held))
+        self.ready.extendleft(reversed(self.held))
         self.held = []
 
     def spawn(self, node: str, task: Any) -> dict:

@@ -78,7 +78,6 @@ def _leave_with_requests_pending(cluster: Cluster, target: str, name: str, kind:
         assert wait_for(lambda: (q.hello() or [""])[0] == "REPLY", 20, "a new peer to be accepted")
         assert wait_for(lambda: q.call(kind, payload, vgpu=1)[0] == "REPLY", 20, "an answer")
         text = cluster.metrics(target)
-        assert metric(text, "gvtbench_dropped_frames_total", reason="EHOSTUNREACH") > 0
         assert metric(text, "gvtbench_links_dropped_total") >= 1
     finally:
         q.close()
@@ -247,16 +246,18 @@ def _made_up_ids_and_names(cluster: Cluster) -> None:
     assert len(text) < size0 + 8192
 
 
-def test_a_silent_link_is_dropped(short_ipc_dir):
+def test_a_silent_peer_counts_as_dead_and_is_taken_back_when_it_speaks_again(short_ipc_dir):
+    """The link protocol's liveness (run.link_silent_s): a guest that reads and sends nothing is
+    dead to its hypervisor after the timeout (what was in flight to it is given up); heard again
+    with the same epoch, it is the same incarnation, taken back without a new HELLO."""
     c = Cluster(Path(short_ipc_dir), "[run]\nlink_silent_s = 1\n[vgpus]\ncount = 2\nram_mib = 8\n")
     try:
         g = c.guest(1)
-        assert 'link="guest1"' in c.metrics("hypervisor")
-        wait_for(lambda: 'link="guest1"' not in c.metrics("hypervisor"), 10, "the silent link to go")
+        wait_for(lambda: metric(c.metrics("hypervisor"), "gvtbench_link_deaths_total", link="guest1") >= 1,
+                 20, "the silent guest to count as dead")
         assert metric(c.metrics("hypervisor"), "gvtbench_links_dropped_total", reason="silent") >= 1
-        r = g.call("MMIO_READ", {"off": GPR0, "size": 4}, 1)      # it must say HELLO again
-        assert r[0] == "ERROR" and r[6]["code"] == "EPROTO"
-        assert g.hello()[0] == "REPLY"
+        r = g.call("MMIO_READ", {"off": GPR0, "size": 4}, 1)
+        assert r[0] == "REPLY", r
         g.close()
     finally:
         c.close()

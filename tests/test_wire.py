@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from nodes.errors import GvtError, WireError
 from nodes.wire.codec import MAX_FRAME, decode, encode, encode_error, encode_reply
+from nodes.wire import linkproto
 from nodes.wire.link import Link, SendFailed
 from nodes.wire.schema import CONTROL_KINDS, KINDS, Kind, may_send, role_of, unpack_write_batch
 
@@ -133,6 +134,8 @@ def test_write_batch_fields_must_be_as_many():
 
 
 def test_a_link_numbers_and_counts_what_went_out():
+    """Link around its protocol: numbering, a frame the transport refuses is resent (not lost to
+    the layer above), E2BIG and a full link (EAGAIN) leave no number used."""
     out: list[bytes] = []
     refuse = []
 
@@ -140,22 +143,30 @@ def test_a_link_numbers_and_counts_what_went_out():
         if refuse:
             raise SendFailed(refuse[0], "no")
         out.append(f)
-    link = Link("guest1", send)
+    link = Link("guest1", send, epoch=7)
     assert (link.role, link.vm) == ("guest", 1)
     assert link.send(lambda s: encode("IRQ", s, 0, 1, 0, 0, {}), MAX_FRAME, 5) == 1
     refuse.append("EHOSTUNREACH")
-    with pytest.raises(SendFailed):
-        link.send(lambda s: encode("IRQ", s, 0, 1, 0, 0, {}), MAX_FRAME, 6)
+    assert link.send(lambda s: encode("IRQ", s, 0, 1, 0, 0, {}), MAX_FRAME, 6) == 2
     refuse.clear()
-    assert link.send(lambda s: encode("IRQ", s, 0, 1, 0, 0, {}), MAX_FRAME, 7) == 2   # no gap
+    assert link.transport_drops == 1 and len(out) == 1
+    link.tick(6 + linkproto.RTO_INIT_NS)             # the timer resends the oldest unacked
+    assert [linkproto.unpack(f)[2] for f in out] == [1, 1]
     with pytest.raises(SendFailed) as e:
         link.send(lambda s: b"x" * 100, 50, 8)
-    assert e.value.code == "E2BIG"
-    link.send(lambda s: encode("HEARTBEAT", s, 0, 0, 0, 0, None), MAX_FRAME, 9, counted=False)
+    assert e.value.code == "E2BIG" and link.tx_seq == 2
+    small = Link("guest1", out.append, epoch=7)
+    small.proto.window_bytes = small.proto.queue_bytes = 100
+    small.send(lambda s: b"y" * 90, MAX_FRAME, 9)
+    small.send(lambda s: b"y" * 90, MAX_FRAME, 9)       # waits for the window
+    with pytest.raises(SendFailed) as e:
+        small.send(lambda s: b"y" * 90, MAX_FRAME, 9)
+    assert e.value.code == "EAGAIN" and small.tx_seq == 2 and small.send_failed == 1
     c = link.counters()
-    assert (c["sent"], c["send_failed"], c["heartbeats"], c["tx_seq"]) == (2, 2, 1, 3)
-    for seq in (1, 2, 5, 4):
+    assert (c["sent"], c["send_failed"], c["transport_drops"], c["tx_seq"], c["retransmits"]) == \
+        (2, 1, 1, 2, 1)
+    for seq in (1, 2, 3):
         link.note_rx(seq, 10)
     link.note_rx(6, 11, counted=False)
     c = link.counters()
-    assert (c["received"], c["gaps"], c["dups"], c["heartbeats"]) == (4, 2, 1, 2)
+    assert (c["received"], c["gaps"], c["dups"]) == (3, 2, 0)

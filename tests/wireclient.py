@@ -12,11 +12,56 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+import struct
+import zlib
+
 import msgpack
 import zmq
 import zmq.auth
 
 from nodes.wire.codec import PROTOCOL_VERSION
+
+# The link header as PROTOCOL.md gives it, written out here by hand (not nodes.wire.linkproto):
+# crc32 u32 | stream u32 | epoch u64 | seq u64 | ack u64 | ack_epoch u64 | ack_stream u32 | flags u32
+_REST = struct.Struct("<IQQQQII")
+HEADER = 48
+
+
+class Stream:
+    """One end of a link, the least the protocol asks: number what goes out, ack what comes in,
+    hand up each message once and in order (a node resends what is not acked)."""
+
+    def __init__(self, epoch: int | None = None):
+        self.epoch = epoch or time.time_ns()
+        self.stream = 1
+        self.seq = 0
+        self.peer_epoch = self.peer_stream = 0
+        self.rx_next = 1
+
+    def frame(self, body: bytes, seq: int, flags: int = 0) -> bytes:
+        rest = _REST.pack(self.stream, self.epoch, seq, self.rx_next - 1, self.peer_epoch,
+                          self.peer_stream, flags) + body
+        return struct.pack("<I", zlib.crc32(rest)) + rest
+
+    def ack(self) -> bytes:
+        return self.frame(b"", 0)
+
+    def take(self, frame: bytes) -> tuple[bytes | None, bool]:
+        """(the message a frame hands up or None, whether to ack it now)."""
+        crc = struct.unpack_from("<I", frame)[0]
+        assert zlib.crc32(frame[4:]) == crc, "a node sent a frame whose crc32 does not match"
+        stream, epoch, seq, _ack, _ae, _as, flags = _REST.unpack_from(frame, 4)
+        body = frame[HEADER:]
+        if flags & 1:
+            return body, False                      # outside any stream: a refusal
+        if (epoch, stream) != (self.peer_epoch, self.peer_stream):
+            self.peer_epoch, self.peer_stream, self.rx_next = epoch, stream, 1
+        if seq == 0:
+            return None, False                      # an ack, or a heartbeat
+        if seq != self.rx_next:
+            return None, True                       # a resend of what we have: ack again
+        self.rx_next += 1
+        return body, True
 
 
 class RawPeer:
@@ -38,6 +83,12 @@ class RawPeer:
         self.s.connect(endpoint)
         self.name = name
         self.seq = 0
+        self.link = Stream()
+
+    def send_body(self, body: bytes) -> None:
+        """A message (well formed or not) as the next of the stream."""
+        self.seq += 1
+        self.s.send(self.link.frame(body, self.seq))
 
     def send(self, kind: str, payload: Any = None, vgpu: int = 0, want_reply: bool = True,
              trace: int = 0) -> int:
@@ -47,16 +98,28 @@ class RawPeer:
                       payload)
         if trace:
             doc += (trace,)
-        self.s.send(msgpack.packb(doc, use_bin_type=True))
+        self.s.send(self.link.frame(msgpack.packb(doc, use_bin_type=True), self.seq))
         return self.seq
 
     def recv(self, timeout_ms: int = 10000) -> Any:
-        if not self.s.poll(timeout_ms):
-            return None
-        return msgpack.unpackb(self.s.recv(), raw=False, strict_map_key=False)
+        """The next message (acked), skipping acks and resends; None if none within the time."""
+        end = time.monotonic() + timeout_ms / 1000
+        while True:
+            left = int((end - time.monotonic()) * 1000)
+            if left <= 0 or not self.s.poll(left):
+                return None
+            body, ack = self.link.take(self.s.recv())
+            if ack:
+                self.s.send(self.link.ack())
+            if body is not None:
+                return msgpack.unpackb(body, raw=False, strict_map_key=False)
 
-    def raw(self, frame: bytes, timeout_ms: int = 10000) -> Any:
-        self.s.send(frame)
+    def raw(self, body: bytes, timeout_ms: int = 10000, wrap: bool = True) -> Any:
+        """Send bytes as the next message of the stream (wrap) or as a whole frame."""
+        if wrap:
+            self.send_body(body)
+        else:
+            self.s.send(body)
         return self.recv(timeout_ms)
 
     def call(self, kind: str, payload: Any = None, vgpu: int = 0, timeout_ms: int = 10000) -> Any:
@@ -234,15 +297,25 @@ class RawServer:
         self.s.bind(endpoint)
         self.name = name
         self.seq = 0
+        self.links: dict[bytes, Stream] = {}
 
     def recv(self, timeout_ms: int = 10000) -> tuple[bytes, Any] | None:
-        if not self.s.poll(timeout_ms):
-            return None
-        ident, frame = self.s.recv_multipart()
-        return ident, msgpack.unpackb(frame, raw=False, strict_map_key=False)
+        end = time.monotonic() + timeout_ms / 1000
+        while True:
+            left = int((end - time.monotonic()) * 1000)
+            if left <= 0 or not self.s.poll(left):
+                return None
+            ident, frame = self.s.recv_multipart()
+            link = self.links.setdefault(ident, Stream())
+            body, ack = link.take(frame)
+            if ack:
+                self.s.send_multipart((ident, link.ack()))
+            if body is not None:
+                return ident, msgpack.unpackb(body, raw=False, strict_map_key=False)
 
     def send(self, ident: bytes, doc: tuple) -> None:
-        self.s.send_multipart((ident, msgpack.packb(doc, use_bin_type=True)))
+        link = self.links.setdefault(ident, Stream())
+        self.s.send_multipart((ident, link.frame(msgpack.packb(doc, use_bin_type=True), doc[1])))
 
     def accept_hello(self, timeout_ms: int = 30000) -> bytes:
         got = self.recv(timeout_ms)

@@ -38,9 +38,22 @@ class StatsCollector:
 
 
 class LinkCollector:
-    """Per link: messages by direction, messages lost on the way in, frames that could not go out.
-    Links exist only for this run's node names, and those of peers gone are dropped, so the
-    label values stay bounded."""
+    """Per link: messages by direction, messages lost on the way in, frames that could not go out,
+    and the link protocol's own counts (resends, duplicates suppressed, acks, frames the
+    transport refused, corrupted frames, bodies given up with a dead or restarted peer, the
+    round-trip time, the peer's epoch). Links exist only for this run's node names, so the label
+    values stay bounded."""
+
+    PROTO = (("retransmits", "gvtbench_link_retransmits", "Frames sent again: not acked in time"),
+             ("duplicates", "gvtbench_link_duplicates",
+              "Frames that arrived again and were suppressed"),
+             ("acks", "gvtbench_link_acks", "Frames with no message sent: acks and heartbeats"),
+             ("corrupt", "gvtbench_link_corrupt_frames", "Frames refused by the link checksum"),
+             ("lost", "gvtbench_link_given_up",
+              "Messages given up unacked: the peer went silent or restarted"),
+             ("restarts", "gvtbench_link_restarts", "Times the peer came back with a new epoch"),
+             ("deaths", "gvtbench_link_deaths", "Times the peer went silent past the liveness "
+              "timeout"))
 
     def __init__(self, links: Callable[[], dict[str, Link]], pending_calls: Callable[[], int]):
         self.links, self.pending_calls = links, pending_calls
@@ -51,15 +64,35 @@ class LinkCollector:
         gaps = CounterMetricFamily("gvtbench_link_lost_messages",
                                    "Sequence numbers a peer sent that never arrived", labels=["link"])
         failed = CounterMetricFamily("gvtbench_link_send_failures",
-                                     "Frames to a peer the transport refused", labels=["link"])
+                                     "Messages the link refused to take (too large, or its "
+                                     "window and queue full)", labels=["link"])
+        drops = CounterMetricFamily("gvtbench_link_transport_drops",
+                                    "Frames the transport would not take (the peer not connected, "
+                                    "its queue full): resent by the link protocol", labels=["link"])
+        proto = [CounterMetricFamily(name, doc, labels=["link"]) for _k, name, doc in self.PROTO]
+        rtt = GaugeMetricFamily("gvtbench_link_rtt_seconds", "Smoothed round-trip time",
+                                labels=["link"])
+        held = GaugeMetricFamily("gvtbench_link_held_bytes", "Bytes the link holds for its peer: "
+                                 "unacked, waiting for the window, and out of order",
+                                 labels=["link"])
         for name, link in list(self.links().items()):
             msgs.add_metric([name, "tx"], link.sent)
             msgs.add_metric([name, "rx"], link.received)
             gaps.add_metric([name], link.gaps)
             failed.add_metric([name], link.send_failed)
+            drops.add_metric([name], link.transport_drops)
+            c = link.proto.counts
+            for fam, (key, _n, _d) in zip(proto, self.PROTO):
+                fam.add_metric([name], c[key])
+            rtt.add_metric([name], link.proto.srtt / 1e9)
+            held.add_metric([name], link.proto.held_bytes())
         yield msgs
         yield gaps
         yield failed
+        yield drops
+        yield from proto
+        yield rtt
+        yield held
         pend = GaugeMetricFamily("gvtbench_pending_calls", "Requests awaiting a reply")
         pend.add_metric([], self.pending_calls())
         yield pend

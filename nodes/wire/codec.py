@@ -23,15 +23,14 @@ import msgpack
 from nodes.errors import GvtError, WireError
 from nodes.wire.schema import KINDS, Kind
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_FRAME = 1 << 20         # ZMQ_MAXMSGSIZE of every socket, and the largest reply a node builds
 FLAG_WANT_REPLY = 1
 FLAG_TRACED = 2
 # Limits every node keeps and announces in HELLO; a peer that goes past them is refused.
 MAX_OUTSTANDING = 1024          # requests unanswered on a link, per VM the link speaks for
 MAX_POSTED_WRITES = 1 << 17     # posted writes a VM may have queued or in flight at its hypervisor
-HEARTBEAT_S = 5.0               # a connecting peer sends HEARTBEAT when it has sent nothing this long
-LINK_SILENT_S = 30.0            # a link that has sent nothing this long is dropped
+LINK_SILENT_S = 3.0             # a peer heard from not at all this long is dead (the link protocol)
 _U64 = 1 << 64
 _U32 = 1 << 32
 
@@ -61,8 +60,9 @@ class Envelope:
 
 _packer = msgpack.Packer(use_bin_type=True)
 
-# What a reply may carry: the frame limit less the envelope and a bin header per item.
-_ENVELOPE_MAX = 64
+# What a reply may carry: the frame limit less the link header, the envelope and a bin header
+# per item.
+_ENVELOPE_MAX = 64 + 48
 _ITEM_MAX = 5
 
 

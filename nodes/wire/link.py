@@ -1,77 +1,141 @@
-"""A link: one peer as this node sees it. Sequence numbers both ways, what was sent and received
-(the ledger's conservation check), sequence gaps, sends that failed, and what the peer holds of
-this node (outstanding requests) against its limit. Acks, retransmission and injected faults
-belong here when they come."""
+"""A link: one peer as this node sees it. Its LinkProtocol (nodes/wire/linkproto.py) makes the
+stream of frames reliable both ways (epochs, sequence numbers, acks, retransmission, order,
+liveness, a window in bytes); around it, the message counts the ledger's conservation check
+reads, the sends the transport refused, and what the peer holds of this node (outstanding
+requests) against its limit. An optional LinkFaults filter plays the network's faults on the
+frames this end sends (nodes/wire/faults.py)."""
 from __future__ import annotations
 
 from typing import Callable
 
 from nodes.errors import GvtError
+from nodes.wire.faults import LinkFaults
+from nodes.wire.linkproto import DEAD_NS, HEADER_SIZE, LinkEvent, LinkFull, LinkProtocol
 from nodes.wire.schema import role_of
 
 
 class SendFailed(GvtError):
-    """The transport could not take a frame: the peer is gone, or its queue is full."""
+    """The link could not take a frame: too large, or its window and queue are full."""
 
 
 class Link:
-    __slots__ = ("name", "role", "vm", "control", "_send", "tx_seq", "rx_seq", "sent", "received",
-                 "gaps", "dups", "send_failed", "outstanding", "max_outstanding", "gone_at",
-                 "version", "last_rx", "last_tx", "heartbeats")
+    __slots__ = ("name", "role", "vm", "control", "_send", "rx_seq", "sent", "received",
+                 "gaps", "dups", "send_failed", "transport_drops", "outstanding",
+                 "max_outstanding", "version", "last_rx", "proto", "faults", "_rx_gen",
+                 "delayed")
 
     def __init__(self, name: str, send: Callable[[bytes], None], *, control: bool = False,
-                 max_outstanding: int = 1024):
+                 max_outstanding: int = 1024, epoch: int = 1, now: int = 0,
+                 dead_ns: int = DEAD_NS, faults: LinkFaults | None = None):
         self.name = name
         self.role, self.vm = role_of(name)
         self.control = control      # the node's own link to its launcher: control kinds come here
         self._send = send
-        self.tx_seq = 0
         self.rx_seq = 0
         self.sent = 0
         self.received = 0
-        self.gaps = 0               # sequence numbers never seen: messages lost on the way to us
+        self.gaps = 0               # message numbers skipped inside one peer stream: a bug below
         self.dups = 0
-        self.send_failed = 0        # frames the transport refused (peer gone, queue full)
+        self.send_failed = 0        # bodies refused: too large, or the link full (EAGAIN)
+        self.transport_drops = 0    # frames the transport would not take: resent by the protocol
         self.outstanding = 0        # its requests this node has not answered yet
         self.max_outstanding = max_outstanding
-        self.gone_at = 0            # monotonic ns the peer disconnected (0: connected)
         self.version = 0
         self.last_rx = 0
-        self.last_tx = 0
-        self.heartbeats = 0         # sent and received; kept out of the message counts
+        self.proto = LinkProtocol(epoch, dead_ns=dead_ns, now=now)
+        self.faults = faults
+        self.delayed: list[tuple[int, int, bytes]] = []     # (due, n, frame) the plan holds back
+        self._rx_gen = 0
+
+    @property
+    def tx_seq(self) -> int:
+        return self.proto.tx_seq
+
+    @property
+    def rx_gen(self) -> int:
+        """Which of the peer's streams the messages now come from (a request answered on a
+        later one is stale: the peer forgot it)."""
+        return self.proto.rx_gen
 
     def send(self, build: Callable[[int], bytes], max_frame: int, now: int, counted: bool = True) -> int:
-        """Build the next frame with its sequence number and send it. The number is used only
-        if the frame went out, so a refused send leaves no gap for the peer to see. SendFailed
-        (E2BIG, EAGAIN, EHOSTUNREACH) if it could not go, counted."""
-        seq = self.tx_seq + 1
+        """Build the next message with its sequence number and send it. SendFailed (E2BIG,
+        EAGAIN) if the link cannot take it; nothing is numbered then."""
+        seq = self.proto.tx_seq + 1
         return self.send_frame(build(seq), seq, max_frame, now, counted)
 
-    def send_frame(self, frame: bytes, seq: int, max_frame: int, now: int, counted: bool = True) -> int:
-        """send() of a frame already built with seq = tx_seq + 1 (no closure on the hot path)."""
-        if len(frame) > max_frame:
+    def send_frame(self, body: bytes, seq: int, max_frame: int, now: int, counted: bool = True) -> int:
+        """send() of a message already built with seq = tx_seq + 1 (no closure on the hot path)."""
+        if len(body) + HEADER_SIZE > max_frame:
             self.send_failed += 1
-            raise SendFailed("E2BIG", f"a frame of {len(frame)} bytes to {self.name} exceeds the "
-                             f"frame limit of {max_frame} bytes")
+            raise SendFailed("E2BIG", f"a frame of {len(body) + HEADER_SIZE} bytes to {self.name} "
+                             f"exceeds the frame limit of {max_frame} bytes")
+        try:
+            frames = self.proto.send(body, now)
+        except LinkFull as full:
+            self.send_failed += 1
+            raise SendFailed("EAGAIN", f"the link to {self.name} is full: {full.text}") from None
+        if counted:
+            self.sent += 1
+        self.put(frames, now)
+        return seq
+
+    def put(self, frames: list[bytes], now: int) -> None:
+        """Frames of the protocol onto the transport (through the fault plan, if any). A frame
+        the transport refuses is lost as on any network: the protocol resends it."""
+        faults = self.faults
+        for f in frames:
+            if faults is None:
+                self._raw(f)
+                continue
+            for due, fr in faults.apply(f, now):
+                if due <= now:
+                    self._raw(fr)
+                else:
+                    self.delayed.append((due, faults.frames, fr))
+        if self.delayed and faults is not None:
+            self.delayed.sort()
+
+    def _raw(self, frame: bytes) -> None:
         try:
             self._send(frame)
         except SendFailed:
-            self.send_failed += 1
-            raise
-        self.tx_seq = seq
-        self.last_tx = now
-        if counted:
-            self.sent += 1
-        else:
-            self.heartbeats += 1
-        return seq
+            self.transport_drops += 1
+
+    def flush_delayed(self, now: int) -> None:
+        """The frames the fault plan held back whose time has come."""
+        d = self.delayed
+        i = 0
+        while i < len(d) and d[i][0] <= now:
+            self._raw(d[i][2])
+            i += 1
+        if i:
+            del d[:i]
+
+    def receive(self, frame: bytes, now: int) -> list[bytes]:
+        """The messages a frame from the peer makes deliverable, in order, each once."""
+        self.last_rx = now
+        return self.proto.receive(frame, now)
+
+    def tick(self, now: int) -> list[LinkEvent]:
+        """Resends, acks and heartbeats due now; returns what happened to the link."""
+        if self.delayed:
+            self.flush_delayed(now)
+        self.put(self.proto.tick(now), now)
+        return self.proto.take_events() if self.proto.events else []
+
+    def next_wake(self) -> int:
+        w = self.proto.next_wake()
+        return min(w, self.delayed[0][0]) if self.delayed else w
 
     def note_rx(self, seq: int, now: int, counted: bool = True) -> None:
+        """A message was handed up: counted, and its number checked against the last one of
+        its peer stream (the protocol delivers in order: a gap or a repeat here is a bug)."""
         if counted:
             self.received += 1
-        else:
-            self.heartbeats += 1
         self.last_rx = now
+        gen = self.proto.rx_gen
+        if gen != self._rx_gen:
+            self._rx_gen, self.rx_seq = gen, 0
         if seq == self.rx_seq + 1:
             self.rx_seq = seq
         elif seq > self.rx_seq:
@@ -81,6 +145,13 @@ class Link:
             self.dups += 1
 
     def counters(self) -> dict:
+        c = self.proto.counts
         return {"sent": self.sent, "received": self.received, "gaps": self.gaps, "dups": self.dups,
-                "send_failed": self.send_failed, "heartbeats": self.heartbeats, "tx_seq": self.tx_seq, "rx_seq": self.rx_seq,
-                "outstanding": self.outstanding}
+                "send_failed": self.send_failed, "transport_drops": self.transport_drops,
+                "tx_seq": self.tx_seq, "rx_seq": self.rx_seq, "outstanding": self.outstanding,
+                "state": self.proto.state.value, "epoch": self.proto.peer_epoch,
+                "retransmits": c["retransmits"], "duplicates": c["duplicates"],
+                "corrupt": c["corrupt"], "out_of_order": c["out_of_order"], "lost": c["lost"],
+                "acks": c["acks"], "restarts": c["restarts"], "deaths": c["deaths"],
+                "srtt_us": self.proto.srtt // 1000,
+                "faults": self.faults.report()["counts"] if self.faults else {}}

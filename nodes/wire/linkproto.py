@@ -53,10 +53,10 @@ FLAGS_KNOWN = FLAG_OOB
 
 HEARTBEAT_NS = 500_000_000              # an idle link acks this often...
 DEAD_NS = 3_000_000_000                 # ...and a peer silent this long is dead
-ACK_DELAY_NS = 1_000_000                # a body not answered by a frame of ours within this is acked
-RTO_MIN_NS = 20_000_000
+ACK_DELAY_NS = 5_000_000                # a body not answered by a frame of ours within this is acked
+RTO_MIN_NS = 25_000_000
 RTO_INIT_NS = 200_000_000
-RTO_MAX_NS = 2_000_000_000
+RTO_MAX_NS = 500_000_000
 DUP_ACKS = 2                            # repeated acks with bodies waiting: the first is resent
 WINDOW_BYTES = 16 << 20                 # unacked bodies on the way out, and out of order on the way in
 QUEUE_BYTES = 16 << 20                  # bodies waiting for the window
@@ -96,6 +96,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.IDLE, E.RESTARTED): S.IDLE,
     (S.IDLE, E.SILENT): S.DEAD,
     (S.HELLO_SENT, E.HELLO_ANSWERED): S.OPEN,
+    (S.HELLO_SENT, E.HELLO_SENT): S.HELLO_SENT,     # said again: the first went unanswered
     (S.HELLO_SENT, E.SILENT): S.DEAD,
     (S.HELLO_SENT, E.RESTARTED): S.IDLE,
     (S.OPEN, E.HELLO_ACCEPTED): S.OPEN,         # HELLO again on a live link: answered again
@@ -215,6 +216,7 @@ class LinkProtocol:
         self.peer_epoch = 0
         self.peer_stream = 0
         self.rx_next = 1                        # the seq of the peer's stream we deliver next
+        self.rx_gen = 0                         # peer streams seen: bumped at each new one
         self.ooo: dict[int, bytes] = {}         # out of order: seq -> body
         self.ooo_bytes = 0
         self._ack_due = 0                       # 0: nothing to ack
@@ -387,6 +389,11 @@ class LinkProtocol:
             self._ack_due = now + ACK_DELAY_NS
         return out
 
+    def start_at(self, epoch: int, stream: int, seq: int) -> None:
+        """A new peer's stream begins at `seq` (its HELLO: what it sent before was refused)."""
+        self._new_peer_stream(epoch, stream)
+        self.rx_next = seq
+
     def _restarted(self, epoch: int, stream: int) -> None:
         lost = self._give_up()
         self.counts["restarts"] += 1
@@ -397,6 +404,7 @@ class LinkProtocol:
 
     def _new_peer_stream(self, epoch: int, stream: int) -> None:
         self.peer_epoch, self.peer_stream = epoch, stream
+        self.rx_gen += 1
         self.rx_next = 1
         self.ooo.clear()
         self.ooo_bytes = 0
@@ -445,7 +453,9 @@ class LinkProtocol:
         out: list[bytes] = []
         if self.state is State.CLOSED:
             return out
-        if self.alive and now - self.last_rx > self.dead_ns:
+        # a peer never heard from is not dead: the connecting side waits for its HELLO's answer
+        # (the call's timeout bounds that)
+        if self.alive and self.peer_epoch and now - self.last_rx > self.dead_ns:
             lost = self._give_up()
             self.counts["deaths"] += 1
             self._to(Event.SILENT)
@@ -475,12 +485,21 @@ class LinkProtocol:
     def next_wake(self) -> int:
         """When tick has something to do next (at the latest the liveness check)."""
         w = self.last_tx + self.heartbeat_ns
-        if self.alive:
+        if self.alive and self.peer_epoch:
             w = min(w, self.last_rx + self.dead_ns + 1)
         if self._ack_due:
             w = min(w, self._ack_due)
         if self.unacked:
             w = min(w, 0 if self._fast else self._rto_at)
+        return w
+
+    def send_wake(self) -> int | None:
+        """When a frame is due that the peer needs (an ack, a resend): next_wake without the
+        heartbeat and the liveness check (None: none is due)."""
+        w = self._ack_due or None
+        if self.unacked:
+            t = 0 if self._fast else self._rto_at
+            w = t if w is None else min(w, t)
         return w
 
     def held_bytes(self) -> int:
