@@ -15,7 +15,7 @@ import tomllib
 
 from nodes.guest.core import MIXES
 from nodes.hw import partition
-from nodes.node import fault_plan
+from nodes.node import fault_plan, node_names
 from nodes.wire.faults import FaultSpecError
 
 
@@ -166,9 +166,13 @@ def validate(raw: dict, where: str = "<config>") -> dict:
         raise ConfigError(where, "load.hostile_vms", "names hostile VMs, but load.mix gives "
                           "'hostile' no weight")
     try:
-        fault_plan(cfg)
+        plan = fault_plan(cfg)
     except FaultSpecError as err:
         raise ConfigError(where, "faults.links", err.text) from None
+    for nf in plan.nodes if plan else ():
+        if nf.node not in node_names(cfg):
+            raise ConfigError(where, "faults.links", f"{nf.kind}={nf.node}: no node {nf.node!r} in "
+                              f"this run ({', '.join(node_names(cfg))})")
     if cfg["vgpus"]["count"] > cfg["mediator"]["max_vgpus"]:
         raise ConfigError(where, "vgpus.count", f"{cfg['vgpus']['count']} vGPUs exceed "
                           f"mediator.max_vgpus = {cfg['mediator']['max_vgpus']}")

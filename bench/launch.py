@@ -92,6 +92,7 @@ class Launcher:
         self.pool: dict = {}
         self.node_errors: dict = {}
         self.hostile: dict[int, dict] = {}
+        self.node_faults: list[dict] = []    # the node faults injected: when, which, how long
 
     # ---- processes -------------------------------------------------------------------------------
     def _endpoint(self, name: str) -> str:
@@ -248,6 +249,9 @@ class Launcher:
         t_start = self.t_load = time.monotonic()
         for g in guests:
             yield Post(g, "START", {"load": True})
+        plan = fault_plan(cfg)
+        for nf in plan.nodes if plan else ():
+            self.rt.spawn(self._node_fault(nf))
         vms = [int(g[5:]) for g in guests]
         limit = (run["duration_s"] if not run["ops"] else 3600) + run["drain_timeout_s"]
         yield from self._wait(lambda: len(core.reports) == len(vms) or
@@ -262,6 +266,24 @@ class Launcher:
         if self.on_progress:
             self.on_progress(self._progress_view())
         return (yield from self._ledger(names, wall))
+
+    def _node_fault(self, nf: Any) -> Iterator[Any]:
+        """A node fault of the plan, at its time from the start of the load: a pause stops the
+        node's process (SIGSTOP) and lets it go on (SIGCONT) after its length."""
+        yield Sleep(max(0.0, self.t_load + nf.start_ns / 1e9 - time.monotonic()))
+        proc = self.procs.get(nf.node)
+        if proc is None or proc.poll() is not None:
+            self.node_faults.append({"node": nf.node, "kind": nf.kind, "at_s": None,
+                                     "length_s": nf.length_ns / 1e9, "note": "not running"})
+            return
+        at = time.monotonic() - self.t_load
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            yield Sleep(nf.length_ns / 1e9)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        self.node_faults.append({"node": nf.node, "kind": nf.kind, "at_s": round(at, 3),
+                                 "length_s": round(time.monotonic() - self.t_load - at, 3)})
 
     def _ledger(self, names: list[str], wall: float) -> Iterator[Any]:
         cfg = self.cfg
@@ -429,7 +451,7 @@ class Launcher:
         plan's counts by kind, as the sending end kept them."""
         plan = fault_plan(self.cfg)
         if plan is None:
-            return {"seed": None, "plan": [], "links": [], "totals": {}}
+            return {"seed": None, "plan": [], "links": [], "totals": {}, "nodes": []}
         links, totals = [], {}
         for name, snap in sorted(snaps.items()):
             for peer, c in sorted(snap.get("links", {}).items()):
@@ -438,7 +460,7 @@ class Launcher:
                     for k, v in c["faults"].items():
                         totals[k] = totals.get(k, 0) + v
         return {"seed": plan.seed, "specs": list(plan.specs), "plan": plan.describe(),
-                "links": links, "totals": totals}
+                "links": links, "totals": totals, "nodes": list(self.node_faults)}
 
     # ---- teardown --------------------------------------------------------------------------------
     def _teardown(self) -> None:

@@ -12,9 +12,10 @@ one never gets past the handshake; that is counted. ipc endpoints must sit in a 
 this user can enter.
 
 Bounds. Every socket refuses frames over the frame limit (ZMQ_MAXMSGSIZE) and queues at most
-frames per peer (RCVHWM in, SNDHWM out); sends never block: a full queue or a peer that has gone is a counted drop
-(for a task: an error it can handle). A connecting peer sends HEARTBEAT when it has been quiet;
-a ROUTER link silent for link_silent_s, or found gone by a send, is dropped.
+frames per peer (RCVHWM in, SNDHWM out); sends never block. Each link runs its LinkProtocol
+(nodes/wire/linkproto.py): this loop feeds it what arrives and ticks it when it is due (resends,
+acks, heartbeats, liveness); what it finds about its peer (dead, returned, restarted) fails the
+calls in flight and, on the side that connects, says HELLO again.
 """
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ from nodes.wire.codec import (
 )
 from nodes.wire.faults import FaultPlan
 from nodes.wire.link import Link, SendFailed
-from nodes.wire.linkproto import FLAG_OOB, PeerRestarted, PeerReturned, PeerSilent, oob_frame, unpack
+from nodes.wire.linkproto import (
+    FLAG_OOB, PeerRestarted, PeerReturned, PeerSilent, State, oob_frame, unpack,
+)
 from nodes.wire.schema import CONNECTS_TO, guest_name, role_of
 
 monotonic_ns = time.monotonic_ns
@@ -55,7 +58,9 @@ DRAIN_PER_SOCKET = 64           # frames taken from one socket before the next g
 TURN_NS = 300_000               # ...or this much time, whichever comes first
 DRAIN_BUDGET = 256              # frames per loop iteration, across sockets...
 ITERATION_NS = 2_000_000        # ...or this much time: then timers, yielded tasks and the tick
-HOUSEKEEPING_NS = 500_000_000
+IDLE_WAKE_NS = 100_000_000     # the loop looks around at least this often
+LINK_TICK_NS = 1_000_000        # the links' timers are looked at no more often than this...
+LINK_LOOK_NS = 20_000_000       # ...and at least this often
 GC_THRESHOLDS = (50_000, 50, 100)      # gen0 allocations, then gen0 and gen1 collections
 # why a frame was refused: the codec's WireError codes, then the link checks of _on_frame
 BAD_FRAME_REASONS = ("EBADMSG", "EINVAL", "EMSGSIZE", "EPROTO", "version", "auth", "no_hello",
@@ -218,8 +223,8 @@ class Runtime:
             self._socks[r.sock] = r
             self._socks[r.monitor] = None
         self._gated: set[int] = set()           # VMs whose socket is not read for now
+        self._links_due = 0                     # when a link's timer may next be due
         self._fd_cache: list[int] | None = None
-        self._next_housekeeping = 0
         self.stopping = False
         self.on_stop: list[Callable[[], None]] = []
         self.metrics_port: int | None = None
@@ -326,7 +331,7 @@ class Runtime:
                 raise GvtError("EPROTO", f"peer {peer} speaks protocol {info['version']}, this node "
                                f"speaks {PROTOCOL_VERSION}")
             link.version = info["version"]
-            if link.proto.state.value == "hello_sent":
+            if link.proto.state is State.HELLO_SENT:
                 link.proto.hello_answered()
         return True
 
@@ -418,15 +423,20 @@ class Runtime:
                     link.proto.hello_accepted()
 
     def _tick_links(self, now: int) -> None:
+        """The links' timers, looked at once per LINK_TICK_NS at most (a look costs a few us a
+        link; an ack that is due at once waits that long at most), when one is due, and at
+        least every LINK_LOOK_NS (under the shortest retransmission timeout: a timer a send
+        started since is never missed by more than that)."""
+        if now < self._links_due:
+            return
+        due = now + LINK_LOOK_NS
         for link in list(self.engine.links.values()):
             if link.next_wake() <= now:
                 events = link.tick(now)
                 if events:
                     self._link_events(link, events, now)
-
-    def _links_wake(self) -> int | None:
-        links = self.engine.links
-        return min(l.next_wake() for l in links.values()) if links else None
+            due = min(due, link.next_wake())
+        self._links_due = max(due, now + LINK_TICK_NS)
 
     def _refuse(self, ident: bytes | None, sock: zmq.Socket, seq: int, code: str, text: str) -> None:
         """An error answer where there is no link (yet) whose sequence numbers to use: a frame
@@ -455,6 +465,9 @@ class Runtime:
             proto = link.proto
             bad = proto.counts["bad"]
             bodies = link.receive(frame, now)
+            due = proto.send_wake()         # an ack or a resend the frame made due
+            if due is not None and due < self._links_due:
+                self._links_due = max(due, now)
             if proto.counts["bad"] != bad:  # malformed; a checksum that fails is the link's count
                 self._count_bad("EBADMSG")
             if proto.events:
@@ -638,9 +651,6 @@ class Runtime:
         self.stopping = True
         return True
 
-    def _housekeeping(self, now: int) -> None:
-        self._next_housekeeping = now + HOUSEKEEPING_NS
-
     # ---- loop ---------------------------------------------------------------------------------
     def spawn(self, task: Any) -> None:
         self.engine.sched.spawn(task, monotonic_ns())
@@ -662,13 +672,11 @@ class Runtime:
                 ready = self._poller.poll(0)
                 if not ready:
                     now = monotonic_ns()
-                    wake = min(now + 100_000_000, self._next_housekeeping)
+                    wake = now + IDLE_WAKE_NS
                     w = engine.next_wake(now)
                     if w is not None:
                         wake = min(wake, w)
-                    w = self._links_wake()
-                    if w is not None:
-                        wake = min(wake, w)
+                    wake = min(wake, self._links_due)
                     if wake > now:
                         try:
                             select.select(self._fds, (), (), (wake - now) / 1e9)
@@ -680,8 +688,6 @@ class Runtime:
                 engine.step(now)
                 self._tick_links(monotonic_ns())
                 self._gate()
-                if now >= self._next_housekeeping:
-                    self._housekeeping(now)
         finally:
             for fn in self.on_stop:
                 try:

@@ -12,7 +12,7 @@ from bench.launch import Launcher
 from nodes.wire.faults import FaultPlan
 
 PLAN = ["drop=0.05", "dup=0.05", "reorder=0.05", "corrupt=0.02", "delay=200us+-200us",
-        "partition=hypervisor-mediator@1s+500ms"]
+        "partition=hypervisor-mediator@1s+500ms", "pause=gpu@300ms+800ms"]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,10 @@ def test_the_result_lists_the_plan_and_what_each_link_met(faulty):
     assert not any("launcher" in x for x in links)
     part = {x["link"]: x["partition"] for x in f["links"]}
     assert part["hypervisor>mediator"] > 0 and part.get("guest1>hypervisor", 0) == 0
+    # the gpu was stopped for less than the liveness timeout: delayed, nothing lost
+    [pause] = f["nodes"]
+    assert pause["node"] == "gpu" and pause["kind"] == "pause" and pause["at_s"] >= 0.3
+    assert 0.8 <= pause["length_s"] < 2.0
 
 
 def test_a_bad_fault_spec_is_refused_naming_it(tmp_path):
@@ -58,6 +62,8 @@ def test_a_bad_fault_spec_is_refused_naming_it(tmp_path):
                         "--duration", "1"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "drop=1.5" in r.stderr and "outside [0, 1]" in r.stderr, r.stderr
     bad = tmp_path / "f.toml"
-    bad.write_text('[faults]\nlinks = ["link=gpu:drop=0.1"]\n')
-    with pytest.raises(config.ConfigError, match="faults.links.*names no link"):
-        config.load(str(bad))
+    for spec, why in (("link=gpu:drop=0.1", "names no link"), ("pause=gpu@1s", r"NODE@START\+LENGTH"),
+                      ("pause=guest9@1s+1s", "no node 'guest9'")):
+        bad.write_text(f'[faults]\nlinks = ["{spec}"]\n')
+        with pytest.raises(config.ConfigError, match="faults.links.*" + why):
+            config.load(str(bad))

@@ -9,6 +9,8 @@ Grammar of one spec (repeatable; the later a spec, the more it overrides for its
     link=A-B:KIND=VALUE[,KIND=VALUE...]   the link between nodes A and B, both directions
     link=A>B:KIND=VALUE[,...]       frames from A to B only
     partition=A-B@T+D               nothing passes between A and B from T for D (A>B: one way)
+    pause=NODE@T+D                  the launcher stops NODE's process (SIGSTOP) at T and lets it
+                                    go on (SIGCONT) after D; T counts from the start of the load
 
     KIND:   drop=P  dup=P  reorder=P  corrupt=P    P a probability in [0, 1]
             delay=D[+-J]                           D and J durations (ns, us, ms, s)
@@ -106,6 +108,17 @@ class Partition:
     length_ns: int
 
 
+@dataclass(frozen=True)
+class NodeFault:
+    node: str
+    kind: str               # pause
+    start_ns: int
+    length_ns: int
+
+
+NODE_FAULT_KINDS = ("pause",)
+
+
 @dataclass
 class FaultPlan:
     """Every link fault of a run: rules (in order; later ones override the kinds they name) and
@@ -113,6 +126,7 @@ class FaultPlan:
     seed: int
     rules: list[tuple[Selector, dict]] = field(default_factory=list)
     partitions: list[Partition] = field(default_factory=list)
+    nodes: list[NodeFault] = field(default_factory=list)
     specs: list[str] = field(default_factory=list)
 
     @classmethod
@@ -124,11 +138,18 @@ class FaultPlan:
 
     def add(self, spec: str) -> None:
         if not isinstance(spec, str) or "=" not in spec:
-            raise FaultSpecError(str(spec), "expected KIND=VALUE, link=A-B:KIND=VALUE or "
-                                 "partition=A-B@T+D")
+            raise FaultSpecError(str(spec), "expected KIND=VALUE, link=A-B:KIND=VALUE, "
+                                 "partition=A-B@T+D or pause=NODE@T+D")
         key, _, value = spec.partition("=")
         key = key.strip()
-        if key == "partition":
+        if key in NODE_FAULT_KINDS:
+            node, at, window = value.partition("@")
+            if not node.strip() or not at or "+" not in window:
+                raise FaultSpecError(spec, f"a node fault is {key}=NODE@START+LENGTH")
+            start, _, length = window.partition("+")
+            self.nodes.append(NodeFault(node.strip(), key, duration_ns(start, spec),
+                                        duration_ns(length, spec)))
+        elif key == "partition":
             sel_text, at, window = value.partition("@")
             if not at or "+" not in window:
                 raise FaultSpecError(spec, "a partition is partition=A-B@START+LENGTH")
@@ -168,6 +189,9 @@ class FaultPlan:
         for pt in self.partitions:
             out.append({"link": str(pt.sel), "kind": "partition", "at_ns": pt.start_ns,
                         "length_ns": pt.length_ns})
+        for nf in self.nodes:
+            out.append({"node": nf.node, "kind": nf.kind, "at_ns": nf.start_ns,
+                        "length_ns": nf.length_ns})
         return out
 
 
@@ -199,7 +223,7 @@ def _kinds(items: list[str], spec: str) -> dict:
                 raise FaultSpecError(spec, "the jitter may not exceed the delay")
         else:
             raise FaultSpecError(spec, f"unknown fault kind {kind!r}: drop, dup, reorder, corrupt, "
-                                 f"delay, or link=, partition=")
+                                 f"delay, or link=, partition=, pause=")
     return out
 
 

@@ -70,13 +70,20 @@ class Link:
             raise SendFailed("E2BIG", f"a frame of {len(body) + HEADER_SIZE} bytes to {self.name} "
                              f"exceeds the frame limit of {max_frame} bytes")
         try:
-            frames = self.proto.send(body, now)
+            frame = self.proto.send_now(body, now)
         except LinkFull as full:
             self.send_failed += 1
             raise SendFailed("EAGAIN", f"the link to {self.name} is full: {full.text}") from None
         if counted:
             self.sent += 1
-        self.put(frames, now)
+        if frame is not None:
+            if self.faults is None:
+                try:
+                    self._send(frame)
+                except SendFailed:
+                    self.transport_drops += 1
+            else:
+                self.put([frame], now)
         return seq
 
     def put(self, frames: list[bytes], now: int) -> None:

@@ -146,15 +146,21 @@ LinkEvent = Union[PeerRestarted, PeerSilent, PeerReturned]
 
 
 # ---- frames ----------------------------------------------------------------------------------------
+_CRC = struct.Struct("<I")
+_HEADER_FROM = HEADER.unpack_from
+_crc32 = zlib.crc32
+
+
 def pack(epoch: int, stream: int, seq: int, ack: int, ack_epoch: int, ack_stream: int,
          flags: int, body: bytes) -> bytes:
-    rest = _REST.pack(stream, epoch, seq, ack, ack_epoch, ack_stream, flags) + body
-    return struct.pack("<I", zlib.crc32(rest)) + rest
+    rest = _REST.pack(stream, epoch, seq, ack, ack_epoch, ack_stream, flags)
+    return b"".join((_CRC.pack(zlib.crc32(body, zlib.crc32(rest))), rest, body))
 
 
 def unpack(frame: bytes) -> tuple[int, int, int, int, int, int, int, bytes]:
     """(epoch, stream, seq, ack, ack_epoch, ack_stream, flags, body) of a frame whose checksum
-    holds; WireError EBADMSG naming what is wrong otherwise."""
+    holds; WireError EBADMSG naming what is wrong otherwise. The body is a view into the frame
+    (no copy; msgpack reads it as it is)."""
     if len(frame) < HEADER_SIZE:
         raise WireError("EBADMSG", f"a frame of {len(frame)} bytes is shorter than the link "
                         f"header ({HEADER_SIZE} bytes)")
@@ -165,7 +171,7 @@ def unpack(frame: bytes) -> tuple[int, int, int, int, int, int, int, bytes]:
     if flags & ~FLAGS_KNOWN:
         raise WireError("EBADMSG", f"link header flags {flags:#x}: only bit 0 (outside any stream) "
                         f"is defined")
-    body = bytes(mv[HEADER_SIZE:])
+    body = mv[HEADER_SIZE:]
     if seq and not body and not flags & FLAG_OOB:
         raise WireError("EBADMSG", f"a frame with seq {seq} carries no body (seq 0 is an ack)")
     if not seq and body and not flags & FLAG_OOB:
@@ -178,13 +184,9 @@ def oob_frame(epoch: int, body: bytes) -> bytes:
     return pack(epoch, 0, 0, 0, 0, 0, FLAG_OOB, body)
 
 
-class _Out:
-    __slots__ = ("seq", "frame_body", "size", "sent_at", "tries")
-
-    def __init__(self, seq: int, body: bytes):
-        self.seq, self.frame_body, self.size = seq, body, len(body)
-        self.sent_at = 0
-        self.tries = 0
+# A body in flight is a tuple (seq, body, sent_at): tuples of ints and bytes leave the garbage
+# collector's lists, so a window of thousands costs it nothing.
+_Out = tuple
 
 
 class LinkProtocol:
@@ -212,6 +214,7 @@ class LinkProtocol:
         self._rto_at = 0                        # the retransmission timer (0: nothing unacked)
         self._backoff = 0
         self._recover = 0                       # in recovery until the peer acks this seq
+        self._resent_hi = 0                     # the highest seq of this stream sent again
         # the peer's stream
         self.peer_epoch = 0
         self.peer_stream = 0
@@ -227,7 +230,8 @@ class LinkProtocol:
         self.rttvar = 0
         self.rto = RTO_INIT_NS
         self.events: list[LinkEvent] = []
-        self.counts = {"sent": 0, "delivered": 0, "retransmits": 0, "duplicates": 0,
+        self.sent = self.delivered = 0          # bodies sent once, and handed up
+        self.counts = {"retransmits": 0, "duplicates": 0,
                        "out_of_order": 0, "corrupt": 0, "stale": 0, "over_window": 0, "acks": 0,
                        "lost": 0, "restarts": 0, "deaths": 0, "bad": 0}
 
@@ -267,28 +271,45 @@ class LinkProtocol:
                                f"{self.waiting_bytes} waiting, its limit of "
                                f"{self.window_bytes} + {self.queue_bytes}")
             self.tx_seq += 1
-            o = _Out(self.tx_seq, body)
-            self.waiting.append(o)
+            self.waiting.append((self.tx_seq, body, 0))
             self.waiting_bytes += size
             return []
-        self.tx_seq += 1
-        o = _Out(self.tx_seq, body)
-        return [self._put(o, now)]
+        return [self.send_now(body, now)]
+
+    def send_now(self, body: bytes, now: int) -> bytes | None:
+        """send() for the hot path: the one frame to send now, or None (it waits, or the window
+        and queue are full: LinkFull as send). The common case is written out in place."""
+        size = len(body)
+        unacked = self.unacked
+        if self.waiting or unacked and self.unacked_bytes + size > self.window_bytes:
+            frames = self.send(body, now)
+            return frames[0] if frames else None
+        seq = self.tx_seq = self.tx_seq + 1
+        if not unacked:
+            self._rto_at = now + min(RTO_MAX_NS, self.rto << self._backoff)
+        unacked.append((seq, body, now))
+        self.unacked_bytes += size
+        self.sent += 1
+        self.last_tx = now
+        self._ack_due = 0           # the frame carries our ack
+        rest = _REST.pack(self.stream, self.epoch, seq, self.rx_next - 1, self.peer_epoch,
+                          self.peer_stream, 0)
+        return b"".join((_CRC.pack(_crc32(body, _crc32(rest))), rest, body))
 
     def _put(self, o: _Out, now: int) -> bytes:
         if not self.unacked:
             self._rto_at = now + (min(RTO_MAX_NS, self.rto << self._backoff))
+        o = (o[0], o[1], now)
         self.unacked.append(o)
-        self.unacked_bytes += o.size
-        o.sent_at = now
-        self.counts["sent"] += 1
+        self.unacked_bytes += len(o[1])
+        self.sent += 1
         return self._frame(o, now)
 
     def _frame(self, o: _Out, now: int) -> bytes:
         self.last_tx = now
         self._ack_due = 0           # the frame carries our ack
-        return pack(self.epoch, self.stream, o.seq, self.rx_next - 1, self.peer_epoch,
-                    self.peer_stream, 0, o.frame_body)
+        return pack(self.epoch, self.stream, o[0], self.rx_next - 1, self.peer_epoch,
+                    self.peer_stream, 0, o[1])
 
     def ack_frame(self, now: int) -> bytes:
         self.last_tx = now
@@ -299,9 +320,9 @@ class LinkProtocol:
 
     def _fill(self, now: int, out: list[bytes]) -> None:
         while self.waiting and (not self.unacked or
-                                self.unacked_bytes + self.waiting[0].size <= self.window_bytes):
+                                self.unacked_bytes + len(self.waiting[0][1]) <= self.window_bytes):
             o = self.waiting.popleft()
-            self.waiting_bytes -= o.size
+            self.waiting_bytes -= len(o[1])
             out.append(self._put(o, now))
 
     def _give_up(self) -> int:
@@ -318,12 +339,28 @@ class LinkProtocol:
         self._backoff = 0
         self._rto_at = 0
         self._recover = 0
+        self._resent_hi = 0
         return n
 
     # ---- receiving -------------------------------------------------------------------------------
     def receive(self, frame: bytes, now: int) -> list[bytes]:
         """The bodies a frame makes deliverable, in order, each once (often none or one). A frame
         that is corrupt, stale or malformed is counted and yields nothing."""
+        if len(frame) >= HEADER_SIZE:
+            # the common case written out: the next body of the peer's stream, nothing odd
+            crc, stream, epoch, seq, ack, ack_epoch, ack_stream, flags = _HEADER_FROM(frame)
+            mv = memoryview(frame)
+            if (seq == self.rx_next and not flags and epoch == self.peer_epoch
+                    and stream == self.peer_stream and len(frame) > HEADER_SIZE
+                    and _crc32(mv[4:]) == crc and self.state is not State.DEAD and not self.ooo):
+                self.last_rx = now
+                if ack > self.acked:
+                    self._on_ack(ack, ack_epoch, ack_stream, False, now)
+                self.rx_next = seq + 1
+                self.delivered += 1
+                if not self._ack_due:
+                    self._ack_due = now + ACK_DELAY_NS
+                return [frame[HEADER_SIZE:]]
         try:
             epoch, stream, seq, ack, ack_epoch, ack_stream, flags, body = unpack(frame)
         except WireError as err:
@@ -384,7 +421,7 @@ class LinkProtocol:
             self.ooo_bytes -= len(nxt)
             out.append(nxt)
             self.rx_next += 1
-        self.counts["delivered"] += len(out)
+        self.delivered += len(out)
         if not self._ack_due:
             self._ack_due = now + ACK_DELAY_NS
         return out
@@ -414,19 +451,18 @@ class LinkProtocol:
         if ack_epoch != self.epoch or ack_stream != self.stream or ack > self.tx_seq:
             return          # about another incarnation's or stream's bodies, or nonsense
         if ack > self.acked:
-            self.acked = ack
             self._dup_acks = 0
-            clean = True
-            newest = None
-            while self.unacked and self.unacked[0].seq <= ack:
-                o = self.unacked.popleft()
-                self.unacked_bytes -= o.size
-                clean = clean and o.tries == 0
-                newest = o
             # Karn, widened: a round trip is timed only if nothing acked with it was resent
             # (bodies behind a resent one waited out of order: their time is the recovery's)
+            clean = self._resent_hi <= self.acked
+            self.acked = ack
+            newest = None
+            unacked = self.unacked
+            while unacked and unacked[0][0] <= ack:
+                newest = unacked.popleft()
+                self.unacked_bytes -= len(newest[1])
             if clean and newest is not None:
-                self._rtt(now - newest.sent_at)
+                self._rtt(now - newest[2])
             self._backoff = 0
             self._rto_at = now + self.rto if self.unacked else 0
             if self.unacked and ack < self._recover:
@@ -478,7 +514,8 @@ class LinkProtocol:
         return out
 
     def _resend(self, o: _Out, now: int, out: list[bytes]) -> None:
-        o.tries += 1
+        if o[0] > self._resent_hi:
+            self._resent_hi = o[0]
         self.counts["retransmits"] += 1
         out.append(self._frame(o, now))
 
