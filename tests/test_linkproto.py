@@ -259,6 +259,14 @@ def test_the_fault_grammar_and_its_errors():
         with pytest.raises(FaultSpecError, match=why):
             FaultPlan.parse(1, [bad])
     assert duration_ns("1.5ms", "") == 1_500_000
+    nodes = FaultPlan.parse(1, ["pause=mediator@2s+500ms"])
+    assert nodes.nodes[0].node == "mediator" and nodes.nodes[0].length_ns == 500 * MS
+    assert nodes.describe() == [{"node": "mediator", "kind": "pause", "at_ns": 2 * 10**9,
+                                 "length_ns": 500 * MS}]
+    assert nodes.for_link("hypervisor", "mediator") is None      # a node fault touches no frame
+    # the launcher's control links are faulted only when named
+    assert plan.params("launcher", "gpu").drop == 0
+    assert FaultPlan.parse(1, ["link=launcher-gpu:drop=0.5"]).params("gpu", "launcher").drop == 0.5
 
 
 def test_the_same_seed_gives_the_same_fate_to_the_kth_frame_on_each_link():
