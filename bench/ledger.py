@@ -164,7 +164,7 @@ def check_links(snapshots: dict[str, dict]) -> tuple[list[dict], list[str]]:
             # receiver suppressed as repeats or refused by the checksum
             row = {"from": name, "to": peer, "sent": c["sent"], "received": received,
                    "gaps": other["gaps"] if other else None,
-                   "retransmits": c.get("retransmits", 0),
+                   "retransmits": c.get("retransmits", 0), "acks": c.get("acks", 0),
                    "duplicates": other.get("duplicates", 0) if other else None,
                    "corrupt": other.get("corrupt", 0) if other else None}
             rows.append(row)

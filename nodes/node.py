@@ -90,6 +90,13 @@ def needed_peers(role: str, cfg: dict) -> list[str]:
     return {"mediator": ["gpu"], "hypervisor": ["mediator"], "guest": ["hypervisor"]}[role]
 
 
+def accepted_roles(role: str, cfg: dict) -> frozenset[str]:
+    """The roles that connect to `role` in this run (with the shm fabric the gpu reaches guest
+    RAM directly, so the hypervisor takes no gpu link, and with it no DMA_READ/DMA_WRITE)."""
+    return frozenset(r for r in ("gpu", "mediator", "hypervisor", "guest")
+                     if role in needed_peers(r, cfg)) | {"launcher"}
+
+
 def select_translator(name: str) -> tuple[Any, str]:
     from nodes.mediator import translate as t
     if name == "auto":
@@ -205,6 +212,7 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
     # every node of a traced run records spans; the guests decide which operations are traced
     rt = Runtime(name, role, core, bind, vgpus=vm_ids(cfg), vm_binds=vm_binds, keys=keys,
                  link_silent_s=run["link_silent_s"], faults=fault_plan(cfg),
+                 accepts=accepted_roles(role, cfg),
                  trace_spans=TRACE_SPANS_MAX if run["trace_rate"] > 0 else 0)
     if owned.mem:
         rt.engine.serve(OwnedMemory.KINDS, owned.serve)

@@ -172,7 +172,8 @@ class Runtime:
     def __init__(self, name: str, role: str, core: Any, bind: str, *, vgpus: Iterable[int],
                  vm_binds: dict[int, str] | None = None, keys: Keys | None = None,
                  max_frame: int = MAX_FRAME, link_silent_s: float = LINK_SILENT_S,
-                 trace_spans: int = 0, faults: FaultPlan | None = None, epoch: int = 0):
+                 trace_spans: int = 0, faults: FaultPlan | None = None, epoch: int = 0,
+                 accepts: frozenset[str] | None = None):
         self.name, self.role, self.core = name, role, core
         self.vgpus = frozenset(vgpus)
         self.max_frame = max_frame
@@ -181,6 +182,8 @@ class Runtime:
         # this incarnation: wall-clock ns at start, so a restarted node's epoch is the larger
         self.epoch = epoch or time.time_ns()
         self.faults = faults
+        # the roles that may connect here: this run's (least privilege), else any the protocol allows
+        self.accepts = CONNECTS_TO[role] if accepts is None else accepts & CONNECTS_TO[role]
         self.engine = NodeEngine(name, role, core, vgpus=self.vgpus, clock=monotonic_ns,
                                  max_frame=max_frame, trace_spans=trace_spans)
         self.engine.serve(["STATS"], lambda env, now: self.snapshot())
@@ -260,14 +263,15 @@ class Runtime:
 
     def _may_connect(self, name: str) -> bool:
         role, vm = role_of(name)
-        return role in CONNECTS_TO[self.role] and (role != "guest" or vm in self.vgpus)
+        return role in self.accepts and (role != "guest" or vm in self.vgpus)
 
     def _accepts(self, r: _Router, name: str) -> str | None:
         """Why `name` may not connect on this socket (None: it may)."""
         role, vm = role_of(name)
         if not self._may_connect(name):
             return f"{name} may not connect to {self.name}" + (
-                f": VM {vm} is not in this run" if role == "guest" and vm not in self.vgpus else "")
+                f": VM {vm} is not in this run" if role == "guest" and vm not in self.vgpus else
+                ": this run does not need that link" if role in CONNECTS_TO[self.role] else "")
         if r.vm and name != guest_name(r.vm):
             return f"this endpoint of {self.name} is VM {r.vm}'s guest's only"
         if not r.vm and role == "guest" and len(self.routers) > 1:

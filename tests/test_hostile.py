@@ -84,6 +84,19 @@ def _leave_with_requests_pending(cluster: Cluster, target: str, name: str, kind:
 
 
 # ---- control kinds come only from the launcher ---------------------------------------------------
+def test_with_the_shm_fabric_the_hypervisor_takes_no_gpu_link(cluster):
+    """Least privilege: with shm the gpu reaches guest RAM directly, so the hypervisor refuses a
+    peer that says it is the gpu (it could DMA_READ and DMA_WRITE any VM's RAM)."""
+    p = cluster.peer("hypervisor", "gpu")
+    try:
+        r = p.hello()
+        assert r[0] == "ERROR" and r[6]["code"] == "EPERM" and "does not need" in r[6]["text"], r
+        r = p.call("DMA_READ", {"ops": [[0, 0, 4096]]}, vgpu=1)
+        assert r[0] == "ERROR" and r[6]["code"] == "EPROTO", r       # no link: before HELLO
+    finally:
+        p.close()
+
+
 def test_a_guest_cannot_stop_or_inspect_the_hypervisor(cluster):
     g = cluster.guest(1)
     try:
