@@ -418,7 +418,9 @@ class Runtime:
                 if link in self._dealers.values():
                     self.spawn(self.hello_task([link.name]))
             elif isinstance(ev, PeerSilent):
-                self.engine.link_lost(link.name, f"went silent for {ev.silent_ns / 1e9:.1f} s", now)
+                self.engine.link_lost(link.name, f"went silent for {ev.silent_ns / 1e9:.1f} s"
+                                      if ev.why == "silent" else "acked nothing through "
+                                      "repeated resends", now)
                 self.engine.stats.inc("gvtbench_links_dropped", ("silent",))
             elif isinstance(ev, PeerReturned):
                 if link in self._dealers.values():

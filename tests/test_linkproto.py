@@ -191,6 +191,25 @@ def test_a_dead_peer_is_noticed_within_3_s_and_what_it_had_unacked_is_reported()
     assert net.got["b"][-1] == b"after" and b"lost0" not in net.got["b"] and a.stream == stream
 
 
+def test_a_peer_that_sends_but_never_acks_is_dead_after_max_timeouts_and_resends_stop():
+    """A peer that does not read (it sends, so it is heard) would have the oldest body resent
+    into the transport forever: after MAX_TIMEOUTS timeouts in a row, and the liveness timeout
+    since the body went, it counts as dead (a pause under the timeout still loses nothing)."""
+    a = LinkProtocol(1, now=0)
+    a.send(b"x" * 1000, 0)
+    now, resends = 0, 0
+    junk = LinkProtocol(2, now=0)
+    while a.state is not State.DEAD and now < 60 * 10**9:
+        now = a.next_wake()
+        for f in junk.tick(now) or [lp.pack(2, 1, 0, 0, 0, 0, 0, b"")]:
+            a.receive(f, now)                   # heard, but never an ack of a's stream
+        resends += sum(1 for f in a.tick(now) if lp.unpack(f)[2])
+    assert a.state is State.DEAD and lp.MAX_TIMEOUTS <= resends <= lp.MAX_TIMEOUTS + 4
+    [ev] = [e for e in a.take_events() if isinstance(e, PeerSilent)]
+    assert ev.why == "not_acking" and ev.lost == 1 and not a.unacked
+    assert lp.DEAD_NS < now <= lp.DEAD_NS + 3 * lp.RTO_MAX_NS     # then no more resends
+
+
 def test_a_pause_shorter_than_the_liveness_timeout_loses_nothing():
     net = Net()
     net.paused.add("b")

@@ -30,7 +30,8 @@ meets backpressure, and what one peer can make this link hold is window + queue 
 out and a window of bodies out of order on the way in.
 
 Liveness: a link that has sent nothing for HEARTBEAT_NS sends an ack; a peer heard from not
-at all for `dead_ns` is dead: what it had unacked is given up (counted in `lost`, reported as
+at all for `dead_ns`, or that acks nothing of a body sent `dead_ns` ago through MAX_TIMEOUTS
+timeouts in a row (it is heard, but does not read), is dead: what it had unacked is given up (counted in `lost`, reported as
 an event) and the next body starts a new stream. Heard again, it has returned (the connecting
 side says HELLO again); heard with a new epoch, it has restarted.
 """
@@ -57,6 +58,7 @@ ACK_DELAY_NS = 5_000_000                # a body not answered by a frame of ours
 RTO_MIN_NS = 25_000_000
 RTO_INIT_NS = 200_000_000
 RTO_MAX_NS = 500_000_000
+MAX_TIMEOUTS = 8                        # timeouts in a row (and dead_ns) without an ack: dead
 DUP_ACKS = 2                            # repeated acks with bodies waiting: the first is resent
 WINDOW_BYTES = 16 << 20                 # unacked bodies on the way out, and out of order on the way in
 QUEUE_BYTES = 16 << 20                  # bodies waiting for the window
@@ -135,6 +137,7 @@ class PeerRestarted:
 class PeerSilent:
     silent_ns: int
     lost: int               # our bodies it had not acked, given up
+    why: str = "silent"     # silent: nothing heard; not_acking: heard, but it acks nothing
 
 
 @dataclass(frozen=True)
@@ -503,7 +506,17 @@ class LinkProtocol:
                 self._fast = False
                 self._recover = self._recover or self.tx_seq
                 self._resend(self.unacked[0], now, out)
-            if self._rto_at <= now:
+            if (self._rto_at <= now and self._backoff >= MAX_TIMEOUTS
+                    and now - self.unacked[0][2] > self.dead_ns):
+                # it is heard but acks nothing (it does not read): as good as dead. Resending
+                # on would only pile copies into the transport's queue toward it
+                lost = self._give_up()
+                self.counts["deaths"] += 1
+                self._to(Event.SILENT)
+                self.events.append(PeerSilent(now - self.last_rx, lost, "not_acking"))
+                self.ooo.clear()
+                self.ooo_bytes = 0
+            elif self._rto_at <= now:
                 self._recover = self.tx_seq
                 self._resend(self.unacked[0], now, out)
                 self._backoff = min(self._backoff + 1, 16)
