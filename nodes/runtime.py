@@ -447,7 +447,10 @@ class Runtime:
     def _refuse(self, ident: bytes | None, sock: zmq.Socket, seq: int, code: str, text: str) -> None:
         """An error answer where there is no link (yet) whose sequence numbers to use: a frame
         outside any stream."""
-        frame = oob_frame(self.epoch, encode_error(1, seq or 1, 0, monotonic_ns(), code, text))
+        self._send_oob(ident, sock, encode_error(1, seq or 1, 0, monotonic_ns(), code, text))
+
+    def _send_oob(self, ident: bytes | None, sock: zmq.Socket, body: bytes) -> None:
+        frame = oob_frame(self.epoch, body)
         try:
             if ident is None:
                 sock.send(frame, zmq.NOBLOCK)
@@ -489,8 +492,13 @@ class Runtime:
             self._refuse(ident, r.sock, 0, err.code, err.text)
             return
         epoch, stream, seq, ack, ack_epoch, ack_stream, flags, body = parts
-        if flags & FLAG_OOB or not seq:
-            return                      # an ack or a refusal from a peer we do not know: nothing to say
+        if flags & FLAG_OOB:
+            return                      # a refusal from a peer we do not know: nothing to say
+        if not seq:
+            # an ack (a heartbeat) from a peer that knows a link we do not have: this node
+            # restarted. An empty frame outside any stream tells it so (it carries our epoch)
+            self._send_oob(ident, r.sock, b"")
+            return
         try:
             env = decode(body, self.max_frame)
         except WireError as err:

@@ -84,6 +84,28 @@ def _leave_with_requests_pending(cluster: Cluster, target: str, name: str, kind:
 
 
 # ---- control kinds come only from the launcher ---------------------------------------------------
+def test_a_restarted_mediator_is_welcomed_by_its_new_epoch(short_ipc_dir):
+    """kill -9 of the mediator and a new one on the same endpoint: the hypervisor tells the new
+    incarnation by its epoch (its heartbeat meets an empty frame outside any stream), fails what
+    was in flight, says HELLO again, and its traps reach the new mediator; never "before HELLO"
+    for good, as version 4 had it."""
+    c = Cluster(Path(short_ipc_dir))
+    try:
+        g = c.guest(1)
+        c.restart("mediator")
+        wait_for(lambda: metric(c.metrics("hypervisor"), "gvtbench_link_restarts_total",
+                                link="mediator") >= 1, 20, "the hypervisor to see the new epoch")
+        assert metric(c.metrics("hypervisor"), "gvtbench_links_dropped_total", reason="restarted") >= 1
+        # the new mediator's vGPUs are new (a mediator restart loses their state); reads work
+        wait_for(lambda: (g.call("MMIO_READ", {"off": GPR0, "size": 4}, 1) or [""])[0] == "REPLY",
+                 30, "a read through the new mediator")
+        assert metric(c.metrics("mediator"), "gvtbench_link_messages_total", link="hypervisor",
+                      direction="rx") >= 2          # its HELLO and the traps
+        g.close()
+    finally:
+        c.close()
+
+
 def test_with_the_shm_fabric_the_hypervisor_takes_no_gpu_link(cluster):
     """Least privilege: with shm the gpu reaches guest RAM directly, so the hypervisor refuses a
     peer that says it is the gpu (it could DMA_READ and DMA_WRITE any VM's RAM)."""

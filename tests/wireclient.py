@@ -52,8 +52,8 @@ class Stream:
         assert zlib.crc32(frame[4:]) == crc, "a node sent a frame whose crc32 does not match"
         stream, epoch, seq, _ack, _ae, _as, flags = _REST.unpack_from(frame, 4)
         body = frame[HEADER:]
-        if flags & 1:
-            return body, False                      # outside any stream: a refusal
+        if flags & 1:                               # outside any stream: a refusal, or
+            return body or None, False              # (empty) a notice that we have no link
         if (epoch, stream) != (self.peer_epoch, self.peer_stream):
             self.peer_epoch, self.peer_stream, self.rx_next = epoch, stream, 1
         if seq == 0:
@@ -230,6 +230,7 @@ class Cluster:
             self.vm_eps = {vm: f"{self.eps.get('hypervisor')}.vm{vm}" for vm in vms}
         self.ports = {r: free_port() for r in roles}
         self.procs: dict[str, subprocess.Popen] = {}
+        self.args: dict[str, list[str]] = {}
         peers = {"mediator": "gpu", "hypervisor": "mediator"}
         for r in roles:
             extra = ["--peer", f"{peers[r]}={self.eps[peers[r]]}"] if r in peers else []
@@ -237,10 +238,20 @@ class Cluster:
                 extra += ["--keys", str(self.keys)]
             if r == "hypervisor":
                 extra += [a for vm, ep in self.vm_eps.items() for a in ("--vm-bind", f"{vm}={ep}")]
+            self.args[r] = extra
             self.procs[r] = start_node(r, self.cfg, self.eps[r], *extra, metrics_port=self.ports[r],
                                        log=directory / f"{r}.log")
         for r in roles:
             wait_for(lambda: self._serving(r), 30, f"{r} to start")
+
+    def restart(self, role: str) -> None:
+        """kill -9 a node and start it again on the same endpoint: a new incarnation."""
+        p = self.procs[role]
+        p.kill()
+        p.wait(10)
+        self.procs[role] = start_node(role, self.cfg, self.eps[role], *self.args[role],
+                                      metrics_port=self.ports[role], log=self.dir / f"{role}.restarted.log")
+        wait_for(lambda: self._serving(role), 30, f"{role} to start again")
 
     def _serving(self, role: str) -> bool:
         assert self.alive(role), self.log(role)

@@ -381,7 +381,7 @@ class LinkProtocol:
             if self.peer_epoch and epoch > self.peer_epoch:
                 self._restarted(epoch, 0)
             self.last_rx = now
-            return [body]
+            return [body] if body else []       # empty: "no link here", a notice only
         if epoch < self.peer_epoch or (epoch == self.peer_epoch and stream < self.peer_stream):
             self.counts["stale"] += 1          # an older incarnation's or stream's straggler
             return []
