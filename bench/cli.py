@@ -145,6 +145,11 @@ def _perf(args: argparse.Namespace) -> int:
         res = run_neighbour(seconds=args.seconds, rounds=args.rounds)
         print(json.dumps(res) if args.json else format_neighbour(res))
         return 0
+    if args.what == "faults":
+        from bench.perf import format_faults, run_faults
+        res = run_faults(seconds=args.seconds, rounds=args.rounds)
+        print(json.dumps(res) if args.json else format_faults(res))
+        return 0
     if args.what == "submit":
         from bench.perf import format_submit, run_submit
         res = run_submit(seconds=args.seconds, rounds=args.rounds)
@@ -225,8 +230,8 @@ def parser() -> argparse.ArgumentParser:
     k.set_defaults(fn=_keys)
     p = sub.add_parser("perf", help="benchmarks: translate (C vs numpy vs Python), trap (end to "
                        "end), neighbour (a VM's reads next to a flooding VM), submit (GPU "
-                       "workloads)")
-    p.add_argument("what", choices=["translate", "trap", "neighbour", "submit"])
+                       "workloads), faults (the same load clean and on a faulty network)")
+    p.add_argument("what", choices=["translate", "trap", "neighbour", "submit", "faults"])
     p.add_argument("--entries", type=int, default=1_000_000)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--seconds", type=float, default=3.0, help="trap, neighbour: seconds per measurement")

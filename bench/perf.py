@@ -380,6 +380,49 @@ def run_submit(seconds: float = 3.0, rounds: int = 3) -> dict:
     }
 
 
+# configs/faults.toml's per-frame faults, without its partition
+FAULTY_PLAN = ["drop=0.05", "dup=0.05", "reorder=0.02", "corrupt=0.01", "delay=500us+-500us"]
+
+
+def run_faults(seconds: float = 3.0, rounds: int = 3) -> dict:
+    """The same load, clean and on a faulty network (FAULTY_PLAN on every link), alternating
+    for `rounds`: operations per second (every guest operation completed, all vGPUs), and the
+    MMIO read p99; the medians of the rounds and their ratio."""
+    def one(faults: list[str]) -> tuple[float, float]:
+        raw = {"run": {"duration_s": seconds, "seed": 7}, "vgpus": {"count": 2},
+               "load": {"mode": "closed", "concurrency": 16,
+                        "mix": {"mmio-read": 0.4, "mmio-write": 0.3, "submit": 0.3}},
+               "faults": {"links": faults}}
+        res = _run(config.validate(raw, "perf"))
+        ops = sum(v["guest"]["completed"] / max(v["guest"]["elapsed_s"], 1e-9) for v in res["vgpus"])
+        p99 = max(v["traps"]["mmio_read"]["p99_us"] for v in res["vgpus"])
+        return ops, p99
+    out = []
+    for _ in range(rounds):
+        c_ops, c_p99 = one([])
+        f_ops, f_p99 = one(FAULTY_PLAN)
+        out.append({"clean_ops_per_s": round(c_ops), "faulty_ops_per_s": round(f_ops),
+                    "clean_p99_us": c_p99, "faulty_p99_us": f_p99,
+                    "ratio": round(f_ops / max(c_ops, 1e-9), 3)})
+    med = {k: statistics.median(x[k] for x in out) for k in out[0]}
+    return {"seconds": seconds, "plan": FAULTY_PLAN, "rounds": out,
+            "clean_ops_per_s": round(med["clean_ops_per_s"]),
+            "faulty_ops_per_s": round(med["faulty_ops_per_s"]),
+            "throughput_ratio": round(med["ratio"], 3),
+            "clean_p99_us": med["clean_p99_us"], "faulty_p99_us": med["faulty_p99_us"],
+            "target_met": med["ratio"] >= 0.7}
+
+
+def format_faults(r: dict) -> str:
+    return "\n".join([
+        *(f"round {i + 1}: clean {x['clean_ops_per_s']:,} ops/s (read p99 {x['clean_p99_us']:.0f} us), "
+          f"faulty {x['faulty_ops_per_s']:,} ops/s (read p99 {x['faulty_p99_us']:.0f} us), "
+          f"ratio {x['ratio']:.2f}" for i, x in enumerate(r["rounds"])),
+        f"faulty / clean throughput, median round: {r['throughput_ratio']:.2f}   (target >= 0.7)",
+        f"plan: {' '.join(r['plan'])}",
+    ])
+
+
 def format_submit(r: dict) -> str:
     w = r["workloads_per_s"]
     return "\n".join([

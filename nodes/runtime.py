@@ -429,6 +429,19 @@ class Runtime:
                     link.proto.hello_accepted()
 
     def _tick_links(self, now: int) -> None:
+        if self.faults is not None:
+            # frames the fault plan holds back (a delay) go at their own time, to the
+            # microsecond, so the plan adds the delay it states and no more
+            for link in self.engine.links.values():
+                if link.delayed and link.delayed[0][0] <= now:
+                    link.flush_delayed(now)
+        self._tick_due(now)
+        if self.faults is not None:
+            for link in self.engine.links.values():
+                if link.delayed and link.delayed[0][0] < self._links_due:
+                    self._links_due = link.delayed[0][0]
+
+    def _tick_due(self, now: int) -> None:
         """The links' timers, looked at once per LINK_TICK_NS at most (a look costs a few us a
         link; an ack that is due at once waits that long at most), when one is due, and at
         least every LINK_LOOK_NS (under the shortest retransmission timeout: a timer a send

@@ -38,6 +38,17 @@ def test_perf_neighbour_json():
     assert isinstance(res["target_met"], bool)
 
 
+def test_perf_faults_json():
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "faults", "--seconds", "1",
+                        "--rounds", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for key in ("clean_ops_per_s", "faulty_ops_per_s", "throughput_ratio", "clean_p99_us",
+                "faulty_p99_us"):
+        assert res[key] > 0, key
+    assert len(res["rounds"]) == 1 and isinstance(res["target_met"], bool)
+
+
 def test_perf_submit_json():
     r = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "submit", "--seconds", "0.5",
                         "--rounds", "1", "--json"], capture_output=True, text=True, timeout=300)
