@@ -429,33 +429,26 @@ class Runtime:
                     link.proto.hello_accepted()
 
     def _tick_links(self, now: int) -> None:
-        if self.faults is not None:
-            # frames the fault plan holds back (a delay) go at their own time, to the
-            # microsecond, so the plan adds the delay it states and no more
-            for link in self.engine.links.values():
-                if link.delayed and link.delayed[0][0] <= now:
-                    link.flush_delayed(now)
-        self._tick_due(now)
-        if self.faults is not None:
-            for link in self.engine.links.values():
-                if link.delayed and link.delayed[0][0] < self._links_due:
-                    self._links_due = link.delayed[0][0]
-
-    def _tick_due(self, now: int) -> None:
         """The links' timers, looked at once per LINK_TICK_NS at most (a look costs a few us a
         link; an ack that is due at once waits that long at most), when one is due, and at
         least every LINK_LOOK_NS (under the shortest retransmission timeout: a timer a send
-        started since is never missed by more than that)."""
+        started since is never missed by more than that). Frames a fault plan holds back (a
+        delay) go at their own time, to the microsecond: the plan adds the delay it states."""
+        if self.faults is not None:
+            self._links_due = min([self._links_due] + [l.delayed[0][0] for l in
+                                                       self.engine.links.values() if l.delayed])
         if now < self._links_due:
             return
-        due = now + LINK_LOOK_NS
+        due = held = now + LINK_LOOK_NS
         for link in list(self.engine.links.values()):
             if link.next_wake() <= now:
-                events = link.tick(now)
+                events = link.tick(now)         # resends, acks, and held frames now due
                 if events:
                     self._link_events(link, events, now)
-            due = min(due, link.next_wake())
-        self._links_due = max(due, now + LINK_TICK_NS)
+            due = min(due, link.proto.next_wake())
+            if link.delayed:
+                held = min(held, link.delayed[0][0])
+        self._links_due = min(max(due, now + LINK_TICK_NS), held)
 
     def _refuse(self, ident: bytes | None, sock: zmq.Socket, seq: int, code: str, text: str) -> None:
         """An error answer where there is no link (yet) whose sequence numbers to use: a frame
@@ -532,8 +525,7 @@ class Runtime:
             self._refuse(ident, r.sock, env.seq, err.code, err.text)
             return
         link.proto.start_at(epoch, stream, seq)      # the stream starts at its HELLO
-        link.proto.receive_parts(*parts, now)
-        link.proto.take_events()
+        link.proto.receive_parts(*parts, now)       # its ack; the HELLO itself is answered below
         link.proto.hello_accepted()
         self._reply_hello(link, env, now)
 

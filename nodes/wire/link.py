@@ -6,6 +6,7 @@ requests) against its limit. An optional LinkFaults filter plays the network's f
 frames this end sends (nodes/wire/faults.py)."""
 from __future__ import annotations
 
+import heapq
 from typing import Callable
 
 from nodes.errors import GvtError
@@ -21,8 +22,7 @@ class SendFailed(GvtError):
 class Link:
     __slots__ = ("name", "role", "vm", "control", "_send", "rx_seq", "sent", "received",
                  "gaps", "dups", "send_failed", "transport_drops", "outstanding",
-                 "max_outstanding", "version", "last_rx", "proto", "faults", "_rx_gen",
-                 "delayed")
+                 "max_outstanding", "version", "proto", "faults", "_rx_gen", "delayed")
 
     def __init__(self, name: str, send: Callable[[bytes], None], *, control: bool = False,
                  max_outstanding: int = 1024, epoch: int = 1, now: int = 0,
@@ -41,21 +41,14 @@ class Link:
         self.outstanding = 0        # its requests this node has not answered yet
         self.max_outstanding = max_outstanding
         self.version = 0
-        self.last_rx = 0
         self.proto = LinkProtocol(epoch, dead_ns=dead_ns, now=now)
         self.faults = faults
-        self.delayed: list[tuple[int, int, bytes]] = []     # (due, n, frame) the plan holds back
+        self.delayed: list[tuple[int, int, bytes]] = []     # heap of (due, n, frame) the plan holds back
         self._rx_gen = 0
 
     @property
     def tx_seq(self) -> int:
         return self.proto.tx_seq
-
-    @property
-    def rx_gen(self) -> int:
-        """Which of the peer's streams the messages now come from (a request answered on a
-        later one is stale: the peer forgot it)."""
-        return self.proto.rx_gen
 
     def send(self, build: Callable[[int], bytes], max_frame: int, now: int, counted: bool = True) -> int:
         """Build the next message with its sequence number and send it. SendFailed (E2BIG,
@@ -98,9 +91,7 @@ class Link:
                 if due <= now:
                     self._raw(fr)
                 else:
-                    self.delayed.append((due, faults.frames, fr))
-        if self.delayed and faults is not None:
-            self.delayed.sort()
+                    heapq.heappush(self.delayed, (due, faults.frames, fr))
 
     def _raw(self, frame: bytes) -> None:
         try:
@@ -111,16 +102,11 @@ class Link:
     def flush_delayed(self, now: int) -> None:
         """The frames the fault plan held back whose time has come."""
         d = self.delayed
-        i = 0
-        while i < len(d) and d[i][0] <= now:
-            self._raw(d[i][2])
-            i += 1
-        if i:
-            del d[:i]
+        while d and d[0][0] <= now:
+            self._raw(heapq.heappop(d)[2])
 
     def receive(self, frame: bytes, now: int) -> list[bytes]:
         """The messages a frame from the peer makes deliverable, in order, each once."""
-        self.last_rx = now
         return self.proto.receive(frame, now)
 
     def tick(self, now: int) -> list[LinkEvent]:
@@ -139,7 +125,6 @@ class Link:
         its peer stream (the protocol delivers in order: a gap or a repeat here is a bug)."""
         if counted:
             self.received += 1
-        self.last_rx = now
         gen = self.proto.rx_gen
         if gen != self._rx_gen:
             self._rx_gen, self.rx_seq = gen, 0

@@ -267,8 +267,15 @@ class LinkProtocol:
     def send(self, body: bytes, now: int) -> list[bytes]:
         """Number a body and return the frames to send now: it, or nothing if the window is full
         (it waits its turn). LinkFull if the queue is full as well: nothing was numbered."""
+        frame = self.send_now(body, now)
+        return [] if frame is None else [frame]
+
+    def send_now(self, body: bytes, now: int) -> bytes | None:
+        """send() for the hot path: the one frame to send now, or None (it waits its turn). The
+        common case is written out in place."""
         size = len(body)
-        if self.waiting or self.unacked_bytes + size > self.window_bytes and self.unacked:
+        unacked = self.unacked
+        if self.waiting or unacked and self.unacked_bytes + size > self.window_bytes:
             if self.waiting_bytes + size > self.queue_bytes:
                 raise LinkFull("EAGAIN", f"the link holds {self.unacked_bytes} bytes unacked and "
                                f"{self.waiting_bytes} waiting, its limit of "
@@ -276,17 +283,7 @@ class LinkProtocol:
             self.tx_seq += 1
             self.waiting.append((self.tx_seq, body, 0))
             self.waiting_bytes += size
-            return []
-        return [self.send_now(body, now)]
-
-    def send_now(self, body: bytes, now: int) -> bytes | None:
-        """send() for the hot path: the one frame to send now, or None (it waits, or the window
-        and queue are full: LinkFull as send). The common case is written out in place."""
-        size = len(body)
-        unacked = self.unacked
-        if self.waiting or unacked and self.unacked_bytes + size > self.window_bytes:
-            frames = self.send(body, now)
-            return frames[0] if frames else None
+            return None
         seq = self.tx_seq = self.tx_seq + 1
         if not unacked:
             self._rto_at = now + min(RTO_MAX_NS, self.rto << self._backoff)
