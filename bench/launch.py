@@ -30,6 +30,7 @@ from nodes.node import build_layout, fault_plan, hostile_vms, needed_peers, node
 from nodes.runtime import Keys, Runtime, make_keys
 from nodes.stats import Stats
 from nodes.wire.codec import Envelope
+from nodes.wire.faults import NodeFault
 
 SCHEMA_VERSION = 1
 DUMP_CHUNK = 65536          # GGTT entries per GGTT_DUMP (512 KiB: inside the frame limit)
@@ -92,6 +93,7 @@ class Launcher:
         self.pool: dict = {}
         self.node_errors: dict = {}
         self.hostile: dict[int, dict] = {}
+        self.plan = fault_plan(cfg)         # the run's fault plan (None: no faults)
         self.node_faults: list[dict] = []    # the node faults injected: when, which, how long
 
     # ---- processes -------------------------------------------------------------------------------
@@ -249,8 +251,7 @@ class Launcher:
         t_start = self.t_load = time.monotonic()
         for g in guests:
             yield Post(g, "START", {"load": True})
-        plan = fault_plan(cfg)
-        for nf in plan.nodes if plan else ():
+        for nf in self.plan.nodes if self.plan else ():
             self.rt.spawn(self._node_fault(nf))
         vms = [int(g[5:]) for g in guests]
         limit = (run["duration_s"] if not run["ops"] else 3600) + run["drain_timeout_s"]
@@ -267,7 +268,7 @@ class Launcher:
             self.on_progress(self._progress_view())
         return (yield from self._ledger(names, wall))
 
-    def _node_fault(self, nf: Any) -> Iterator[Any]:
+    def _node_fault(self, nf: NodeFault) -> Iterator[Any]:
         """A node fault of the plan, at its time from the start of the load: a pause stops the
         node's process (SIGSTOP) and lets it go on (SIGCONT) after its length."""
         yield Sleep(max(0.0, self.t_load + nf.start_ns / 1e9 - time.monotonic()))
@@ -449,7 +450,7 @@ class Launcher:
     def _faults(self, snaps: dict) -> dict:
         """The link fault plan (its specs, seed and rules) and what each directed link met: the
         plan's counts by kind, as the sending end kept them."""
-        plan = fault_plan(self.cfg)
+        plan = self.plan
         if plan is None:
             return {"seed": None, "plan": [], "links": [], "totals": {}, "nodes": []}
         links, totals = [], {}
