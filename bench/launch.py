@@ -95,6 +95,14 @@ class Launcher:
         self.hostile: dict[int, dict] = {}
         self.plan = fault_plan(cfg)         # the run's fault plan (None: no faults)
         self.node_faults: list[dict] = []    # the node faults injected: when, which, how long
+        self.down: set[str] = set()          # nodes killed by the plan, not yet started again
+        self.cfg_path = ""
+        # per guest, its incarnations that a fault killed: the fault and the last progress
+        # report it sent (what it had issued, completed, failed and had in flight then)
+        self.incarnations: dict[int, list[dict]] = {}
+        self.windows: list[dict] = []        # when each fault could cost operations (ledger)
+        self.costs: dict[int, list[dict]] = {}
+        self.t_spawn = self.t_load_ns = 0
 
     # ---- processes -------------------------------------------------------------------------------
     def _endpoint(self, name: str) -> str:
@@ -116,7 +124,7 @@ class Launcher:
             cmd += ["--vm", str(vm)]
         if self.keys_dir:
             cmd += ["--keys", self.keys_dir]
-        log = open(os.path.join(self.tmp, f"{name}.log"), "wb")
+        log = open(os.path.join(self.tmp, f"{name}.log"), "ab")      # a restarted node adds to it
         self.procs[name] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                             start_new_session=True)
         log.close()
@@ -130,7 +138,7 @@ class Launcher:
             return ""
 
     def _dead(self) -> list[str]:
-        return [n for n, p in self.procs.items() if p.poll() is not None]
+        return [n for n, p in self.procs.items() if p.poll() is not None and n not in self.down]
 
     # ---- the run -----------------------------------------------------------------------------------
     def run(self, drive: Callable[["Launcher", list[str]], Iterator[Any]] | None = None,
@@ -145,7 +153,7 @@ class Launcher:
             names += [f"guest{v}" for v in vms]
             eps = self.eps = {n: self._endpoint(n) for n in ["launcher", *node_names(self.cfg)]}
             eps.update({f"hypervisor.vm{v}": self._endpoint(f"hypervisor.vm{v}") for v in vm_ids(self.cfg)})
-            cfg_path = os.path.join(self.tmp, "run.json")
+            cfg_path = self.cfg_path = os.path.join(self.tmp, "run.json")
             with open(cfg_path, "w") as f:
                 json.dump(public(self.cfg), f)
             keys = None
@@ -156,6 +164,7 @@ class Launcher:
             self.rt = Runtime("launcher", "launcher", self.core, eps["launcher"],
                               vgpus=vm_ids(self.cfg), keys=keys,
                               link_silent_s=self.cfg["run"]["link_silent_s"])
+            self.t_spawn = time.monotonic()
             for n in names:
                 role = n if not n.startswith("guest") else "guest"
                 self._spawn(role, n, eps, cfg_path, vm=int(n[5:]) if role == "guest" else 0)
@@ -249,6 +258,7 @@ class Launcher:
         yield from self.wait_ready(names)
         self.phase = "load"
         t_start = self.t_load = time.monotonic()
+        self.t_load_ns = time.monotonic_ns()
         for g in guests:
             yield Post(g, "START", {"load": True})
         for nf in self.plan.nodes if self.plan else ():
@@ -270,21 +280,100 @@ class Launcher:
 
     def _node_fault(self, nf: NodeFault) -> Iterator[Any]:
         """A node fault of the plan, at its time from the start of the load: a pause stops the
-        node's process (SIGSTOP) and lets it go on (SIGCONT) after its length."""
-        yield Sleep(max(0.0, self.t_load + nf.start_ns / 1e9 - time.monotonic()))
-        proc = self.procs.get(nf.node)
-        if proc is None or proc.poll() is not None:
-            self.node_faults.append({"node": nf.node, "kind": nf.kind, "at_s": None,
-                                     "length_s": nf.length_ns / 1e9, "note": "not running"})
-            return
+        node's process (SIGSTOP) and lets it go on (SIGCONT) after its length; a kill or restart
+        is a kill -9 and a new process of the node after the time it is down. A fault that
+        cannot be carried out fails the run with the reason."""
+        try:
+            yield Sleep(max(0.0, self.t_load + nf.start_ns / 1e9 - time.monotonic()))
+            proc = self.procs.get(nf.node)
+            if proc is None or proc.poll() is not None:
+                self.node_faults.append({"node": nf.node, "kind": nf.kind, "spec": nf.spec,
+                                         "at_s": None, "note": "not running"})
+                return
+            if nf.kind == "pause":
+                yield from self._pause(nf, proc)
+            else:
+                yield from self._kill_and_start(nf)
+        except Exception as err:
+            self.error = f"node fault {nf.spec or nf.kind}: {getattr(err, 'text', None) or err}"
+
+    def _pause(self, nf: NodeFault, proc: subprocess.Popen) -> Iterator[Any]:
         at = time.monotonic() - self.t_load
         os.kill(proc.pid, signal.SIGSTOP)
         try:
             yield Sleep(nf.length_ns / 1e9)
         finally:
             os.kill(proc.pid, signal.SIGCONT)
-        self.node_faults.append({"node": nf.node, "kind": nf.kind, "at_s": round(at, 3),
+        self.node_faults.append({"node": nf.node, "kind": nf.kind, "spec": nf.spec,
+                                 "at_s": round(at, 3),
                                  "length_s": round(time.monotonic() - self.t_load - at, 3)})
+
+    def _kill_and_start(self, nf: NodeFault) -> Iterator[Any]:
+        """kill -9, then a new process under the same name and endpoint. The VMs die with their
+        hypervisor: its guests are killed with it, and start again after it is ready."""
+        run = self.cfg["run"]
+        names = [nf.node]
+        if nf.node == "hypervisor":
+            names += [n for n in self.procs if n.startswith("guest")]
+        at = time.monotonic() - self.t_load
+        for n in names:
+            self.down.add(n)
+            try:
+                os.kill(self.procs[n].pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while any(self.procs[n].poll() is None for n in names):
+            if time.monotonic() > deadline:
+                raise RunFailed(f"{nf.node} did not die within 10 s of SIGKILL")
+            yield Sleep(0.01)
+        for n in names:
+            if n.startswith("guest"):
+                vm = int(n[5:])
+                last = dict(self.core.progress.pop(vm, {}) or {})
+                self.incarnations.setdefault(vm, []).append(
+                    {"fault": nf.spec or f"{nf.kind}={nf.node}", "at_s": round(at, 3),
+                     "last_progress": last,
+                     "in_flight": max(0, last.get("issued", 0) - last.get("completed", 0)
+                                      - last.get("failed", 0) - last.get("unknown", 0))})
+            self.core.ready.pop(n, None)
+        down = nf.length_ns / 1e9 if nf.length_ns >= 0 else run["link_silent_s"] + 0.5
+        yield Sleep(down)
+        t_spawn = time.monotonic()
+        for n in names:                 # the hypervisor before its guests
+            role = n if not n.startswith("guest") else "guest"
+            self._spawn(role, n, self.eps, self.cfg_path, vm=int(n[5:]) if role == "guest" else 0)
+            yield from self._wait_back(n)
+            self.down.discard(n)
+        if self.prometheus is not None:
+            from bench.prom import write_targets
+            write_targets(self.prometheus.folder, dict(self.core.ready))
+        back = time.monotonic() - self.t_load
+        for n in names:
+            if n.startswith("guest"):
+                spec: dict[str, Any] = {"duration_s": max(0.5, run["duration_s"] - back)}
+                if run["ops"]:
+                    vm = int(n[5:])
+                    done = sum(i["last_progress"].get("issued", 0) for i in self.incarnations[vm])
+                    spec = {"ops": max(1, run["ops"] - done)}
+                yield Post(n, "START", {"load": True, "spec": spec})
+        self.node_faults.append({"node": nf.node, "kind": nf.kind, "spec": nf.spec,
+                                 "at_s": round(at, 3), "down_s": round(t_spawn - self.t_load - at, 3),
+                                 "ready_s": round(back - at, 3), "also_killed": names[1:]})
+
+    def _wait_back(self, name: str) -> Iterator[Any]:
+        """The new process of a killed node said READY (or failed: the run fails with why)."""
+        deadline = time.monotonic() + self.cfg["run"]["start_timeout_s"]
+        while name not in self.core.ready:
+            proc = self.procs[name]
+            if proc.poll() is not None:
+                raise RunFailed(f"{name} exited (code {proc.returncode}) after its restart: "
+                                f"{self._log_tail(name)}")
+            if time.monotonic() > deadline:
+                raise RunFailed(f"{name} was not ready again within run.start_timeout_s")
+            yield Sleep(0.02)
+        if self.core.ready[name].get("error"):
+            raise RunFailed(f"{name} failed to start again: {self.core.ready[name]['error']}")
 
     def _ledger(self, names: list[str], wall: float) -> Iterator[Any]:
         cfg = self.cfg
@@ -332,10 +421,23 @@ class Launcher:
         link_rows, link_reasons = ledger.check_links(snaps)
         hostile = self.hostile_vms()
         self.node_errors, error_reasons = ledger.check_errors(snaps, hostile)
-        work_reasons = ledger.check_workloads(self.core.reports, hostile)
+        # what each fault of the plan cost each guest: failures in a fault's window are its
+        # outcome (failed with a reason, or unknown); those outside every window fail the run
+        run = cfg["run"]
+        self.windows = ledger.fault_windows(self._faults({}),
+                                            cfg["load"]["hang_timeout_s"] + run["link_silent_s"] + 2.0,
+                                            self.t_spawn - self.t_load)
+        self.costs, excused_ops, excused_wl = {}, {}, {}
+        for v in vm_ids(cfg):
+            rows, _outside = ledger.fault_costs(self.core.reports.get(v, {}).get("timeline", {}),
+                                                self.t_load_ns, self.windows)
+            self.costs[v] = rows
+            excused_ops[v] = sum(r["failed_ops"] for r in rows)
+            excused_wl[v] = sum(r["failed_workloads"] for r in rows)
+        work_reasons = ledger.check_workloads(self.core.reports, hostile, excused_ops)
         for v in vm_ids(cfg):
             work_reasons += ledger.check_gpu_workloads(v, self.core.reports.get(v, {}).get("workloads", {}),
-                                                       rams[v], v in hostile)
+                                                       rams[v], v in hostile, excused_wl[v])
         self.hostile = {}
         for v in sorted(hostile):
             self.hostile[v], rs = ledger.check_hostile(v, self.core.reports.get(v, {}).get("hostile"),
@@ -409,6 +511,9 @@ class Launcher:
                 "histograms": {k: r for k, r in _hist_rows(snaps[f"guest{vm}"]).items()},
                 "workloads": _workload_row(self.core.reports.get(vm, {}).get("workloads", {}),
                                            self.rams.get(vm, {})),
+                # what each fault cost this vGPU, and its guest's incarnations a fault killed
+                "fault_costs": self.costs.get(vm, []),
+                "incarnations": self.incarnations.get(vm, []),
                 "ppgtt": {k: mv.get("ppgtt", {}).get(k, 0) for k in ("tracked_writes", "shadow_pages")},
                 "workload": ledger.summarize_workloads(snaps[f"guest{vm}"], vm),
                 "execlist": {k: mv.get(k, 0) for k in ("context_switches", "csb_entries", "virtual_irqs")},
@@ -435,8 +540,12 @@ class Launcher:
             "vgpus": out_vgpus,
             "ledger": {"links": link_rows, "ggtt_outside_written": ggtt["outside_written"],
                        "ggtt_sha256": ggtt["sha256"],
-                       "workloads": {vm: {k: r.get(k) for k in ("issued", "completed", "failed",
-                                                                 "unknown", "pending")}
+                       # ops of the last incarnation; `killed_in_flight`: those the earlier
+                       # ones had in flight when a fault killed them (unknown, with the fault)
+                       "workloads": {vm: {**{k: r.get(k) for k in ("issued", "completed", "failed",
+                                                                    "unknown", "pending")},
+                                          "killed_in_flight": sum(i["in_flight"] for i in
+                                                                  self.incarnations.get(vm, []))}
                                      for vm, r in self.core.reports.items()}},
             "isolation": isolation,
             "memory_sha256": mem_hash,
@@ -461,7 +570,8 @@ class Launcher:
                     for k, v in c["faults"].items():
                         totals[k] = totals.get(k, 0) + v
         return {"seed": plan.seed, "specs": list(plan.specs), "plan": plan.describe(),
-                "links": links, "totals": totals, "nodes": list(self.node_faults)}
+                "links": links, "totals": totals, "nodes": list(self.node_faults),
+                "windows": list(self.windows)}
 
     # ---- teardown --------------------------------------------------------------------------------
     def _teardown(self) -> None:

@@ -88,6 +88,10 @@ class NodeEngine:
         s.counter("gvtbench_handler_errors", "Requests that ended in an error, by code", ["code"])
         s.counter("gvtbench_dropped_frames",
                   "Frames this node could not send (peer gone, queue full, too large)", ["reason"])
+        s.counter("gvtbench_posts_while_down", "Posts not sent because their peer was down; the "
+                  "core restores that peer's state when it returns", ["peer"])
+        s.counter("gvtbench_stale_frames", "Frames of a stream to an earlier incarnation of this "
+                  "node (the sender learns of the restart from the answer)")
         s.counter("gvtbench_late_replies", "Replies that came after their request timed out")
         s.counter("gvtbench_stale_replies", "Answers not sent: the peer that asked restarted, went "
                   "silent or was replaced since")
@@ -105,6 +109,11 @@ class NodeEngine:
         self._observed: frozenset[str] = getattr(core, "OBSERVED", frozenset())
         self._tick = getattr(core, "tick", None)
         self._core_wake = getattr(core, "next_wake", None)
+        self._peer_event = getattr(core, "peer_event", None)
+        # peers whose state the core restores when they come back (the mediator rewrites a
+        # restarted gpu's GGTT and fences): a post to one while its link is down is dropped and
+        # counted, as a register write to a GPU in reset is lost, instead of failing the task
+        self._restored: frozenset[str] = getattr(core, "RESTORED_PEERS", frozenset())
         # tracing: 0 spans kept means this node records none and sends no trace id on
         self.trace_spans = trace_spans
         self.spans: list[tuple] = []        # closed: (t0, t1, vgpu, name, trace, kind, ins, outs)
@@ -139,19 +148,45 @@ class NodeEngine:
 
     def drop_link(self, name: str, now: int, why: str = "went away") -> None:
         """Forget a peer (a new incarnation replaced it); its calls in flight fail."""
-        if self.links.pop(name, None) is not None:
-            self.link_lost(name, why, now)
+        link = self.links.pop(name, None)
+        if link is not None:
+            self.link_lost(name, why, now, event="replaced", role=link.role)
 
-    def link_lost(self, name: str, why: str, now: int) -> None:
+    def link_lost(self, name: str, why: str, now: int, event: str = "silent",
+                  role: str = "") -> None:
         """The peer restarted, went silent or was replaced: what it was asked and has not
         answered has an unknown outcome (ECONNRESET), and what it asked of us is forgotten (an
-        answer would reach a stream that no longer expects it)."""
+        answer would reach a stream that no longer expects it). The core hears of it
+        (peer_event, unless `event` is empty: the caller tells it), before anything the peer's
+        next incarnation sends."""
         self.sched.fail_calls(lambda key: key[0] == name,
                               OutcomeUnknown("ECONNRESET", f"{name} {why} with the request "
                                              f"unanswered"), now)
         link = self.links.get(name)
         if link is not None:
             link.outstanding = 0
+            role = role or link.role
+        if event:
+            self.peer_event(name, role, event, why, now)
+
+    def peer_event(self, name: str, role: str, event: str, why: str, now: int) -> None:
+        """Tell the core a peer restarted, was replaced by a new incarnation, went silent or
+        returned (its hook `peer_event(name, role, event, why, now)` returns None, a task or a
+        list of Spawns: recovery runs as tasks, in lanes where it must come before new work)."""
+        if self._peer_event is None or role == "launcher":
+            return
+        try:
+            out = self._peer_event(name, role, event, why, now)
+        except Exception as err:        # our own bug: counted, and the node goes on
+            self.note_error(err, 0)
+            return
+        if out is None:
+            return
+        if isinstance(out, GeneratorType):
+            self.sched.spawn(out, now)
+            return
+        for action in out:
+            self.sched.spawn_in(action, now)
 
     # ---- receiving -----------------------------------------------------------------------------
     def deliver(self, link: Link, env: Envelope, now: int) -> None:
@@ -291,7 +326,13 @@ class NodeEngine:
         return key
 
     def send_post(self, post: Post, now: int) -> None:
-        link = self._link_to(post.peer, post.kind)
+        try:
+            link = self._link_to(post.peer, post.kind)
+        except GvtError as err:
+            if err.code == "ENOTCONN" and post.peer in self._restored:
+                self.stats.inc("gvtbench_posts_while_down", (post.peer,))
+                return
+            raise
         seq = link.tx_seq + 1
         trace, span = self._resolve(post.trace) if self.trace_spans else (0, None)
         t = self.clock()

@@ -89,13 +89,25 @@ def shm_path(run_id: str, region: str) -> str:
 
 
 def _shm_create(path: str, size: int) -> mmap.mmap:
-    """A new zeroed /dev/shm file of `size` bytes, mapped; only this user may open it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    """A zeroed /dev/shm file of `size` bytes, mapped; only this user may open it. A file the
+    owner's earlier incarnation left (it was killed and started again) is zeroed in place, not
+    replaced: the nodes that map it keep the same pages (a new file would leave them on the old
+    one, and truncating it would fault their accesses)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        os.ftruncate(fd, size)
-        return mmap.mmap(fd, size)
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, size)
+            return mmap.mmap(fd, size)
+        buf = mmap.mmap(fd, size)
+        _zero(buf)
+        return buf
     finally:
         os.close(fd)
+
+
+def _zero(buf: Any) -> None:
+    np.frombuffer(buf, dtype=np.uint8)[:] = 0
 
 
 def _shm_attach(path: str, size: int, writable: bool, missing: str) -> mmap.mmap:
@@ -137,6 +149,10 @@ class RegionMemory:
         if not (0 <= off and n >= 0 and off + n <= PAGE_SIZE):
             raise GvtError("EINVAL", f"access of {n} bytes at offset {off} crosses a page")
         return (mfn - self.region.base_mfn) * PAGE_SIZE + off
+
+    def zero(self) -> None:
+        """Every byte of the region to zero (a VM started again gets empty RAM)."""
+        _zero(self.buf)
 
     def read(self, mfn: int, off: int, n: int) -> bytes:
         a = self._span(mfn, off, n)

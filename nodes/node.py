@@ -33,7 +33,8 @@ def fault_plan(cfg: dict) -> FaultPlan | None:
     f = cfg["faults"]
     if not f["links"]:
         return None
-    return FaultPlan.parse(f["seed"] if f["seed"] >= 0 else cfg["run"]["seed"], f["links"])
+    return FaultPlan.parse(f["seed"] if f["seed"] >= 0 else cfg["run"]["seed"], f["links"],
+                           int(float(cfg["run"]["duration_s"]) * 1e9))
 
 
 def vm_ids(cfg: dict) -> list[int]:

@@ -412,11 +412,14 @@ class Runtime:
         side takes a returned peer back as it was: same epoch, its name already checked)."""
         for ev in events:
             if isinstance(ev, PeerRestarted):
-                self.engine.link_lost(link.name, f"restarted (epoch {ev.old_epoch:x} -> "
-                                      f"{ev.new_epoch:x})", now)
+                why = f"restarted (epoch {ev.old_epoch:x} -> {ev.new_epoch:x})"
+                self.engine.link_lost(link.name, why, now, event="")
+                link.new_incarnation()
                 self.engine.stats.inc("gvtbench_links_dropped", ("restarted",))
                 if link in self._dealers.values():
                     self.spawn(self.hello_task([link.name]))
+                # after the new HELLO went: what the core sends to recover follows it
+                self.engine.peer_event(link.name, link.role, "restarted", why, now)
             elif isinstance(ev, PeerSilent):
                 self.engine.link_lost(link.name, f"went silent for {ev.silent_ns / 1e9:.1f} s"
                                       if ev.why == "silent" else "acked nothing through "
@@ -427,6 +430,7 @@ class Runtime:
                     self.spawn(self.hello_task([link.name]))
                 else:
                     link.proto.hello_accepted()
+                self.engine.peer_event(link.name, link.role, "returned", "heard again", now)
 
     def _tick_links(self, now: int) -> None:
         """The links' timers, looked at once per LINK_TICK_NS at most (a look costs a few us a
@@ -500,6 +504,13 @@ class Runtime:
         epoch, stream, seq, ack, ack_epoch, ack_stream, flags, body = parts
         if flags & FLAG_OOB:
             return                      # a refusal from a peer we do not know: nothing to say
+        if ack_epoch and ack_epoch != self.epoch:
+            # the stream of a peer that knew an earlier incarnation of this node: not a bad
+            # frame, the news that we restarted is what it lacks. The empty frame outside any
+            # stream carries our epoch; it fails what it had in flight and says HELLO again
+            self.engine.stats.inc("gvtbench_stale_frames")
+            self._send_oob(ident, r.sock, b"")
+            return
         if not seq:
             # an ack (a heartbeat) from a peer that knows a link we do not have: this node
             # restarted. An empty frame outside any stream tells it so (it carries our epoch)

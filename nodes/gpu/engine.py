@@ -90,6 +90,15 @@ class Engine:
         self.commands = 0               # commands run, all contexts
         self.hangs = 0
         self.user_irqs = 0
+        self.reset_gen = 0              # GDRSTs so far: a context started before one stops
+
+    def reset(self) -> None:
+        """GDRST of this engine: the ports, the queue and the CSB write pointer start over, and
+        the context running now stops at its next command."""
+        self.port = lrc.ElspPort()
+        self.queue.clear()
+        self.csb_wp = regs.CSB_PTR_RESET
+        self.reset_gen += 1
 
     def elsp_write(self, data: int, trace: int = 0) -> Iterator[Any] | None:
         elems = self.port.elsp_write(data)
@@ -104,6 +113,7 @@ class Engine:
     def _run(self) -> Iterator[Any]:
         try:
             while self.queue:
+                gen = self.reset_gen
                 e0, e1, trace = self.queue.pop(0)
                 csb: list[list[int]] = [[lrc.CSB_IDLE_TO_ACTIVE, 0]]
                 faults: list[list] = []
@@ -117,6 +127,10 @@ class Engine:
                     except Hang as h:
                         self.hangs += 1
                         faults.append([d.ctx_id, h.addr, h.reason[:200]])
+                    except _Reset:
+                        break
+                if gen != self.reset_gen:
+                    continue                # reset under it: nothing to report
                 for lo, hi in csb:
                     self._post_csb(lo, hi)
                 yield self.gpu.irq(self.name, csb, faults, trace)
@@ -152,6 +166,8 @@ class Engine:
         finally:
             self.commands += ctx.executed
         yield from mem.flush()
+        if ctx.gen != self.reset_gen:
+            raise _Reset()                  # no context save for a context reset under it
         # context save: the engine has consumed the ring up to the tail
         yield from mem.write(self._ggtt(state_gm), 4 * lrc.CTX_RING_HEAD, _I.pack(tail))
         yield from mem.flush()
@@ -168,6 +184,10 @@ class Engine:
 # host's hang detection until the gpu has a notion of time: a batch that chains to itself, or a
 # ring of a million commands, stops here as a hang instead of holding the engine for ever.
 CMD_BUDGET = 1 << 20
+
+
+class _Reset(Exception):
+    """The engine was reset (GDRST) while the context ran."""
 
 
 class _Chain:
@@ -197,6 +217,7 @@ class _Context:
         self.base = engine.base
         self.name = engine.name
         self.executed = 0
+        self.gen = engine.reset_gen
 
     def run_ring(self, cmds: bytes, where: int) -> Iterator[Any]:
         yield from self._run(cmds, where, 0, True)
@@ -217,6 +238,8 @@ class _Context:
             if i + ln > n:
                 raise Hang(at, f"{c.name} runs past the end of the {what}")
             self.executed += 1
+            if self.engine.reset_gen != self.gen:
+                raise _Reset()
             if self.executed > CMD_BUDGET:
                 raise Hang(at, f"the context ran {CMD_BUDGET} commands without ending")
             if c.run == "hang":

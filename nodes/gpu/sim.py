@@ -36,6 +36,7 @@ class GpuSim:
         self.regs: dict[int, int] = {}
         self.ggtt = np.zeros(gtt.ENTRIES, dtype=np.uint64)
         self.ggtt_flushes = 0
+        self.resets = 0             # engine resets by GDRST
         self.trace = 0              # the sampled operation of the message being handled (if any)
         self.stats = Stats()
         declare_trap_metrics(self.stats)
@@ -56,6 +57,9 @@ class GpuSim:
             return
         if off == regs.GFX_FLSH_CNTL:
             self.ggtt_flushes += 1
+        if off == regs.GDRST and size == 4:
+            self.gdrst(val)
+            return
         engine = self._elsp.get(off)
         if engine is not None and size == 4:
             run = engine.elsp_write(val, self.trace)
@@ -64,6 +68,17 @@ class GpuSim:
                                    if self.trace else run)
             return
         write_dwords(self.regs, off, size, val)
+
+    def gdrst(self, val: int) -> None:
+        """A reset of the whole GT (bit 0) or of the engines whose bits are set: each stops the
+        context it runs at its next command, forgets its ports and queue, and posts nothing for
+        what it dropped. The register reads 0 at once: the reset is done when the write is."""
+        names = (list(self.engines) if val & regs.GRDOM_FULL else
+                 [e for bit, e in regs.GRDOM_ENGINES.items() if val & bit and e in self.engines])
+        for name in names:
+            self.engines[name].reset()
+        self.resets += len(names)
+        self.regs[regs.GDRST] = 0
 
     def irq(self, engine: str, csb: list, faults: list, trace: int = 0) -> Post:
         """The engine's interrupt to the mediator, with the CSB entries it posted and the
@@ -157,7 +172,7 @@ class GpuSim:
         return [d[0] for d in dma]      # the machine frames hit, for the ledger
 
     def snapshot(self) -> dict:
-        return {"ggtt_flushes": self.ggtt_flushes,
+        return {"ggtt_flushes": self.ggtt_flushes, "engine_resets": self.resets,
                 "engines": {n: {"executed": e.executed, "hangs": e.hangs, "user_irqs": e.user_irqs}
                             for n, e in self.engines.items()},
                 "dma_bytes_written": self.mem.bytes_written}

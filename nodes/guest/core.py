@@ -294,7 +294,7 @@ class GuestCore:
         self._mix_names = [m for m in self.load.mix if self.load.mix[m] > 0]
         self._draw_mix = []
         self.end_ns = now + int(self.load.duration_s * 1e9)
-        series = [("ops", m, st) for m in self._mix_names for st in ("completed", "failed")]
+        series = [("ops", m, st) for m in self._mix_names for st in ("completed", "failed", "unknown")]
         if "submit" in self._mix_names:
             series += [("workloads", "completed"), ("workloads", "failed")]
         self.timeline = Timeline(now, series)
@@ -579,6 +579,7 @@ class GuestCore:
             elif status == "unknown":
                 self.unknown += 1
                 self.stats.inc("gvtbench_guest_ops", (self.vm, _MIX[op.kind], "unknown"))
+                self.timeline.count(("ops", _MIX[op.kind], "unknown"), now)
             else:
                 self._fail(_MIX[op.kind], f"posted write {status}: {p.get('reason', status)}", now)
         for kind, (intended, n) in ok.items():

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from types import GeneratorType
 from typing import Any, Iterator
 
 import numpy as np
 
-from nodes.actions import Call, Event, Post, Signal, Spawn, Wait
+from nodes.actions import Call, Event, Now, Post, Signal, Sleep, Spawn, Wait
 from nodes.errors import GvtError, OutcomeUnknown, RemoteError
 from nodes.hw import PAGE_SHIFT, PAGE_SIZE, bar0
 from nodes.memory import Layout, RegionMemory, WriteProtect, make_p2m
@@ -89,6 +90,9 @@ class Vm:
         self.batches = 0            # TRAP_WRITE calls in flight
         self.msi_injected = 0
         self.msi_merged = 0
+        self.gen = 0                # the guest's incarnation: a new process of it is a new VM
+        self.resetting: Event | None = None     # set while the VM is being made new: traps wait
+        self.restarts = 0
 
     def gpa_to_mfn(self, gpa: int, n: int) -> tuple[int, int]:
         gfn, off = gpa >> PAGE_SHIFT, gpa & (PAGE_SIZE - 1)
@@ -132,6 +136,8 @@ class HypervisorCore:
         s.gauge("gvtbench_hv_tracked_pages", "Guest pages write-protected for the mediator", ["vgpu"])
         s.counter("gvtbench_hv_tracked_writes", "Guest stores to tracked pages sent to the mediator",
                   ["vgpu"])
+        s.counter("gvtbench_hv_vm_restarts", "Guests that came back as a new process: each VM "
+                  "started again (vGPU reset, RAM and page tracking emptied)", ["vgpu"])
         s.counter("gvtbench_hv_vm_resets", "VM resets a guest asked for (each a device-model reset "
                   "of its vGPU)", ["vgpu"])
 
@@ -148,9 +154,66 @@ class HypervisorCore:
         return vm
 
     # ---- messages ------------------------------------------------------------------------------
+    # ---- a guest that restarts ------------------------------------------------------------------------
+    def peer_event(self, name: str, role: str, event: str, why: str, now: int) -> Any:
+        """A guest's new process (its link replaced by a later epoch) is a VM started again:
+        the old one's queued writes go, its answers are not sent to the new one, its vGPU gets a
+        device-model reset and its RAM and page tracking start empty, before any access of the
+        new guest goes through."""
+        if role != "guest" or event not in ("replaced", "restarted"):
+            return None
+        vm = self.vms.get(int(name[5:]) if name[5:].isdigit() else -1)
+        if vm is None:
+            return None
+        vm.gen += 1
+        vm.restarts += 1
+        for item in vm.fifo:
+            if isinstance(item, Event):
+                self.outbox.append(Signal(item))    # a held read: its guest is gone
+        vm.fifo.clear()
+        vm.faults_queued.clear()
+        vm.queued = 0
+        if vm.resetting is None:
+            vm.resetting = Event(f"vm{vm.id} restart")
+            return [Spawn(self._vm_restarted(vm, why))]
+        return None
+
+    def _vm_restarted(self, vm: Vm, why: str) -> Iterator[Any]:
+        self.stats.inc("gvtbench_hv_vm_restarts", (vm.id,))
+        try:
+            while vm.batches or vm.faulting:        # the old guest's writes with the mediator
+                yield Sleep(0.001)
+            try:
+                yield Call(self.mediator, "VGPU_RESET", None, vgpu=vm.id, timeout=self.call_timeout)
+            except GvtError:
+                pass            # no vGPU (yet): a mediator that restarted too starts it new
+            vm.pins[:] = 0      # what the reset did not release, the old VM's mediator held
+            vm.track[:] = 0
+            vm.wp.bits[:] = 0
+            vm.mem.zero()
+            self.stats.set("gvtbench_hv_tracked_pages", (vm.id,), 0)
+        finally:
+            ev, vm.resetting = vm.resetting, None
+            if ev is not None:
+                yield Signal(ev)
+
+    def _after_reset(self, vm: Vm, msg: Envelope) -> Iterator[Any]:
+        while vm.resetting is not None:
+            yield Wait(vm.resetting)
+        res = self.handle(msg, (yield Now()))
+        if isinstance(res, GeneratorType):
+            res = yield from res
+        if self.outbox:
+            out, self.outbox = self.outbox, []
+            for a in out:
+                yield a
+        return res
+
     def handle(self, msg: Envelope, now: int) -> Any:
         kind, p = msg.kind, msg.payload
         vm = self._vm(msg.vgpu)
+        if vm.resetting is not None and msg.peer.startswith("guest"):
+            return self._after_reset(vm, msg)
         if kind == "MMIO_WRITE":
             off = p["off"]
             return self._posted(vm, _U32.pack(off), bytes((p["size"],)), _U64.pack(p["val"]), 1,
@@ -349,6 +412,7 @@ class HypervisorCore:
     def _tracked_write(self, vm: Vm, f: _Fault) -> Iterator[Any]:
         vm.tracked_writes += 1
         self.stats.inc("gvtbench_hv_tracked_writes", (vm.id,))
+        gen = vm.gen
         status, reason, errors = "ok", None, None
         try:
             yield Call(self.mediator, "TRACKED_WRITE", {"gpa": f.gpa, "data": f.data}, vgpu=vm.id,
@@ -362,10 +426,11 @@ class HypervisorCore:
         except GvtError as err:
             status, reason = "failed", str(err)
         finally:
-            self._store(vm, f.gpa, f.data)
+            if gen == vm.gen:
+                self._store(vm, f.gpa, f.data)
             vm.faulting = False
             self._dirty.add(vm.id)
-        if f.w:
+        if f.w and gen == vm.gen:
             try:
                 yield self._done(vm, f.w, f.w, 1, status, reason, len(errors or ()), errors,
                                  refused=[0] if errors else None)
@@ -374,6 +439,7 @@ class HypervisorCore:
 
     def _write_batch(self, vm: Vm, q: _Writes) -> Iterator[Any]:
         self.stats.inc("gvtbench_trap_batches", (vm.id,))
+        gen = vm.gen
         call = Call(self.mediator, "TRAP_WRITE", {"off": bytes(q.off), "size": bytes(q.size),
                                                   "val": bytes(q.val)},
                     vgpu=vm.id, timeout=self.call_timeout)
@@ -393,6 +459,8 @@ class HypervisorCore:
             if vm.fifo:
                 self._dirty.add(vm.id)
             self.stats.set("gvtbench_hv_posted_writes_in_flight", (vm.id,), vm.queued + vm.in_flight)
+        if gen != vm.gen:
+            return                          # its guest restarted: the new one did not ask
         try:
             for d in done:
                 yield d

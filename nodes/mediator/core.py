@@ -10,10 +10,11 @@ import numpy as np
 
 from nodes.actions import Call, Post
 from nodes.errors import GvtError
-from nodes.hw import bar0, gtt, lrc, partition
+from nodes.hw import bar0, gtt, lrc, partition, regs
 from nodes.mediator import mmio
-from nodes.mediator.aperture import GmAllocator
+from nodes.mediator.aperture import GmAllocator, write_fence
 from nodes.mediator.dma import HostPool
+from nodes.mediator.gtt import POST_ENTRIES
 from nodes.mediator.scheduler import WorkloadScheduler
 from nodes.mediator.translate import translate_entries
 from nodes.mediator.vgpu import VGpu, declare_vgpu_metrics
@@ -32,6 +33,7 @@ GFN_HOLE_FRAMES = 4096
 
 class MediatorCore:
     role = "mediator"
+    RESTORED_PEERS = frozenset({"gpu"})     # a gpu that comes back gets its state rewritten
 
     def __init__(self, layout: Layout, fabric: Fabric, *, aperture_size: int = 1024 << 20,
                  max_vgpus: int = partition.GVT_MAX_VGPU - 1,
@@ -64,6 +66,8 @@ class MediatorCore:
         self.stats.counter("gvtbench_ggtt_entries_translated",
                            "Guest GGTT entries emulated, by result", ["vgpu", "result"])
         self.stats.gauge("gvtbench_pinned_pages", "Guest pages pinned for GGTT mappings", ["vgpu"])
+        self.stats.counter("gvtbench_gpu_restores", "Times the gpu came back (restarted, or returned "
+                           "after a silence) and was reset and given its GGTT and fences again")
 
     # ---- device model ------------------------------------------------------------------------
     def create_vgpu(self, vgpu_id: int, vgpu_type: str) -> VGpu:
@@ -99,6 +103,48 @@ class MediatorCore:
             yield from vgpu.ggtt.reset()
         yield Call(self.gpu, "SYNC")
         return [v.info() for v in self.vgpus.values()]
+
+    # ---- peers that restart -------------------------------------------------------------------
+    def peer_event(self, name: str, role: str, event: str, why: str, now: int) -> Any:
+        """A gpu that went silent gets nothing dispatched; one that restarted (or returned from
+        a silence whose frames were given up) is reset and given its state again."""
+        self.scheduler.now = now
+        if name == self.gpu:
+            if event == "silent":
+                self.scheduler.gpu_down = f"the gpu {why}"
+                return None
+            return self.restore_gpu(f"the gpu {why}")
+        return None
+
+    def restore_gpu(self, why: str) -> Iterator[Any]:
+        """Bring a gpu that restarted back to what the vGPUs expect: a full GT reset (a gpu that
+        only returned still holds contexts whose frames were given up), every workload it was
+        running failed with the reset as reason, then the physical GGTT (host pool and each
+        vGPU's host entries) and fences rewritten from the shadows, and scheduling resumed.
+        Posts to the gpu while it was down were dropped (RESTORED_PEERS): this rewrite covers
+        them. Each batch reads the shadow as it is sent, so a trap emulated in between is not
+        overwritten by an older value."""
+        sched = self.scheduler
+        sched.gpu_down = f"{why}: being restored"
+        yield Post(self.gpu, "MMIO_WRITE", {"off": regs.GDRST, "size": 4, "val": regs.GRDOM_FULL})
+        yield from sched.gpu_reset(why)
+        idx, vals = self.pool.ggtt_entries()
+        for a in range(0, len(idx), POST_ENTRIES):
+            yield Post(self.gpu, "MMIO_WRITE_BATCH", pack_write_batch(
+                gtt.offset_of(idx[a:a + POST_ENTRIES]), np.full(len(idx[a:a + POST_ENTRIES]), 8),
+                vals[a:a + POST_ENTRIES]))
+        for v in self.vgpus.values():
+            yield from v.ggtt.rewrite()
+            for n in range(v.part.fence_num):
+                lo = regs.fence_lo(n)
+                value = v.vregs.get(lo, 0) | v.vregs.get(lo + 4, 0) << 32
+                for post in write_fence(v.part, n, value, self.gpu, v.id):
+                    yield post
+        yield Post(self.gpu, "MMIO_WRITE", {"off": regs.GFX_FLSH_CNTL, "size": 4, "val": 1})
+        yield Call(self.gpu, "SYNC", timeout=30)
+        sched.gpu_down = None
+        self.stats.inc("gvtbench_gpu_restores")
+        yield from sched.kick()
 
     def _vgpu(self, vgpu_id: int) -> VGpu:
         vgpu = self.vgpus.get(vgpu_id)
@@ -292,4 +338,5 @@ class MediatorCore:
                                  "virtual_irqs": v.msi_injected}
                           for v in self.vgpus.values()},
                 "pool_pages_in_use": self.pool.in_use(), "scratch": self.scratch_mode,
+                "gpu_resets": self.scheduler.gpu_resets,
                 "shadow_quota": self.shadow_quota}

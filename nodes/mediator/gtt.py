@@ -204,6 +204,12 @@ class GgttShadow:
                        pack_write_batch(gtt.offset_of(g), np.full(len(g), 8), vals[a:a + POST_ENTRIES]),
                        vgpu=self.vgpu)
 
+    def rewrite(self) -> Iterator[Post]:
+        """Every host entry of the partition, as the shadow has it, to the gpu again (a gpu that
+        restarted has an empty GGTT)."""
+        loc = np.arange(len(self.host), dtype=np.int64)
+        yield from self._host_posts(self.global_index(loc), self.host)
+
     def reset(self) -> Iterator[Any]:
         """Every host entry of the partition to the scratch page, present, releasing the pins they
         held (a new vGPU; intel_vgpu_reset_ggtt on a device-model reset). The virtual GGTT and any

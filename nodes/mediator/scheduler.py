@@ -102,6 +102,8 @@ class WorkloadScheduler:
         self.vgpus: dict[int, VGpu] = {}
         self.next_id = 1
         self.now = 0                # the time of the message or tick being handled
+        self.gpu_down: str | None = None    # why the gpu is unreachable: nothing is dispatched
+        self.gpu_resets = 0                 # gpu restarts recovered from
 
     # ---- submission (the ELSP hook: intel_vgpu_submit_execlist) ----------------------------------
     def submit(self, vgpu: VGpu, engine: str, elems: tuple[lrc.Descriptor, lrc.Descriptor],
@@ -207,7 +209,7 @@ class WorkloadScheduler:
                 else:
                     yield Spawn(self.on_failsafe(v), lane=v.id)
         for engine, cur in self.inflight.items():
-            if cur is not None:
+            if cur is not None or self.gpu_down is not None:
                 continue
             w = self.policy.pick(engine, self.vgpus.values())
             if w is None:
@@ -334,9 +336,11 @@ class WorkloadScheduler:
             return                          # a reset failed it already
         vgpu = w.vgpu
         if w.gpu_fault is not None:
-            # a hang: no completion reaches the guest, and its queued work on that engine goes
+            # a hang (or the gpu reset under it): no completion reaches the guest, which sees a
+            # vGPU hang, and its queued work on that engine goes (complete_current_workload)
             addr, reason = w.gpu_fault
-            yield from self._fail(w, f"GPU hang at {addr:#x}: {reason}", drop_engine=True)
+            yield from self._fail(w, reason if addr < 0 else f"GPU hang at {addr:#x}: {reason}",
+                                  drop_engine=True)
         elif vgpu.failsafe is not None:
             yield from self._fail(w, f"vGPU in failsafe ({vgpu.failsafe})")
         else:
@@ -408,6 +412,16 @@ class WorkloadScheduler:
         if w.mm is not None:
             mm, w.mm = w.mm, None
             yield from ppgtt.put_mm(mm)
+
+    def gpu_reset(self, reason: str) -> Iterator[Any]:
+        """The physical gpu was reset under its workloads (it restarted): each one it was running
+        ends as a hang would, with the reset as its reason: the kernel gives the guest no
+        context-switch interrupt for a workload whose request died with -EIO, so the guest sees
+        a vGPU hang and resets the engine itself."""
+        self.gpu_resets += 1
+        for engine, w in self.inflight.items():
+            if w is not None and w.state == "running":
+                yield from self.on_engine_irq(engine, [], [[w.id, -1, f"GPU reset: {reason}"]])
 
     # ---- resets and failsafe -----------------------------------------------------------------------------
     def reset(self, vgpu: VGpu, engines: list[str], reason: str) -> Iterator[Any]:

@@ -11,6 +11,10 @@ Grammar of one spec (repeatable; the later a spec, the more it overrides for its
     partition=A-B@T+D               nothing passes between A and B from T for D (A>B: one way)
     pause=NODE@T+D                  the launcher stops NODE's process (SIGSTOP) at T and lets it
                                     go on (SIGCONT) after D; T counts from the start of the load
+    kill=NODE@T[+D]                 kill -9 of NODE at T; a new process of it starts D later
+                                    (without +D: once its peers' liveness timeout has passed)
+    restart=NODE@T                  kill -9 of NODE at T and a new process of it at once
+    T may be `random`: a time drawn from the seed, within the middle of the load (20-60%)
 
     KIND:   drop=P  dup=P  reorder=P  corrupt=P    P a probability in [0, 1]
             delay=D[+-J]                           D and J durations (ns, us, ms, s)
@@ -111,12 +115,13 @@ class Partition:
 @dataclass(frozen=True)
 class NodeFault:
     node: str
-    kind: str               # pause
+    kind: str               # pause, kill, restart
     start_ns: int
-    length_ns: int
+    length_ns: int          # pause: stopped for; kill: down for (-1: the liveness timeout)
+    spec: str = ""
 
 
-NODE_FAULT_KINDS = ("pause",)
+NODE_FAULT_KINDS = ("pause", "kill", "restart")
 
 
 @dataclass
@@ -129,12 +134,21 @@ class FaultPlan:
     nodes: list[NodeFault] = field(default_factory=list)
     specs: list[str] = field(default_factory=list)
 
+    duration_ns: int = 10_000_000_000      # the load's length: where `random` times fall
+
     @classmethod
-    def parse(cls, seed: int, specs: Iterable[str]) -> "FaultPlan":
-        plan = cls(seed)
+    def parse(cls, seed: int, specs: Iterable[str], duration_ns: int = 10_000_000_000) -> "FaultPlan":
+        plan = cls(seed, duration_ns=duration_ns)
         for spec in specs:
             plan.add(spec)
         return plan
+
+    def _node_time(self, text: str, spec: str) -> int:
+        if text.strip() != "random":
+            return duration_ns(text, spec)
+        # one stream per spec and its position: the same seed and specs give the same times
+        rng = random.Random(zlib.crc32(f"{self.seed}/{len(self.nodes)}/{spec}".encode()))
+        return int(self.duration_ns * (0.2 + 0.4 * rng.random()))
 
     def add(self, spec: str) -> None:
         if not isinstance(spec, str) or "=" not in spec:
@@ -144,11 +158,15 @@ class FaultPlan:
         key = key.strip()
         if key in NODE_FAULT_KINDS:
             node, at, window = value.partition("@")
-            if not node.strip() or not at or "+" not in window:
-                raise FaultSpecError(spec, f"a node fault is {key}=NODE@START+LENGTH")
-            start, _, length = window.partition("+")
-            self.nodes.append(NodeFault(node.strip(), key, duration_ns(start, spec),
-                                        duration_ns(length, spec)))
+            forms = {"pause": "pause=NODE@START+LENGTH", "kill": "kill=NODE@START[+DOWN]",
+                     "restart": "restart=NODE@START"}
+            start, plus, length = window.partition("+")
+            if not node.strip() or not at or not start or (key == "pause" and not plus) \
+                    or (key == "restart" and plus):
+                raise FaultSpecError(spec, f"a {key} fault is {forms[key]}")
+            length_ns = duration_ns(length, spec) if plus else (-1 if key == "kill" else 0)
+            self.nodes.append(NodeFault(node.strip(), key, self._node_time(start, spec),
+                                        length_ns, spec))
         elif key == "partition":
             sel_text, at, window = value.partition("@")
             if not at or "+" not in window:
@@ -191,7 +209,7 @@ class FaultPlan:
                         "length_ns": pt.length_ns})
         for nf in self.nodes:
             out.append({"node": nf.node, "kind": nf.kind, "at_ns": nf.start_ns,
-                        "length_ns": nf.length_ns})
+                        "length_ns": nf.length_ns, "spec": nf.spec})
         return out
 
 
@@ -223,7 +241,7 @@ def _kinds(items: list[str], spec: str) -> dict:
                 raise FaultSpecError(spec, "the jitter may not exceed the delay")
         else:
             raise FaultSpecError(spec, f"unknown fault kind {kind!r}: drop, dup, reorder, corrupt, "
-                                 f"delay, or link=, partition=, pause=")
+                                 f"delay, or link=, partition=, pause=, kill=, restart=")
     return out
 
 

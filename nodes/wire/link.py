@@ -22,7 +22,8 @@ class SendFailed(GvtError):
 class Link:
     __slots__ = ("name", "role", "vm", "control", "_send", "rx_seq", "sent", "received",
                  "gaps", "dups", "send_failed", "transport_drops", "outstanding",
-                 "max_outstanding", "version", "proto", "faults", "_rx_gen", "delayed")
+                 "max_outstanding", "version", "proto", "faults", "_rx_gen", "delayed", "earlier",
+                 "_lost0")
 
     def __init__(self, name: str, send: Callable[[bytes], None], *, control: bool = False,
                  max_outstanding: int = 1024, epoch: int = 1, now: int = 0,
@@ -45,6 +46,20 @@ class Link:
         self.faults = faults
         self.delayed: list[tuple[int, int, bytes]] = []     # heap of (due, n, frame) the plan holds back
         self._rx_gen = 0
+        # what was sent to and received from the peer's earlier incarnations, and the bodies the
+        # protocol had given up before this one: the ledger checks this incarnation's stream alone
+        self.earlier = {"incarnations": 0, "sent": 0, "received": 0, "gaps": 0}
+        self._lost0 = 0
+
+    def new_incarnation(self) -> None:
+        """The peer restarted: its new process counts from zero, and so does this stream."""
+        e = self.earlier
+        e["incarnations"] += 1
+        e["sent"] += self.sent
+        e["received"] += self.received
+        e["gaps"] += self.gaps
+        self.sent = self.received = self.gaps = 0
+        self._lost0 = self.proto.counts["lost"]
 
     @property
     def tx_seq(self) -> int:
@@ -145,5 +160,6 @@ class Link:
                 "retransmits": c["retransmits"], "duplicates": c["duplicates"],
                 "corrupt": c["corrupt"], "out_of_order": c["out_of_order"], "lost": c["lost"],
                 "acks": c["acks"], "restarts": c["restarts"], "deaths": c["deaths"],
+                "given_up": c["lost"] - self._lost0, "earlier": dict(self.earlier),
                 "srtt_us": self.proto.srtt // 1000,
                 "faults": self.faults.report()["counts"] if self.faults else {}}
