@@ -117,7 +117,7 @@ def _node(args: argparse.Namespace) -> int:
     return run_node(args.role, cfg, vm=args.vm, bind=args.bind, peers=peers,
                     launcher=args.launcher, run_id=args.run_id, keys_dir=args.keys,
                     metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
-                    parent_death=args.parent_death, vm_binds=vm_binds)
+                    parent_death=args.parent_death, vm_binds=vm_binds, restarted=args.restart)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -223,6 +223,9 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--metrics-port", type=int, default=0, help="/metrics port (0: any free port)")
     n.add_argument("--metrics-addr", default="127.0.0.1")
     n.add_argument("--parent-death", action="store_true", help=argparse.SUPPRESS)
+    n.add_argument("--restart", action="store_true",
+                   help="this process replaces one of the same node that died (a hypervisor "
+                        "then starts every VM again: each vGPU reset, RAM emptied)")
     n.set_defaults(fn=_node)
     k = sub.add_parser("keys", help="make the CURVE keys of a run's nodes (for tcp links)")
     k.add_argument("dir", help="directory to write them to (made with mode 700)")

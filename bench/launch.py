@@ -111,10 +111,11 @@ class Launcher:
             return f"ipc://{self.tmp}/{name}"
         return f"tcp://{run['host']}:{free_port(run['host'])}"
 
-    def _spawn(self, role: str, name: str, eps: dict[str, str], cfg_path: str, vm: int = 0) -> None:
+    def _spawn(self, role: str, name: str, eps: dict[str, str], cfg_path: str, vm: int = 0,
+               restart: bool = False) -> None:
         cmd = [sys.executable, "-m", "bench.cli", "node", role, "--config", cfg_path,
                "--bind", eps[name], "--launcher", eps["launcher"], "--run-id", self.run_id,
-               "--parent-death"]
+               "--parent-death"] + (["--restart"] if restart else [])
         for peer in needed_peers(role, self.cfg):
             # a guest connects to its own VM's endpoint of the hypervisor
             cmd += ["--peer", f"{peer}={eps[f'{peer}.vm{vm}' if role == 'guest' else peer]}"]
@@ -342,7 +343,8 @@ class Launcher:
         t_spawn = time.monotonic()
         for n in names:                 # the hypervisor before its guests
             role = n if not n.startswith("guest") else "guest"
-            self._spawn(role, n, self.eps, self.cfg_path, vm=int(n[5:]) if role == "guest" else 0)
+            self._spawn(role, n, self.eps, self.cfg_path, vm=int(n[5:]) if role == "guest" else 0,
+                        restart=True)
             yield from self._wait_back(n)
             self.down.discard(n)
         if self.prometheus is not None:
@@ -420,7 +422,8 @@ class Launcher:
         snaps["launcher"] = self.rt.snapshot()
         link_rows, link_reasons = ledger.check_links(snaps)
         hostile = self.hostile_vms()
-        self.node_errors, error_reasons = ledger.check_errors(snaps, hostile)
+        self.node_errors, error_reasons = ledger.check_errors(
+            snaps, hostile, node_faults=bool(self.plan and self.plan.nodes))
         # what each fault of the plan cost each guest: failures in a fault's window are its
         # outcome (failed with a reason, or unknown); those outside every window fail the run
         run = cfg["run"]

@@ -252,12 +252,20 @@ def _family_total(snap: dict, name: str) -> int:
     return int(sum(v for _labels, v in fam["rows"])) if fam else 0
 
 
-def check_errors(snapshots: dict[str, dict], hostile: frozenset[int] = frozenset()) -> tuple[dict, list[str]]:
+# what a request may fail with when a node died under it or its vGPU went with a mediator:
+# expected in a run with node faults (counted apart), a failure of the run in any other
+FAULT_CODES = frozenset({"ENODEV", "ECONNRESET", "ENOTCONN", "ETIMEDOUT", "EHOSTUNREACH",
+                         "ECANCELED"})
+
+
+def check_errors(snapshots: dict[str, dict], hostile: frozenset[int] = frozenset(),
+                 node_faults: bool = False) -> tuple[dict, list[str]]:
     """Every node's own error counts. An internal error (a handler or task that failed with
     something other than a refusal) is a bug and fails the run; so does any request that failed,
     any frame refused as malformed or for its route, any reply that came too late and any frame
     that could not be sent, unless it was a hostile vGPU's request (those are expected, and
-    counted apart)."""
+    counted apart), or, in a run with node faults, one that failed as a request to a node that
+    died or a vGPU that was lost does (FAULT_CODES: counted apart too)."""
     reasons: list[str] = []
     summary: dict[str, dict] = {}
     for name, snap in sorted(snapshots.items()):
@@ -266,12 +274,15 @@ def check_errors(snapshots: dict[str, dict], hostile: frozenset[int] = frozenset
         row["internal_errors"] = _family_total(snap, "gvtbench_internal_errors")
         expected: dict[str, int] = {}
         unexpected: dict[str, int] = {}
+        by_fault: dict[str, int] = {}
         for vg, codes in errs["by_vgpu"].items():
-            into = expected if int(vg) in hostile else unexpected
             for code, n in codes.items():
+                into = (expected if int(vg) in hostile else
+                        by_fault if node_faults and code in FAULT_CODES else unexpected)
                 into[code] = into.get(code, 0) + n
         row["failed_requests"] = unexpected
         row["hostile_failed_requests"] = expected
+        row["fault_failed_requests"] = by_fault
         summary[name] = row
         if row["internal_errors"]:
             reasons.append(f"{name}: {row['internal_errors']} internal errors (bugs): "

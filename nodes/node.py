@@ -133,7 +133,7 @@ class _GuestDriver:
 def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
              launcher: str | None, run_id: str, keys_dir: str | None = None, metrics_port: int = 0,
              metrics_addr: str = "127.0.0.1", parent_death: bool = False,
-             vm_binds: dict[int, str] | None = None) -> int:
+             vm_binds: dict[int, str] | None = None, restarted: bool = False) -> int:
     if role not in ROLES:
         raise GvtError("EINVAL", f"unknown role {role!r}; roles: {', '.join(ROLES)}")
     if role == "guest" and vm not in vm_ids(cfg):
@@ -173,7 +173,12 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
             mems[v] = RegionMemory.create(layout.vm_region(v), run["fabric"], run_id)
             owned.add(mems[v])
             wps[v] = WriteProtect.create(layout.vm_region(v), run["fabric"], run_id)
-        core = HypervisorCore(layout, mems, run["seed"], wps=wps, call_timeout=run["call_timeout_s"])
+        core = HypervisorCore(layout, mems, run["seed"], wps=wps, call_timeout=run["call_timeout_s"],
+                              restarted=restarted)
+        if restarted:
+            # the VMs of the hypervisor that died are gone: each starts again, its vGPU reset
+            # once the gpu runs nothing of it, before its guest's first access goes through
+            setup = core.restart_vms("the hypervisor restarted")
         for wp in wps.values():
             on_stop.append(wp.close)
     else:

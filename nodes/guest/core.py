@@ -47,6 +47,7 @@ TOKEN = struct.Struct("<IIQ")       # vm, GGTT index, nonce: 16 bytes written by
 VERIFY_CHUNK = 16384                # probe tokens read back per GPA_READ
 PLAN_PAGE = 16384                   # GGTT entries (and their probes) per VERIFY_PLAN page
 FIRST_READ_PATIENCE_S = 30.0
+LOST_SETTLE_S = 15.0            # a lost vGPU: how long the guest waits for its accesses to settle
 
 
 @dataclass
@@ -115,6 +116,8 @@ class GuestCore:
         self._latency_base: dict[str, LatencyHistogram] = {}    # the histograms when the load began
         self.timeline = Timeline()          # ops and workloads per second, from the load's start
         self.irqs = 0
+        self.vgpu_losses = 0        # VGPU_LOST survived (a reboot each)
+        self.lost_while: list[str] = []     # VGPU_LOSTs that came while the guest was booting
         self.t0 = 0
         self.sched_t0 = 0               # the open-loop schedule's origin (moved on by a reboot)
         self.next_op = 0            # index of the next op in the open-loop schedule
@@ -208,6 +211,13 @@ class GuestCore:
                 if err.code not in ("ENODEV", "ETIMEDOUT", "EHOSTUNREACH", "ECONNRESET") \
                         or attempt == tries - 1:
                     raise
+                if self.lost_while:
+                    # the vGPU was lost while booting: the VM resets its device, then reads again
+                    self.lost_while.clear()
+                    try:
+                        yield Call(self.hv, "VM_RESET", None, vgpu=self.vm, timeout=30)
+                    except GvtError:
+                        self.lost_while.append("VM_RESET refused: try again")
             yield Sleep(0.1)
         raise GvtError("ETIMEDOUT", "no vGPU answered")     # not reached: the loop raises
 
@@ -261,10 +271,48 @@ class GuestCore:
         VM that was down issued nothing; its operations were not late)."""
         self.sched_t0 += downtime_ns
 
-    def after_vm_reset(self, now: int) -> None:
+    def vgpu_lost(self, reason: str, now: int) -> Iterator[Any] | None:
+        """The hypervisor says the vGPU is gone (its mediator restarted): what is in flight
+        settles (failed: ENODEV, or unknown), the VM resets its device (VM_RESET, retried while
+        the new mediator has no vGPU for it yet), and the driver boots again. The load's
+        schedule resumes after the downtime; GPU work in flight failed with the loss as reason."""
+        if self.state not in ("running", "booted", "drained"):
+            self.lost_while.append(reason)  # booting or rebooting already: that boot meets it
+            return None
+        return self._reboot_lost(reason, now)
+
+    def _reboot_lost(self, reason: str, down: int) -> Iterator[Any]:
+        state, self.state = self.state, "rebooting"
+        self.vgpu_losses += 1
+        try:
+            for _ in range(int(LOST_SETTLE_S / 0.005)):
+                if not (self.reads_inflight or self.writes):
+                    break
+                yield Sleep(0.005)
+            for attempt in range(int(FIRST_READ_PATIENCE_S / 0.1)):
+                try:
+                    yield Call(self.hv, "VM_RESET", None, vgpu=self.vm, timeout=30)
+                    break
+                except GvtError as err:
+                    if err.code not in ("ENODEV", "ETIMEDOUT", "EHOSTUNREACH", "ECONNRESET",
+                                        "ENOTCONN"):
+                        raise
+                yield Sleep(0.1)
+            self.after_vm_reset(self.now, reason=f"the vGPU was lost: {reason}")
+            yield from self.boot(reboot=True)
+            self.rebooted(self.now - down)
+        except GvtError as err:
+            self.boot_error = f"after the vGPU was lost ({reason}): {err.text}"
+            state = "failed"
+            raise
+        finally:
+            self.state = state
+
+    def after_vm_reset(self, now: int, reason: str | None = None) -> None:
         """The VM was reset: the vGPU's registers are back at their reset values, its GGTT's host
-        entries at scratch, its GPU work gone; the guest's bookkeeping follows."""
-        self.wl.reboot(now)
+        entries at scratch, its GPU work gone (meant, or failed with `reason`); the guest's
+        bookkeeping follows."""
+        self.wl.reboot(now, reason)
         if self.map is not None:
             self.map[:] = 0
         self.gpr_base = [0] * N_GPRS
@@ -529,6 +577,8 @@ class GuestCore:
             self.irqs += 1
             self.stats.inc("gvtbench_guest_irqs", (self.vm,))
             return self.wl.on_irq(now)
+        if kind == "VGPU_LOST":
+            return self.vgpu_lost(p["reason"], now)
         if kind == "RAM_VERIFY":
             return self.wl.verify()
         if kind == "START":
@@ -684,6 +734,7 @@ class GuestCore:
                 "mismatches": self.mismatches, "fail_reasons": dict(self.fail_reasons),
                 "faulting_pages": len(self.ram.faulting), "outside_probes": self.outside_probes,
                 "irqs": self.irqs, "boot_error": self.boot_error, "pv": self.pv,
+                "vgpu_losses": self.vgpu_losses,
                 "workloads": self.wl.report(), "workload_latency": self.workload_latency(),
                 "elapsed_s": (now - self.t0) / 1e9 if self.t0 else 0.0,
                 "latency": self.latency(), "traced": self.traced,

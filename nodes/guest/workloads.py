@@ -539,14 +539,14 @@ class WorkloadDriver:
         e.last_progress = now
         return out
 
-    def reboot(self, now: int) -> None:
+    def reboot(self, now: int, reason: str | None = None) -> None:
         """The VM was reset (VM_RESET): nothing of the GPU's state survived. Its workloads in
-        flight failed (meant: the guest asked for it); the next boot sets every object up again,
-        its contexts' rings included."""
+        flight failed (meant: the guest asked for it; or, with a reason, a fault took the vGPU);
+        the next boot sets every object up again, its contexts' rings included."""
         if self.lay is None:
             return
         for e in self.lay.engines.values():
-            for w in self._fail_inflight(e, now, True, ""):
+            for w in self._fail_inflight(e, now, reason is None, reason or ""):
                 self._release(w)            # the VM reset is done: nothing runs any more
             e.active, e.submitted = [], None
             e.csb_head = regs.RING_CSB_ENTRIES - 1

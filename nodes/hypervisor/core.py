@@ -93,6 +93,7 @@ class Vm:
         self.gen = 0                # the guest's incarnation: a new process of it is a new VM
         self.resetting: Event | None = None     # set while the VM is being made new: traps wait
         self.restarts = 0
+        self.device_lost: str | None = None     # why the vGPU is gone, until the VM resets
 
     def gpa_to_mfn(self, gpa: int, n: int) -> tuple[int, int]:
         gfn, off = gpa >> PAGE_SHIFT, gpa & (PAGE_SIZE - 1)
@@ -110,7 +111,7 @@ class HypervisorCore:
                  wps: dict[int, WriteProtect] | None = None,
                  mediator: str = "mediator", batch_max: int = BATCH_MAX,
                  batches_in_flight: int = BATCHES_IN_FLIGHT, max_posted: int = MAX_POSTED_WRITES,
-                 call_timeout: float = 10.0):
+                 call_timeout: float = 10.0, restarted: bool = False):
         self.layout = layout
         self.mediator = mediator
         self.batch_max, self.batches_in_flight = batch_max, batches_in_flight
@@ -120,6 +121,9 @@ class HypervisorCore:
                            wps.get(vm) or WriteProtect.create(mem.region, "msg", ""))
                     for vm, mem in vms.items()}
         self._dirty: set[int] = set()       # VMs whose fifo has something to send
+        if restarted:               # closed until restart_vms() has made each VM new
+            for vm in self.vms.values():
+                vm.resetting = Event(f"vm{vm.id} restart")
         self._irqs: dict[int, int | None] = {}     # VM -> MSI vector to deliver at the next tick
         self._irq_traces: dict[int, int] = {}       # VM -> the first sampled operation among them
         self.outbox: list[Any] = []
@@ -138,6 +142,8 @@ class HypervisorCore:
                   ["vgpu"])
         s.counter("gvtbench_hv_vm_restarts", "Guests that came back as a new process: each VM "
                   "started again (vGPU reset, RAM and page tracking emptied)", ["vgpu"])
+        s.counter("gvtbench_hv_vgpus_lost", "vGPUs lost with a mediator that restarted (their "
+                  "guests were told: VGPU_LOST)", ["vgpu"])
         s.counter("gvtbench_hv_vm_resets", "VM resets a guest asked for (each a device-model reset "
                   "of its vGPU)", ["vgpu"])
 
@@ -160,6 +166,8 @@ class HypervisorCore:
         the old one's queued writes go, its answers are not sent to the new one, its vGPU gets a
         device-model reset and its RAM and page tracking start empty, before any access of the
         new guest goes through."""
+        if name == self.mediator and event in ("replaced", "restarted"):
+            return self._vgpus_lost(f"the mediator {why}")
         if role != "guest" or event not in ("replaced", "restarted"):
             return None
         vm = self.vms.get(int(name[5:]) if name[5:].isdigit() else -1)
@@ -177,6 +185,30 @@ class HypervisorCore:
             vm.resetting = Event(f"vm{vm.id} restart")
             return [Spawn(self._vm_restarted(vm, why))]
         return None
+
+    def _vgpus_lost(self, why: str) -> list[Any]:
+        """The mediator restarted: every vGPU it had is gone, with the pins and page tracking
+        it held. Each guest is told (VGPU_LOST); its accesses fail with ENODEV, and its queued
+        writes as not applied, until it resets its VM, as a guest whose device vanished must."""
+        for vm in self.vms.values():
+            vm.device_lost = why
+            vm.pins[:] = 0
+            vm.track[:] = 0
+            vm.wp.bits[:] = 0
+            self.stats.set("gvtbench_hv_tracked_pages", (vm.id,), 0)
+            self.stats.inc("gvtbench_hv_vgpus_lost", (vm.id,))
+            self._dirty.add(vm.id)
+            self.outbox.append(Post(guest_name(vm.id), "VGPU_LOST", {"reason": why[:200]},
+                                    vgpu=vm.id))
+        return []
+
+    def restart_vms(self, why: str) -> Iterator[Any]:
+        """A hypervisor that replaces one that died: every VM starts again (their guests died
+        with it), each vGPU reset at the mediator, RAM and page tracking empty."""
+        for vm in self.vms.values():
+            vm.restarts += 1
+            yield from self._vm_restarted(vm, why)
+        return {"restarted_vms": sorted(self.vms)}
 
     def _vm_restarted(self, vm: Vm, why: str) -> Iterator[Any]:
         self.stats.inc("gvtbench_hv_vm_restarts", (vm.id,))
@@ -302,11 +334,15 @@ class HypervisorCore:
         if held is not None:
             yield Wait(held)
         self.stats.inc("gvtbench_hv_vm_resets", (vm.id,))
-        return (yield Call(self.mediator, "VGPU_RESET", None, vgpu=vm.id, timeout=self.call_timeout))
+        res = yield Call(self.mediator, "VGPU_RESET", None, vgpu=vm.id, timeout=self.call_timeout)
+        vm.device_lost = None           # the new mediator's vGPU, reset: the VM has it now
+        return res
 
     def _trap_read(self, vm: Vm, off: int, size: int, held: Event | None) -> Iterator[Any]:
         if held is not None:
             yield Wait(held)
+        if vm.device_lost is not None:
+            raise GvtError("ENODEV", f"VM {vm.id}'s vGPU is gone ({vm.device_lost}): reset the VM")
         return (yield Call(self.mediator, "TRAP_READ", {"off": off, "size": size}, vgpu=vm.id,
                            timeout=self.call_timeout))
 
@@ -333,6 +369,11 @@ class HypervisorCore:
                     self._store(vm, head.gpa, head.data)
                     if head.w:
                         out.append(self._done(vm, head.w, head.w, 1, "ok", None, trace=head.trace))
+                continue
+            if vm.device_lost is not None:      # no vGPU to emulate them: not applied
+                fifo.popleft()
+                vm.queued -= len(head)
+                out += self._dones(vm, head, "failed", f"ENODEV: the vGPU is gone ({vm.device_lost})")
                 continue
             # a batch that is not full waits for the one in flight (and grows meanwhile); full
             # ones go while the VM has fewer than batches_in_flight out

@@ -95,6 +95,9 @@ class MediatorCore:
         """Map the host pool into the host's GM (so shadow contexts, rings and batches have GGTT
         addresses), then create the configured vGPUs; every GGTT entry of each starts at the
         scratch page."""
+        # a full GT reset first: after a restart of the mediator, the gpu may still run the
+        # contexts of the one before, from host pool pages this one will use again
+        yield Post(self.gpu, "MMIO_WRITE", {"off": regs.GDRST, "size": 4, "val": regs.GRDOM_FULL})
         idx, vals = self.pool.ggtt_entries()
         yield Post(self.gpu, "MMIO_WRITE_BATCH", pack_write_batch(gtt.offset_of(idx),
                                                                   np.full(len(idx), 8), vals))

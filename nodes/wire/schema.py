@@ -272,6 +272,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          "the outcome of the guest's posted writes numbered first..last"),
     Kind("IRQ", _routes("hypervisor>guest"), (Field("vector", "u32", optional=True),), None,
          "an interrupt delivered to the guest"),
+    Kind("VGPU_LOST", _routes("hypervisor>guest"), (Field("reason", "str", max_len=TEXT_MAX),), None,
+         "the VM's vGPU is gone (its mediator restarted): its BAR0 accesses fail with ENODEV "
+         "until the guest resets its VM (VM_RESET) and boots the vGPU again"),
     # hypervisor <-> mediator
     Kind("TRAP_READ", _routes("hypervisor>mediator"), _ACCESS, "u64", "a guest's BAR0 read, to emulate"),
     Kind("TRAP_WRITE", _routes("hypervisor>mediator"), _BATCH,
