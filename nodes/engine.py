@@ -92,6 +92,8 @@ class NodeEngine:
                   "core restores that peer's state when it returns", ["peer"])
         s.counter("gvtbench_stale_frames", "Frames of a stream to an earlier incarnation of this "
                   "node (the sender learns of the restart from the answer)")
+        s.counter("gvtbench_early_frames", "Frames that overtook the HELLO opening their link "
+                  "(dropped: the sender resends them once the link is open)")
         s.counter("gvtbench_late_replies", "Replies that came after their request timed out")
         s.counter("gvtbench_stale_replies", "Answers not sent: the peer that asked restarted, went "
                   "silent or was replaced since")

@@ -522,6 +522,11 @@ class Runtime:
             self._count_bad(err.code)
             self._refuse(ident, r.sock, err.seq, err.code, err.text)
             return
+        if env.kind != "HELLO" and ack_epoch == self.epoch:
+            # a frame of a stream that knows this incarnation and overtook its HELLO (the
+            # network reordered them, or dropped the HELLO): resent once the HELLO opened it
+            self.engine.stats.inc("gvtbench_early_frames")
+            return
         if env.kind != "HELLO":
             self._count_bad("no_hello")
             self._refuse(ident, r.sock, env.seq, "EPROTO",
