@@ -446,6 +446,13 @@ class Launcher:
             self.hostile[v], rs = ledger.check_hostile(v, self.core.reports.get(v, {}).get("hostile"),
                                                        failsafe_of[v])
             work_reasons += rs
+        for v in vgpus:
+            mvs = snaps["mediator"]["core"]["vgpus"]
+            mv = mvs.get(v["id"]) or mvs.get(str(v["id"])) or {}
+            if mv.get("execlist_errors") and not (self.plan and self.plan.nodes) \
+                    and v["id"] not in hostile:
+                work_reasons.append(f"vGPU {v['id']}: {mv['execlist_errors']} completions of a "
+                                    f"context its execlist was not running (the emulation lost step)")
         if pool["violations"]:
             work_reasons.append(f"host pool: {pool['violations']} violations: "
                                 + "; ".join(pool["reasons"][:3]))
@@ -523,6 +530,7 @@ class Launcher:
                 # what the mediator saw of the vGPU's work: why workloads failed there, the
                 # parser's and shadowing's refusals by code, commands scanned, pool pages held
                 "mediator": {"fail_reasons": mv.get("fail_reasons", {}), "refusals": mv.get("refusals", {}),
+                             "execlist_errors": mv.get("execlist_errors", 0),
                              "commands_scanned": mv.get("commands_scanned", 0),
                              "scans": mv.get("scans", 0), "scan_ns": mv.get("scan_ns", 0),
                              "pool_pages": mv.get("pool_pages", 0)},

@@ -331,6 +331,7 @@ class MediatorCore:
         return {"vgpus": {v.id: {**v.info(), "ggtt": dict(v.ggtt.counts), "pinned": v.pins.count(),
                                  "pin_calls": v.pins.pin_calls, "workloads": dict(v.workloads),
                                  "fail_reasons": dict(v.fail_reasons),
+                                 "execlist_errors": v.execlist_errors,
                                  "refusals": dict(v.refusals), "commands_scanned": v.commands_scanned,
                                  "scans": v.scans, "scan_ns": v.scan_ns,
                                  "scheduled": v.sched_active,

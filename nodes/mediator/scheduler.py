@@ -358,7 +358,14 @@ class WorkloadScheduler:
                     for a in interrupt.trigger_event(vgpu, w.engine, ev):
                         yield a
                 if not (q and q[0].desc.same_context(w.desc)):      # else a lite restore follows
-                    yield from execlist.schedule_out(vgpu, vgpu.execlists[w.engine], w.desc)
+                    try:
+                        yield from execlist.schedule_out(vgpu, vgpu.execlists[w.engine], w.desc)
+                    except GvtError:
+                        # the guest's execlist no longer runs this context: after a GPU reset
+                        # failed a workload without a CSB (the kernel's -EIO path), until the
+                        # guest resets the engine. The kernel logs it (gvt_vgpu_err) and goes
+                        # on; so does this, counting it for the ledger
+                        vgpu.execlist_errors += 1
             finally:
                 yield from self._release(w)
         yield from self.kick(vgpu.id)

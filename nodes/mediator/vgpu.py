@@ -65,6 +65,7 @@ class VGpu:
         self.execlists: dict[str, execlist.Execlist] = {}
         self.queues: dict[str, list] = {e: [] for e in regs.ENGINES}
         self.running = 0                        # workloads on the gpu (sent, not reported)
+        self.execlist_errors = 0                # schedule-outs of a context not running
         self.idle_waiters: list = []            # Events set when `running` drops to 0
         self.sched_active = False               # scheduled: the guest enabled execlists
         self.hws_pga: dict[str, int] = {}       # engine -> GGTT address of its status page
