@@ -317,6 +317,7 @@ class Launcher:
         if nf.node == "hypervisor":
             names += [n for n in self.procs if n.startswith("guest")]
         at = time.monotonic() - self.t_load
+        at_ns = time.monotonic_ns()
         for n in names:
             self.down.add(n)
             try:
@@ -361,7 +362,8 @@ class Launcher:
                 yield Post(n, "START", {"load": True, "spec": spec})
         self.node_faults.append({"node": nf.node, "kind": nf.kind, "spec": nf.spec,
                                  "at_s": round(at, 3), "down_s": round(t_spawn - self.t_load - at, 3),
-                                 "ready_s": round(back - at, 3), "also_killed": names[1:]})
+                                 "ready_s": round(back - at, 3), "also_killed": names[1:],
+                                 "at_monotonic_ns": at_ns})
 
     def _wait_back(self, name: str) -> Iterator[Any]:
         """The new process of a killed node said READY (or failed: the run fails with why)."""
@@ -546,6 +548,7 @@ class Launcher:
             "seed": self.cfg["run"]["seed"],
             "translator": self.core.ready.get("mediator", {}).get("translator", "?"),
             "scratch": med["core"].get("scratch", "?"),
+            "gpu_restores": med["core"].get("gpu_restores", []),
             "shadow_quota_pages": med["core"].get("shadow_quota"),
             "wall_s": round(wall, 3),
             "vgpus": out_vgpus,

@@ -89,9 +89,35 @@ def print_result(result: dict, console: Console | None = None) -> None:
                       f"{result.get('scratch', '?')}")
     for vm, h in sorted(result.get("hostile", {}).items(), key=lambda kv: int(kv[0])):
         console.print(hostile_table(vm, h))
+    ft = fault_table(result)
+    if ft is not None:
+        console.print(ft)
     if result["verdict"] == "pass":
         console.print("[bold green]verdict: pass[/]")
     else:
         console.print("[bold red]verdict: fail[/]")
         for r in result["reasons"]:
             console.print(f"  - {r}")
+
+
+def fault_table(result: dict) -> Table | None:
+    """Per vGPU, what each node fault or partition cost it: operations failed and of unknown
+    outcome, workloads failed, in the fault's window; and the operations a killed incarnation
+    of its guest had in flight (unknown). None when the run had no such fault."""
+    f = result.get("faults") or {}
+    windows = f.get("windows") or []
+    if not windows:
+        return None
+    t = Table(title="What each fault cost (in its window: from the fault to its end, plus the "
+                    "hang check and liveness timeouts)")
+    t.add_column("fault", no_wrap=True)
+    for col in ("at s", "vGPU", "ops failed", "unknown", "wl failed", "killed"):
+        t.add_column(col, justify="right")
+    for w in windows:
+        for v in result["vgpus"]:
+            cost = next((c for c in v.get("fault_costs", []) if c["fault"] == w["fault"]), {})
+            killed = sum(i["in_flight"] for i in v.get("incarnations", []) if i["fault"] == w["fault"])
+            t.add_row(w["fault"], f"{w['from_s']:.2f}", str(v["id"]), f"{cost.get('failed_ops', 0):,}",
+                      f"{cost.get('unknown_ops', 0):,}", f"{cost.get('failed_workloads', 0):,}",
+                      f"{killed:,}")
+    return t

@@ -96,7 +96,13 @@ def test_a_restarted_mediator_is_welcomed_by_its_new_epoch(short_ipc_dir):
         wait_for(lambda: metric(c.metrics("hypervisor"), "gvtbench_link_restarts_total",
                                 link="mediator") >= 1, 20, "the hypervisor to see the new epoch")
         assert metric(c.metrics("hypervisor"), "gvtbench_links_dropped_total", reason="restarted") >= 1
-        # the new mediator's vGPUs are new (a mediator restart loses their state); reads work
+        # the new mediator's vGPUs are new (a mediator restart loses their state): the guest
+        # is told (VGPU_LOST), its reads fail with ENODEV until it resets its VM; then they work
+        r = g.call("MMIO_READ", {"off": GPR0, "size": 4}, 1)
+        assert r[0] == "ERROR" and r[6]["code"] == "ENODEV" and "reset the VM" in r[6]["text"], r
+        assert any(m[0] == "VGPU_LOST" and "mediator restarted" in m[6]["reason"] for m in g.others)
+        wait_for(lambda: (g.call("VM_RESET", None, 1) or [""])[0] == "REPLY", 30,
+                 "the VM reset on the new mediator")
         wait_for(lambda: (g.call("MMIO_READ", {"off": GPR0, "size": 4}, 1) or [""])[0] == "REPLY",
                  30, "a read through the new mediator")
         assert metric(c.metrics("mediator"), "gvtbench_link_messages_total", link="hypervisor",

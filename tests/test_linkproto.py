@@ -281,7 +281,7 @@ def test_the_fault_grammar_and_its_errors():
     nodes = FaultPlan.parse(1, ["pause=mediator@2s+500ms"])
     assert nodes.nodes[0].node == "mediator" and nodes.nodes[0].length_ns == 500 * MS
     assert nodes.describe() == [{"node": "mediator", "kind": "pause", "at_ns": 2 * 10**9,
-                                 "length_ns": 500 * MS}]
+                                 "length_ns": 500 * MS, "spec": "pause=mediator@2s+500ms"}]
     assert nodes.for_link("hypervisor", "mediator") is None      # a node fault touches no frame
     # the launcher's control links are faulted only when named
     assert plan.params("launcher", "gpu").drop == 0

@@ -84,6 +84,7 @@ class RawPeer:
         self.name = name
         self.seq = 0
         self.link = Stream()
+        self.others: list = []          # messages that came while call() waited for its answer
 
     def send_body(self, body: bytes) -> None:
         """A message (well formed or not) as the next of the stream."""
@@ -123,11 +124,14 @@ class RawPeer:
         return self.recv(timeout_ms)
 
     def call(self, kind: str, payload: Any = None, vgpu: int = 0, timeout_ms: int = 10000) -> Any:
+        """Send a request and return its answer; what came meanwhile is kept in `others`."""
         seq = self.send(kind, payload, vgpu)
         while True:
             r = self.recv(timeout_ms)
             if r is None or r[2] == seq:
                 return r
+            if len(self.others) < 1000:
+                self.others.append(r)
 
     def hello(self, version: int = PROTOCOL_VERSION, name: str | None = None, role: str | None = None,
               timeout_ms: int = 10000) -> Any:

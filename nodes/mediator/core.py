@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from nodes.actions import Call, Post
+from nodes.actions import Call, Now, Post
 from nodes.errors import GvtError
 from nodes.hw import bar0, gtt, lrc, partition, regs
 from nodes.mediator import mmio
@@ -146,6 +146,7 @@ class MediatorCore:
         yield Post(self.gpu, "MMIO_WRITE", {"off": regs.GFX_FLSH_CNTL, "size": 4, "val": 1})
         yield Call(self.gpu, "SYNC", timeout=30)
         sched.gpu_down = None
+        sched.note_restore((yield Now()))
         self.stats.inc("gvtbench_gpu_restores")
         yield from sched.kick()
 
@@ -343,4 +344,5 @@ class MediatorCore:
                           for v in self.vgpus.values()},
                 "pool_pages_in_use": self.pool.in_use(), "scratch": self.scratch_mode,
                 "gpu_resets": self.scheduler.gpu_resets,
+                "gpu_restores": list(self.scheduler.restores),
                 "shadow_quota": self.shadow_quota}

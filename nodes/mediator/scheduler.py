@@ -104,6 +104,9 @@ class WorkloadScheduler:
         self.now = 0                # the time of the message or tick being handled
         self.gpu_down: str | None = None    # why the gpu is unreachable: nothing is dispatched
         self.gpu_resets = 0                 # gpu restarts recovered from
+        # each restore of the gpu: when it was done and when a workload first completed after
+        # it (ns, the shell's clock): how long a gpu restart keeps the vGPUs' work from ending
+        self.restores: list[dict] = []
 
     # ---- submission (the ELSP hook: intel_vgpu_submit_execlist) ----------------------------------
     def submit(self, vgpu: VGpu, engine: str, elems: tuple[lrc.Descriptor, lrc.Descriptor],
@@ -348,6 +351,8 @@ class WorkloadScheduler:
             q.remove(w)                     # the next in the queue decides about a lite restore
             _to(w, "complete")
             self._count(w, "completed")
+            if self.restores and self.restores[-1]["first_completion_ns"] is None:
+                self.restores[-1]["first_completion_ns"] = self.now
             try:
                 yield from vgpu.mem.write_gm(w.desc.lrca + lrc.LRC_STATE_PN * PAGE_SIZE +
                                              4 * lrc.CTX_RING_HEAD, struct.pack("<I", w.tail))
@@ -419,6 +424,10 @@ class WorkloadScheduler:
         if w.mm is not None:
             mm, w.mm = w.mm, None
             yield from ppgtt.put_mm(mm)
+
+    def note_restore(self, now: int) -> None:
+        if len(self.restores) < 64:
+            self.restores.append({"restored_ns": now, "first_completion_ns": None})
 
     def gpu_reset(self, reason: str) -> Iterator[Any]:
         """The physical gpu was reset under its workloads (it restarted): each one it was running

@@ -23,7 +23,7 @@ import msgpack
 from nodes.errors import GvtError, WireError
 from nodes.wire.schema import KINDS, Kind
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_FRAME = 1 << 20         # ZMQ_MAXMSGSIZE of every socket, and the largest reply a node builds
 FLAG_WANT_REPLY = 1
 FLAG_TRACED = 2
