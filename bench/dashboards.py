@@ -25,7 +25,7 @@ from pathlib import Path
 
 from grafana_foundation_sdk.builders import heatmap, statetimeline, timeseries
 from grafana_foundation_sdk.builders.common import VizLegendOptions, VizTooltipOptions
-from grafana_foundation_sdk.builders.dashboard import (Dashboard, DashboardLink, DatasourceVariable,
+from grafana_foundation_sdk.builders.dashboard import (AnnotationQuery, Dashboard, DashboardLink, DatasourceVariable,
                                                         QueryVariable, Row, ThresholdsConfig)
 from grafana_foundation_sdk.builders.prometheus import Dataquery
 from grafana_foundation_sdk.cog.builder import Builder
@@ -171,6 +171,8 @@ def build(board: Board) -> Dashboard:
                .include_vars(True).keep_time(True)))
     for v in _variables():
         d = d.with_variable(v)
+    for a in _fault_annotations():
+        d = d.annotation(a)
     panel_id = 1
     for title, specs in board.rows:
         d = d.with_row(Row(title).id(panel_id))
@@ -179,6 +181,21 @@ def build(board: Board) -> Dashboard:
             d = d.with_panel(_panel(spec, panel_id))
             panel_id += 1
     return d
+
+
+# Faults on every dashboard's time axis, from what the nodes saw: a peer that restarted (a kill
+# and a new process), a peer that went silent (a pause, a kill, a partition past the liveness
+# timeout), and the mediator's restores of a gpu that came back
+FAULT_ANNOTATIONS = (
+    ("Peer restarted", "red", "sum by (node, link) (increase(gvtbench_link_restarts_total{%s}[1m])) > 0"),
+    ("Peer went silent", "orange", "sum by (node, link) (increase(gvtbench_link_deaths_total{%s}[1m])) > 0"),
+    ("gpu restored", "purple", "sum by (node) (increase(gvtbench_gpu_restores_total{%s}[1m])) > 0"),
+)
+
+
+def _fault_annotations() -> list[AnnotationQuery]:
+    return [AnnotationQuery().name(name).datasource(DATASOURCE).enable(True).icon_color(color)
+            .expr(expr % NODE) for name, color, expr in FAULT_ANNOTATIONS]
 
 
 def traps() -> Board:
@@ -346,6 +363,34 @@ def nodes() -> Board:
             (events("gvtbench_internal_errors_total", "node"), "{{node}} internal errors"),
             (events("gvtbench_links_dropped_total", "node, reason"), "{{node}} link dropped {{reason}}")]),
     ]
+    proto = [
+        ts("Link protocol: resends, repeats and corrupt frames",
+           "Frames the link protocol sent again (not acked in time), frames that arrived again and were "
+           "suppressed, and frames the checksum refused, per node and link." + node_note, "cps",
+           [(f"sum by (node, link) ({rate('gvtbench_link_retransmits_total', NODE)})", "{{node}} resent to {{link}}"),
+            (f"sum by (node, link) ({rate('gvtbench_link_duplicates_total', NODE)})",
+             "{{node}} repeats from {{link}}"),
+            (f"sum by (node, link) ({rate('gvtbench_link_corrupt_frames_total', NODE)})",
+             "{{node}} corrupt from {{link}}")]),
+        ts("Link protocol: acks and heartbeats",
+           "Frames with no message (acks, heartbeats) per second, per node and link."
+           + node_note, "cps",
+           [(f"sum by (node, link) ({rate('gvtbench_link_acks_total', NODE)})", "{{node}} acks to {{link}}")]),
+        ts("Round-trip time by link", "The link protocol's smoothed round trip (Jacobson/Karels), per node "
+           "and link." + node_note, "s",
+           [(f"max by (node, link) ({sel('gvtbench_link_rtt_seconds', NODE)})", "{{node}} to {{link}}")]),
+        ts("Faults injected by kind",
+           "What the run's fault plan did to the frames each node sent, by kind (drop, dup, reorder, corrupt, "
+           "delay, partition); 0 without a plan." + node_note, "cps",
+           [(f"sum by (node, kind) ({rate('gvtbench_link_faults_injected_total', NODE)})", "{{node}} {{kind}}")]),
+        ts("Peers restarted, dead, and messages given up",
+           "Times a peer came back with a new epoch (restarted) or went silent past the liveness timeout "
+           "(dead), and the messages given up unacked with them, per node and link; 0 while none happened."
+           + node_note, "cps",
+           [(events("gvtbench_link_restarts_total", "node, link"), "{{node}}: {{link}} restarted"),
+            (events("gvtbench_link_deaths_total", "node, link"), "{{node}}: {{link}} dead"),
+            (events("gvtbench_link_given_up_total", "node, link"), "{{node}}: given up to {{link}}")]),
+    ]
     procs = [
         ts("CPU per node",
            "CPU time each process used per second (1 = one core), by role and node." + node_note, "percentunit",
@@ -366,7 +411,8 @@ def nodes() -> Board:
                  "wrong on them, and CPU, memory and descriptors per process. Filters: job, instance, vGPU "
                  "(the vGPU filter applies to the vGPU row only: node-level series have no vgpu label, and their "
                  'queries match it with vgpu=~"$vgpu|").',
-                 [("vGPUs", vgpus), ("Links and frames", links), ("Processes", procs)])
+                 [("vGPUs", vgpus), ("Links and frames", links), ("Link protocol and faults", proto),
+                  ("Processes", procs)])
 
 
 BOARDS = {"gvtbench-traps": traps, "gvtbench-workloads": workloads, "gvtbench-memory": memory,

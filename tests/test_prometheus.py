@@ -173,3 +173,19 @@ def test_without_the_binary_the_message_says_how_to_install_it(monkeypatch):
     with pytest.raises(PrometheusMissing) as e:
         find_binary()
     assert "apt-get install prometheus" in str(e.value)
+
+
+def test_every_dashboard_annotation_is_a_query_prometheus_runs(scraped_run):
+    """The fault annotations (a peer restarted or went silent, a gpu restored) are valid PromQL
+    over the run, their variables filled in as Grafana does; a clean run has no fault to mark."""
+    run = scraped_run
+    step = SCRAPE_INTERVAL_S
+    values = dashlint.grafana_values(f"{4 * SCRAPE_INTERVAL_S}s", f"{step}s",
+                                     f"{math.ceil(run.end - run.start)}s", job=None, instance=None, vgpu=None)
+    for board in dashlint.load_all().values():
+        notes = board["annotations"]["list"]
+        assert {a["name"] for a in notes} >= {"Peer restarted", "Peer went silent", "gpu restored"}
+        for a in notes:
+            data = api(run.prom.url, "/api/v1/query_range", query=dashlint.substitute(a["expr"], values),
+                       start=run.start, end=run.end, step=step)
+            assert data["result"] == [], (board["title"], a["name"], data["result"][:1])

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from nodes.stats import LatencyHistogram, Stats
+from nodes.wire.faults import FAULT_KINDS
 from nodes.wire.link import Link
 
 
@@ -72,6 +73,9 @@ class LinkCollector:
         proto = [CounterMetricFamily(name, doc, labels=["link"]) for _k, name, doc in self.PROTO]
         rtt = GaugeMetricFamily("gvtbench_link_rtt_seconds", "Smoothed round-trip time",
                                 labels=["link"])
+        injected = CounterMetricFamily("gvtbench_link_faults_injected", "Faults the run's plan "
+                                       "played on the frames this node sent on the link, by kind "
+                                       "(0 without a plan)", labels=["link", "kind"])
         held = GaugeMetricFamily("gvtbench_link_held_bytes", "Bytes the link holds for its peer: "
                                  "unacked, waiting for the window, and out of order",
                                  labels=["link"])
@@ -86,6 +90,9 @@ class LinkCollector:
                 fam.add_metric([name], c[key])
             rtt.add_metric([name], link.proto.srtt / 1e9)
             held.add_metric([name], link.proto.held_bytes())
+            counts = link.faults.counts if link.faults is not None else {}
+            for kind in FAULT_KINDS:
+                injected.add_metric([name, kind], counts.get(kind, 0))
         yield msgs
         yield gaps
         yield failed
@@ -93,6 +100,7 @@ class LinkCollector:
         yield from proto
         yield rtt
         yield held
+        yield injected
         pend = GaugeMetricFamily("gvtbench_pending_calls", "Requests awaiting a reply")
         pend.add_metric([], self.pending_calls())
         yield pend

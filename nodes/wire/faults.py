@@ -38,6 +38,7 @@ from nodes.errors import GvtError
 REORDER_NS = 5_000_000
 DUP_GAP_NS = 100_000
 PER_FRAME_KINDS = ("drop", "dup", "reorder", "corrupt")
+FAULT_KINDS = (*PER_FRAME_KINDS, "delay", "partition")     # what a link's filter counts
 FAULT_LOG_MAX = 2_000           # faults listed one by one; past it, only counted
 _UNITS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
 _DUR = re.compile(r"^(\d+(?:\.\d+)?)(ns|us|ms|s)$")
@@ -256,7 +257,7 @@ class LinkFaults:
         # a stable seed per direction (hash() of a str is salted per process)
         self.rng = random.Random(zlib.crc32(f"{seed}/{src}>{dst}".encode()) ^ (seed << 32))
         self.frames = 0
-        self.counts = {k: 0 for k in ("drop", "dup", "reorder", "corrupt", "delay", "partition")}
+        self.counts = {k: 0 for k in FAULT_KINDS}
         self.log: list[tuple[int, str]] = []
         self.t0 = -1                # the plan's time 0: the first frame's, unless set
 
