@@ -163,10 +163,12 @@ class Axis:
 
 
 def _chart(cid: str, cls: str, title: str, series: list[Series], x: Axis, y: Axis,
-           attrs: dict[str, Any] | None = None) -> str:
+           attrs: dict[str, Any] | None = None,
+           marks: list[tuple[float, float, str]] | None = None) -> str:
     """One line chart as an <svg class="chart ..."> with a legend. The svg carries data-series and
     data-points (what was given to draw); each line is a <path class="series"> with its data-name
-    and data-points."""
+    and data-points. `marks` (from, to, label) shade an x range with a line at its start: a
+    fault and its window, <g class="fault-mark" data-fault=label>."""
     pw, ph = WIDTH - MARGIN_L - MARGIN_R, HEIGHT - MARGIN_T - MARGIN_B
     xs = (x.hi - x.lo) or 1.0
     ys = (y.hi - y.lo) or 1.0
@@ -203,6 +205,17 @@ def _chart(cid: str, cls: str, title: str, series: list[Series], x: Axis, y: Axi
                        f'y2="{MARGIN_T + ph}"/>')
             out.append(f'<text class="tick" x="{xx:.1f}" y="{MARGIN_T + ph + 14}" '
                        f'text-anchor="{anchor}">{_e(label)}</text>')
+    for a, b, label in marks or ():
+        a, b = max(a, x.lo), min(b, x.hi)
+        if a > x.hi or b < x.lo:
+            continue
+        xa, xb = px(a), px(b)
+        out.append(f'<g class="fault-mark" data-fault="{_e(label)}"><title>{_e(label)}</title>'
+                   f'<rect class="fault-window" x="{xa:.1f}" y="{MARGIN_T}" '
+                   f'width="{max(xb - xa, 1):.1f}" height="{ph}"/>'
+                   f'<line class="fault-at" x1="{xa:.1f}" y1="{MARGIN_T}" x2="{xa:.1f}" '
+                   f'y2="{MARGIN_T + ph}"/><text class="fault-label" x="{xa + 3:.1f}" '
+                   f'y="{MARGIN_T + 12}">{_e(label)}</text></g>')
     out.append(f'<text class="axis" x="{MARGIN_L + pw / 2:.0f}" y="{HEIGHT - 6}" '
                f'text-anchor="middle">{_e(x.label)}</text>')
     out.append(f'<text class="axis" x="12" y="{MARGIN_T + ph / 2:.0f}" text-anchor="middle" '
@@ -281,9 +294,19 @@ def _distribution_charts(result: dict) -> str:
     return '<div class="charts">' + "".join(charts) + "</div>"
 
 
-def _throughput_chart(v: dict) -> str | None:
+def _fault_marks(result: dict, tl: dict) -> list[tuple[float, float, str]]:
+    """The run's fault windows on a guest's time axis (its load started at its timeline's t0)."""
+    windows = (result.get("faults") or {}).get("windows") or []
+    t0 = result.get("load_t0_ns")
+    if not windows or not t0 or not tl.get("t0_ns"):
+        return []
+    off = (tl["t0_ns"] - t0) / 1e9
+    return [(w["from_s"] - off, w["to_s"] - off, w["fault"]) for w in windows]
+
+
+def _throughput_chart(v: dict, result: dict | None = None) -> str | None:
     """Completed (and failed) operations per second by mix, and workloads retired, of one vGPU:
-    a step line per series, each interval's count over its length."""
+    a step line per series, each interval's count over its length; the run's faults marked."""
     tl = v.get("timeline") or {}
     bins, step = int(tl.get("bins") or 0), float(tl.get("interval_s") or 1.0)
     if bins <= 0:
@@ -322,7 +345,40 @@ def _throughput_chart(v: dict) -> str | None:
     note = f" ({step:g} s intervals)" if step != 1.0 else ""
     return _chart(f"tput-vgpu-{_slug(v['id'])}", "chart-throughput",
                   f"vGPU {v['id']} ({v.get('type', '?')}): throughput{note}", series, xa, ya,
-                  {"vgpu": v["id"]})
+                  {"vgpu": v["id"]}, _fault_marks(result or {}, tl))
+
+
+def _faults_html(result: dict) -> str:
+    """The fault plan, every node fault with its times, what each link met, and per vGPU what
+    each fault cost."""
+    f = result.get("faults") or {}
+    if not f.get("plan"):
+        return '<p class="note">No faults were injected (no [faults] plan).</p>'
+    out = [f'<p>Seed {_e(f.get("seed"))}; specs: <code>{_e(" ".join(f.get("specs") or []))}</code>.</p>']
+    nodes = f.get("nodes") or []
+    if nodes:
+        out.append("<h3>Node faults</h3>" + _table(
+            "node-faults-table", ["fault", "node", "kind", "at s", "length s", "down s", "ready s",
+                                  "killed with it"],
+            [[n.get("spec") or n["kind"], n["node"], n["kind"], n.get("at_s"), n.get("length_s", "-"),
+              n.get("down_s", "-"), n.get("ready_s", "-"), ", ".join(n.get("also_killed") or []) or "-"]
+             for n in nodes], numeric_from=3))
+    totals = f.get("totals") or {}
+    if totals:
+        out.append("<h3>Frame faults, all links</h3>" + _table(
+            "frame-faults-table", ["kind", "frames"], sorted(totals.items())))
+    rows = [[v["id"], c["fault"], c["failed_ops"], c["unknown_ops"], c["failed_workloads"],
+             sum(i["in_flight"] for i in v.get("incarnations", []) if i["fault"] == c["fault"])]
+            for v in result["vgpus"] for c in v.get("fault_costs", [])]
+    if rows:
+        out.append('<h3>What each fault cost</h3><p class="note">In the fault\'s window: from the '
+                   "fault to its end, plus the guests' hang check and the liveness timeout. "
+                   "Killed in flight: operations a killed incarnation of the guest had in flight "
+                   "(outcome unknown).</p>" + _table(
+                       "fault-costs-table", ["vGPU", "fault", "ops failed", "ops unknown",
+                                             "workloads failed", "killed in flight"], rows,
+                       numeric_from=2))
+    return "".join(out)
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -442,6 +498,9 @@ th{background:#f5f5f5}td.n,th.n{text-align:right}
 figure.chart-box{margin:8px 0}figcaption{font-weight:600;margin-bottom:2px}
 svg.chart .plot{fill:#fcfcfc;stroke:#999}
 svg.chart .grid{stroke:#e2e2e2;stroke-width:1}
+svg.chart .fault-window{fill:#d62728;fill-opacity:.08;stroke:none}
+svg.chart .fault-at{stroke:#d62728;stroke-width:1.5;stroke-dasharray:4 3}
+svg.chart .fault-label{font-size:10px;fill:#d62728}
 svg.chart .tick,svg.chart .axis{font-size:11px;fill:#444}
 svg.chart .series{fill:none;stroke-width:2;stroke-linejoin:round}
 ul.legend{list-style:none;padding:0;margin:2px 0 0 64px;max-width:480px;font-size:12px}
@@ -487,7 +546,7 @@ def render_html(result: dict) -> str:
     else:
         reasons_html = '<p id="reasons" class="note">No check failed.</p>'
     dist_html = _distribution_charts(result)
-    tput = [c for c in (_throughput_chart(v) for v in vg) if c]
+    tput = [c for c in (_throughput_chart(v, result) for v in vg) if c]
     tput_html = ('<div class="charts">' + "".join(tput) + "</div>" if tput else
                  '<p class="note">This result holds no per-second counts (no "timeline" per vGPU).</p>')
     led = result.get("ledger") or {}
@@ -527,6 +586,7 @@ def render_html(result: dict) -> str:
                    numeric_from=2) if _fail_reason_rows(result) else
             '<p class="note">No workload failed at the mediator.</p>')),
         ("hostile", "Hostile guests", _hostile_html(result)),
+        ("faults", "Faults", _faults_html(result)),
         ("ledger", "Ledger",
          f'<p>GGTT entries written outside every partition: '
          f'{_e(_num(led.get("ggtt_outside_written", "-")))}; physical GGTT sha256 '

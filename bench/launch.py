@@ -551,6 +551,9 @@ class Launcher:
             "gpu_restores": med["core"].get("gpu_restores", []),
             "shadow_quota_pages": med["core"].get("shadow_quota"),
             "wall_s": round(wall, 3),
+            # the launcher's monotonic clock at the start of the load: where a guest's timeline
+            # (t0_ns) and the faults' times (seconds from it) meet
+            "load_t0_ns": self.t_load_ns,
             "vgpus": out_vgpus,
             "ledger": {"links": link_rows, "ggtt_outside_written": ggtt["outside_written"],
                        "ggtt_sha256": ggtt["sha256"],

@@ -295,3 +295,43 @@ def test_a_result_without_histograms_or_timelines_says_so(tmp_path):
     text = render_html(res)
     assert 'class="chart ' not in text
     assert "holds no HdrHistogram" in text and "holds no per-second counts" in text
+
+
+@needs_chromium
+def test_a_faulty_runs_report_lists_every_fault_and_marks_it_on_the_throughput_charts(tmp_path):
+    """The faults section names the plan, each node fault with its times and what each fault
+    cost each vGPU; each fault's window is shaded on the throughput chart from its time, on the
+    guest's own axis (its load started 1 s after the launcher's)."""
+    faults = {"seed": 9, "specs": ["drop=0.05", "restart=gpu@2s"],
+              "plan": [{"link": "*", "kind": "frames", "drop": 0.05},
+                       {"node": "gpu", "kind": "restart", "at_ns": 2 * 10**9, "length_ns": 0,
+                        "spec": "restart=gpu@2s"}],
+              "links": [], "totals": {"drop": 41},
+              "nodes": [{"node": "gpu", "kind": "restart", "spec": "restart=gpu@2s", "at_s": 2.0,
+                         "down_s": 0.01, "ready_s": 0.6, "also_killed": []}],
+              "windows": [{"fault": "restart=gpu@2s", "from_s": 2.0, "to_s": 4.5}]}
+    res = _small_result(faults=faults, load_t0_ns=5 - 10**9)
+    res["vgpus"][0]["fault_costs"] = [{"fault": "restart=gpu@2s", "failed_ops": 2,
+                                       "unknown_ops": 0, "failed_workloads": 2}]
+    page = tmp_path / "f.html"
+    page.write_text(render_html(res))
+    dom = dump_dom(tmp_path, page)
+    assert dom.find("section", id="faults") and dom.find("a", href="#faults")
+    nodes = dom.find("table", id="node-faults-table")[0]["text"]
+    assert "restart=gpu@2s" in nodes and "0.6" in nodes
+    assert "41" in dom.find("table", id="frame-faults-table")[0]["text"]
+    costs = dom.find("table", id="fault-costs-table")[0]["text"]
+    assert "restart=gpu@2s" in costs and "2" in costs
+    [mark] = dom.find("g", ("fault-mark",))
+    assert mark["attrs"]["data-fault"] == "restart=gpu@2s"
+    [rect] = dom.find("rect", ("fault-window",))
+    svg = assert_charts_drawn(dom, "chart-throughput")[0]["attrs"]
+    x0, _y, w, _h = map(float, svg["data-plot"].split())
+    # the guest's axis spans its 3 bins of 2 s; the fault at 2 s of the load is at 1 s on it
+    assert abs(float(rect["attrs"]["x"]) - (x0 + w * 1.0 / 6.0)) < 1.0, rect
+    assert abs(float(rect["attrs"]["width"]) - w * 2.5 / 6.0) < 1.0, rect
+
+
+def test_a_clean_runs_report_says_no_fault_was_injected():
+    html = render_html(_small_result())
+    assert "No faults were injected" in html and 'class="fault-mark"' not in html
