@@ -53,7 +53,7 @@ from nodes.wire.schema import CONNECTS_TO, guest_name, role_of
 monotonic_ns = time.monotonic_ns
 NOBLOCK = int(zmq.NOBLOCK)         # a plain int: pyzmq's flag enums cost a call each use
 SNDHWM = 10_000                 # frames this node queues to one peer
-RCVHWM = 256                    # frames one peer can queue here: past it, it waits (backpressure)
+RCVHWM = 32                     # frames one peer can queue here (<= 32 MiB): past it, it waits
 DRAIN_PER_SOCKET = 64           # frames taken from one socket before the next gets its turn...
 TURN_NS = 300_000               # ...or this much time, whichever comes first
 DRAIN_BUDGET = 256              # frames per loop iteration, across sockets...

@@ -433,3 +433,68 @@ def test_a_node_that_does_not_trace_serves_traced_messages_as_any_other(cluster)
             assert "gvtbench_trace_spans" not in cluster.metrics(role)
     finally:
         g.close()
+
+
+# ---- what one peer can make a node hold ------------------------------------------------------------
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_the_worst_guest_makes_the_hypervisor_hold_under_100_mib(short_ipc_dir):
+    """Frames of 1 MiB a hypervisor cannot take (its mediator is stopped, so it stops reading
+    the guest), and requests with 1 MiB answers the guest never reads: the bounds are bytes
+    (32 frames in the socket, the link's window and queue), so the hypervisor's memory grows by
+    less than 100 MiB however long the guest goes on. Version 4 held +148 MiB and +188 MiB."""
+    c = Cluster(Path(short_ipc_dir))
+    try:
+        g = c.guest(1)
+        g.s.setsockopt(zmq.SNDTIMEO, 1000)
+        hv = c.procs["hypervisor"].pid
+        med = c.procs["mediator"].pid
+        base = _rss_mib(hv)
+        os.kill(med, signal.SIGSTOP)
+        try:
+            small = {"off": GPR0.to_bytes(4, "little") * 4096, "size": bytes([4]) * 4096,
+                     "val": (1).to_bytes(8, "little") * 4096}
+            for w in range(1, 41):              # the hypervisor takes half its bound, then stops
+                g.send("MMIO_WRITE_BATCH", {**small, "w": w}, 1, want_reply=False)
+            n = 78_000                          # 13 bytes a write: a frame just under 1 MiB
+            big = {"off": GPR0.to_bytes(4, "little") * n, "size": bytes([4]) * n,
+                   "val": (1).to_bytes(8, "little") * n}
+            sent = 0
+            for w in range(41, 341):            # 300 MiB offered
+                try:
+                    g.send("MMIO_WRITE_BATCH", {**big, "w": w}, 1, want_reply=False)
+                    sent += 1
+                except zmq.Again:
+                    break                       # the sockets are full: the guest waits
+            time.sleep(1.0)
+            held = _rss_mib(hv) - base
+            print(f"posted: {held:.1f} MiB held after {sent} frames")
+            assert held < 100, f"the hypervisor holds {held:.0f} MiB more after {sent} MiB frames"
+        finally:
+            os.kill(med, signal.SIGCONT)
+        g.close()
+        # requests whose answers are 1 MiB each, never read nor acked
+        r = c.peer("hypervisor", "guest2")
+        assert r.hello()[0] == "REPLY"
+        r.s.setsockopt(zmq.SNDTIMEO, 1000)
+        base = _rss_mib(hv)
+        ops = [[k * 4096, 4096] for k in range(255)]
+        for _ in range(400):                    # 400 MiB of answers asked for
+            try:
+                r.send("GPA_READ", {"ops": ops}, 2)
+            except zmq.Again:
+                break
+        time.sleep(2.0)
+        held = _rss_mib(hv) - base
+        print(f"answers: {held:.1f} MiB held")
+        assert held < 100, f"the hypervisor holds {held:.0f} MiB more for answers never read"
+        assert c.alive("hypervisor")
+        r.close()
+    finally:
+        c.close()
