@@ -191,8 +191,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--vgpus", type=int, help="number of vGPUs / guests (vgpus.count)")
     r.add_argument("--seed", type=int, help="seed of p2m and load (run.seed)")
     r.add_argument("--fault", action="append", metavar="SPEC",
-                   help="a link fault, added to [faults] links (repeatable): drop=0.05, "
-                        "link=hypervisor-mediator:delay=2ms+-1ms, partition=hypervisor-mediator@5s+1s")
+                   help="a fault, added to [faults] links (repeatable): drop=0.05, "
+                        "link=hypervisor-mediator:delay=2ms+-1ms, partition=hypervisor-mediator@5s+1s, "
+                        "pause=gpu@2s+1s, kill=gpu@3s[+1s], restart=guest2@4s")
     r.add_argument("--ops", type=int, help="stop each guest after N ops instead of a duration")
     r.add_argument("--json", metavar="PATH", help="write the result as JSON")
     r.add_argument("--prometheus", action="store_true",
