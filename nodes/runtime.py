@@ -53,7 +53,7 @@ from nodes.wire.schema import CONNECTS_TO, guest_name, role_of
 monotonic_ns = time.monotonic_ns
 NOBLOCK = int(zmq.NOBLOCK)         # a plain int: pyzmq's flag enums cost a call each use
 SNDHWM = 10_000                 # frames this node queues to one peer
-RCVHWM = 32                     # frames one peer can queue here (<= 32 MiB): past it, it waits
+RCVHWM = 64                     # frames one peer can queue here (<= 64 MiB): past it, it waits
 DRAIN_PER_SOCKET = 64           # frames taken from one socket before the next gets its turn...
 TURN_NS = 300_000               # ...or this much time, whichever comes first
 DRAIN_BUDGET = 256              # frames per loop iteration, across sockets...
@@ -239,8 +239,15 @@ class Runtime:
         s.setsockopt(zmq.SNDHWM, SNDHWM)
         s.setsockopt(zmq.RCVHWM, RCVHWM)
         s.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
-        s.setsockopt(zmq.HEARTBEAT_IVL, 2000)       # tcp: find dead connections
-        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
+        # tcp: dead connections are found by the kernel's keepalive, not ZMTP heartbeats. The
+        # link protocol does liveness itself, and libzmq 4.3's heartbeat timer writes on a
+        # connection whose input stopped at the high-water mark, where it asserts and aborts
+        # the process (stream_engine_base.cpp: out_event after _io_error): a guest that floods
+        # a VM socket the hypervisor has stopped reading could kill it
+        s.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        s.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 2)
+        s.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 2)
+        s.setsockopt(zmq.TCP_KEEPALIVE_CNT, 5)
         return s
 
     def _bind(self, endpoint: str, vm: int) -> _Router:

@@ -60,8 +60,8 @@ RTO_INIT_NS = 200_000_000
 RTO_MAX_NS = 500_000_000
 MAX_TIMEOUTS = 8                        # timeouts in a row (and dead_ns) without an ack: dead
 DUP_ACKS = 2                            # repeated acks with bodies waiting: the first is resent
-WINDOW_BYTES = 16 << 20                 # unacked bodies on the way out, and out of order on the way in
-QUEUE_BYTES = 16 << 20                  # bodies waiting for the window
+WINDOW_BYTES = 8 << 20                  # unacked bodies on the way out, and out of order on the way in
+QUEUE_BYTES = 8 << 20                   # bodies waiting for the window
 _U32, _U64 = 1 << 32, 1 << 64
 
 
