@@ -583,7 +583,8 @@ class Launcher:
         for name, snap in sorted(snaps.items()):
             for peer, c in sorted(snap.get("links", {}).items()):
                 if c.get("faults"):
-                    links.append({"link": f"{name}>{peer}", **c["faults"]})
+                    links.append({"link": f"{name}>{peer}", **c["faults"],
+                                  "log": c.get("faults_log", [])})
                     for k, v in c["faults"].items():
                         totals[k] = totals.get(k, 0) + v
         return {"seed": plan.seed, "specs": list(plan.specs), "plan": plan.describe(),

@@ -49,6 +49,14 @@ def test_the_result_lists_the_plan_and_what_each_link_met(faulty):
     links = {x["link"] for x in f["links"]}
     assert "hypervisor>mediator" in links and "mediator>hypervisor" in links
     assert not any("launcher" in x for x in links)
+    # every fault played is listed with its time (delays are only counted), up to the log's bound
+    for x in f["links"]:
+        logged = sum(x[k] for k in ("drop", "dup", "reorder", "corrupt", "partition"))
+        assert len(x["log"]) == min(logged, 2000), x["link"]
+        assert all(t >= 0 for t, _k in x["log"]) and [t for t, _k in x["log"]] == sorted(t for t, _k in x["log"])
+        for kind in ("drop", "dup", "reorder", "corrupt", "partition"):
+            if logged <= 2000:
+                assert sum(1 for _t, k in x["log"] if k == kind) == x[kind], (x["link"], kind)
     part = {x["link"]: x["partition"] for x in f["links"]}
     assert part["hypervisor>mediator"] > 0 and part.get("guest1>hypervisor", 0) == 0
     # the gpu was stopped for less than the liveness timeout: delayed, nothing lost

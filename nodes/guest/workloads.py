@@ -58,6 +58,7 @@ class WorkloadDriver:
         self.fail_reasons: dict[str, int] = {}
         self.per_ctx: dict[int, list[int]] = {}     # ctx_id -> [completed, failed]
         self.irqs = 0
+        self.reboots = 0            # VM resets: a check whose reads span one is void
         self.irq_running = self.irq_again = False
         self.irq_now = 0
 
@@ -383,6 +384,7 @@ class WorkloadDriver:
         """Now and then, read the CSB pointer register and the entry it points at: when the
         status page shows the same write pointer, both copies must hold the same entry."""
         e = self.lay.engines[self.engines_used[0]]
+        gen = self.reboots
         ptr = yield from self.core.read_reg(regs.ring(e.name, regs.RING_CSB_PTR))
         wp = ptr & regs.CSB_PTR_WRITE_MASK
         if wp >= regs.RING_CSB_ENTRIES:
@@ -390,6 +392,8 @@ class WorkloadDriver:
         reg = yield from self.core.read_reg(regs.ring(e.name, regs.RING_CSB) + 8 * wp, 8)
         page = yield from self.ram.load((e.hwsp_gfn << PAGE_SHIFT) + 4 * lrc.HWS_CSB_BUF0_INDEX, 64)
         hw_wp = _I.unpack(page[60:64])[0] & 0x7
+        if gen != self.reboots:
+            return              # the VM reset its vGPU meanwhile: the reads saw two devices
         if hw_wp == wp and _Q.unpack(page[8 * wp:8 * wp + 8])[0] != reg:
             self.counts["csb_mismatches"] += 1
             self._reason(f"{e.name}: CSB entry {wp} is {reg:#x} in the register but "
@@ -543,6 +547,7 @@ class WorkloadDriver:
         """The VM was reset (VM_RESET): nothing of the GPU's state survived. Its workloads in
         flight failed (meant: the guest asked for it; or, with a reason, a fault took the vGPU);
         the next boot sets every object up again, its contexts' rings included."""
+        self.reboots += 1
         if self.lay is None:
             return
         for e in self.lay.engines.values():

@@ -162,4 +162,7 @@ class Link:
                 "acks": c["acks"], "restarts": c["restarts"], "deaths": c["deaths"],
                 "given_up": c["lost"] - self._lost0, "earlier": dict(self.earlier),
                 "srtt_us": self.proto.srtt // 1000,
-                "faults": self.faults.report()["counts"] if self.faults else {}}
+                "faults": self.faults.report()["counts"] if self.faults else {},
+                # each fault the plan played, [ns since the link's first frame, kind]: the first
+                # FAULT_LOG_MAX of each direction (past them, only counted)
+                "faults_log": self.faults.report()["log"] if self.faults else []}
