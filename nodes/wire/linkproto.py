@@ -24,7 +24,8 @@ bodies sent once, Karn's rule); when it fires the oldest body is resent and the 
 up to RTO_MAX_NS, until an ack moves. The oldest is also resent at once after DUP_ACKS acks
 that repeat while bodies wait, and in recovery after each ack that moves but not past what
 was sent when it began (NewReno's partial ack: the next hole) (the receiver acks at once what
-arrives out of order). At most `window_bytes` of bodies are unacked; past that, bodies wait in
+arrives out of order, and with the usual delay what arrives again, so a copy the network made
+does not look like a hole). At most `window_bytes` of bodies are unacked; past that, bodies wait in
 order, up to `queue_bytes`, and past that `send` refuses (EAGAIN): a peer that does not read
 meets backpressure, and what one peer can make this link hold is window + queue on the way
 out and a window of bodies out of order on the way in.
@@ -54,12 +55,14 @@ FLAGS_KNOWN = FLAG_OOB
 
 HEARTBEAT_NS = 500_000_000              # an idle link acks this often...
 DEAD_NS = 3_000_000_000                 # ...and a peer silent this long is dead
-ACK_DELAY_NS = 5_000_000                # a body not answered by a frame of ours within this is acked
-RTO_MIN_NS = 5_000_000 
+ACK_DELAY_NS = 1_000_000                # a body not answered by a frame of ours within this is acked
+RTO_MIN_NS = 2_000_000                  # over the peer's ack delay and a round trip
 RTO_INIT_NS = 200_000_000
 RTO_MAX_NS = 500_000_000
 MAX_TIMEOUTS = 8                        # timeouts in a row (and dead_ns) without an ack: dead
-DUP_ACKS = 2                            # repeated acks with bodies waiting: the first is resent
+DUP_ACKS = 1                            # repeated pure acks with bodies waiting: the first is
+                                        # resent (a receiver repeats its ack at once only for a
+                                        # gap: a copy of a frame is acked with the usual delay)
 WINDOW_BYTES = 8 << 20                  # unacked bodies on the way out, and out of order on the way in
 QUEUE_BYTES = 8 << 20                   # bodies waiting for the window
 _U32, _U64 = 1 << 32, 1 << 64
@@ -397,8 +400,13 @@ class LinkProtocol:
         if not seq:
             return out
         if seq < self.rx_next:
-            self.counts["duplicates"] += 1      # our ack was lost: say it again, at once
-            self._ack_due = now
+            # a repeat: our ack was lost, or the network copied the frame. Say the ack again,
+            # but with the usual delay: an ack at once would be a repeated pure ack to the
+            # sender, and two make it resend (spuriously, for a copy), and its resend is a
+            # repeat here again
+            self.counts["duplicates"] += 1
+            if not self._ack_due:
+                self._ack_due = now + ACK_DELAY_NS
             return out
         if seq > self.rx_next:
             if seq not in self.ooo:
