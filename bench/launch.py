@@ -396,7 +396,7 @@ class Launcher:
             rams[v] = yield Call(f"guest{v}", "RAM_VERIFY", vgpu=v, timeout=300)
         pool = yield Call("mediator", "POOL_CHECK", timeout=120)
         nonce = int.from_bytes(secrets.token_bytes(7), "little")
-        maps, probe_reasons, probes = {}, [], {}
+        maps, loose, probe_reasons, probes = {}, {}, [], {}
         for v in vm_ids(cfg):
             idx, vals, hit = [], [], []
             page, pages = 0, 1
@@ -406,16 +406,22 @@ class Launcher:
                 pages = plan["pages"]
                 idx.append(np.frombuffer(plan["entries_idx"], "<u8").astype(np.int64))
                 vals.append(np.frombuffer(plan["entries_val"], "<u8").astype(np.uint64))
+                if plan.get("loose_idx"):
+                    loose[v] = np.frombuffer(plan["loose_idx"], "<u8").astype(np.int64)
                 ops = plan["probes"]
                 for i in range(0, len(ops), PROBE_CHUNK):
-                    hit += yield Call("gpu", "GM_WRITE", {"ops": ops[i:i + PROBE_CHUNK]}, vgpu=v,
-                                      timeout=60)
+                    try:
+                        hit += yield Call("gpu", "GM_WRITE", {"ops": ops[i:i + PROBE_CHUNK]},
+                                          vgpu=v, timeout=60)
+                    except GvtError as err:     # a probe through an entry the guest mapped
+                        probe_reasons.append(f"vGPU {v}: the gpu refused GPU writes through "
+                                             f"entries the guest mapped: {err}")
                 page += 1
             maps[v] = (np.concatenate(idx), np.concatenate(vals))
             res = yield Call(f"guest{v}", "VERIFY", {"nonce": nonce}, vgpu=v, timeout=120)
             probes[v] = res
             probe_reasons += ledger.check_probes(v, hit, res, layout, failsafe_of[v] is not None)
-        ggtt = ledger.check_ggtt(dump, vgpus, maps, layout, seed, layout.host.base_mfn)
+        ggtt = ledger.check_ggtt(dump, vgpus, maps, layout, seed, layout.host.base_mfn, loose)
         if pool.get("scratch_dirty"):
             ggtt["scratch_dirty"] = pool["scratch_dirty"]
         snaps = {}

@@ -101,6 +101,7 @@ class GuestCore:
         self.pv: dict[str, int] = {}
         self.ranges: list[tuple[int, int]] = []     # (first GGTT index, count): aperture, hidden
         self.map: np.ndarray | None = None          # what this guest last wrote to each of its entries
+        self.map_loose = np.zeros(0, dtype=bool)
         # per GPR: the value of the newest write known applied, and [w, value, outcome] of the
         # writes after it (outcome None while pending)
         self.gpr_base = [0] * N_GPRS
@@ -248,6 +249,9 @@ class GuestCore:
             self.ranges = [(gtt.index_of_gm(pv["ap_base"]), gtt.index_of_gm(pv["ap_size"])),
                            (gtt.index_of_gm(pv["hi_base"]), gtt.index_of_gm(pv["hi_size"]))]
             self.map = np.zeros(sum(n for _, n in self.ranges), dtype=np.uint64)
+            # entries whose last write did not end ok (failed, refused, unknown: a fault may
+            # have taken it): the GGTT may hold either value there
+            self.map_loose = np.zeros(len(self.map), dtype=bool)
         # execlists_sanitize -> reset_csb_pointers: both pointers to the last entry, then a
         # posting read that must show them
         csb_ptr = regs.ring("rcs", regs.RING_CSB_PTR)
@@ -315,6 +319,7 @@ class GuestCore:
         self.wl.reboot(now, reason)
         if self.map is not None:
             self.map[:] = 0
+            self._loose()[:] = False
         self.gpr_base = [0] * N_GPRS
         self.gpr_hist = [[] for _ in range(N_GPRS)]
 
@@ -534,11 +539,18 @@ class GuestCore:
             idx = np.concatenate([idx, probe])
             vals = np.concatenate([vals, np.full(len(probe), gtt.encode(1), dtype=np.uint64)])
         self.wno += 1
-        self.writes[self.wno] = _Write(intended, "gtt_write", len(idx), None)
+        self.writes[self.wno] = _Write(intended, "gtt_write", len(idx), None,
+                                       lambda status, _p: self._ggtt_settled(local, n, status))
         self.writes_in_flight += len(idx)
         payload = pack_write_batch(gtt.offset_of(idx), np.full(len(idx), 8), vals)
         payload["w"] = self.wno
         return Post(self.hv, "MMIO_WRITE_BATCH", payload, vgpu=self.vm, trace=trace)
+
+    def _ggtt_settled(self, local: int, n: int, status: str) -> list:
+        """A GGTT burst's outcome: applied (its entries are what the guest wrote) or not known
+        to be (they stay loose until a later burst over them is applied)."""
+        self._loose()[local:local + n] = status != "ok"
+        return []
 
     def _outside_indices(self, n: int) -> np.ndarray:
         out: list[int] = []
@@ -681,8 +693,21 @@ class GuestCore:
             return np.zeros(0, np.int64), np.zeros(0, np.uint64)
         (a0, an), (h0, hn) = self.ranges
         glob = np.concatenate([np.arange(a0, a0 + an), np.arange(h0, h0 + hn)])
-        written = self.map != 0
+        written = (self.map != 0) & ~self._loose()
         return glob[written], self.map[written]
+
+    def loose_entries(self) -> np.ndarray:
+        """Global GGTT index of each entry whose last write's outcome is not known to be ok."""
+        if self.map is None:
+            return np.zeros(0, np.int64)
+        (a0, an), (h0, hn) = self.ranges
+        glob = np.concatenate([np.arange(a0, a0 + an), np.arange(h0, h0 + hn)])
+        return glob[self._loose()]
+
+    def _loose(self) -> np.ndarray:
+        if len(self.map_loose) != len(self.map):      # a map set from outside (a test, a boot)
+            self.map_loose = np.zeros(len(self.map), dtype=bool)
+        return self.map_loose
 
     def _probe_plan(self, nonce: int) -> tuple[np.ndarray, np.ndarray, list]:
         """The mapped entries, and (position, gm, gfn, offset in page, token) for each present
@@ -714,7 +739,9 @@ class GuestCore:
         return {"entries_idx": idx[a:b].astype("<u8").tobytes(),
                 "entries_val": vals[a:b].astype("<u8").tobytes(),
                 "probes": [[gm, tok] for pos, gm, _g, _o, tok in plan if a <= pos < b],
-                "pages": max(1, -(-len(idx) // PLAN_PAGE)), "ram_frames": self.ram_frames}
+                "pages": max(1, -(-len(idx) // PLAN_PAGE)), "ram_frames": self.ram_frames,
+                # on the first page: the entries the ledger may not hold the guest to
+                "loose_idx": self.loose_entries().astype("<u8").tobytes() if page == 0 else b""}
 
     def verify(self, nonce: int) -> Iterator[Any]:
         """After the gpu wrote each probe token through GM, read them back from guest RAM."""
