@@ -46,7 +46,7 @@ from nodes.wire.codec import (
 from nodes.wire.faults import FaultPlan
 from nodes.wire.link import Link, SendFailed
 from nodes.wire.linkproto import (
-    FLAG_OOB, PeerRestarted, PeerReturned, PeerSilent, State, oob_frame, unpack,
+    FLAG_OOB, PeerNewStream, PeerRestarted, PeerReturned, PeerSilent, State, oob_frame, unpack,
 )
 from nodes.wire.schema import CONNECTS_TO, guest_name, role_of
 
@@ -432,6 +432,9 @@ class Runtime:
                                       if ev.why == "silent" else "acked nothing through "
                                       "repeated resends", now)
                 self.engine.stats.inc("gvtbench_links_dropped", ("silent",))
+            elif isinstance(ev, PeerNewStream):
+                self.engine.peer_event(link.name, link.role, "new_stream",
+                                       "gave up what it had in flight to us", now)
             elif isinstance(ev, PeerReturned):
                 if link in self._dealers.values():
                     self.spawn(self.hello_task([link.name]))

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from nodes.actions import Call, Now, Post
+from nodes.actions import Call, Now, Post, Spawn
 from nodes.errors import GvtError
 from nodes.hw import bar0, gtt, lrc, partition, regs
 from nodes.mediator import mmio
@@ -66,6 +66,9 @@ class MediatorCore:
         self.stats.counter("gvtbench_ggtt_entries_translated",
                            "Guest GGTT entries emulated, by result", ["vgpu", "result"])
         self.stats.gauge("gvtbench_pinned_pages", "Guest pages pinned for GGTT mappings", ["vgpu"])
+        self.stats.counter("gvtbench_ppgtt_resyncs", "Times a vGPU's PPGTT shadows were checked "
+                           "against guest memory after the hypervisor gave up messages to us",
+                           ["vgpu"])
         self.stats.counter("gvtbench_gpu_restores", "Times the gpu came back (restarted, or returned "
                            "after a silence) and was reset and given its GGTT and fences again")
 
@@ -117,7 +120,17 @@ class MediatorCore:
                 self.scheduler.gpu_down = f"the gpu {why}"
                 return None
             return self.restore_gpu(f"the gpu {why}")
+        if name == self.hypervisor and event == "new_stream":
+            # the hypervisor took us for dead (we were stopped past the liveness timeout) and
+            # gave up what it had sent: tracked page-table writes among them, whose stores are
+            # in guest RAM now. Each vGPU's shadows are checked against guest memory first
+            return [Spawn(self._resync_ppgtt(v), lane=v.id) for v in self.vgpus.values()]
         return None
+
+    def _resync_ppgtt(self, vgpu: VGpu) -> Iterator[Any]:
+        changed = yield from vgpu.ppgtt.resync(vgpu.mem.read)
+        self.stats.inc("gvtbench_ppgtt_resyncs", (vgpu.id,))
+        return changed
 
     def restore_gpu(self, why: str) -> Iterator[Any]:
         """Bring a gpu that restarted back to what the vGPUs expect: a full GT reset (a gpu that

@@ -647,6 +647,22 @@ class Ppgtt:
                 yield from self._write_entry(t, i, _Q.unpack(raw)[0])
                 t.post_shadow.discard(i)
 
+    def resync(self, read: Callable[[int, int], Iterator[Any]]) -> Iterator[Any]:
+        """Every shadowed table against its guest page: an entry the guest changed by a tracked
+        write this mediator never emulated (the hypervisor gave it up) is shadowed again, as a
+        post-shadow entry is. Returns how many entries changed."""
+        changed = 0
+        for t in list(self.tables.values()):
+            if self.tables.get((t.gfn, t.level)) is not t:
+                continue
+            raw = yield from read(t.gfn << PAGE_SHIFT, PAGE_SIZE)
+            now = np.frombuffer(raw, dtype="<u8").astype(U64)
+            for i in np.flatnonzero(now != t.guest).tolist():
+                t.post_shadow.add(i)
+                changed += 1
+        yield from self.flush_post_shadow(read)
+        return changed
+
     # ---- lookups -------------------------------------------------------------------------------
     def guest_walk(self, mm: PpgttMm, va: int) -> int:
         """The guest physical address a PPGTT address maps to, by the guest's own entries;

@@ -148,7 +148,15 @@ class PeerReturned:
     epoch: int
 
 
-LinkEvent = Union[PeerRestarted, PeerSilent, PeerReturned]
+@dataclass(frozen=True)
+class PeerNewStream:
+    """The peer (same incarnation) started a new stream to us: it gave up what it had in flight
+    (it took us for dead). Some of that may have reached us before, some never will."""
+    epoch: int
+    stream: int
+
+
+LinkEvent = Union[PeerRestarted, PeerSilent, PeerReturned, PeerNewStream]
 
 
 # ---- frames ----------------------------------------------------------------------------------------
@@ -390,6 +398,8 @@ class LinkProtocol:
                 self._restarted(epoch, stream)
             self._new_peer_stream(epoch, stream)
         elif stream != self.peer_stream:
+            if self.peer_stream:
+                self.events.append(PeerNewStream(epoch, stream))
             self._new_peer_stream(epoch, stream)  # it gave up what it had in flight to us
         if self.state is State.DEAD:
             self._to(Event.HEARD)
