@@ -384,7 +384,7 @@ class WorkloadDriver:
         """Now and then, read the CSB pointer register and the entry it points at: when the
         status page shows the same write pointer, both copies must hold the same entry."""
         e = self.lay.engines[self.engines_used[0]]
-        gen = self.reboots
+        gen, irqs = self.reboots, self.irqs
         ptr = yield from self.core.read_reg(regs.ring(e.name, regs.RING_CSB_PTR))
         wp = ptr & regs.CSB_PTR_WRITE_MASK
         if wp >= regs.RING_CSB_ENTRIES:
@@ -394,6 +394,10 @@ class WorkloadDriver:
         hw_wp = _I.unpack(page[60:64])[0] & 0x7
         if gen != self.reboots:
             return              # the VM reset its vGPU meanwhile: the reads saw two devices
+        again = yield from self.core.read_reg(regs.ring(e.name, regs.RING_CSB_PTR))
+        if self.irqs != irqs or again != ptr or gen != self.reboots:
+            return              # CSB events came between the reads (a slow trap: under a fault
+                                # the buffer can wrap around to the same write pointer)
         if hw_wp == wp and _Q.unpack(page[8 * wp:8 * wp + 8])[0] != reg:
             self.counts["csb_mismatches"] += 1
             self._reason(f"{e.name}: CSB entry {wp} is {reg:#x} in the register but "
