@@ -368,8 +368,7 @@ def _faults_html(result: dict) -> str:
         out.append("<h3>Frame faults, all links</h3>" + _table(
             "frame-faults-table", ["kind", "frames"], sorted(totals.items())))
     rows = [[v["id"], c["fault"], c["failed_ops"], c["unknown_ops"], c["failed_workloads"],
-             sum(i["in_flight"] for i in v.get("incarnations", []) if i["fault"] == c["fault"])]
-            for v in result["vgpus"] for c in v.get("fault_costs", [])]
+             c.get("killed_in_flight", 0)] for v in result["vgpus"] for c in v.get("fault_costs", [])]
     if rows:
         out.append('<h3>What each fault cost</h3><p class="note">In the fault\'s window: from the '
                    "fault to its end, plus the guests' hang check and the liveness timeout. "

@@ -442,6 +442,9 @@ class Launcher:
         for v in vm_ids(cfg):
             rows, _outside = ledger.fault_costs(self.core.reports.get(v, {}).get("timeline", {}),
                                                 self.t_load_ns, self.windows)
+            for r in rows:      # and what a killed incarnation of the guest had in flight
+                r["killed_in_flight"] = sum(i["in_flight"] for i in self.incarnations.get(v, [])
+                                            if i["fault"] == r["fault"])
             self.costs[v] = rows
             excused_ops[v] = sum(r["failed_ops"] for r in rows)
             excused_wl[v] = sum(r["failed_workloads"] for r in rows)

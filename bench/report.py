@@ -116,8 +116,7 @@ def fault_table(result: dict) -> Table | None:
     for w in windows:
         for v in result["vgpus"]:
             cost = next((c for c in v.get("fault_costs", []) if c["fault"] == w["fault"]), {})
-            killed = sum(i["in_flight"] for i in v.get("incarnations", []) if i["fault"] == w["fault"])
             t.add_row(w["fault"], f"{w['from_s']:.2f}", str(v["id"]), f"{cost.get('failed_ops', 0):,}",
                       f"{cost.get('unknown_ops', 0):,}", f"{cost.get('failed_workloads', 0):,}",
-                      f"{killed:,}")
+                      f"{cost.get('killed_in_flight', 0):,}")
     return t

@@ -186,21 +186,25 @@ class HypervisorCore:
             return [Spawn(self._vm_restarted(vm, why))]
         return None
 
-    def _vgpus_lost(self, why: str) -> list[Any]:
+    def _vgpus_lost(self, why: str) -> None:
         """The mediator restarted: every vGPU it had is gone, with the pins and page tracking
         it held. Each guest is told (VGPU_LOST); its accesses fail with ENODEV, and its queued
         writes as not applied, until it resets its VM, as a guest whose device vanished must."""
         for vm in self.vms.values():
             vm.device_lost = why
-            vm.pins[:] = 0
-            vm.track[:] = 0
-            vm.wp.bits[:] = 0
-            self.stats.set("gvtbench_hv_tracked_pages", (vm.id,), 0)
+            self._forget_mediator_state(vm)
             self.stats.inc("gvtbench_hv_vgpus_lost", (vm.id,))
             self._dirty.add(vm.id)
             self.outbox.append(Post(guest_name(vm.id), "VGPU_LOST", {"reason": why[:200]},
                                     vgpu=vm.id))
-        return []
+        return None
+
+    def _forget_mediator_state(self, vm: Vm) -> None:
+        """The pins and page tracking a mediator held for the VM, gone with it (or with the VM)."""
+        vm.pins[:] = 0
+        vm.track[:] = 0
+        vm.wp.bits[:] = 0
+        self.stats.set("gvtbench_hv_tracked_pages", (vm.id,), 0)
 
     def restart_vms(self, why: str) -> Iterator[Any]:
         """A hypervisor that replaces one that died: every VM starts again (their guests died
@@ -219,11 +223,8 @@ class HypervisorCore:
                 yield Call(self.mediator, "VGPU_RESET", None, vgpu=vm.id, timeout=self.call_timeout)
             except GvtError:
                 pass            # no vGPU (yet): a mediator that restarted too starts it new
-            vm.pins[:] = 0      # what the reset did not release, the old VM's mediator held
-            vm.track[:] = 0
-            vm.wp.bits[:] = 0
+            self._forget_mediator_state(vm)     # what the reset did not release
             vm.mem.zero()
-            self.stats.set("gvtbench_hv_tracked_pages", (vm.id,), 0)
         finally:
             ev, vm.resetting = vm.resetting, None
             if ev is not None:
@@ -232,13 +233,9 @@ class HypervisorCore:
     def _after_reset(self, vm: Vm, msg: Envelope) -> Iterator[Any]:
         while vm.resetting is not None:
             yield Wait(vm.resetting)
-        res = self.handle(msg, (yield Now()))
+        res = self.handle(msg, (yield Now()))   # what it queues goes out with the next tick
         if isinstance(res, GeneratorType):
             res = yield from res
-        if self.outbox:
-            out, self.outbox = self.outbox, []
-            for a in out:
-                yield a
         return res
 
     def handle(self, msg: Envelope, now: int) -> Any:

@@ -101,9 +101,7 @@ class MediatorCore:
         # a full GT reset first: after a restart of the mediator, the gpu may still run the
         # contexts of the one before, from host pool pages this one will use again
         yield Post(self.gpu, "MMIO_WRITE", {"off": regs.GDRST, "size": 4, "val": regs.GRDOM_FULL})
-        idx, vals = self.pool.ggtt_entries()
-        yield Post(self.gpu, "MMIO_WRITE_BATCH", pack_write_batch(gtt.offset_of(idx),
-                                                                  np.full(len(idx), 8), vals))
+        yield from self._pool_ggtt_posts()
         for vgpu_id, vgpu_type in specs:
             vgpu = self.create_vgpu(vgpu_id, vgpu_type)
             yield from vgpu.ggtt.reset()
@@ -144,11 +142,7 @@ class MediatorCore:
         sched.gpu_down = f"{why}: being restored"
         yield Post(self.gpu, "MMIO_WRITE", {"off": regs.GDRST, "size": 4, "val": regs.GRDOM_FULL})
         yield from sched.gpu_reset(why)
-        idx, vals = self.pool.ggtt_entries()
-        for a in range(0, len(idx), POST_ENTRIES):
-            yield Post(self.gpu, "MMIO_WRITE_BATCH", pack_write_batch(
-                gtt.offset_of(idx[a:a + POST_ENTRIES]), np.full(len(idx[a:a + POST_ENTRIES]), 8),
-                vals[a:a + POST_ENTRIES]))
+        yield from self._pool_ggtt_posts()
         for v in self.vgpus.values():
             yield from v.ggtt.rewrite()
             for n in range(v.part.fence_num):
@@ -162,6 +156,15 @@ class MediatorCore:
         sched.note_restore((yield Now()))
         self.stats.inc("gvtbench_gpu_restores")
         yield from sched.kick()
+
+    def _pool_ggtt_posts(self) -> Iterator[Post]:
+        """The host's GGTT mapping of its pool (page k at pool frame k), in batches of
+        POST_ENTRIES."""
+        idx, vals = self.pool.ggtt_entries()
+        for a in range(0, len(idx), POST_ENTRIES):
+            b = a + POST_ENTRIES
+            yield Post(self.gpu, "MMIO_WRITE_BATCH", pack_write_batch(
+                gtt.offset_of(idx[a:b]), np.full(len(idx[a:b]), 8), vals[a:b]))
 
     def _vgpu(self, vgpu_id: int) -> VGpu:
         vgpu = self.vgpus.get(vgpu_id)

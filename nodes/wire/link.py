@@ -153,6 +153,7 @@ class Link:
 
     def counters(self) -> dict:
         c = self.proto.counts
+        faults = self.faults.report() if self.faults else {"counts": {}, "log": []}
         return {"sent": self.sent, "received": self.received, "gaps": self.gaps, "dups": self.dups,
                 "send_failed": self.send_failed, "transport_drops": self.transport_drops,
                 "tx_seq": self.tx_seq, "rx_seq": self.rx_seq, "outstanding": self.outstanding,
@@ -162,7 +163,7 @@ class Link:
                 "acks": c["acks"], "restarts": c["restarts"], "deaths": c["deaths"],
                 "given_up": c["lost"] - self._lost0, "earlier": dict(self.earlier),
                 "srtt_us": self.proto.srtt // 1000,
-                "faults": self.faults.report()["counts"] if self.faults else {},
+                "faults": faults["counts"],
                 # each fault the plan played, [ns since the link's first frame, kind]: the first
                 # FAULT_LOG_MAX of each direction (past them, only counted)
-                "faults_log": self.faults.report()["log"] if self.faults else []}
+                "faults_log": faults["log"]}
