@@ -4,21 +4,23 @@ import subprocess
 import sys
 
 
-def test_perf_translate_json():
-    r = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "translate", "--entries", "20000",
-                        "--repeats", "1", "--json"], capture_output=True, text=True, timeout=120)
+def perf_json(what: str, *args: str, timeout: int = 300) -> dict:
+    """`gvtbench perf WHAT ARGS --json`, run as a user would; its result."""
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "perf", what, *args, "--json"],
+                       capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+    return json.loads(r.stdout)
+
+
+def test_perf_translate_json():
+    res = perf_json("translate", "--entries", "20000", "--repeats", "1", timeout=120)
     for key in ("entries", "c_s", "numpy_s", "python_s", "c_vs_python", "c_vs_numpy"):
         assert res[key] > 0
     assert res["entries"] == 20000
 
 
 def test_perf_trap_json():
-    r = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "trap", "--seconds", "0.5",
-                        "--rounds", "1", "--json"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+    res = perf_json("trap", "--seconds", "0.5", "--rounds", "1")
     for key in ("mmio_read_p50_us", "mmio_read_p99_us", "echo_p50_us", "read_vs_echo",
                 "posted_writes_per_s", "gtt_entries_per_s"):
         assert res[key] > 0, key
@@ -26,10 +28,7 @@ def test_perf_trap_json():
 
 
 def test_perf_neighbour_json():
-    r = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "neighbour", "--seconds", "0.5",
-                        "--rounds", "1", "--json"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+    res = perf_json("neighbour", "--seconds", "0.5", "--rounds", "1")
     for key in ("alone_p50_us", "alone_p99_us", "flooded_p50_us", "flooded_p99_us", "p99_ratio"):
         assert res[key] > 0, key
     (rnd,) = res["rounds"]
@@ -39,21 +38,19 @@ def test_perf_neighbour_json():
 
 
 def test_perf_faults_json():
-    r = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "faults", "--seconds", "1",
-                        "--rounds", "1", "--json"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+    res = perf_json("faults", "--seconds", "1", "--rounds", "1")
     for key in ("clean_ops_per_s", "faulty_ops_per_s", "throughput_ratio", "clean_p99_us",
                 "faulty_p99_us"):
         assert res[key] > 0, key
     assert len(res["rounds"]) == 1 and isinstance(res["target_met"], bool)
+    # the gpu killed and started again: the time to the first workload completed after it
+    (rec,) = res["gpu_recovery_rounds_s"]
+    assert rec is not None and rec > 0 and res["gpu_recovery_s"] == rec
+    assert isinstance(res["gpu_recovery_target_met"], bool)
 
 
 def test_perf_submit_json():
-    r = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "submit", "--seconds", "0.5",
-                        "--rounds", "1", "--json"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+    res = perf_json("submit", "--seconds", "0.5", "--rounds", "1")
     assert res["latency_vs_echo"] > 0 and res["tracked_writes_per_s"] > 0
     assert set(res["workloads_per_s"]) == {"1", "2", "4"} and all(v > 0 for v in res["workloads_per_s"].values())
     (rnd,) = res["rounds"]
