@@ -449,9 +449,13 @@ class Launcher:
             excused_ops[v] = sum(r["failed_ops"] for r in rows)
             excused_wl[v] = sum(r["failed_workloads"] for r in rows)
         work_reasons = ledger.check_workloads(self.core.reports, hostile, excused_ops)
+        mvs = snaps["mediator"]["core"]["vgpus"]
         for v in vm_ids(cfg):
+            mv = mvs.get(v) or mvs.get(str(v)) or {}
+            replays = ledger.replay_allowance(mv.get("fail_reasons", {})) \
+                if self.plan and self.plan.nodes else 0
             work_reasons += ledger.check_gpu_workloads(v, self.core.reports.get(v, {}).get("workloads", {}),
-                                                       rams[v], v in hostile, excused_wl[v])
+                                                       rams[v], v in hostile, excused_wl[v], replays)
         self.hostile = {}
         for v in sorted(hostile):
             self.hostile[v], rs = ledger.check_hostile(v, self.core.reports.get(v, {}).get("hostile"),
