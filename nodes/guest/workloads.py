@@ -36,6 +36,9 @@ CHECK_REGISTERS_EVERY = 16          # interrupts between cross-checks of the CSB
 RECENT = 32                         # workloads whose service time says how loaded the system is
 
 
+CSB_INVALID = b"\xff" * 8       # a CSB entry of the status page no event has written since reset
+
+
 class WorkloadDriver:
     def __init__(self, core: GuestCore, ram: GuestRam, engines: tuple[str, ...], attack: bool = False):
         self.core, self.ram, self.engines_used = core, ram, engines
@@ -99,9 +102,7 @@ class WorkloadDriver:
                 c.tail = c.submitted_tail = 0
                 out += self.store(c.lrc_gfns[0] << PAGE_SHIFT, i915.context_image(c, pml4))
                 self.loosen((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_HEAD)
-            # reset_csb_pointers: the status page's write pointer copy starts at the last entry
-            out += self.store((e.hwsp_gfn << PAGE_SHIFT) + 4 * lrc.HWS_CSB_WRITE_INDEX,
-                              _I.pack(regs.RING_CSB_ENTRIES - 1))
+            out += self._reset_csb_page(e)
             self.loosen((e.hwsp_gfn << PAGE_SHIFT) + 4 * lrc.HWS_CSB_BUF0_INDEX,
                         4 * (lrc.HWS_CSB_WRITE_INDEX - lrc.HWS_CSB_BUF0_INDEX + 1))
         for c in range(len(lay.engines) * i915.CONTEXTS_PER_ENGINE):
@@ -380,6 +381,15 @@ class WorkloadDriver:
                 elif lo & lrc.CSB_ELEMENT_SWITCH and e.active:
                     e.active.pop(0)
 
+    def _reset_csb_page(self, e: EngineState) -> list[Any]:
+        """reset_csb_pointers: the status page's write pointer copy starts at the last entry, and
+        every entry is invalidated (all ones), so that one no event has written since is told
+        from one that an event wrote (a reboot keeps the page's old contents otherwise)."""
+        base = (e.hwsp_gfn << PAGE_SHIFT) + 4 * lrc.HWS_CSB_BUF0_INDEX
+        return (self.store(base, CSB_INVALID * regs.RING_CSB_ENTRIES)
+                + self.store((e.hwsp_gfn << PAGE_SHIFT) + 4 * lrc.HWS_CSB_WRITE_INDEX,
+                             _I.pack(regs.RING_CSB_ENTRIES - 1)))
+
     def _check_registers(self) -> Iterator[Any]:
         """Now and then, read the CSB pointer register and the entry it points at: when the
         status page shows the same write pointer, both copies must hold the same entry."""
@@ -398,6 +408,8 @@ class WorkloadDriver:
         if self.irqs != irqs or again != ptr or gen != self.reboots:
             return              # CSB events came between the reads (a slow trap: under a fault
                                 # the buffer can wrap around to the same write pointer)
+        if page[8 * wp:8 * wp + 8] == CSB_INVALID:
+            return              # no event since the engine's reset: no entry to compare
         if hw_wp == wp and _Q.unpack(page[8 * wp:8 * wp + 8])[0] != reg:
             self.counts["csb_mismatches"] += 1
             self._reason(f"{e.name}: CSB entry {wp} is {reg:#x} in the register but "
@@ -538,8 +550,7 @@ class WorkloadDriver:
         also restarts GVT-g's scheduling of the vGPU (a reset stops it)."""
         e.active, e.submitted = [], None
         e.csb_head = regs.RING_CSB_ENTRIES - 1
-        out = self.store((e.hwsp_gfn << PAGE_SHIFT) + 4 * lrc.HWS_CSB_WRITE_INDEX,
-                         _I.pack(regs.RING_CSB_ENTRIES - 1))
+        out = self._reset_csb_page(e)
         out.append(self._post([(regs.ring(e.name, regs.RING_CSB_PTR), regs.csb_ptr_guest_reset()),
                                (regs.ring(e.name, regs.RING_MODE),
                                 regs.masked_enable(regs.GFX_MODE_RUN_LIST_ENABLE)),
