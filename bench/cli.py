@@ -97,6 +97,17 @@ def _trace_line(t: dict) -> str:
             + "; open it in https://ui.perfetto.dev or chrome://tracing")
 
 
+def _vm_endpoints(items: list[str], flag: str) -> dict[int, str]:
+    """N=ENDPOINT options by VM."""
+    out = {}
+    for p in items:
+        vm, sep, ep = p.partition("=")
+        if not sep or not vm.isdigit() or not ep:
+            raise SystemExit(f"gvtbench node: {flag} must be N=ENDPOINT, got {p!r}")
+        out[int(vm)] = ep
+    return out
+
+
 def _node(args: argparse.Namespace) -> int:
     from bench import config
     from nodes.node import run_node
@@ -108,16 +119,19 @@ def _node(args: argparse.Namespace) -> int:
         if not sep or not name or not ep:
             raise SystemExit(f"gvtbench node: --peer must be NAME=ENDPOINT, got {p!r}")
         peers[name] = ep
-    vm_binds = {}
-    for p in args.vm_bind:
-        vm, sep, ep = p.partition("=")
-        if not sep or not vm.isdigit() or not ep:
-            raise SystemExit(f"gvtbench node: --vm-bind must be N=ENDPOINT, got {p!r}")
-        vm_binds[int(vm)] = ep
-    return run_node(args.role, cfg, vm=args.vm, bind=args.bind, peers=peers,
+    vm_binds = _vm_endpoints(args.vm_bind, "--vm-bind")
+    vm_peers = _vm_endpoints(args.vm_peer, "--vm-peer")
+    vms: list[int] = []
+    for spec in args.vm:
+        lo, dash, hi = spec.partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise SystemExit(f"gvtbench node: --vm must be N or N-M, got {spec!r}")
+        vms += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    return run_node(args.role, cfg, vms=vms, bind=args.bind, peers=peers,
                     launcher=args.launcher, run_id=args.run_id, keys_dir=args.keys,
                     metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
-                    parent_death=args.parent_death, vm_binds=vm_binds, restarted=args.restart)
+                    parent_death=args.parent_death, vm_binds=vm_binds, restarted=args.restart,
+                    vm_peers=vm_peers)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -159,6 +173,41 @@ def _perf(args: argparse.Namespace) -> int:
     res = run_trap(seconds=args.seconds, rounds=args.rounds, trace_rate=args.trace_rate or 0.0)
     print(json.dumps(res) if args.json else format_trap(res))
     return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    """A run per vGPU count: a row per run as it ends, the table, the JSON and the HTML page."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from rich.console import Console
+
+    from bench import config, scale
+
+    try:
+        counts = scale.parse_counts(args.vgpus)
+    except ValueError as err:
+        raise ConfigError("command line", "--vgpus", str(err)) from None
+    cfg = config.load(args.config or scale.DEFAULT_CONFIG)
+    console = Console(stderr=True)
+    console.print(f"gvtbench scale: {len(counts)} runs ({', '.join(map(str, counts))} vGPUs) of "
+                  f"{cfg['_source']}")
+
+    def on_run(row: dict) -> None:
+        console.print(scale.format_row(row))
+
+    try:
+        res = scale.run_scale(cfg, counts, duration=args.duration, on_run=on_run)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: every node stopped, shm and sockets removed[/]")
+        return 130
+    Console().print(scale.table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.html:
+        from bench import scale_html
+        scale_html.write(res, args.html)
+        console.print(f"gvtbench scale: wrote {args.html}")
+    return 0 if res["verdict"] == "pass" else EXIT_FAIL
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -212,9 +261,15 @@ def parser() -> argparse.ArgumentParser:
     n = sub.add_parser("node", help="run one node alone (for multi-host runs)")
     n.add_argument("role", choices=["gpu", "mediator", "hypervisor", "guest"])
     n.add_argument("--config", help="TOML or JSON config shared by all nodes of the run")
-    n.add_argument("--vm", type=int, default=0, help="the guest's VM id (guest only)")
-    n.add_argument("--bind", required=True, help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:5555")
+    n.add_argument("--vm", action="append", default=[], metavar="N[-M]",
+                   help="guest: the VM (or VMs N..M) to run; several make a pool of guests in "
+                        "this process")
+    n.add_argument("--bind", help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:5555 (every role "
+                                  "but guest, which binds nothing)")
     n.add_argument("--peer", action="append", default=[], metavar="NAME=ENDPOINT")
+    n.add_argument("--vm-peer", action="append", default=[], metavar="N=ENDPOINT",
+                   help="guest: VM N's endpoint of the hypervisor (a pool gives one per VM; one "
+                        "guest may give --peer hypervisor=ENDPOINT instead)")
     n.add_argument("--vm-bind", action="append", default=[], metavar="N=ENDPOINT",
                    help="hypervisor: the endpoint of VM N's guest (default: the ipc path + .vmN, "
                         "or the tcp port + N)")
@@ -246,6 +301,15 @@ def parser() -> argparse.ArgumentParser:
                         "not written): what tracing costs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_perf)
+    sc = sub.add_parser("scale", help="one run per vGPU count: throughput, latency, CPU and "
+                        "memory against the number of vGPUs")
+    sc.add_argument("--vgpus", default="1,2,4,8,16,32,64", metavar="N,N,...",
+                    help="the vGPU counts, one run each (default: 1,2,4,8,16,32,64)")
+    sc.add_argument("--config", help="the config each run starts from (default: configs/scale.toml)")
+    sc.add_argument("--duration", type=float, metavar="S", help="seconds of load per run")
+    sc.add_argument("--json", metavar="PATH", help="write the sweep as JSON")
+    sc.add_argument("--html", metavar="PATH", help="write the sweep as a self-contained HTML page")
+    sc.set_defaults(fn=_scale)
     dash = sub.add_parser("dashboards", help="write the Grafana dashboards (JSON) that "
                           "bench/dashboards.py builds")
     dash.add_argument("--out", default="dashboards", help="folder to write (default: dashboards/)")

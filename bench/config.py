@@ -14,8 +14,8 @@ from typing import Any
 import tomllib
 
 from nodes.guest.core import MIXES
-from nodes.hw import partition
-from nodes.node import fault_plan, node_names
+from nodes.hw import partition, regs
+from nodes.node import fault_plan, guest_pools, node_names, vgpu_types
 from nodes.wire.faults import FaultSpecError
 
 
@@ -62,6 +62,11 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "aperture_mib": (int, 1024, lambda v: v > partition.HOST_LOW_GM >> 20 and v < 4096,
                          f"MiB of CPU-mappable GM, more than the host's "
                          f"{partition.HOST_LOW_GM >> 20} and < 4096"),
+        "fences": (int, partition.TOTAL_FENCES,
+                   lambda v: partition.HOST_FENCES < v <= partition.MAX_SIM_FENCES,
+                   f"fence registers, more than the host's {partition.HOST_FENCES} and at most "
+                   f"{partition.MAX_SIM_FENCES} (Gen9 has {partition.TOTAL_FENCES}; a simulated "
+                   f"GPU may have more)"),
     },
     "mediator": {
         "max_vgpus": (int, partition.GVT_MAX_VGPU - 1, lambda v: 1 <= v <= 1024, "1..1024"),
@@ -74,12 +79,12 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "vgpus": {
         "count": (int, 2, lambda v: 1 <= v <= 1024, "1..1024"),
-        "type": (str, "_8", lambda v: v in partition.VGPU_TYPES,
-                 f"one of {', '.join(partition.VGPU_TYPES)}"),
+        "type": (str, "_8", None, "a vGPU type: upstream's (_8, _4, _2, _1) or one of [vgpu_types]"),
         "ram_mib": (int, 64, lambda v: 1 <= v <= 65536, "MiB of guest RAM, 1..65536"),
-        "types": (list, [], lambda v: all(t in partition.VGPU_TYPES for t in v),
-                  f"a list of vGPU types, one per vGPU ({', '.join(partition.VGPU_TYPES)}); "
-                  f"empty: every vGPU is of `type`"),
+        "per_process": (int, 0, _nonneg, "guests run by one process (a pool), >= 0 (0: as many "
+                        "processes as the machine has cores; 1: a process per guest)"),
+        "types": (list, [], lambda v: all(isinstance(t, str) for t in v),
+                  "a list of vGPU type names, one per vGPU; empty: every vGPU is of `type`"),
     },
     "load": {
         "mix": (dict, {"mmio-read": 0.4, "mmio-write": 0.4, "gtt-burst": 0.2}, None, ""),
@@ -118,8 +123,68 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "mmio_read_p99_us": ((int, float), 0.0, _nonneg, "microseconds >= 0 (0: no threshold)"),
         "gtt_write_p99_us": ((int, float), 0.0, _nonneg, "microseconds >= 0 (0: no threshold)"),
         "min_ops_per_s": ((int, float), 0.0, _nonneg, "ops/s per vGPU >= 0 (0: no threshold)"),
+        "min_achieved_ratio": ((int, float), 0.0, _ratio, "the share 0..1 of its offered rate a "
+                               "vGPU's open-loop load must complete (0: no threshold)"),
     },
 }
+
+
+# [vgpu_types.NAME]: a type of the config's own, next to upstream's (key -> type, check, wants)
+TYPE_KEYS: dict[str, tuple] = {
+    "low_gm_mib": (int, lambda v: 1 <= v <= 2048, "MiB of aperture GM, 1..2048"),
+    "high_gm_mib": (int, lambda v: 1 <= v <= 4096, "MiB of hidden GM, 1..4096"),
+    "fences": (int, lambda v: 1 <= v <= regs.FENCE_SLOTS,
+               f"fence registers, 1..{regs.FENCE_SLOTS} (what GVT-g traps for a vGPU)"),
+    "weight": (int, lambda v: 1 <= v <= 256, "a scheduling weight, 1..256"),
+}
+
+
+def _vgpu_types(where: str, table: Any) -> dict:
+    if not isinstance(table, dict):
+        raise ConfigError(where, "vgpu_types", "must be a table of types ([vgpu_types.NAME])")
+    out = {}
+    for name, t in table.items():
+        key = f"vgpu_types.{name}"
+        if name in partition.VGPU_TYPES:
+            raise ConfigError(where, key, "is one of upstream's types; give yours another name")
+        if not name or len(name) > 32 or not all(c.isalnum() or c in "_-" for c in name):
+            raise ConfigError(where, key, "a type name is 1..32 letters, digits, '_' or '-'")
+        if not isinstance(t, dict):
+            raise ConfigError(where, key, "must be a table with " + ", ".join(TYPE_KEYS))
+        for k in t:
+            if k not in TYPE_KEYS:
+                raise ConfigError(where, f"{key}.{k}", f"unknown key; known: {', '.join(TYPE_KEYS)}")
+        for k, (typ, check, wants) in TYPE_KEYS.items():
+            if k not in t:
+                raise ConfigError(where, f"{key}.{k}", f"missing: {wants}")
+            v = t[k]
+            if isinstance(v, bool) or not isinstance(v, typ) or not check(v):
+                raise ConfigError(where, f"{key}.{k}", f"must be {wants}, got {v!r}")
+        out[name] = dict(t)
+    return out
+
+
+def _check_capacity(where: str, cfg: dict) -> None:
+    """Every vGPU must fit on the GPU, by the allocator the mediator uses (the kernel's rule:
+    aperture, hidden GM and fences), so a run that cannot start is refused here, naming why."""
+    from nodes.errors import GvtError
+    from nodes.mediator.aperture import GmAllocator
+    types = vgpu_types(cfg)
+    names = cfg["vgpus"]["types"] or [cfg["vgpus"]["type"]] * cfg["vgpus"]["count"]
+    key = "vgpus.types" if cfg["vgpus"]["types"] else "vgpus.type"
+    for t in names:
+        if t not in types:
+            raise ConfigError(where, key, f"unknown vGPU type {t!r}; known: {', '.join(types)}")
+    alloc = GmAllocator(cfg["gpu"]["aperture_mib"] * (1 << 20), fences=cfg["gpu"]["fences"],
+                        types=types)
+    for i, t in enumerate(names):
+        try:
+            alloc.allocate(t)
+        except GvtError as err:
+            raise ConfigError(where, key, f"vGPU {i + 1} of {len(names)} does not fit on the GPU: "
+                              f"{err.text} (gpu.aperture_mib = {cfg['gpu']['aperture_mib']}, "
+                              f"gpu.fences = {cfg['gpu']['fences']}; smaller types fit more: "
+                              f"[vgpu_types])") from None
 
 
 def defaults() -> dict:
@@ -130,9 +195,13 @@ def validate(raw: dict, where: str = "<config>") -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(where, "(top)", "must be a table")
     cfg = defaults()
+    cfg["vgpu_types"] = {}
     for sec, table in raw.items():
+        if sec == "vgpu_types":
+            cfg["vgpu_types"] = _vgpu_types(where, table)
+            continue
         if sec not in SCHEMA:
-            raise ConfigError(where, sec, f"unknown section; known: {', '.join(SCHEMA)}")
+            raise ConfigError(where, sec, f"unknown section; known: {', '.join(SCHEMA)}, vgpu_types")
         if not isinstance(table, dict):
             raise ConfigError(where, sec, "must be a table")
         for key, val in table.items():
@@ -173,9 +242,13 @@ def validate(raw: dict, where: str = "<config>") -> dict:
         if nf.node not in node_names(cfg):
             raise ConfigError(where, "faults.links", f"{nf.kind}={nf.node}: no node {nf.node!r} in "
                               f"this run ({', '.join(node_names(cfg))})")
+        if nf.node.startswith("guest") and max(map(len, guest_pools(cfg))) > 1:
+            raise ConfigError(where, "faults.links", f"{nf.kind}={nf.node}: a guest in a pool of "
+                              f"guests cannot be stopped or killed alone; set vgpus.per_process = 1")
     if cfg["vgpus"]["count"] > cfg["mediator"]["max_vgpus"]:
         raise ConfigError(where, "vgpus.count", f"{cfg['vgpus']['count']} vGPUs exceed "
                           f"mediator.max_vgpus = {cfg['mediator']['max_vgpus']}")
+    _check_capacity(where, cfg)
     return cfg
 
 
@@ -213,7 +286,7 @@ def load(path: str | os.PathLike | None = None) -> dict:
 def apply_overrides(cfg: dict, *, duration: float | None = None, vgpus: int | None = None,
                     seed: int | None = None, ops: int | None = None,
                     trace_rate: float | None = None, faults: list[str] | None = None) -> dict:
-    raw = {sec: dict(v) for sec, v in cfg.items() if not sec.startswith("_")}
+    raw = {sec: copy.deepcopy(v) for sec, v in cfg.items() if not sec.startswith("_")}
     if faults:
         raw["faults"]["links"] = list(raw["faults"]["links"]) + list(faults)
     if trace_rate is not None:

@@ -19,22 +19,26 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from bench import ledger, trace
+from bench import ledger, procstat, trace
 from bench.config import public
 from nodes.actions import Call, Post, Sleep
 from nodes.errors import GvtError
 from nodes.hw import gtt
 from nodes.memory import remove_run_shm, sweep_stale_shm
 from nodes.metrics import TRAP_LATENCY
-from nodes.node import build_layout, fault_plan, hostile_vms, needed_peers, node_names, vm_ids
+from nodes.node import (
+    build_layout, fault_plan, guest_pools, hostile_vms, needed_peers, node_names, vm_ids,
+)
 from nodes.runtime import Keys, Runtime, make_keys
 from nodes.stats import Stats
 from nodes.wire.codec import Envelope
+from nodes.wire.schema import guest_name
 from nodes.wire.faults import NodeFault
 
 SCHEMA_VERSION = 1
 DUMP_CHUNK = 65536          # GGTT entries per GGTT_DUMP (512 KiB: inside the frame limit)
 PROBE_CHUNK = 8192          # probes per GM_WRITE
+BEHIND_SHARE = 0.9          # a vGPU that completes less of its offered rate fell behind
 
 
 class LauncherCore:
@@ -103,6 +107,10 @@ class Launcher:
         self.windows: list[dict] = []        # when each fault could cost operations (ledger)
         self.costs: dict[int, list[dict]] = {}
         self.t_spawn = self.t_load_ns = 0
+        self.cpu_at_start: dict = {}             # /proc samples of the node processes
+        self.cpu_at_end: dict = {}               # at the start and the end of the load
+        self.pools: list[list[int]] = []         # the guests' processes: the VMs of each
+        self.pool_of: dict[str, list[int]] = {}  # guest name -> its pool
 
     # ---- processes -------------------------------------------------------------------------------
     def _endpoint(self, name: str) -> str:
@@ -111,28 +119,56 @@ class Launcher:
             return f"ipc://{self.tmp}/{name}"
         return f"tcp://{run['host']}:{free_port(run['host'])}"
 
-    def _spawn(self, role: str, name: str, eps: dict[str, str], cfg_path: str, vm: int = 0,
+    def _spawn(self, role: str, name: str, eps: dict[str, str], cfg_path: str,
                restart: bool = False) -> None:
+        """Start a node's process; a guest's is its pool's, which runs every VM of the pool."""
         cmd = [sys.executable, "-m", "bench.cli", "node", role, "--config", cfg_path,
-               "--bind", eps[name], "--launcher", eps["launcher"], "--run-id", self.run_id,
+               "--launcher", eps["launcher"], "--run-id", self.run_id,
                "--parent-death"] + (["--restart"] if restart else [])
-        for peer in needed_peers(role, self.cfg):
-            # a guest connects to its own VM's endpoint of the hypervisor
-            cmd += ["--peer", f"{peer}={eps[f'{peer}.vm{vm}' if role == 'guest' else peer]}"]
+        names = [name]
+        if role == "guest":
+            pool = self.pool_of[name]
+            names = [guest_name(v) for v in pool]
+            # each guest connects to its own VM's endpoint of the hypervisor
+            for v in pool:
+                cmd += ["--vm", str(v), "--vm-peer", f"{v}={eps[f'hypervisor.vm{v}']}"]
+        else:
+            cmd += ["--bind", eps[name]]
+            cmd += [a for peer in needed_peers(role, self.cfg) for a in ("--peer", f"{peer}={eps[peer]}")]
         if role == "hypervisor":
             cmd += [a for v in vm_ids(self.cfg) for a in ("--vm-bind", f"{v}={eps[f'hypervisor.vm{v}']}")]
-        if vm:
-            cmd += ["--vm", str(vm)]
         if self.keys_dir:
             cmd += ["--keys", self.keys_dir]
-        log = open(os.path.join(self.tmp, f"{name}.log"), "ab")      # a restarted node adds to it
-        self.procs[name] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                            start_new_session=True)
+        log = open(self._log_path(name), "ab")      # a restarted node adds to it
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
         log.close()
+        for n in names:
+            self.procs[n] = proc
+
+    def processes(self) -> dict[str, tuple[subprocess.Popen, int]]:
+        """The run's node processes by name (a pool of guests: guests/<its first VM>), each with the
+        number of vGPUs it serves."""
+        out: dict[str, tuple[subprocess.Popen, int]] = {}
+        n = len(self.pool_of)
+        for name, proc in self.procs.items():
+            pool = self.pool_of.get(name)
+            if pool is None:
+                out[name] = (proc, n)
+            elif int(name[5:]) == pool[0]:
+                out[f"guests/{pool[0]}"] = (proc, len(pool))
+        return out
+
+    def _sample_processes(self) -> dict[str, procstat.Sample | None]:
+        return {name: procstat.sample(proc.pid) for name, (proc, _n) in self.processes().items()}
+
+    def _log_path(self, name: str) -> str:
+        pool = self.pool_of.get(name)
+        return os.path.join(self.tmp, f"guests-{pool[0]}.log" if pool else f"{name}.log")
 
     def _log_tail(self, name: str, lines: int = 5) -> str:
         try:
-            with open(os.path.join(self.tmp, f"{name}.log"), "rb") as f:
+            with open(self._log_path(name), "rb") as f:
                 text = f.read().decode(errors="replace").strip().splitlines()
             return " | ".join(text[-lines:])
         except OSError:
@@ -152,6 +188,8 @@ class Launcher:
             vms = vm_ids(self.cfg) if guests is None else guests
             names = [n for n in node_names(self.cfg) if not n.startswith("guest")]
             names += [f"guest{v}" for v in vms]
+            self.pools = guest_pools(self.cfg, vms)
+            self.pool_of = {guest_name(v): pool for pool in self.pools for v in pool}
             eps = self.eps = {n: self._endpoint(n) for n in ["launcher", *node_names(self.cfg)]}
             eps.update({f"hypervisor.vm{v}": self._endpoint(f"hypervisor.vm{v}") for v in vm_ids(self.cfg)})
             cfg_path = self.cfg_path = os.path.join(self.tmp, "run.json")
@@ -167,8 +205,9 @@ class Launcher:
                               link_silent_s=self.cfg["run"]["link_silent_s"])
             self.t_spawn = time.monotonic()
             for n in names:
-                role = n if not n.startswith("guest") else "guest"
-                self._spawn(role, n, eps, cfg_path, vm=int(n[5:]) if role == "guest" else 0)
+                if n.startswith("guest") and self.pool_of[n][0] != int(n[5:]):
+                    continue            # its pool's process is started with the pool's first VM
+                self._spawn("guest" if n.startswith("guest") else n, n, eps, cfg_path)
             self.rt.spawn(self._orchestrate(drive or Launcher._drive, names))
             self.rt.run(until=lambda: self.result is not None or self.error is not None)
             if self.error:
@@ -179,7 +218,8 @@ class Launcher:
         finally:
             self._teardown()
 
-    def _wait(self, cond: Callable[[], bool], timeout: float, what: str) -> Iterator[Any]:
+    def _wait(self, cond: Callable[[], bool], timeout: float, what: str,
+              missing: Callable[[], list[str]] | None = None) -> Iterator[Any]:
         deadline = time.monotonic() + timeout
         while not cond():
             dead = self._dead()
@@ -187,7 +227,10 @@ class Launcher:
                 raise RunFailed(f"node {dead[0]} exited (code {self.procs[dead[0]].returncode}) while "
                                 f"waiting for {what}: {self._log_tail(dead[0])}")
             if time.monotonic() > deadline:
-                raise RunFailed(f"timed out after {timeout:g} s waiting for {what}")
+                late = missing() if missing else []
+                raise RunFailed(f"timed out after {timeout:g} s waiting for {what}" + (
+                    f" (still waiting for {', '.join(late[:8])}{' ...' if len(late) > 8 else ''})"
+                    if late else ""))
             if self.on_progress:
                 self.on_progress(self._progress_view())
             yield Sleep(0.05)
@@ -240,7 +283,8 @@ class Launcher:
         core = self.core
         self.phase = "starting"
         yield from self._wait(lambda: all(n in core.ready for n in names),
-                              self.cfg["run"]["start_timeout_s"], "every node to be ready")
+                              self.cfg["run"]["start_timeout_s"], "every node to be ready",
+                              lambda: [n for n in names if n not in core.ready])
         failed = {n: r["error"] for n, r in core.ready.items() if r.get("error")}
         if failed:
             raise RunFailed("; ".join(f"{n}: {e}" for n, e in failed.items()))
@@ -258,6 +302,7 @@ class Launcher:
         run = cfg["run"]
         yield from self.wait_ready(names)
         self.phase = "load"
+        self.cpu_at_start = self._sample_processes()
         t_start = self.t_load = time.monotonic()
         self.t_load_ns = time.monotonic_ns()
         for g in guests:
@@ -270,6 +315,7 @@ class Launcher:
                               any(core.progress.get(v, {}).get("state") == "failed" for v in vms),
                               limit, "the guests to finish their load")
         wall = time.monotonic() - t_start
+        self.cpu_at_end = self._sample_processes()
         # a guest whose boot failed reports on request
         for v in vms:
             if v not in core.reports:
@@ -320,8 +366,9 @@ class Launcher:
         at_ns = time.monotonic_ns()
         for n in names:
             self.down.add(n)
+        for proc in {id(self.procs[n]): self.procs[n] for n in names}.values():
             try:
-                os.kill(self.procs[n].pid, signal.SIGKILL)
+                os.kill(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 10
@@ -343,11 +390,13 @@ class Launcher:
         yield Sleep(down)
         t_spawn = time.monotonic()
         for n in names:                 # the hypervisor before its guests
-            role = n if not n.startswith("guest") else "guest"
-            self._spawn(role, n, self.eps, self.cfg_path, vm=int(n[5:]) if role == "guest" else 0,
+            if n.startswith("guest") and self.pool_of[n][0] != int(n[5:]):
+                continue                # started with its pool
+            self._spawn("guest" if n.startswith("guest") else n, n, self.eps, self.cfg_path,
                         restart=True)
-            yield from self._wait_back(n)
-            self.down.discard(n)
+            for m in [guest_name(v) for v in self.pool_of[n]] if n in self.pool_of else [n]:
+                yield from self._wait_back(m)
+                self.down.discard(m)
         if self.prometheus is not None:
             from bench.prom import write_targets
             write_targets(self.prometheus.folder, dict(self.core.ready))
@@ -492,6 +541,49 @@ class Launcher:
             res["trace"] = self.trace_summary
         return res
 
+    def _resources(self, vgpus: list[dict], wall: float) -> dict:
+        """CPU and memory of the node processes over the load, and what they carried: the
+        load's operations, MMIO traps, GGTT entries and workloads, per CPU-second."""
+        res = procstat.usage(self.cpu_at_start, self.cpu_at_end,
+                             {n: k for n, (_p, k) in self.processes().items()})
+        ops = {"operations": sum(v["guest"].get("completed", 0) for v in vgpus),
+               "mmio_traps": sum(v["traps"].get(k, {}).get("count", 0) for v in vgpus
+                                 for k in ("mmio_read", "mmio_write")),
+               "ggtt_entries": sum(v["traps"].get("gtt_write", {}).get("count", 0) for v in vgpus),
+               "workloads": sum(v["workloads"]["completed"] for v in vgpus)}
+        cpu = res["cpu_s"]
+        n = max(1, len(vgpus))
+        res.update({"load_s": round(wall, 3), "counts": ops,
+                    "per_cpu_s": {k: round(c / cpu, 1) if cpu > 0 else None for k, c in ops.items()},
+                    "cores": round(cpu / wall, 3) if wall > 0 else None,
+                    "cpu_s_per_vgpu": round(cpu / n, 4), "rss_per_vgpu_mib": round(res["rss_mib"] / n, 2)})
+        return res
+
+    def _achieved(self, v: dict) -> tuple[float, float] | None:
+        """(achieved, offered) ops/s of a vGPU's open-loop load (None: closed loop, a count of
+        ops, or no report)."""
+        ld, rep = self.cfg["load"], v["guest"]
+        if ld["mode"] != "open" or not rep.get("elapsed_s"):
+            return None
+        done = rep.get("completed", 0) + rep.get("failed", 0) + rep.get("unknown", 0)
+        return done / rep["elapsed_s"], float(ld["rate"])
+
+    def _warnings(self, vgpus: list[dict]) -> list[str]:
+        """What makes a passing run's figures doubtful: the load generator could not keep up
+        (its latency is then the queueing of a saturated system, not the design's)."""
+        behind = []
+        for v in vgpus:
+            rates = self._achieved(v)
+            if rates and rates[0] < BEHIND_SHARE * rates[1]:
+                behind.append((rates[0] / rates[1], v["id"], *rates))
+        if not behind:
+            return []
+        worst = min(behind)
+        return [f"the load fell behind on {len(behind)} of {len(vgpus)} vGPUs: they completed "
+                f"under {BEHIND_SHARE:.0%} of the offered rate (worst: vGPU {worst[1]}, "
+                f"{worst[2]:,.0f} of {worst[3]:,.0f} ops/s); this machine cannot carry the load, "
+                f"and its latencies are those of a saturated system"]
+
     def hostile_vms(self) -> frozenset[int]:
         """The VMs whose load includes the hostile mix: their refusals are expected."""
         return frozenset(hostile_vms(self.cfg))
@@ -507,6 +599,11 @@ class Launcher:
                 if lim and got is not None and got > lim:
                     out.append(f"vGPU {v}: {kind} p99 {got:.1f} us exceeds thresholds.{key} = {lim}")
             rep = self.core.reports.get(v, {})
+            v_row = {"guest": rep}
+            rates = self._achieved(v_row) if th["min_achieved_ratio"] else None
+            if rates and rates[0] < th["min_achieved_ratio"] * rates[1]:
+                out.append(f"vGPU {v}: achieved {rates[0]:,.0f} of the offered {rates[1]:,.0f} "
+                           f"ops/s, under thresholds.min_achieved_ratio = {th['min_achieved_ratio']}")
             if th["min_ops_per_s"] and wall > 0:
                 rate = rep.get("completed", 0) / max(rep.get("elapsed_s") or wall, 1e-9)
                 if rate < th["min_ops_per_s"]:
@@ -579,11 +676,13 @@ class Launcher:
                                      for vm, r in self.core.reports.items()}},
             "isolation": isolation,
             "memory_sha256": mem_hash,
+            "resources": self._resources(out_vgpus, wall),
             "errors": self.node_errors,
             "hostile": {str(v): h for v, h in self.hostile.items()},
             "faults": self._faults(snaps),
             "verdict": verdict,
             "reasons": reasons,
+            "warnings": self._warnings(out_vgpus),
         }
 
     def _faults(self, snaps: dict) -> dict:

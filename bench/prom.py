@@ -54,9 +54,10 @@ def write_config(folder: Path) -> Path:
 
 
 def write_targets(folder: Path, nodes: dict[str, dict], host: str = "127.0.0.1") -> None:
-    """One target per node with a /metrics port; labels name the node and its role."""
+    """One target per process with a /metrics port; labels name the node (a pool of guests: the
+    pool, whose samples name their guest) and its role."""
     groups = [{"targets": [f"{host}:{r['metrics_port']}"],
-               "labels": {"node": name, "role": r.get("role") or name}}
+               "labels": {"node": r.get("pool") or name, "role": r.get("role") or name}}
               for name, r in sorted(nodes.items()) if r.get("metrics_port")]
     tmp = folder / (TARGETS_FILE + ".tmp")
     tmp.write_text(json.dumps(groups, indent=1))

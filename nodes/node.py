@@ -12,20 +12,38 @@ from typing import Any, Iterator
 from nodes.actions import Post, Sleep
 from nodes.engine import TRACE_SPANS_MAX
 from nodes.errors import GvtError
-from nodes.hw import MiB, PAGE_SIZE
+from nodes.hw import MiB, PAGE_SIZE, partition
 from nodes.memory import Fabric, Layout, OwnedMemory, RegionMemory, WriteProtect, make_p2m
-from nodes.runtime import Keys, Runtime, die_with_parent
+from nodes.metrics.export import BuildInfoCollector, PoolCollector, serve_metrics
+from nodes.runtime import Keys, NodeHost, Runtime, die_with_parent
 from nodes.wire.faults import FaultPlan
 from nodes.wire.schema import guest_name
 
 ROLES = ("gpu", "mediator", "hypervisor", "guest")
-HOST_POOL_FRAMES = 4096         # 16 MiB: scratch page, and later shadow tables and contexts
+HOST_POOL_FRAMES = 4096         # 16 MiB: scratch page, shadow tables, contexts, rings, batches
+POOL_FRAMES_PER_VGPU = 512      # past 7 vGPUs, the pool grows by 2 MiB per vGPU slot...
 PROGRESS_EVERY_NS = 250_000_000
+
+
+def host_pool_frames(cfg: dict) -> int:
+    """The host pool: 16 MiB, or 2 MiB per vGPU the mediator may hold, whichever is more, and
+    never past the host's aperture share, where it is mapped (each vGPU's quota is its even share)."""
+    want = max(HOST_POOL_FRAMES, POOL_FRAMES_PER_VGPU * cfg["mediator"]["max_vgpus"])
+    return min(want, partition.HOST_LOW_GM // PAGE_SIZE)
 
 
 def build_layout(cfg: dict) -> Layout:
     frames = cfg["vgpus"]["ram_mib"] * (MiB // PAGE_SIZE)
-    return Layout.build(HOST_POOL_FRAMES, {vm: frames for vm in vm_ids(cfg)})
+    return Layout.build(host_pool_frames(cfg), {vm: frames for vm in vm_ids(cfg)})
+
+
+def vgpu_types(cfg: dict) -> dict[str, partition.VgpuType]:
+    """Upstream's vGPU types and the config's own ([vgpu_types.NAME])."""
+    out = dict(partition.VGPU_TYPES)
+    for name, t in cfg.get("vgpu_types", {}).items():
+        out[name] = partition.VgpuType(t["low_gm_mib"] * MiB, t["high_gm_mib"] * MiB, t["fences"],
+                                       t["weight"])
+    return out
 
 
 def fault_plan(cfg: dict) -> FaultPlan | None:
@@ -39,6 +57,14 @@ def fault_plan(cfg: dict) -> FaultPlan | None:
 
 def vm_ids(cfg: dict) -> list[int]:
     return list(range(1, cfg["vgpus"]["count"] + 1))
+
+
+def guest_pools(cfg: dict, vms: list[int] | None = None) -> list[list[int]]:
+    """The guests' processes and the VMs each runs: vgpus.per_process guests a process, or (0)
+    as many processes as the machine has cores, so that the guests spread over them."""
+    vms = vm_ids(cfg) if vms is None else list(vms)
+    per = cfg["vgpus"]["per_process"] or -(-len(vms) // max(1, os.cpu_count() or 1))
+    return [vms[i:i + per] for i in range(0, len(vms), per)]
 
 
 def vgpu_type(cfg: dict, vm: int) -> str:
@@ -130,22 +156,95 @@ class _GuestDriver:
         return w
 
 
-def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
+def guest_core(cfg: dict, vm: int, run_id: str, launcher: str | None) -> tuple[Any, list[Any]]:
+    """VM vm's guest core (wrapped to report progress to the launcher), and what to close when
+    it stops."""
+    from nodes.guest.core import GuestCore, LoadSpec
+    from nodes.guest.mmu import GuestRam
+    run, ld = cfg["run"], cfg["load"]
+    spec = LoadSpec(mix=guest_mix(cfg, vm), mode=ld["mode"], rate=float(ld["rate"]),
+                    concurrency=ld["concurrency"], window=ld["window"], burst=ld["burst"],
+                    invalid_gfn_ratio=ld["invalid_gfn_ratio"], not_present_ratio=ld["not_present_ratio"],
+                    outside_ratio=ld["outside_ratio"], duration_s=float(run["duration_s"]),
+                    ops=run["ops"], stores_per_batch=ld["stores_per_batch"],
+                    batches_per_workload=ld["batches_per_workload"], bad_ratio=float(ld["bad_ratio"]),
+                    engines=tuple(ld["engines"]), hang_timeout_s=float(ld["hang_timeout_s"]),
+                    churn_halves_ratio=float(ld["churn_halves_ratio"]),
+                    trace_rate=float(run["trace_rate"]), hostile_repeat=ld["hostile_repeat"],
+                    hostile_timeout_s=float(ld["hostile_timeout_s"]))
+    ctl = "launcher" if launcher else None
+    region = build_layout(cfg).vm_region(vm)
+    attach = None
+    if run["fabric"] == "shm":
+        # the guest's CPU reaches its RAM directly, and sees the hypervisor's write protection
+        def attach() -> tuple:
+            return (RegionMemory.attach(region, run_id), make_p2m(region, run["seed"]),
+                    WriteProtect.attach(region, run_id))
+    ram = GuestRam(vm, region.frames, "hypervisor", attach=attach)
+    core = _GuestDriver(GuestCore(vm, region.frames, run["seed"], spec, launcher=ctl, ram=ram), ctl)
+    return core, [ram.close]
+
+
+def _runtime(name: str, role: str, core: Any, cfg: dict, bind: str | None, keys_dir: str | None,
+             host: NodeHost | None = None, vm_binds: dict[int, str] | None = None) -> Runtime:
+    run = cfg["run"]
+    # every node of a traced run records spans; the guests decide which operations are traced
+    return Runtime(name, role, core, bind, vgpus=vm_ids(cfg), vm_binds=vm_binds,
+                   keys=Keys.load(keys_dir, name) if keys_dir else None,
+                   link_silent_s=run["link_silent_s"], faults=fault_plan(cfg),
+                   accepts=accepted_roles(role, cfg),
+                   trace_spans=TRACE_SPANS_MAX if run["trace_rate"] > 0 else 0, host=host)
+
+
+def _startup(rt: Runtime, wanted: list[str], launcher: str | None, setup: Iterator[Any] | None,
+             ready: dict[str, Any]) -> Iterator[Any]:
+    """HELLO to every peer, the core's set-up, then READY to the launcher (or, with no launcher,
+    a guest boots and starts its load)."""
+    try:
+        yield from rt.hello_task(wanted + (["launcher"] if launcher else []))
+        result = (yield from setup) if setup is not None else None
+    except Exception as err:
+        text = getattr(err, "text", None) or str(err)
+        print(f"gvtbench {rt.name}: start-up failed: {text}", file=sys.stderr, flush=True)
+        if launcher:
+            yield Post("launcher", "READY", {"name": rt.name, "error": text})
+            yield Sleep(0.2)
+        rt.stopping = True
+        return
+    if launcher:
+        yield Post("launcher", "READY", {"name": rt.name, "role": rt.role, "endpoint": rt.endpoint,
+                                         "pid": os.getpid(), "setup": result, **ready})
+    elif rt.role == "guest":
+        rt.spawn(rt.core.core.boot_and_start(True, None))
+
+
+def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: dict[str, str],
              launcher: str | None, run_id: str, keys_dir: str | None = None, metrics_port: int = 0,
              metrics_addr: str = "127.0.0.1", parent_death: bool = False,
-             vm_binds: dict[int, str] | None = None, restarted: bool = False) -> int:
+             vm_binds: dict[int, str] | None = None, restarted: bool = False,
+             vm_peers: dict[int, str] | None = None) -> int:
+    """Run one node, or (role guest, several VMs) a pool of guests in this process."""
     if role not in ROLES:
         raise GvtError("EINVAL", f"unknown role {role!r}; roles: {', '.join(ROLES)}")
-    if role == "guest" and vm not in vm_ids(cfg):
-        raise GvtError("EINVAL", f"guest --vm {vm} is not one of the configured VMs {vm_ids(cfg)}")
-    if parent_death:
-        die_with_parent()
-    name = node_name(role, vm)
-    tcp = bind.startswith("tcp://") or any(ep.startswith("tcp://") for ep in peers.values())
+    tcp = (bind or "").startswith("tcp://") or any(
+        ep.startswith("tcp://") for ep in [*peers.values(), *(vm_peers or {}).values()])
     if tcp and not keys_dir:
         raise GvtError("EPERM", "tcp links are authenticated with CURVE keys: pass --keys DIR "
                        "(make the keys of a run with `gvtbench keys DIR --config ...`)")
-    keys = Keys.load(keys_dir, name) if keys_dir else None
+    if role == "guest":
+        if bind:
+            raise GvtError("EINVAL", "a guest binds nothing (no role connects to a guest; it "
+                           "connects to its VM's endpoint of the hypervisor): drop --bind")
+        return _run_guests(cfg, vms, peers=peers, vm_peers=vm_peers or {}, launcher=launcher,
+                           run_id=run_id, keys_dir=keys_dir, metrics_port=metrics_port,
+                           metrics_addr=metrics_addr, parent_death=parent_death)
+    if vms or vm_peers:
+        raise GvtError("EINVAL", "--vm and --vm-peer are for guests")
+    if not bind:
+        raise GvtError("EINVAL", f"a {role} needs --bind ENDPOINT")
+    if parent_death:
+        die_with_parent()
+    name = node_name(role)
     run = cfg["run"]
     layout = build_layout(cfg)
     owned = OwnedMemory(layout)
@@ -156,6 +255,7 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
     if role == "gpu":
         from nodes.gpu.sim import GpuSim
         core = GpuSim(Fabric(layout, run["fabric"], run_id))
+        on_stop.append(core.fabric.close)
     elif role == "mediator":
         from nodes.mediator.core import MediatorCore
         owned.add(RegionMemory.create(layout.host, run["fabric"], run_id))
@@ -164,9 +264,10 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
                             aperture_size=cfg["gpu"]["aperture_mib"] * MiB,
                             max_vgpus=cfg["mediator"]["max_vgpus"], translate=translate,
                             scratch=cfg["mediator"]["scratch"],
-                            shadow_quota=cfg["mediator"]["shadow_quota_pages"])
+                            shadow_quota=cfg["mediator"]["shadow_quota_pages"],
+                            fences=cfg["gpu"]["fences"], types=vgpu_types(cfg))
         setup = core.setup([(v, vgpu_type(cfg, v)) for v in vm_ids(cfg)])
-    elif role == "hypervisor":
+    else:
         from nodes.hypervisor.core import HypervisorCore
         mems, wps = {}, {}
         for v in vm_ids(cfg):
@@ -181,51 +282,18 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
             setup = core.restart_vms("the hypervisor restarted")
         for wp in wps.values():
             on_stop.append(wp.close)
-    else:
-        from nodes.guest.core import GuestCore, LoadSpec
-        from nodes.guest.mmu import GuestRam
-        ld = cfg["load"]
-        spec = LoadSpec(mix=guest_mix(cfg, vm), mode=ld["mode"], rate=float(ld["rate"]),
-                        concurrency=ld["concurrency"], window=ld["window"], burst=ld["burst"],
-                        invalid_gfn_ratio=ld["invalid_gfn_ratio"], not_present_ratio=ld["not_present_ratio"],
-                        outside_ratio=ld["outside_ratio"], duration_s=float(run["duration_s"]),
-                        ops=run["ops"], stores_per_batch=ld["stores_per_batch"],
-                        batches_per_workload=ld["batches_per_workload"], bad_ratio=float(ld["bad_ratio"]),
-                        engines=tuple(ld["engines"]), hang_timeout_s=float(ld["hang_timeout_s"]),
-                        churn_halves_ratio=float(ld["churn_halves_ratio"]),
-                        trace_rate=float(run["trace_rate"]), hostile_repeat=ld["hostile_repeat"],
-                        hostile_timeout_s=float(ld["hostile_timeout_s"]))
-        ctl = "launcher" if launcher else None
-        region = layout.vm_region(vm)
-        attach = None
-        if run["fabric"] == "shm":
-            # the guest's CPU reaches its RAM directly, and sees the hypervisor's write protection
-            def attach() -> tuple:
-                return (RegionMemory.attach(region, run_id), make_p2m(region, run["seed"]),
-                        WriteProtect.attach(region, run_id))
-        ram = GuestRam(vm, region.frames, "hypervisor", attach=attach)
-        core = _GuestDriver(GuestCore(vm, region.frames, run["seed"], spec, launcher=ctl, ram=ram), ctl)
-        on_stop.append(ram.close)
-
-    if role == "hypervisor":
         stray = sorted(set(vm_binds or {}) - set(vm_ids(cfg)))
         if stray:
             raise GvtError("EINVAL", f"--vm-bind for VM {stray[0]}, which is not in this run "
                            f"(VMs {vm_ids(cfg)})")
         vm_binds = {v: (vm_binds or {}).get(v) or vm_endpoint(bind, v) for v in vm_ids(cfg)}
-    elif vm_binds:
+    if role != "hypervisor" and vm_binds:
         raise GvtError("EINVAL", "--vm-bind is for the hypervisor")
-    # every node of a traced run records spans; the guests decide which operations are traced
-    rt = Runtime(name, role, core, bind, vgpus=vm_ids(cfg), vm_binds=vm_binds, keys=keys,
-                 link_silent_s=run["link_silent_s"], faults=fault_plan(cfg),
-                 accepts=accepted_roles(role, cfg),
-                 trace_spans=TRACE_SPANS_MAX if run["trace_rate"] > 0 else 0)
+    rt = _runtime(name, role, core, cfg, bind, keys_dir, vm_binds=vm_binds)
     if owned.mem:
         rt.engine.serve(OwnedMemory.KINDS, owned.serve)
     rt.on_stop.append(owned.close)
     rt.on_stop.extend(on_stop)
-    if role == "gpu":
-        rt.on_stop.append(core.fabric.close)
     wanted = needed_peers(role, cfg)
     for p in wanted:
         if p not in peers:
@@ -234,29 +302,63 @@ def run_node(role: str, cfg: dict, *, vm: int, bind: str, peers: dict[str, str],
     if launcher:
         rt.connect("launcher", launcher, control=True)
     port = rt.serve_metrics(metrics_addr, metrics_port, translator=info.get("translator", ""))
-
-    def startup() -> Iterator[Any]:
-        try:
-            yield from rt.hello_task(wanted + (["launcher"] if launcher else []))
-            result = (yield from setup) if setup is not None else None
-        except Exception as err:
-            text = getattr(err, "text", None) or str(err)
-            print(f"gvtbench {name}: start-up failed: {text}", file=sys.stderr, flush=True)
-            if launcher:
-                yield Post("launcher", "READY", {"name": name, "error": text})
-                yield Sleep(0.2)
-            rt.stopping = True
-            return
-        if launcher:
-            yield Post("launcher", "READY", {"name": name, "role": role, "endpoint": rt.endpoint,
-                                             "metrics_port": port, "pid": os.getpid(),
-                                             "setup": result, **info})
-        elif role == "guest":
-            rt.spawn(core.core.boot_and_start(True, None))
-
-    rt.spawn(startup())
+    rt.spawn(_startup(rt, wanted, launcher, setup, {"metrics_port": port, **info}))
     try:
         rt.run()
     finally:
         rt.close()
+    return 0
+
+
+def _run_guests(cfg: dict, vms: list[int], *, peers: dict[str, str], vm_peers: dict[int, str],
+                launcher: str | None, run_id: str, keys_dir: str | None, metrics_port: int,
+                metrics_addr: str, parent_death: bool) -> int:
+    """One guest per VM of `vms`, all in this process (a pool): each its own node, with its own
+    links to its VM's endpoint of the hypervisor and to the launcher, on one NodeHost; one
+    /metrics for all, each sample labelled with its guest."""
+    if not vms:
+        raise GvtError("EINVAL", "a guest needs --vm N (several: a pool of guests)")
+    stray = [v for v in vms if v not in vm_ids(cfg)]
+    if stray:
+        raise GvtError("EINVAL", f"guest --vm {stray[0]} is not one of the configured VMs {vm_ids(cfg)}")
+    if len(set(vms)) != len(vms):
+        raise GvtError("EINVAL", f"--vm names a VM twice: {vms}")
+    if peers.keys() - {"hypervisor"}:
+        raise GvtError("EINVAL", f"a guest's only peer is the hypervisor, not {sorted(peers)[0]}")
+    eps = dict(vm_peers)
+    if "hypervisor" in peers:
+        if len(vms) > 1:
+            raise GvtError("EINVAL", "a pool of guests needs --vm-peer N=ENDPOINT for each VM, "
+                           "not one --peer hypervisor=")
+        eps.setdefault(vms[0], peers["hypervisor"])
+    missing = [v for v in vms if v not in eps]
+    if missing:
+        raise GvtError("EINVAL", f"guest VM {missing[0]} needs its hypervisor endpoint: "
+                       f"--vm-peer {missing[0]}=ENDPOINT (or --peer hypervisor=ENDPOINT for one VM)")
+    if parent_death:
+        die_with_parent()
+    host = NodeHost()
+    rts = []
+    for vm in vms:
+        core, on_stop = guest_core(cfg, vm, run_id, launcher)
+        rt = _runtime(guest_name(vm), "guest", core, cfg, None, keys_dir, host=host)
+        rt.on_stop.extend(on_stop)
+        rt.connect("hypervisor", eps[vm])
+        if launcher:
+            rt.connect("launcher", launcher, control=True)
+        rts.append(rt)
+    server, port = serve_metrics([PoolCollector([(rt.name, rt.collectors()) for rt in rts]),
+                                  BuildInfoCollector()], metrics_addr, metrics_port)
+    pool = f"guests/{vms[0]}"          # the process, named by its first VM
+    for i, rt in enumerate(rts):
+        # the pool's one /metrics is announced once: one scrape target per process
+        ready = {"pool": pool, "pool_vms": vms, "metrics_port": port if i == 0 else 0}
+        rt.spawn(_startup(rt, ["hypervisor"], launcher, None, ready))
+    try:
+        host.run()
+    finally:
+        server.shutdown()
+        server.server_close()
+        for rt in rts:
+            rt.close()
     return 0

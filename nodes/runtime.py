@@ -169,11 +169,14 @@ class _Router:
 
 
 class Runtime:
-    def __init__(self, name: str, role: str, core: Any, bind: str, *, vgpus: Iterable[int],
+    """One node: its core, its engine, its sockets and links. It runs on a NodeHost, its own
+    (run()) or one it shares with the other nodes of a process (a pool of guests)."""
+
+    def __init__(self, name: str, role: str, core: Any, bind: str | None, *, vgpus: Iterable[int],
                  vm_binds: dict[int, str] | None = None, keys: Keys | None = None,
                  max_frame: int = MAX_FRAME, link_silent_s: float = LINK_SILENT_S,
                  trace_spans: int = 0, faults: FaultPlan | None = None, epoch: int = 0,
-                 accepts: frozenset[str] | None = None):
+                 accepts: frozenset[str] | None = None, host: "NodeHost | None" = None):
         self.name, self.role, self.core = name, role, core
         self.vgpus = frozenset(vgpus)
         self.max_frame = max_frame
@@ -205,29 +208,27 @@ class Runtime:
             for reason in reasons:
                 st.inc(family, (reason,), 0)
         st.inc("gvtbench_disconnects", (), 0)
-        self.ctx = zmq.Context()
+        self.host = host if host is not None else NodeHost()
+        self.host.add(self)
+        self.ctx = self.host.ctx
         self._auth: _KeyAuthenticator | None = None
         self._accepting = getattr(core, "accepting", None)     # vm -> read its socket now?
         self.routers: list[_Router] = []
-        if keys is not None:
+        if keys is not None and (bind or vm_binds):   # a node that binds nothing checks no keys
             names = {pub: n for n, pub in keys.peers.items() if self._may_connect(n)}  # z85 keys
             self._auth = _KeyAuthenticator(self.ctx, names, self._key_allowed)
             self._auth.start()
-        self.routers = [self._bind(bind, 0)]
+        # a node nobody connects to (a guest) binds nothing
+        self.routers = [self._bind(bind, 0)] if bind else []
         self.routers += [self._bind(ep, vm) for vm, ep in sorted((vm_binds or {}).items())]
-        self.router = self.routers[0].sock
-        self.endpoint = self.routers[0].endpoint
+        self.endpoint = self.routers[0].endpoint if self.routers else ""
         self._dealers: dict[zmq.Socket, Link] = {}
-        self._poller = zmq.Poller()
-        self._socks: dict[zmq.Socket, Any] = {}     # socket -> its _Router, its Link, or None (monitor)
         for r in self.routers:
-            self._poller.register(r.sock, zmq.POLLIN)
-            self._poller.register(r.monitor, zmq.POLLIN)
-            self._socks[r.sock] = r
-            self._socks[r.monitor] = None
+            self.host.register(r.sock, self, r)
+            self.host.register(r.monitor, self, None)
         self._gated: set[int] = set()           # VMs whose socket is not read for now
         self._links_due = 0                     # when a link's timer may next be due
-        self._fd_cache: list[int] | None = None
+        self.wake = 0                           # when this node next has work (NodeHost)
         self.stopping = False
         self.on_stop: list[Callable[[], None]] = []
         self.metrics_port: int | None = None
@@ -322,9 +323,7 @@ class Runtime:
         link = self._link(peer, send, control)
         self.engine.add_link(link)
         self._dealers[s] = link
-        self._socks[s] = link
-        self._poller.register(s, zmq.POLLIN)
-        self._fd_cache = None
+        self.host.register(s, self, link)
         return link
 
     def _link(self, peer: str, send: Callable[[bytes], None], control: bool = False) -> Link:
@@ -647,49 +646,38 @@ class Runtime:
     def _gate(self) -> None:
         """Stop reading the socket of a VM its core cannot take more from (backpressure toward
         that guest: ZeroMQ holds its frames, then its sends wait); read it again once it can."""
-        if self._accepting is None or len(self.routers) == 1:
+        if self._accepting is None or len(self.routers) <= 1:
             return
         gated = {r.vm for r in self.routers[1:] if not self._accepting(r.vm)}
         if gated != self._gated:
             for r in self.routers[1:]:
                 if r.vm in gated and r.vm not in self._gated:
-                    self._poller.unregister(r.sock)
+                    self.host.pause(r.sock)
                 elif r.vm in self._gated and r.vm not in gated:
-                    self._poller.register(r.sock, zmq.POLLIN)
+                    self.host.resume(r.sock)
             self._gated = gated
-            self._fd_cache = None
 
-    def _drain(self, ready: list) -> None:
-        """Take frames from the ready sockets in turn, so a flood on one does not starve the
-        others (a turn ends after DRAIN_PER_SOCKET frames or TURN_NS), up to a budget of frames
-        and of time per loop iteration. A socket whose turn ended before it ran dry gets another
-        round; one that ran dry is polled again at the next iteration, after the engine has run what
-        came in (zmq_poll is level-triggered, so nothing left is missed)."""
-        budget = DRAIN_BUDGET
-        end = monotonic_ns() + ITERATION_NS
-        while ready and budget > 0:
-            full = []
-            for item in ready:
-                sock = item[0]
-                kind = self._socks[sock]
-                if kind is None:
-                    self._drain_monitor(sock)
-                    continue
-                take = min(DRAIN_PER_SOCKET, budget)
-                deadline = min(end, monotonic_ns() + TURN_NS)
-                if type(kind) is _Router:
-                    if kind.vm and self._accepting is not None and not self._accepting(kind.vm):
-                        continue            # that VM has enough waiting: leave the rest queued
-                    n = self._drain_router(kind, take, deadline)
-                else:
-                    n = self._drain_dealer(sock, take, deadline)
-                now = monotonic_ns()
-                if n >= take or now >= deadline:    # its turn ended before it ran dry
-                    full.append(item)
-                budget -= n
-                if budget <= 0 or now >= end:
-                    return
-            ready = full
+    def drain_socket(self, sock: zmq.Socket, kind: Any, take: int, deadline: int) -> int:
+        """Up to `take` frames from one of this node's sockets (NodeHost._drain decides turns)."""
+        if kind is None:
+            self._drain_monitor(sock)
+            return 0
+        if type(kind) is _Router:
+            if kind.vm and self._accepting is not None and not self._accepting(kind.vm):
+                return 0                # that VM has enough waiting: leave the rest queued
+            return self._drain_router(kind, take, deadline)
+        return self._drain_dealer(sock, take, deadline)
+
+    def step(self, now: int) -> None:
+        """After a drain: the engine's tasks and tick, the links' timers, the VM gates; then
+        when this node next has work."""
+        engine = self.engine
+        engine.step(now)
+        now = monotonic_ns()
+        self._tick_links(now)
+        self._gate()
+        w = engine.next_wake(now)
+        self.wake = self._links_due if w is None else min(w, self._links_due)
 
     # ---- control ------------------------------------------------------------------------------
     def _shutdown(self, env: Envelope, now: int) -> bool:
@@ -699,73 +687,179 @@ class Runtime:
     # ---- loop ---------------------------------------------------------------------------------
     def spawn(self, task: Any) -> None:
         self.engine.sched.spawn(task, monotonic_ns())
+        self.wake = 0
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
-        engine = self.engine
+        """Run this node (on its host, with any others there) until it stops or `until()`."""
+        self.host.run(until)
+
+    def stop(self) -> None:
+        """The node's own clean-up once it stopped: its on_stop hooks (each runs once)."""
+        hooks, self.on_stop = self.on_stop, []
+        for fn in hooks:
+            try:
+                fn()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        for r in self.routers:
+            r.sock.disable_monitor()
+        self.host.forget(self)
+
+    # ---- observability -----------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        return self.engine.snapshot()
+
+    def collectors(self) -> list[Any]:
+        """What this node exports: its core's and its engine's families, and its links."""
+        return [StatsCollector(self.core.stats), StatsCollector(self.engine.stats),
+                LinkCollector(lambda: self.engine.links, lambda: self.engine.sched.pending_calls)]
+
+    def serve_metrics(self, addr: str = "127.0.0.1", port: int = 0, translator: str = "") -> int:
+        self._http, self.metrics_port = serve_metrics(
+            self.collectors() + [BuildInfoCollector(translator)], addr, port)
+        return self.metrics_port
+
+
+class NodeHost:
+    """The poll loop of a process: one ZeroMQ context and one poller for every node it runs (one,
+    or a pool of guests). Each iteration takes frames from the ready sockets in turn, then gives
+    each node that got frames, or whose work is due, its step; the others are not looked at (a
+    pool of idle guests costs nothing per iteration), save once every IDLE_WAKE_NS."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.nodes: list[Runtime] = []
+        self.poller = zmq.Poller()
+        self.socks: dict[zmq.Socket, tuple[Runtime, Any]] = {}  # -> node, its _Router, Link or None
+        self._paused: set[zmq.Socket] = set()
+        self._fd_cache: list[int] | None = None
+        self.stopping = False
+
+    def add(self, rt: Runtime) -> None:
+        self.nodes.append(rt)
+
+    def register(self, sock: zmq.Socket, rt: Runtime, kind: Any) -> None:
+        self.socks[sock] = (rt, kind)
+        self.poller.register(sock, zmq.POLLIN)
+        self._fd_cache = None
+
+    def pause(self, sock: zmq.Socket) -> None:
+        """Stop reading a socket (a gated VM) until resume()."""
+        if sock not in self._paused:
+            self._paused.add(sock)
+            self.poller.unregister(sock)
+            self._fd_cache = None
+
+    def resume(self, sock: zmq.Socket) -> None:
+        if sock in self._paused:
+            self._paused.discard(sock)
+            self.poller.register(sock, zmq.POLLIN)
+            self._fd_cache = None
+
+    def forget(self, rt: Runtime) -> None:
+        """Close a node's sockets; the context goes with the last node."""
+        for sock, (owner, _kind) in list(self.socks.items()):
+            if owner is rt:
+                del self.socks[sock]
+                if sock in self._paused:
+                    self._paused.discard(sock)
+                else:
+                    self.poller.unregister(sock)
+                sock.close(linger=0)
+        self._fd_cache = None
+        if rt in self.nodes:
+            self.nodes.remove(rt)
+        if not self.nodes:
+            self.ctx.destroy(linger=0)
+
+    @property
+    def _fds(self) -> list[int]:
+        if self._fd_cache is None:
+            self._fd_cache = [s.getsockopt(zmq.FD) for s in self.socks if s not in self._paused]
+        return self._fd_cache
+
+    def _drain(self, ready: list) -> set[Runtime]:
+        """Take frames from the ready sockets in turn, so a flood on one does not starve the
+        others (a turn ends after DRAIN_PER_SOCKET frames or TURN_NS), up to a budget of frames
+        and of time per loop iteration. A socket whose turn ended before it ran dry gets another
+        round; one that ran dry is polled again at the next iteration, after its node has run
+        what came in (zmq_poll is level-triggered, so nothing left is missed). Returns the nodes
+        whose sockets were read."""
+        touched: set[Runtime] = set()
+        budget = DRAIN_BUDGET
+        end = monotonic_ns() + ITERATION_NS
+        socks = self.socks
+        while ready and budget > 0:
+            full = []
+            for item in ready:
+                sock = item[0]
+                rt, kind = socks[sock]
+                take = min(DRAIN_PER_SOCKET, budget)
+                deadline = min(end, monotonic_ns() + TURN_NS)
+                n = rt.drain_socket(sock, kind, take, deadline)
+                touched.add(rt)
+                now = monotonic_ns()
+                if n >= take or now >= deadline:    # its turn ended before it ran dry
+                    full.append(item)
+                budget -= n
+                if budget <= 0 or now >= end:
+                    return touched
+            ready = full
+        return touched
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Until every node stopped (SHUTDOWN; SIGTERM stops them all) or `until()`. A node that
+        stopped runs its on_stop hooks at once; the others go on."""
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         # A full collection walks every tracked object, imports and all: several ms of stall.
         # What exists now lives for the whole run: freeze it, and collect the young objects
         # (messages, tasks) less often; they are nearly all freed by reference counting anyway.
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
+        look_all = 0
+        live = [rt for rt in self.nodes if not rt.stopping]
         try:
-            while not self.stopping and not (until and until()):
+            while live and not self.stopping and not (until and until()):
                 # zmq_poll sleeps in whole milliseconds, which would add up to 1 ms of timer
                 # lateness to an open-loop schedule; select() on the sockets' signalling fds
                 # sleeps to the microsecond. The fds are edge-triggered, so zmq_poll(0) asks
                 # for pending input before sleeping, and every ready socket is drained.
-                ready = self._poller.poll(0)
+                ready = self.poller.poll(0)
                 if not ready:
                     now = monotonic_ns()
-                    wake = now + IDLE_WAKE_NS
-                    w = engine.next_wake(now)
-                    if w is not None:
-                        wake = min(wake, w)
-                    wake = min(wake, self._links_due)
+                    wake = min(now + IDLE_WAKE_NS, look_all, min(rt.wake for rt in live))
                     if wake > now:
                         try:
                             select.select(self._fds, (), (), (wake - now) / 1e9)
                         except InterruptedError:
                             pass
-                    ready = self._poller.poll(0)
-                self._drain(ready)
+                    ready = self.poller.poll(0)
+                touched = self._drain(ready) if ready else ()
                 now = monotonic_ns()
-                engine.step(now)
-                self._tick_links(monotonic_ns())
-                self._gate()
+                if now >= look_all:         # a safety net under every node's next_wake
+                    touched = live
+                    look_all = now + IDLE_WAKE_NS
+                stopped = False
+                for rt in live:
+                    if rt.wake <= now or rt in touched:
+                        rt.step(now)
+                        now = monotonic_ns()
+                    stopped |= rt.stopping
+                if stopped:
+                    for rt in live:
+                        if rt.stopping:
+                            rt.stop()
+                    live = [rt for rt in live if not rt.stopping]
         finally:
-            for fn in self.on_stop:
-                try:
-                    fn()
-                except Exception:
-                    pass
+            for rt in self.nodes:
+                rt.stop()
 
-    @property
-    def _fds(self) -> list[int]:
-        if self._fd_cache is None:
-            socks = [r.sock for r in self.routers if r.vm not in self._gated]
-            socks += [r.monitor for r in self.routers] + list(self._dealers)
-            self._fd_cache = [s.getsockopt(zmq.FD) for s in socks]
-        return self._fd_cache
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-        if self._auth is not None:
-            self._auth.stop()
-        for r in self.routers:
-            r.sock.disable_monitor()
-        self.ctx.destroy(linger=0)
-
-    # ---- observability -----------------------------------------------------------------------
-    def snapshot(self) -> dict:
-        return self.engine.snapshot()
-
-    def serve_metrics(self, addr: str = "127.0.0.1", port: int = 0, translator: str = "") -> int:
-        self._http, self.metrics_port = serve_metrics(
-            [StatsCollector(self.core.stats), StatsCollector(self.engine.stats),
-             LinkCollector(lambda: self.engine.links, lambda: self.engine.sched.pending_calls),
-             BuildInfoCollector(translator)],
-            addr, port)
-        return self.metrics_port

@@ -13,7 +13,8 @@ PROMTOOL = shutil.which("promtool")
 # the label names the metric set may use: each has a bounded set of values in a run, and none is
 # a label the launcher's scrape targets carry (node, role), which Prometheus would rename exported_*
 LABELS = {"vgpu", "kind", "stage", "engine", "link", "direction", "status", "reason", "result",
-          "state", "mix", "code", "peer_role", "version", "translator", "outcome"}
+          "state", "mix", "code", "peer_role", "version", "translator", "outcome",
+          "guest"}     # a guest process (a pool of guests) labels each sample with its guest
 
 
 def check_metric_names(node: str, text: str) -> None:

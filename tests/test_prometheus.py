@@ -79,9 +79,15 @@ def test_a_run_is_scraped_by_a_real_prometheus(scraped_run):
     assert check.returncode == 0, check.stdout + check.stderr
     assert res["verdict"] == "pass", res["reasons"]
     targets = json.loads((prom.folder / "targets.json").read_text())
-    assert sorted(t["labels"]["node"] for t in targets) == ["gpu", "guest1", "guest2", "hypervisor", "mediator"]
+    # one target per process: a guest's is its pool's (guests/<first VM>), and its samples name
+    # the guest
+    procs = ("gpu", "guests/1", "guests/2", "hypervisor", "mediator")
+    assert sorted(t["labels"]["node"] for t in targets) == list(procs)
     up = {r["metric"]["node"]: float(r["value"][1]) for r in query(prom.url, "max_over_time(up[5m])")}
-    assert up == {n: 1.0 for n in ("gpu", "guest1", "guest2", "hypervisor", "mediator")}
+    assert up == {n: 1.0 for n in procs}
+    ops = query(prom.url, 'max_over_time(gvtbench_guest_ops_total{status="completed"}[5m])')
+    assert {(r["metric"]["node"], r["metric"]["guest"]) for r in ops} >= {("guests/1", "guest1"),
+                                                                         ("guests/2", "guest2")}
     lat = query(prom.url, 'max_over_time(gvtbench_workload_latency_seconds_count{stage="guest"}[5m])')
     assert {r["metric"]["vgpu"] for r in lat} == {"1", "2"} and all(float(r["value"][1]) > 0 for r in lat)
     traps = query(prom.url, 'max_over_time(gvtbench_traps_total{kind="mmio_read",stage="mediator"}[5m])')

@@ -156,7 +156,9 @@ def free_port() -> int:
 
 def start_node(role: str, cfg_path: str | Path, bind: str, *extra: str, metrics_port: int = 0,
                log: Path | None = None, run_id: str | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "bench.cli", "node", role, "--config", str(cfg_path), "--bind", bind,
+    """A node process; a guest binds nothing (nobody connects to it), so `bind` only names its run."""
+    cmd = [sys.executable, "-m", "bench.cli", "node", role, "--config", str(cfg_path),
+           *(["--bind", bind] if role != "guest" else []),
            "--metrics-port", str(metrics_port), "--run-id", run_id or f"t{os.getpid()}{abs(hash(bind)) % 10**6}",
            *extra]
     out = open(log, "wb") if log else subprocess.DEVNULL

@@ -25,15 +25,6 @@ class Partition:
                 "fence_base": self.fence_base, "fence_num": self.fence_num}
 
 
-def type_info(vgpu_type: str) -> tuple[int, int, int, int]:
-    """(low GM, high GM, fences, weight) of a vGPU type."""
-    try:
-        return partition.VGPU_TYPES[vgpu_type]
-    except KeyError:
-        raise GvtError("EINVAL", f"unknown vGPU type {vgpu_type!r}; known: "
-                       f"{', '.join(partition.VGPU_TYPES)}") from None
-
-
 Free = list[tuple[int, int]]        # (base, length) runs, sorted
 
 
@@ -44,17 +35,31 @@ class GmAllocator:
     fit in free runs, not the free total (the kernel counts the total, so fragmentation can make
     it promise a vGPU that creation then fails to place)."""
 
-    def __init__(self, aperture_size: int, gm_size: int = gtt.GM_SIZE):
+    def __init__(self, aperture_size: int, gm_size: int = gtt.GM_SIZE, *,
+                 fences: int = partition.TOTAL_FENCES,
+                 types: dict[str, partition.VgpuType] | None = None):
         if aperture_size <= partition.HOST_LOW_GM or aperture_size % (1 << 20):
             raise GvtError("EINVAL", f"an aperture of {aperture_size} bytes leaves nothing for "
                            f"vGPUs after the host's {partition.HOST_LOW_GM >> 20} MiB")
+        if not partition.HOST_FENCES < fences <= partition.MAX_SIM_FENCES:
+            raise GvtError("EINVAL", f"{fences} fence registers: a GPU has more than the host's "
+                           f"{partition.HOST_FENCES} and at most {partition.MAX_SIM_FENCES}")
         self.aperture_size = aperture_size
         self.gm_size = gm_size
+        self.fences = fences
+        self.types = dict(partition.VGPU_TYPES if types is None else types)
         self.low_free: Free = [(partition.HOST_LOW_GM, aperture_size - partition.HOST_LOW_GM)]
         self.high_free: Free = [(aperture_size + partition.HOST_HIGH_GM,
                                  gm_size - aperture_size - partition.HOST_HIGH_GM)]
-        self.fences_free: Free = [(partition.HOST_FENCES,
-                                   partition.TOTAL_FENCES - partition.HOST_FENCES)]
+        self.fences_free: Free = [(partition.HOST_FENCES, fences - partition.HOST_FENCES)]
+
+    def type_info(self, vgpu_type: str) -> partition.VgpuType:
+        """What a vGPU of this type gets (EINVAL for a type this GPU does not offer)."""
+        try:
+            return self.types[vgpu_type]
+        except KeyError:
+            raise GvtError("EINVAL", f"unknown vGPU type {vgpu_type!r}; known: "
+                           f"{', '.join(self.types)}") from None
 
     @staticmethod
     def _fits(free: Free, size: int) -> int:
@@ -81,12 +86,14 @@ class GmAllocator:
         free[:] = merged
 
     def available(self, vgpu_type: str) -> int:
-        low, high, fences, _ = type_info(vgpu_type)
+        """How many more vGPUs of the type fit: the kernel's rule, the minimum over aperture,
+        hidden GM and fences (counted in whole shares of free runs)."""
+        low, high, fences, _ = self.type_info(vgpu_type)
         return min(self._fits(self.low_free, low), self._fits(self.high_free, high),
                    self._fits(self.fences_free, fences))
 
     def allocate(self, vgpu_type: str) -> Partition:
-        low, high, fences, _ = type_info(vgpu_type)
+        low, high, fences, _ = self.type_info(vgpu_type)
         a = self._take(self.low_free, low)
         if a is None:
             raise GvtError("ENOSPC", f"no {low >> 20} MiB of aperture left for a vGPU of type {vgpu_type}")

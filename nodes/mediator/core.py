@@ -39,9 +39,10 @@ class MediatorCore:
                  max_vgpus: int = partition.GVT_MAX_VGPU - 1,
                  translate: Callable[..., Any] = translate_entries,
                  hypervisor: str = "hypervisor", gpu: str = "gpu", scratch: str = "kernel",
-                 shadow_quota: int = 0):
+                 shadow_quota: int = 0, fences: int = partition.TOTAL_FENCES,
+                 types: dict[str, partition.VgpuType] | None = None):
         self.layout, self.fabric = layout, fabric
-        self.alloc = GmAllocator(aperture_size)
+        self.alloc = GmAllocator(aperture_size, fences=fences, types=types)
         self.max_vgpus = max_vgpus
         self.translate = translate
         self.hypervisor, self.gpu = hypervisor, gpu
@@ -88,7 +89,8 @@ class MediatorCore:
         vgpu = VGpu(vgpu_id, vgpu_type, part, stats=self.stats, pool=self.pool, fabric=self.fabric,
                     gfns=region.frames + GFN_HOLE_FRAMES, hypervisor=self.hypervisor, gpu=self.gpu,
                     translate=self.translate, scheduler=self.scheduler,
-                    scratch=Scratch(self.pool, vgpu_id, self.scratch_mode))
+                    scratch=Scratch(self.pool, vgpu_id, self.scratch_mode),
+                    weight=self.alloc.type_info(vgpu_type).weight)
         self.pool.quota[vgpu_id] = self.shadow_quota
         self.vgpus[vgpu_id] = vgpu
         self.scheduler.vgpus[vgpu_id] = vgpu

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 
 from nodes.hw import regs
 from nodes.mediator import execlist, handlers
-from nodes.mediator.aperture import Partition, type_info, write_fence
+from nodes.mediator.aperture import Partition, write_fence
 from nodes.mediator.dma import GuestMemory, HostPool
 from nodes.mediator.gtt import GgttShadow
 from nodes.mediator.page_track import PageTrack
@@ -44,9 +44,9 @@ class VGpu:
 
     def __init__(self, vgpu_id: int, vgpu_type: str, part: Partition, *, stats: Stats,
                  pool: HostPool, fabric: Fabric, gfns: int, hypervisor: str, gpu: str,
-                 translate: Callable[..., Any], scheduler: Any, scratch: Scratch):
+                 translate: Callable[..., Any], scheduler: Any, scratch: Scratch, weight: int):
         self.id, self.type, self.part = vgpu_id, vgpu_type, part
-        self.weight = type_info(vgpu_type)[3]
+        self.weight = weight
         self.stats = stats
         self.hypervisor, self.gpu = hypervisor, gpu
         self.vregs: dict[int, int] = {}         # dword offset -> value

@@ -106,6 +106,28 @@ class LinkCollector:
         yield pend
 
 
+class PoolCollector:
+    """The families of several nodes of one process (a pool of guests) as one exposition: a family
+    name appears once, and each sample gains a `guest` label naming its node (without it, two
+    guests' link counters would be the same series)."""
+
+    def __init__(self, members: list[tuple[str, list[Any]]]):
+        self.members = members          # (node name, its collectors)
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for name, collectors in self.members:
+            for c in collectors:
+                for m in c.collect():
+                    out = merged.get(m.name)
+                    if out is None:
+                        out = merged[m.name] = Metric(m.name, m.documentation, m.type, m.unit)
+                    for smp in m.samples:
+                        out.add_sample(smp.name, {**smp.labels, "guest": name}, smp.value,
+                                       smp.timestamp, smp.exemplar)
+        yield from merged.values()
+
+
 class BuildInfoCollector:
     """gvtbench_build_info: constant 1, its labels say what runs (the usual *_build_info idiom,
     so a query can join on it)."""
