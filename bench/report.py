@@ -92,6 +92,8 @@ def print_result(result: dict, console: Console | None = None) -> None:
     ft = fault_table(result)
     if ft is not None:
         console.print(ft)
+    for w in result.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {w}")
     if result["verdict"] == "pass":
         console.print("[bold green]verdict: pass[/]")
     else:
