@@ -22,7 +22,8 @@ from nodes.wire.schema import guest_name
 ROLES = ("gpu", "mediator", "hypervisor", "guest")
 HOST_POOL_FRAMES = 4096         # 16 MiB: scratch page, shadow tables, contexts, rings, batches
 POOL_FRAMES_PER_VGPU = 512      # past 7 vGPUs, the pool grows by 2 MiB per vGPU slot...
-PROGRESS_EVERY_NS = 250_000_000
+PROGRESS_EVERY_NS = 250_000_000     # per guest, up to 8 guests; then less often, so that the
+PROGRESS_MAX_NS = 2_000_000_000     # launcher hears about 32 reports a second in all
 
 
 def host_pool_frames(cfg: dict) -> int:
@@ -134,8 +135,9 @@ def select_translator(name: str) -> tuple[Any, str]:
 class _GuestDriver:
     """Wraps the guest core to send progress to the launcher now and then."""
 
-    def __init__(self, core: Any, launcher: str | None):
+    def __init__(self, core: Any, launcher: str | None, every_ns: int = PROGRESS_EVERY_NS):
         self.core, self.launcher = core, launcher
+        self.every_ns = every_ns
         self.next_progress = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -144,7 +146,7 @@ class _GuestDriver:
     def tick(self, now: int) -> list[Any]:
         out = self.core.tick(now)
         if self.launcher and self.core.state == "running" and now >= self.next_progress:
-            self.next_progress = now + PROGRESS_EVERY_NS
+            self.next_progress = now + self.every_ns
             out.append(Post(self.launcher, "PROGRESS", {"report": self.core.progress()},
                             vgpu=self.core.vm))
         return out
@@ -181,7 +183,9 @@ def guest_core(cfg: dict, vm: int, run_id: str, launcher: str | None) -> tuple[A
             return (RegionMemory.attach(region, run_id), make_p2m(region, run["seed"]),
                     WriteProtect.attach(region, run_id))
     ram = GuestRam(vm, region.frames, "hypervisor", attach=attach)
-    core = _GuestDriver(GuestCore(vm, region.frames, run["seed"], spec, launcher=ctl, ram=ram), ctl)
+    every = min(PROGRESS_MAX_NS, PROGRESS_EVERY_NS * max(1, cfg["vgpus"]["count"] // 8))
+    core = _GuestDriver(GuestCore(vm, region.frames, run["seed"], spec, launcher=ctl, ram=ram), ctl,
+                        every)
     return core, [ram.close]
 
 

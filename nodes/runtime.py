@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import heapq
 import os
 import select
 import signal
@@ -52,6 +53,8 @@ from nodes.wire.schema import CONNECTS_TO, guest_name, role_of
 
 monotonic_ns = time.monotonic_ns
 NOBLOCK = int(zmq.NOBLOCK)         # a plain int: pyzmq's flag enums cost a call each use
+SNDMORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 SNDHWM = 10_000                 # frames this node queues to one peer
 RCVHWM = 64                     # frames one peer can queue here (<= 64 MiB): past it, it waits
 DRAIN_PER_SOCKET = 64           # frames taken from one socket before the next gets its turn...
@@ -222,13 +225,19 @@ class Runtime:
         self.routers = [self._bind(bind, 0)] if bind else []
         self.routers += [self._bind(ep, vm) for vm, ep in sorted((vm_binds or {}).items())]
         self.endpoint = self.routers[0].endpoint if self.routers else ""
+        self._vm_router = {r.vm: r for r in self.routers if r.vm}
         self._dealers: dict[zmq.Socket, Link] = {}
         for r in self.routers:
             self.host.register(r.sock, self, r)
             self.host.register(r.monitor, self, None)
         self._gated: set[int] = set()           # VMs whose socket is not read for now
         self._links_due = 0                     # when a link's timer may next be due
+        self._links_touched: set[Link] = set()  # links that sent or received since last looked at
+        self._link_heap: list[tuple[int, int, Link]] = []   # (due, id, link), some stale
+        self._link_due: dict[Link, int] = {}    # each link's current entry in the heap
+        self._links_rescan = 0
         self.wake = 0                           # when this node next has work (NodeHost)
+        self._gate_due = 0                      # when the VM gates are looked at next
         self.stopping = False
         self.on_stop: list[Callable[[], None]] = []
         self.metrics_port: int | None = None
@@ -312,9 +321,12 @@ class Runtime:
             s.curve_secretkey = self.keys.secret
         s.connect(endpoint)
 
+        sent = self.host.sent
+
         def send(frame: bytes) -> None:
+            sent.add(s)             # a send may take the socket's input signal: look at it again
             try:
-                s.send(frame, zmq.NOBLOCK)
+                s.send(frame, NOBLOCK)
             except zmq.Again:
                 raise SendFailed("EAGAIN", f"the queue to {peer} is full") from None
             except zmq.ZMQError as err:
@@ -327,9 +339,12 @@ class Runtime:
         return link
 
     def _link(self, peer: str, send: Callable[[bytes], None], control: bool = False) -> Link:
-        return Link(peer, send, control=control, max_outstanding=self._max_outstanding(peer),
+        link = Link(peer, send, control=control, max_outstanding=self._max_outstanding(peer),
                     epoch=self.epoch, now=monotonic_ns(), dead_ns=self.dead_ns,
                     faults=self.faults.for_link(self.name, peer) if self.faults else None)
+        link.touched = self._links_touched
+        self._links_touched.add(link)
+        return link
 
     def hello_task(self, peers: Iterable[str]) -> Iterator[Any]:
         """HELLO to each peer we connected to: the protocol version checked both ways."""
@@ -352,8 +367,11 @@ class Runtime:
 
     # ---- links that connect to us ----------------------------------------------------------------
     def _router_send(self, r: _Router, ident: bytes, frame: bytes) -> None:
+        sock = r.sock
+        self.host.sent.add(sock)    # a send may take the socket's input signal: look at it again
         try:
-            r.sock.send_multipart((ident, frame), zmq.NOBLOCK)
+            sock.send(ident, SNDMORE_NOBLOCK)
+            sock.send(frame, NOBLOCK)
         except zmq.Again:
             raise SendFailed("EAGAIN", "the peer's queue is full") from None
         except zmq.ZMQError as err:     # not connected now: the protocol resends, or liveness ends it
@@ -442,26 +460,44 @@ class Runtime:
                 self.engine.peer_event(link.name, link.role, "returned", "heard again", now)
 
     def _tick_links(self, now: int) -> None:
-        """The links' timers, looked at once per LINK_TICK_NS at most (a look costs a few us a
-        link; an ack that is due at once waits that long at most), when one is due, and at
-        least every LINK_LOOK_NS (under the shortest retransmission timeout: a timer a send
-        started since is never missed by more than that). Frames a fault plan holds back (a
-        delay) go at their own time, to the microsecond: the plan adds the delay it states."""
-        if self.faults is not None:
-            self._links_due = min([self._links_due] + [l.delayed[0][0] for l in
-                                                       self.engine.links.values() if l.delayed])
+        """The links' timers: each link's next one (resend, ack, heartbeat, liveness, a frame the
+        fault plan holds back) sits in a heap, put there again whenever the link sent, received
+        or was ticked, so only the links that are due are looked at (a hypervisor has a link per
+        VM). Acks and resends wait LINK_TICK_NS at most past their time, and go together; held
+        frames go at their own time, to the microsecond: the plan adds the delay it states."""
+        touched = self._links_touched
+        if now >= self._links_rescan:       # a safety net under the touched links
+            touched.update(self.engine.links.values())
+            self._links_rescan = now + LINK_LOOK_NS
+        heap, dues = self._link_heap, self._link_due
+        if touched:
+            for link in touched:
+                w = link.next_wake()
+                if dues.get(link) != w:
+                    dues[link] = w
+                    heapq.heappush(heap, (w, id(link), link))
+            touched.clear()
+            self._links_due = min(self._links_due, max(heap[0][0], now)) if heap else self._links_due
         if now < self._links_due:
             return
-        due = held = now + LINK_LOOK_NS
-        for link in list(self.engine.links.values()):
-            if link.next_wake() <= now:
-                events = link.tick(now)         # resends, acks, and held frames now due
-                if events:
-                    self._link_events(link, events, now)
-            due = min(due, link.proto.next_wake())
-            if link.delayed:
-                held = min(held, link.delayed[0][0])
-        self._links_due = min(max(due, now + LINK_TICK_NS), held)
+        links = self.engine.links
+        while heap and heap[0][0] <= now:
+            due, _, link = heapq.heappop(heap)
+            if dues.get(link) != due:
+                continue                    # an older entry of a link put there again since
+            if links.get(link.name) is not link:
+                del dues[link]              # dropped
+                continue
+            events = link.tick(now)         # resends, acks, and held frames now due
+            if events:
+                self._link_events(link, events, now)
+            w = link.next_wake()
+            dues[link] = w
+            heapq.heappush(heap, (w, id(link), link))
+        nxt = heap[0][0] if heap else now + LINK_LOOK_NS
+        held = any(l.delayed and l.delayed[0][0] == nxt for l in links.values()) \
+            if self.faults is not None else False
+        self._links_due = nxt if held else max(nxt, now + LINK_TICK_NS)
 
     def _refuse(self, ident: bytes | None, sock: zmq.Socket, seq: int, code: str, text: str) -> None:
         """An error answer where there is no link (yet) whose sequence numbers to use: a frame
@@ -470,6 +506,7 @@ class Runtime:
 
     def _send_oob(self, ident: bytes | None, sock: zmq.Socket, body: bytes) -> None:
         frame = oob_frame(self.epoch, body)
+        self.host.sent.add(sock)
         try:
             if ident is None:
                 sock.send(frame, zmq.NOBLOCK)
@@ -492,10 +529,7 @@ class Runtime:
                 return
             proto = link.proto
             bad = proto.counts["bad"]
-            bodies = link.receive(frame, now)
-            due = proto.send_wake()         # an ack or a resend the frame made due
-            if due is not None and due < self._links_due:
-                self._links_due = max(due, now)
+            bodies = link.receive(frame, now)   # (the link is touched: its timers are looked at)
             if proto.counts["bad"] != bad:  # malformed; a checksum that fails is the link's count
                 self._count_bad("EBADMSG")
             if proto.events:
@@ -644,18 +678,18 @@ class Runtime:
                 self.engine.stats.inc("gvtbench_disconnects")
 
     def _gate(self) -> None:
-        """Stop reading the socket of a VM its core cannot take more from (backpressure toward
-        that guest: ZeroMQ holds its frames, then its sends wait); read it again once it can."""
-        if self._accepting is None or len(self.routers) <= 1:
+        """Read again the socket of a VM its core stopped taking frames from (drain_socket paused
+        it: backpressure toward that guest alone, ZeroMQ holds its frames, then its sends wait),
+        once the core takes more. Only the paused VMs are looked at, every LINK_TICK_NS at most."""
+        if not self._gated:
             return
-        gated = {r.vm for r in self.routers[1:] if not self._accepting(r.vm)}
-        if gated != self._gated:
-            for r in self.routers[1:]:
-                if r.vm in gated and r.vm not in self._gated:
-                    self.host.pause(r.sock)
-                elif r.vm in self._gated and r.vm not in gated:
-                    self.host.resume(r.sock)
-            self._gated = gated
+        now = monotonic_ns()
+        if now < self._gate_due:
+            return
+        self._gate_due = now + LINK_TICK_NS
+        for vm in [vm for vm in self._gated if self._accepting(vm)]:
+            self._gated.discard(vm)
+            self.host.resume(self._vm_router[vm].sock)
 
     def drain_socket(self, sock: zmq.Socket, kind: Any, take: int, deadline: int) -> int:
         """Up to `take` frames from one of this node's sockets (NodeHost._drain decides turns)."""
@@ -664,7 +698,11 @@ class Runtime:
             return 0
         if type(kind) is _Router:
             if kind.vm and self._accepting is not None and not self._accepting(kind.vm):
-                return 0                # that VM has enough waiting: leave the rest queued
+                # that VM has enough waiting: leave the rest queued, and stop reading its
+                # socket until _gate() finds the VM taking work again
+                self._gated.add(kind.vm)
+                self.host.pause(sock)
+                return 0
             return self._drain_router(kind, take, deadline)
         return self._drain_dealer(sock, take, deadline)
 
@@ -678,6 +716,8 @@ class Runtime:
         self._gate()
         w = engine.next_wake(now)
         self.wake = self._links_due if w is None else min(w, self._links_due)
+        if self._gated:                 # a paused VM is looked at again soon
+            self.wake = min(self.wake, self._gate_due)
 
     # ---- control ------------------------------------------------------------------------------
     def _shutdown(self, env: Envelope, now: int) -> bool:
@@ -730,7 +770,7 @@ class Runtime:
 
 
 class NodeHost:
-    """The poll loop of a process: one ZeroMQ context and one poller for every node it runs (one,
+    """The poll loop of a process: one ZeroMQ context and one select() for every node it runs (one,
     or a pool of guests). Each iteration takes frames from the ready sockets in turn, then gives
     each node that got frames, or whose work is due, its step; the others are not looked at (a
     pool of idle guests costs nothing per iteration), save once every IDLE_WAKE_NS."""
@@ -738,10 +778,17 @@ class NodeHost:
     def __init__(self) -> None:
         self.ctx = zmq.Context()
         self.nodes: list[Runtime] = []
-        self.poller = zmq.Poller()
         self.socks: dict[zmq.Socket, tuple[Runtime, Any]] = {}  # -> node, its _Router, Link or None
         self._paused: set[zmq.Socket] = set()
         self._fd_cache: list[int] | None = None
+        self._by_fd: dict[int, zmq.Socket] = {}
+        # The sockets to look at (ZMQ_EVENTS) before the next sleep: those whose fd signalled,
+        # those not read dry, those sent on (a send can take the signal of input that came
+        # meanwhile). Any other socket has had no input since it was last looked at: a
+        # socket's fd signals every change. A node with many sockets (a hypervisor with one per
+        # VM) then looks at a few per iteration, not at all of them twice.
+        self.hot: set[zmq.Socket] = set()
+        self.sent: set[zmq.Socket] = set()
         self.stopping = False
 
     def add(self, rt: Runtime) -> None:
@@ -749,20 +796,19 @@ class NodeHost:
 
     def register(self, sock: zmq.Socket, rt: Runtime, kind: Any) -> None:
         self.socks[sock] = (rt, kind)
-        self.poller.register(sock, zmq.POLLIN)
+        self.hot.add(sock)
         self._fd_cache = None
 
     def pause(self, sock: zmq.Socket) -> None:
         """Stop reading a socket (a gated VM) until resume()."""
         if sock not in self._paused:
             self._paused.add(sock)
-            self.poller.unregister(sock)
             self._fd_cache = None
 
     def resume(self, sock: zmq.Socket) -> None:
         if sock in self._paused:
             self._paused.discard(sock)
-            self.poller.register(sock, zmq.POLLIN)
+            self.hot.add(sock)
             self._fd_cache = None
 
     def forget(self, rt: Runtime) -> None:
@@ -770,10 +816,9 @@ class NodeHost:
         for sock, (owner, _kind) in list(self.socks.items()):
             if owner is rt:
                 del self.socks[sock]
-                if sock in self._paused:
-                    self._paused.discard(sock)
-                else:
-                    self.poller.unregister(sock)
+                self.hot.discard(sock)
+                self.sent.discard(sock)
+                self._paused.discard(sock)
                 sock.close(linger=0)
         self._fd_cache = None
         if rt in self.nodes:
@@ -784,8 +829,23 @@ class NodeHost:
     @property
     def _fds(self) -> list[int]:
         if self._fd_cache is None:
-            self._fd_cache = [s.getsockopt(zmq.FD) for s in self.socks if s not in self._paused]
+            self._by_fd = {s.getsockopt(zmq.FD): s for s in self.socks if s not in self._paused}
+            self._fd_cache = list(self._by_fd)
         return self._fd_cache
+
+    def _look(self) -> list[tuple[zmq.Socket, int]]:
+        """The hot sockets with input now (their ZMQ_EVENTS, which also resets their signal)."""
+        hot = self.hot
+        if self.sent:
+            hot |= self.sent
+            self.sent.clear()
+        ready = []
+        paused = self._paused
+        for sock in hot:
+            if sock not in paused and sock.getsockopt(EVENTS) & POLLIN:
+                ready.append((sock, POLLIN))
+        hot.clear()
+        return ready
 
     def _drain(self, ready: list) -> set[Runtime]:
         """Take frames from the ready sockets in turn, so a flood on one does not starve the
@@ -833,21 +893,29 @@ class NodeHost:
                 # lateness to an open-loop schedule; select() on the sockets' signalling fds
                 # sleeps to the microsecond. The fds are edge-triggered, so zmq_poll(0) asks
                 # for pending input before sleeping, and every ready socket is drained.
-                ready = self.poller.poll(0)
+                ready = self._look()
                 if not ready:
                     now = monotonic_ns()
                     wake = min(now + IDLE_WAKE_NS, look_all, min(rt.wake for rt in live))
                     if wake > now:
                         try:
-                            select.select(self._fds, (), (), (wake - now) / 1e9)
+                            fds = select.select(self._fds, (), (), (wake - now) / 1e9)[0]
                         except InterruptedError:
-                            pass
-                    ready = self.poller.poll(0)
-                touched = self._drain(ready) if ready else ()
+                            fds = []
+                        by_fd = self._by_fd
+                        self.hot.update(by_fd[fd] for fd in fds if fd in by_fd)
+                    ready = self._look()
+                if ready:
+                    touched = self._drain(ready)
+                    # read dry or not, each is looked at again before the next sleep
+                    self.hot.update(item[0] for item in ready)
+                else:
+                    touched = ()
                 now = monotonic_ns()
-                if now >= look_all:         # a safety net under every node's next_wake
-                    touched = live
+                if now >= look_all:         # a safety net under every node's next_wake, and
+                    touched = live          # under the sockets' signals
                     look_all = now + IDLE_WAKE_NS
+                    self.hot.update(s for s in self.socks if s not in self._paused)
                 stopped = False
                 for rt in live:
                     if rt.wake <= now or rt in touched:

@@ -20,7 +20,7 @@ class SendFailed(GvtError):
 
 
 class Link:
-    __slots__ = ("name", "role", "vm", "control", "_send", "rx_seq", "sent", "received",
+    __slots__ = ("name", "role", "vm", "control", "_send", "rx_seq", "sent", "received", "touched",
                  "gaps", "dups", "send_failed", "transport_drops", "outstanding",
                  "max_outstanding", "version", "proto", "faults", "_rx_gen", "delayed", "earlier",
                  "_lost0")
@@ -44,6 +44,7 @@ class Link:
         self.version = 0
         self.proto = LinkProtocol(epoch, dead_ns=dead_ns, now=now)
         self.faults = faults
+        self.touched: set | None = None     # where the shell notes a link whose timers changed
         self.delayed: list[tuple[int, int, bytes]] = []     # heap of (due, n, frame) the plan holds back
         self._rx_gen = 0
         # what was sent to and received from the peer's earlier incarnations, and the bodies the
@@ -84,6 +85,8 @@ class Link:
             raise SendFailed("EAGAIN", f"the link to {self.name} is full: {full.text}") from None
         if counted:
             self.sent += 1
+        if self.touched is not None:
+            self.touched.add(self)
         if frame is not None:
             if self.faults is None:
                 try:
@@ -122,6 +125,8 @@ class Link:
 
     def receive(self, frame: bytes, now: int) -> list[bytes]:
         """The messages a frame from the peer makes deliverable, in order, each once."""
+        if self.touched is not None:
+            self.touched.add(self)
         return self.proto.receive(frame, now)
 
     def tick(self, now: int) -> list[LinkEvent]:
