@@ -146,6 +146,11 @@ def _against_echo(seconds: float, rounds: int, name: str,
     return out, mid, res
 
 
+def _per_cpu(res: dict, what: str) -> float | None:
+    """A run's `what` per CPU-second of its node processes (bench.procstat, over the load)."""
+    return res["resources"]["per_cpu_s"][what]
+
+
 def run_trap(seconds: float = 3.0, rounds: int = 3, trace_rate: float = 0.0) -> dict:
     """`trace_rate` > 0: every node records spans and the guest samples that many operations
     per second (what tracing costs; the spans are not collected)."""
@@ -167,6 +172,10 @@ def run_trap(seconds: float = 3.0, rounds: int = 3, trace_rate: float = 0.0) -> 
         "read_vs_echo": round(mid["ratio"], 2),
         "posted_writes_per_s": round(wg["completed"] / wg["elapsed_s"]),
         "gtt_entries_per_s": round(bg["traps"]["gtt_write"]["count"] / bg["guest"]["elapsed_s"]),
+        # what the machine spent: operations per CPU-second of every node process over the load
+        "ops_per_cpu_s": {"mmio_reads": _per_cpu(reads, "mmio_traps"),
+                          "posted_writes": _per_cpu(writes, "mmio_traps"),
+                          "ggtt_entries": _per_cpu(bursts, "ggtt_entries")},
         "translator": reads["translator"],
         "trace_rate": trace_rate,
     }
@@ -180,6 +189,8 @@ def format_trap(r: dict) -> str:
         f"read / echo (p50), median round: {r['read_vs_echo']:.2f}x",
         f"posted MMIO writes, 1 vGPU:   {r['posted_writes_per_s']:,} /s",
         f"GGTT burst, end to end:       {r['gtt_entries_per_s']:,} entries/s",
+        "per CPU-second (all nodes):   " + ", ".join(
+            f"{k.replace('_', ' ')} {v:,.0f}" for k, v in r["ops_per_cpu_s"].items() if v is not None),
         f"translator:                   {r['translator']}",
         *([f"tracing:                      {r['trace_rate']:g} sampled ops/s per guest"]
           if r.get("trace_rate") else []),
@@ -359,10 +370,12 @@ def run_submit(seconds: float = 3.0, rounds: int = 3) -> dict:
     scan = {k: round(statistics.median(x[k] for x in scans), 2) for k in scans[0]}
     scan["share_of_workload_p50"] = round(scan["us_per_workload"] / mid["workload_p50_us"], 4)
     per_s: dict[str, float] = {}
+    per_cpu: dict[str, float | None] = {}
     for n in (1, 2, 4):
         res = _run(_submit_cfg(seconds, n, concurrency=16, mix={"submit": 1.0}))
         per_s[str(n)] = round(sum(v["workloads"]["completed"] / max(v["guest"]["elapsed_s"], 1e-9)
                                   for v in res["vgpus"]))
+        per_cpu[str(n)] = _per_cpu(res, "workloads")
     churn = _run(_submit_cfg(seconds, 1, concurrency=256, mix={"ppgtt-churn": 1.0}))
     v = churn["vgpus"][0]
     return {
@@ -374,6 +387,7 @@ def run_submit(seconds: float = 3.0, rounds: int = 3) -> dict:
         "latency_vs_echo": round(mid["ratio"], 2),
         "scan": scan,
         "workloads_per_s": per_s,
+        "workloads_per_cpu_s": per_cpu,
         "tracked_writes_per_s": round(v["ppgtt"]["tracked_writes"] / max(v["guest"]["elapsed_s"], 1e-9)),
         "targets_met": {"latency_vs_echo": mid["ratio"] <= 2.5, "workloads_per_s_1": per_s["1"] >= 2000,
                         "scales_to_4": per_s["4"] >= per_s["1"]},
@@ -465,5 +479,7 @@ def format_submit(r: dict) -> str:
         f"{100 * r['scan']['share_of_workload_p50']:.1f}% of the workload p50",
         f"workloads/s with 1, 2, 4 vGPUs:      {w['1']:,} / {w['2']:,} / {w['4']:,}   "
         f"(target: >= 2000 with 1, 4 >= 1)",
+        "workloads per CPU-second (all nodes): " + " / ".join(
+            f"{v:,.0f}" if v is not None else "-" for v in r["workloads_per_cpu_s"].values()),
         f"tracked PTE writes/s (ppgtt-churn): {r['tracked_writes_per_s']:,}",
     ])

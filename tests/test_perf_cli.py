@@ -25,6 +25,9 @@ def test_perf_trap_json():
                 "posted_writes_per_s", "gtt_entries_per_s"):
         assert res[key] > 0, key
     assert len(res["rounds"]) == 1
+    # operations per CPU-second of all the nodes, for each kind of trap
+    assert set(res["ops_per_cpu_s"]) == {"mmio_reads", "posted_writes", "ggtt_entries"}
+    assert all(v > 0 for v in res["ops_per_cpu_s"].values()), res["ops_per_cpu_s"]
 
 
 def test_perf_neighbour_json():
@@ -53,6 +56,8 @@ def test_perf_submit_json():
     res = perf_json("submit", "--seconds", "0.5", "--rounds", "1")
     assert res["latency_vs_echo"] > 0 and res["tracked_writes_per_s"] > 0
     assert set(res["workloads_per_s"]) == {"1", "2", "4"} and all(v > 0 for v in res["workloads_per_s"].values())
+    assert set(res["workloads_per_cpu_s"]) == {"1", "2", "4"}
+    assert all(v > 0 for v in res["workloads_per_cpu_s"].values()), res["workloads_per_cpu_s"]
     (rnd,) = res["rounds"]
     assert rnd["workload_p50_us"] > 0 and rnd["samples"] > 0
     assert set(res["targets_met"]) == {"latency_vs_echo", "workloads_per_s_1", "scales_to_4"}
