@@ -55,8 +55,12 @@ FLAGS_KNOWN = FLAG_OOB
 
 HEARTBEAT_NS = 500_000_000              # an idle link acks this often...
 DEAD_NS = 3_000_000_000                 # ...and a peer silent this long is dead
-ACK_DELAY_NS = 1_000_000                # a body not answered by a frame of ours within this is acked
-RTO_MIN_NS = 2_000_000                  # over the peer's ack delay and a round trip
+ACK_DELAY_NS = 4_000_000                # a body not answered by a frame of ours within this is acked
+                                        # (longer than a moderate load's gap between requests, so
+                                        # the next one carries the ack: fewer pure acks)
+RTO_MIN_NS = 8_000_000                  # over the peer's ack delay and a round trip, and a
+                                        # busy peer's scheduling delay: at 2 ms, a loaded 2-core
+                                        # machine resent spuriously
 RTO_INIT_NS = 200_000_000
 RTO_MAX_NS = 500_000_000
 MAX_TIMEOUTS = 8                        # timeouts in a row (and dead_ns) without an ack: dead
