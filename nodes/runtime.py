@@ -62,6 +62,7 @@ TURN_NS = 300_000               # ...or this much time, whichever comes first
 DRAIN_BUDGET = 256              # frames per loop iteration, across sockets...
 ITERATION_NS = 2_000_000        # ...or this much time: then timers, yielded tasks and the tick
 IDLE_WAKE_NS = 100_000_000     # the loop looks around at least this often
+STALL_NS = 1_000_000_000        # an iteration this long after the last: the process was stopped
 LINK_TICK_NS = 1_000_000        # the links' timers are looked at no more often than this...
 LINK_LOOK_NS = 20_000_000       # ...and at least this often
 GC_THRESHOLDS = (50_000, 50, 100)      # gen0 allocations, then gen0 and gen1 collections
@@ -712,6 +713,14 @@ class Runtime:
             return self._drain_router(kind, take, deadline)
         return self._drain_dealer(sock, take, deadline)
 
+    def stalled(self, now: int) -> None:
+        """The process ran not at all for STALL_NS or more: every link's timers now, before
+        what arrived meanwhile is read (see NodeHost.run)."""
+        self._links_touched.update(self.engine.links.values())
+        self._links_due = 0
+        self._tick_links(now)
+        self.wake = 0
+
     def step(self, now: int) -> None:
         """After a drain: the engine's tasks and tick, the links' timers, the VM gates; then
         when this node next has work."""
@@ -892,6 +901,7 @@ class NodeHost:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         look_all = 0
+        last = monotonic_ns()
         live = [rt for rt in self.nodes if not rt.stopping]
         try:
             while live and not self.stopping and not (until and until()):
@@ -911,6 +921,15 @@ class NodeHost:
                         by_fd = self._by_fd
                         self.hot.update(by_fd[fd] for fd in fds if fd in by_fd)
                     ready = self._look()
+                now = monotonic_ns()
+                if now - last > STALL_NS:
+                    # this process was stopped (SIGSTOP, a frozen VM): its links' timers run
+                    # before any frame that waited meanwhile is read, so a peer silent past the
+                    # liveness timeout (it has given up on us too) is seen so first, and the
+                    # cores hear of it first (the mediator checks its shadows before it emulates
+                    # an ELSP that waited against guest memory that changed since)
+                    for rt in live:
+                        rt.stalled(now)
                 if ready:
                     touched = self._drain(ready)
                     # read dry or not, each is looked at again before the next sleep
@@ -928,6 +947,7 @@ class NodeHost:
                         rt.step(now)
                         now = monotonic_ns()
                     stopped |= rt.stopping
+                last = now
                 if stopped:
                     for rt in live:
                         if rt.stopping:

@@ -59,6 +59,7 @@ class MediatorCore:
                            f"each do not fit in the host pool's {layout.host.frames} pages")
         self.scheduler = WorkloadScheduler(self.pool, gpu)
         self.vgpus: dict[int, VGpu] = {}
+        self._resyncing: set[int] = set()     # vGPUs with a PPGTT resync queued or running
         self.stats = Stats()
         declare_trap_metrics(self.stats)
         declare_vgpu_metrics(self.stats)
@@ -120,15 +121,21 @@ class MediatorCore:
                 self.scheduler.gpu_down = f"the gpu {why}"
                 return None
             return self.restore_gpu(f"the gpu {why}")
-        if name == self.hypervisor and event == "new_stream":
-            # the hypervisor took us for dead (we were stopped past the liveness timeout) and
-            # gave up what it had sent: tracked page-table writes among them, whose stores are
-            # in guest RAM now. Each vGPU's shadows are checked against guest memory first
-            return [Spawn(self._resync_ppgtt(v), lane=v.id) for v in self.vgpus.values()]
+        if name == self.hypervisor and event in ("new_stream", "silent"):
+            # the hypervisor took us for dead (we were stopped past the liveness timeout: our
+            # link sees that silence first, before the frames that waited, see NodeHost.run)
+            # and gave up what it had sent, tracked page-table writes among them, whose stores
+            # are in guest RAM now; an ELSP that waited would be emulated against that memory.
+            # Each vGPU's shadows are checked against guest memory first, in its lane
+            return [Spawn(self._resync_ppgtt(v), lane=v.id) for v in self.vgpus.values()
+                    if v.id not in self._resyncing and not self._resyncing.add(v.id)]
         return None
 
     def _resync_ppgtt(self, vgpu: VGpu) -> Iterator[Any]:
-        changed = yield from vgpu.ppgtt.resync(vgpu.mem.read)
+        try:
+            changed = yield from vgpu.ppgtt.resync(vgpu.mem.read)
+        finally:
+            self._resyncing.discard(vgpu.id)
         self.stats.inc("gvtbench_ppgtt_resyncs", (vgpu.id,))
         return changed
 
