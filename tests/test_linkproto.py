@@ -8,7 +8,7 @@ import heapq
 import itertools
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from nodes.wire import linkproto as lp
@@ -126,6 +126,8 @@ def test_in_order_once_over_a_lossy_network_with_acks_retransmits_and_duplicates
        corrupt=st.floats(0, 0.1), delay_us=st.integers(0, 3000), seed=st.integers(0, 2**32),
        sizes=st.lists(st.integers(1, 40_000), min_size=1, max_size=120),
        gaps_us=st.lists(st.integers(0, 2000), min_size=1, max_size=120))
+@example(drop=0.25, dup=0.0, reorder=0.0, corrupt=0.0, delay_us=0, seed=312, sizes=[1, 1, 1, 1],
+         gaps_us=[0])       # b's frames dropped six in a row: a declares it silent
 def test_property_every_body_is_delivered_once_in_order_and_buffers_stay_bounded(
         drop, dup, reorder, corrupt, delay_us, seed, sizes, gaps_us):
     plan = FaultPlan.parse(seed, [f"drop={drop}", f"dup={dup}", f"reorder={reorder}",
@@ -142,7 +144,16 @@ def test_property_every_body_is_delivered_once_in_order_and_buffers_stay_bounded
             net.step_to(net.now + 20 * MS)      # backpressure: wait, then go on
         net.step_to(net.now + 1000 * gaps_us[i % len(gaps_us)])
     net.settle()
-    assert net.got["b"] == sent
+    got = [bytes(b) for b in net.got["b"]]
+    # a run of drops may silence b for the liveness timeout (six of its frames in a row, in
+    # the example): a then gives up what b had not acked, counts it, and starts a new stream.
+    # Nothing else goes missing: what arrived is in order, once, and the rest was given up
+    lost = sum(ev.lost for ev in net.ends["a"].events if isinstance(ev, PeerSilent))
+    it = iter(sent)
+    assert all(any(g == s for s in it) for g in got)            # in order, each at most once
+    assert len(sent) - lost <= len(got) <= len(sent)
+    if not lost:
+        assert got == sent
     # what a link holds never passed its window, its queue and one window out of order
     assert net.max_held <= window + queue + window + max(sizes) + 4
     a = net.ends["a"]
