@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.config import ConfigError
 
@@ -35,6 +36,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config.apply_overrides(cfg, duration=args.duration, vgpus=args.vgpus, seed=args.seed,
                                  ops=args.ops, trace_rate=rate, faults=args.fault)
     console = Console(stderr=True)
+    executor = _ray_executor(args, cfg)
 
     def view(p: dict) -> Table:
         title = f"gvtbench run: {p['phase']}"
@@ -58,12 +60,21 @@ def _run(args: argparse.Namespace) -> int:
             prom.start()
         except (PrometheusMissing, RuntimeError) as err:
             console.print(f"[bold red]gvtbench run:[/] {err}")
+            if executor is not None:
+                executor.close()
             return EXIT_ERROR
         console.print(f"Prometheus: {prom.url}  (config and data in {folder})")
     live = Live(view({"phase": "starting", "guests": {}, "duration_s": 0}), console=console, refresh_per_second=4,
                 transient=True, auto_refresh=False)
-    launcher = Launcher(cfg, on_progress=lambda p: (live.update(view(p)), live.refresh()), prometheus=prom,
-                        trace_path=args.trace)
+    try:
+        launcher = Launcher(cfg, on_progress=lambda p: (live.update(view(p)), live.refresh()),
+                            prometheus=prom, trace_path=args.trace, executor=executor)
+    except BaseException:
+        if executor is not None:
+            executor.close()        # the launcher closes it at the end of its run, not before
+        if prom is not None:
+            prom.stop()
+        raise
     try:
         with live:
             result = launcher.run()
@@ -78,6 +89,8 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if prom is not None and not args.keep_prometheus:
             prom.stop()
+    if executor is not None:
+        console.print(_ray_line(executor))
     print_result(result, Console())
     if launcher.trace_summary is not None:
         console.print(_trace_line(launcher.trace_summary))
@@ -88,6 +101,38 @@ def _run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)
     return 0 if result["verdict"] == "pass" else EXIT_FAIL
+
+
+def _ray_executor(args: argparse.Namespace, cfg: dict) -> Any:
+    """The RayExecutor --ray asks for (None: the nodes are the launcher's children), its
+    placement checked against the config before Ray is reached."""
+    if args.ray_placement and not args.ray:
+        raise ConfigError("command line", "--ray-placement", "needs --ray ADDRESS")
+    if not args.ray:
+        return None
+    from bench.executor import ExecutorError, RayExecutor, one_host, ray_strategy
+    placement = args.ray_placement or "pack"
+    try:
+        ray_strategy(placement, cfg)
+    except ExecutorError as err:
+        raise ConfigError("command line", "--ray-placement", err.text) from None
+    if (args.prometheus or args.keep_prometheus) and not one_host(cfg):
+        raise ConfigError("command line", "--prometheus", "a tcp + msg run on Ray may put nodes on "
+                          "other hosts, whose /metrics listen on their own loopback, out of "
+                          "Prometheus's reach here")
+    return RayExecutor(args.ray, placement)
+
+
+def _ray_line(ex: Any) -> str:
+    where = ex.placement()
+    nodes = {w["node_id"] for w in where.values()}
+    hosts = {w["ip"] for w in where.values()}
+    return (f"Ray: {len(where)} node processes as Ray actors on {_count(len(nodes), 'Ray node')} "
+            f"({_count(len(hosts), 'host')}), placement group {ex.strategy}")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
 
 
 def _trace_line(t: dict) -> str:
@@ -257,6 +302,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--trace-rate", type=float, metavar="N",
                    help="with --trace: operations sampled per second per guest (default: "
                         "run.trace_rate, else 20)")
+    r.add_argument("--ray", metavar="ADDRESS",
+                   help="run each node process as a Ray actor of a cluster: its head's HOST:PORT, "
+                        "'auto' (the cluster this host is in) or 'local' (a Ray of its own here)")
+    r.add_argument("--ray-placement", choices=["pack", "spread", "strict-spread"],
+                   help="with --ray: the placement group's strategy (default pack; spread and "
+                        "strict-spread, a Ray node each, need a tcp + msg config)")
     r.set_defaults(fn=_run)
     n = sub.add_parser("node", help="run one node alone (for multi-host runs)")
     n.add_argument("role", choices=["gpu", "mediator", "hypervisor", "guest"])

@@ -10,8 +10,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +19,8 @@ import numpy as np
 
 from bench import ledger, procstat, trace
 from bench.config import public
+# free_port is also this module's: bench.cli and the tests take it from here
+from bench.executor import Executor, LocalExecutor, NodeProcess, free_port, terminate  # noqa: F401
 from nodes.actions import Call, Post, Sleep
 from nodes.errors import GvtError
 from nodes.hw import gtt
@@ -64,20 +64,18 @@ class LauncherCore:
         return None
 
 
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class RunFailed(Exception):
     pass
 
 
 class Launcher:
     def __init__(self, cfg: dict, on_progress: Callable[[dict], None] | None = None,
-                 prometheus: Any = None, trace_path: str | None = None):
+                 prometheus: Any = None, trace_path: str | None = None,
+                 executor: Executor | None = None):
         self.cfg = cfg
+        # where the node processes run: children of this process, or a cluster's (bench.executor)
+        self.executor: Executor = executor if executor is not None else LocalExecutor()
+        self.executor.check(cfg)
         self.trace_path = trace_path        # write the nodes' spans there (run.trace_rate > 0)
         self.trace_summary: dict | None = None     # what was written: bench.trace.summary
         if trace_path and not cfg["run"]["trace_rate"] > 0:
@@ -85,7 +83,7 @@ class Launcher:
         self.on_progress = on_progress
         self.prometheus = prometheus        # a bench.prom.PrometheusServer scraping the run
         self.run_id = f"{os.getpid()}x{secrets.token_hex(3)}"
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, NodeProcess] = {}
         self.tmp = ""
         self.core = LauncherCore()
         self.rt: Runtime | None = None
@@ -113,11 +111,26 @@ class Launcher:
         self.pool_of: dict[str, list[int]] = {}  # guest name -> its pool
 
     # ---- processes -------------------------------------------------------------------------------
-    def _endpoint(self, name: str) -> str:
+    def _endpoints(self) -> dict[str, str]:
+        """The endpoints the launcher and the nodes bind (a guest binds none): ipc paths in the
+        launcher's folder, or tcp ports free where each is bound, which the executor knows."""
         run = self.cfg["run"]
+        binders = {"launcher": None, "gpu": "gpu", "mediator": "mediator", "hypervisor": "hypervisor"}
+        binders.update({f"hypervisor.vm{v}": "hypervisor" for v in vm_ids(self.cfg)})
         if run["transport"] == "ipc":
-            return f"ipc://{self.tmp}/{name}"
-        return f"tcp://{run['host']}:{free_port(run['host'])}"
+            return {n: f"ipc://{self.tmp}/{n}" for n in binders}
+        by_binder: dict[str | None, list[str]] = {}
+        for n, b in binders.items():
+            by_binder.setdefault(b, []).append(n)
+        eps = {}
+        for b, ns in by_binder.items():
+            eps.update(zip(ns, self.executor.tcp_endpoints(b, run["host"], len(ns))))
+        return eps
+
+    def _process_name(self, name: str) -> str:
+        """The process a node runs in: its own, or its pool's (guests/<first VM>)."""
+        pool = self.pool_of.get(name)
+        return f"guests/{pool[0]}" if pool else name
 
     def _spawn(self, role: str, name: str, eps: dict[str, str], cfg_path: str,
                restart: bool = False) -> None:
@@ -137,19 +150,17 @@ class Launcher:
             cmd += [a for peer in needed_peers(role, self.cfg) for a in ("--peer", f"{peer}={eps[peer]}")]
         if role == "hypervisor":
             cmd += [a for v in vm_ids(self.cfg) for a in ("--vm-bind", f"{v}={eps[f'hypervisor.vm{v}']}")]
+        process = self._process_name(name)
         if self.keys_dir:
-            cmd += ["--keys", self.keys_dir]
-        log = open(self._log_path(name), "ab")      # a restarted node adds to it
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True)
-        log.close()
+            cmd += ["--keys", self.executor.keys_for(process, self.keys_dir, names)]
+        proc = self.executor.start(process, cmd, self._log_path(name))
         for n in names:
             self.procs[n] = proc
 
-    def processes(self) -> dict[str, tuple[subprocess.Popen, int]]:
+    def processes(self) -> dict[str, tuple[NodeProcess, int]]:
         """The run's node processes by name (a pool of guests: guests/<its first VM>), each with the
         number of vGPUs it serves."""
-        out: dict[str, tuple[subprocess.Popen, int]] = {}
+        out: dict[str, tuple[NodeProcess, int]] = {}
         n = len(self.pool_of)
         for name, proc in self.procs.items():
             pool = self.pool_of.get(name)
@@ -160,19 +171,15 @@ class Launcher:
         return out
 
     def _sample_processes(self) -> dict[str, procstat.Sample | None]:
-        return {name: procstat.sample(proc.pid) for name, (proc, _n) in self.processes().items()}
+        return {name: proc.sample() for name, (proc, _n) in self.processes().items()}
 
     def _log_path(self, name: str) -> str:
         pool = self.pool_of.get(name)
         return os.path.join(self.tmp, f"guests-{pool[0]}.log" if pool else f"{name}.log")
 
     def _log_tail(self, name: str, lines: int = 5) -> str:
-        try:
-            with open(self._log_path(name), "rb") as f:
-                text = f.read().decode(errors="replace").strip().splitlines()
-            return " | ".join(text[-lines:])
-        except OSError:
-            return ""
+        proc = self.procs.get(name)         # its process has the log, on the host it runs on
+        return proc.log_tail(lines) if proc is not None else ""
 
     def _dead(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is not None and n not in self.down]
@@ -190,8 +197,12 @@ class Launcher:
             names += [f"guest{v}" for v in vms]
             self.pools = guest_pools(self.cfg, vms)
             self.pool_of = {guest_name(v): pool for pool in self.pools for v in pool}
-            eps = self.eps = {n: self._endpoint(n) for n in ["launcher", *node_names(self.cfg)]}
-            eps.update({f"hypervisor.vm{v}": self._endpoint(f"hypervisor.vm{v}") for v in vm_ids(self.cfg)})
+            try:
+                self.executor.place(list(dict.fromkeys(self._process_name(n) for n in names)),
+                                    self.cfg, self.run_id)
+            except GvtError as err:
+                raise RunFailed(f"the node processes could not be placed: {err.text}") from None
+            eps = self.eps = self._endpoints()
             cfg_path = self.cfg_path = os.path.join(self.tmp, "run.json")
             with open(cfg_path, "w") as f:
                 json.dump(public(self.cfg), f)
@@ -344,13 +355,13 @@ class Launcher:
         except Exception as err:
             self.error = f"node fault {nf.spec or nf.kind}: {getattr(err, 'text', None) or err}"
 
-    def _pause(self, nf: NodeFault, proc: subprocess.Popen) -> Iterator[Any]:
+    def _pause(self, nf: NodeFault, proc: NodeProcess) -> Iterator[Any]:
         at = time.monotonic() - self.t_load
-        os.kill(proc.pid, signal.SIGSTOP)
+        proc.signal(signal.SIGSTOP)
         try:
             yield Sleep(nf.length_ns / 1e9)
         finally:
-            os.kill(proc.pid, signal.SIGCONT)
+            proc.signal(signal.SIGCONT)
         self.node_faults.append({"node": nf.node, "kind": nf.kind, "spec": nf.spec,
                                  "at_s": round(at, 3),
                                  "length_s": round(time.monotonic() - self.t_load - at, 3)})
@@ -367,10 +378,7 @@ class Launcher:
         for n in names:
             self.down.add(n)
         for proc in {id(self.procs[n]): self.procs[n] for n in names}.values():
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            proc.signal(signal.SIGKILL)
         deadline = time.monotonic() + 10
         while any(self.procs[n].poll() is None for n in names):
             if time.monotonic() > deadline:
@@ -705,32 +713,23 @@ class Launcher:
 
     # ---- teardown --------------------------------------------------------------------------------
     def _teardown(self) -> None:
-        deadline = time.monotonic() + 5
-        for name, p in self.procs.items():
-            while p.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)
-        for p in self.procs.values():
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 5
-        for p in self.procs.values():
+        procs = list({id(p): p for p in self.procs.values()}.values())     # a pool's once
+        try:
+            deadline = time.monotonic() + 5
+            for p in procs:
+                while p.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            terminate(procs, 5)
+        finally:
             try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
-        if self.rt is not None:
-            self.rt.close()
-            self.rt = None
-        remove_run_shm(self.run_id)
-        if self.tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+                self.executor.close()
+            finally:
+                if self.rt is not None:
+                    self.rt.close()
+                    self.rt = None
+                remove_run_shm(self.run_id)
+                if self.tmp:
+                    shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _workload_row(wl: dict, ram: dict) -> dict:
