@@ -33,7 +33,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("command line", "--trace-rate", "needs --trace PATH (where the trace goes)")
     # without --trace nothing collects spans, so no node records any
     rate = (args.trace_rate or cfg["run"]["trace_rate"] or DEFAULT_TRACE_RATE) if args.trace else 0.0
-    cfg = config.apply_overrides(cfg, duration=args.duration, vgpus=args.vgpus, seed=args.seed,
+    cfg = config.apply_overrides(cfg, duration=args.duration, vgpus=args.vgpus, gpus=args.gpus,
+                                 seed=args.seed,
                                  ops=args.ops, trace_rate=rate, faults=args.fault)
     console = Console(stderr=True)
     executor = _ray_executor(args, cfg)
@@ -176,7 +177,7 @@ def _node(args: argparse.Namespace) -> int:
                     launcher=args.launcher, run_id=args.run_id, keys_dir=args.keys,
                     metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                     parent_death=args.parent_death, vm_binds=vm_binds, restarted=args.restart,
-                    vm_peers=vm_peers)
+                    vm_peers=vm_peers, gpu=args.gpu)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -187,9 +188,10 @@ def _keys(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     names = node_names(cfg) + ["launcher"]
     d = make_keys(args.dir, names)
-    print(f"CURVE keys of {len(names)} nodes in {d} (NAME.key public, NAME.key_secret secret):")
-    print("  " + " ".join(names))
-    print("give each node's host every *.key and only that node's own NAME.key_secret")
+    from nodes.wire.schema import key_stem
+    print(f"CURVE keys of {len(names)} nodes in {d} (FILE.key public, FILE.key_secret secret):")
+    print("  " + " ".join(f"{n}={key_stem(n)}" if key_stem(n) != n else n for n in names))
+    print("give each node's host every *.key and only that node's own FILE.key_secret")
     return 0
 
 
@@ -283,6 +285,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("config", nargs="?", help="TOML config (default: configs/smoke.toml)")
     r.add_argument("--duration", type=float, help="seconds of load (run.duration_s)")
     r.add_argument("--vgpus", type=int, help="number of vGPUs / guests (vgpus.count)")
+    r.add_argument("--gpus", type=int, help="physical GPUs, the vGPUs split over them (gpu.count)")
     r.add_argument("--seed", type=int, help="seed of p2m and load (run.seed)")
     r.add_argument("--fault", action="append", metavar="SPEC",
                    help="a fault, added to [faults] links (repeatable): drop=0.05, "
@@ -311,6 +314,9 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=_run)
     n = sub.add_parser("node", help="run one node alone (for multi-host runs)")
     n.add_argument("role", choices=["gpu", "mediator", "hypervisor", "guest"])
+    n.add_argument("--gpu", type=int, default=0, metavar="G",
+                   help="the physical GPU this gpu, mediator or hypervisor serves (its id is "
+                        "ROLE/G; default 0); a guest's GPU is its VM's")
     n.add_argument("--config", help="TOML or JSON config shared by all nodes of the run")
     n.add_argument("--vm", action="append", default=[], metavar="N[-M]",
                    help="guest: the VM (or VMs N..M) to run; several make a pool of guests in "

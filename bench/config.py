@@ -15,8 +15,11 @@ import tomllib
 
 from nodes.guest.core import MIXES
 from nodes.hw import partition, regs
+from nodes.errors import GvtError
 from nodes.node import fault_plan, guest_pools, node_names, vgpu_types
+from nodes.topology import Topology
 from nodes.wire.faults import FaultSpecError
+from nodes.wire.schema import MAX_GPUS, canonical
 
 
 class ConfigError(Exception):
@@ -59,6 +62,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "gpu": {
         # the vfio backend (a real device) is not part of this version yet
         "backend": (str, "sim", lambda v: v == "sim", "'sim' (the only backend so far)"),
+        "count": (int, 1, lambda v: 1 <= v <= MAX_GPUS, f"physical GPUs, 1..{MAX_GPUS}: each "
+                  f"has its own gpu, mediator and hypervisor, and the VMs are split over them "
+                  f"in order"),
         "aperture_mib": (int, 1024, lambda v: v > partition.HOST_LOW_GM >> 20 and v < 4096,
                          f"MiB of CPU-mappable GM, more than the host's "
                          f"{partition.HOST_LOW_GM >> 20} and < 4096"),
@@ -165,9 +171,8 @@ def _vgpu_types(where: str, table: Any) -> dict:
 
 
 def _check_capacity(where: str, cfg: dict) -> None:
-    """Every vGPU must fit on the GPU, by the allocator the mediator uses (the kernel's rule:
+    """Every vGPU must fit on its GPU, by the allocator the mediator uses (the kernel's rule:
     aperture, hidden GM and fences), so a run that cannot start is refused here, naming why."""
-    from nodes.errors import GvtError
     from nodes.mediator.aperture import GmAllocator
     types = vgpu_types(cfg)
     names = cfg["vgpus"]["types"] or [cfg["vgpus"]["type"]] * cfg["vgpus"]["count"]
@@ -175,16 +180,20 @@ def _check_capacity(where: str, cfg: dict) -> None:
     for t in names:
         if t not in types:
             raise ConfigError(where, key, f"unknown vGPU type {t!r}; known: {', '.join(types)}")
-    alloc = GmAllocator(cfg["gpu"]["aperture_mib"] * (1 << 20), fences=cfg["gpu"]["fences"],
-                        types=types)
-    for i, t in enumerate(names):
-        try:
-            alloc.allocate(t)
-        except GvtError as err:
-            raise ConfigError(where, key, f"vGPU {i + 1} of {len(names)} does not fit on the GPU: "
-                              f"{err.text} (gpu.aperture_mib = {cfg['gpu']['aperture_mib']}, "
-                              f"gpu.fences = {cfg['gpu']['fences']}; smaller types fit more: "
-                              f"[vgpu_types])") from None
+    for st in Topology(cfg).stacks:
+        alloc = GmAllocator(cfg["gpu"]["aperture_mib"] * (1 << 20), fences=cfg["gpu"]["fences"],
+                            types=types)
+        for vm in st.vms:
+            try:
+                alloc.allocate(names[vm - 1])
+            except GvtError as err:
+                on = f"GPU {st.index} (VMs {st.vms[0]}-{st.vms[-1]})" \
+                    if cfg["gpu"]["count"] > 1 else "the GPU"
+                raise ConfigError(where, key, f"vGPU {vm} of {len(names)} does not fit on {on}: "
+                                  f"{err.text} (gpu.aperture_mib = {cfg['gpu']['aperture_mib']}, "
+                                  f"gpu.fences = {cfg['gpu']['fences']}; smaller types fit more: "
+                                  f"[vgpu_types], and more GPUs: gpu.count)") from None
+
 
 
 def defaults() -> dict:
@@ -238,16 +247,26 @@ def validate(raw: dict, where: str = "<config>") -> dict:
         plan = fault_plan(cfg)
     except FaultSpecError as err:
         raise ConfigError(where, "faults.links", err.text) from None
+    if cfg["gpu"]["count"] > cfg["vgpus"]["count"]:
+        raise ConfigError(where, "gpu.count", f"{cfg['gpu']['count']} GPUs for "
+                          f"{cfg['vgpus']['count']} vGPUs: every GPU needs a vGPU")
     for nf in plan.nodes if plan else ():
-        if nf.node not in node_names(cfg):
+        try:
+            known = canonical(nf.node) in node_names(cfg)
+        except GvtError:
+            known = False
+        if not known:
             raise ConfigError(where, "faults.links", f"{nf.kind}={nf.node}: no node {nf.node!r} in "
                               f"this run ({', '.join(node_names(cfg))})")
         if nf.node.startswith("guest") and max(map(len, guest_pools(cfg))) > 1:
             raise ConfigError(where, "faults.links", f"{nf.kind}={nf.node}: a guest in a pool of "
                               f"guests cannot be stopped or killed alone; set vgpus.per_process = 1")
-    if cfg["vgpus"]["count"] > cfg["mediator"]["max_vgpus"]:
-        raise ConfigError(where, "vgpus.count", f"{cfg['vgpus']['count']} vGPUs exceed "
-                          f"mediator.max_vgpus = {cfg['mediator']['max_vgpus']}")
+    most = max(len(st.vms) for st in Topology(cfg).stacks)
+    if most > cfg["mediator"]["max_vgpus"]:
+        raise ConfigError(where, "vgpus.count", f"{cfg['vgpus']['count']} vGPUs" + (
+            f" over {cfg['gpu']['count']} GPUs put {most} on one, which exceeds"
+            if cfg["gpu"]["count"] > 1 else " exceed") +
+            f" mediator.max_vgpus = {cfg['mediator']['max_vgpus']}")
     _check_capacity(where, cfg)
     return cfg
 
@@ -285,8 +304,11 @@ def load(path: str | os.PathLike | None = None) -> dict:
 
 def apply_overrides(cfg: dict, *, duration: float | None = None, vgpus: int | None = None,
                     seed: int | None = None, ops: int | None = None,
-                    trace_rate: float | None = None, faults: list[str] | None = None) -> dict:
+                    trace_rate: float | None = None, faults: list[str] | None = None,
+                    gpus: int | None = None) -> dict:
     raw = {sec: copy.deepcopy(v) for sec, v in cfg.items() if not sec.startswith("_")}
+    if gpus is not None:
+        raw["gpu"]["count"] = gpus
     if faults:
         raw["faults"]["links"] = list(raw["faults"]["links"]) + list(faults)
     if trace_rate is not None:

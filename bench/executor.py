@@ -25,6 +25,7 @@ from typing import Any, Iterator, Protocol
 
 from bench import procstat
 from nodes.errors import GvtError
+from nodes.wire.schema import key_stem
 
 RPC_TIMEOUT_S = 30.0        # an actor answers a call about its process within this
 BUNDLE_CPU = 0.01           # a bundle only places a process: the bench reserves no cores
@@ -165,15 +166,31 @@ def terminate(procs: list[NodeProcess], grace_s: float) -> None:
 
 
 # ---- on Ray -----------------------------------------------------------------------------------
+def _proc_start(pid: int) -> str | None:
+    """A live process's start time (clock ticks since boot), None if it is gone or a zombie:
+    with the pid it names one process, since pids are reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _slot_dir_owner() -> str:
+    pid = os.getpid()
+    return f"{pid}.{_proc_start(pid)}"
+
+
 def _sweep_slot_dirs() -> None:
     """Remove the folders (keys, logs) of this user's NodeSlot actors that are gone."""
     for d in Path("/tmp").glob(f"{SLOT_DIR_PREFIX}*-*"):
-        pid = d.name[len(SLOT_DIR_PREFIX):].split("-", 1)[0]
+        pid, _, start = d.name[len(SLOT_DIR_PREFIX):].split("-", 1)[0].partition(".")
         try:
             mine = d.stat().st_uid == os.getuid()
         except OSError:
             continue
-        if mine and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        if mine and pid.isdigit() and _proc_start(int(pid)) != start:
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -187,9 +204,10 @@ class NodeSlot:
     # so it must be the thread that lives as long as the actor.
     def __init__(self) -> None:
         _sweep_slot_dirs()
-        # mode 700: keys go here; named by this actor's pid, so that a later actor can tell it
-        # is gone (an actor killed with its dead launcher has no chance to remove it itself)
-        self.dir = tempfile.mkdtemp(prefix=f"{SLOT_DIR_PREFIX}{os.getpid()}-", dir="/tmp")
+        # mode 700: keys go here; named by this actor's pid and start time, so that a later
+        # actor can tell it is gone (an actor killed with its dead launcher has no chance to
+        # remove it itself)
+        self.dir = tempfile.mkdtemp(prefix=f"{SLOT_DIR_PREFIX}{_slot_dir_owner()}-", dir="/tmp")
         self.local = LocalExecutor()
         self.procs: dict[int, LocalProcess] = {}
 
@@ -455,7 +473,7 @@ class RayExecutor:
         slot = ray.remote(NodeSlot)
         for i, proc in enumerate(processes):
             self.actors[proc] = slot.options(
-                num_cpus=BUNDLE_CPU, max_restarts=0, name=f"gvtbench-{run_id}-{proc}",
+                num_cpus=BUNDLE_CPU, max_restarts=0, name=f"gvtbench-{run_id}-{proc.replace('/', '-')}",
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=i)).remote()
         for i, proc in enumerate(processes):
@@ -475,7 +493,8 @@ class RayExecutor:
         if process not in self._keys:
             d = Path(keys_dir)
             files = {f.name: f.read_bytes() for f in sorted(d.glob("*.key"))}
-            files.update({f"{n}.key_secret": (d / f"{n}.key_secret").read_bytes() for n in names})
+            files.update({f"{key_stem(n)}.key_secret": (d / f"{key_stem(n)}.key_secret").read_bytes()
+                          for n in names})
             self._keys[process] = self.get(self.actors[process].ship.remote(files),
                                            f"{process}: keys")
         return self._keys[process]

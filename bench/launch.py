@@ -26,13 +26,12 @@ from nodes.errors import GvtError
 from nodes.hw import gtt
 from nodes.memory import remove_run_shm, sweep_stale_shm
 from nodes.metrics import TRAP_LATENCY
-from nodes.node import (
-    build_layout, fault_plan, guest_pools, hostile_vms, needed_peers, node_names, vm_ids,
-)
+from nodes.node import fault_plan, guest_pools, hostile_vms, vm_ids
 from nodes.runtime import Keys, Runtime, make_keys
 from nodes.stats import Stats
 from nodes.wire.codec import Envelope
-from nodes.wire.schema import guest_name
+from nodes.topology import Topology, vm_endpoint_name
+from nodes.wire.schema import STACK_ROLES, guest_name, role_of
 from nodes.wire.faults import NodeFault
 
 SCHEMA_VERSION = 1
@@ -95,6 +94,7 @@ class Launcher:
         self.pool: dict = {}
         self.node_errors: dict = {}
         self.hostile: dict[int, dict] = {}
+        self.topo = Topology(cfg)           # the nodes, their GPUs, links and memory
         self.plan = fault_plan(cfg)         # the run's fault plan (None: no faults)
         self.node_faults: list[dict] = []    # the node faults injected: when, which, how long
         self.down: set[str] = set()          # nodes killed by the plan, not yet started again
@@ -115,10 +115,9 @@ class Launcher:
         """The endpoints the launcher and the nodes bind (a guest binds none): ipc paths in the
         launcher's folder, or tcp ports free where each is bound, which the executor knows."""
         run = self.cfg["run"]
-        binders = {"launcher": None, "gpu": "gpu", "mediator": "mediator", "hypervisor": "hypervisor"}
-        binders.update({f"hypervisor.vm{v}": "hypervisor" for v in vm_ids(self.cfg)})
+        binders = self.topo.binders()
         if run["transport"] == "ipc":
-            return {n: f"ipc://{self.tmp}/{n}" for n in binders}
+            return {n: f"ipc://{self.tmp}/{n.replace('/', '-')}" for n in binders}
         by_binder: dict[str | None, list[str]] = {}
         for n, b in binders.items():
             by_binder.setdefault(b, []).append(n)
@@ -135,6 +134,7 @@ class Launcher:
     def _spawn(self, role: str, name: str, eps: dict[str, str], cfg_path: str,
                restart: bool = False) -> None:
         """Start a node's process; a guest's is its pool's, which runs every VM of the pool."""
+        topo = self.topo
         cmd = [sys.executable, "-m", "bench.cli", "node", role, "--config", cfg_path,
                "--launcher", eps["launcher"], "--run-id", self.run_id,
                "--parent-death"] + (["--restart"] if restart else [])
@@ -142,14 +142,17 @@ class Launcher:
         if role == "guest":
             pool = self.pool_of[name]
             names = [guest_name(v) for v in pool]
-            # each guest connects to its own VM's endpoint of the hypervisor
+            # each guest connects to its own VM's endpoint of its GPU's hypervisor
             for v in pool:
-                cmd += ["--vm", str(v), "--vm-peer", f"{v}={eps[f'hypervisor.vm{v}']}"]
+                hv = topo.stack(topo.gpu_of(v)).hypervisor
+                cmd += ["--vm", str(v), "--vm-peer", f"{v}={eps[vm_endpoint_name(hv, v)]}"]
         else:
-            cmd += ["--bind", eps[name]]
-            cmd += [a for peer in needed_peers(role, self.cfg) for a in ("--peer", f"{peer}={eps[peer]}")]
+            st = topo.stack_of(name)
+            cmd += ["--gpu", str(st.index), "--bind", eps[name]]
+            cmd += [a for peer in topo.needed_peers(role)
+                    for a in ("--peer", f"{peer}={eps[topo.qualify(name, peer)]}")]
         if role == "hypervisor":
-            cmd += [a for v in vm_ids(self.cfg) for a in ("--vm-bind", f"{v}={eps[f'hypervisor.vm{v}']}")]
+            cmd += [a for v in st.vms for a in ("--vm-bind", f"{v}={eps[vm_endpoint_name(name, v)]}")]
         process = self._process_name(name)
         if self.keys_dir:
             cmd += ["--keys", self.executor.keys_for(process, self.keys_dir, names)]
@@ -175,7 +178,8 @@ class Launcher:
 
     def _log_path(self, name: str) -> str:
         pool = self.pool_of.get(name)
-        return os.path.join(self.tmp, f"guests-{pool[0]}.log" if pool else f"{name}.log")
+        return os.path.join(self.tmp, f"guests-{pool[0]}.log" if pool else
+                            f"{name.replace('/', '-')}.log")
 
     def _log_tail(self, name: str, lines: int = 5) -> str:
         proc = self.procs.get(name)         # its process has the log, on the host it runs on
@@ -193,7 +197,7 @@ class Launcher:
         self.tmp = tempfile.mkdtemp(prefix="gvtb-", dir="/tmp")     # mode 700: ipc is private
         try:
             vms = vm_ids(self.cfg) if guests is None else guests
-            names = [n for n in node_names(self.cfg) if not n.startswith("guest")]
+            names = [n for st in self.topo.stacks for n in st.nodes]
             names += [f"guest{v}" for v in vms]
             self.pools = guest_pools(self.cfg, vms)
             self.pool_of = {guest_name(v): pool for pool in self.pools for v in pool}
@@ -209,7 +213,7 @@ class Launcher:
             keys = None
             if self.cfg["run"]["transport"] == "tcp":
                 self.keys_dir = str(make_keys(os.path.join(self.tmp, "keys"),
-                                              ["launcher", *node_names(self.cfg)]))
+                                              self.topo.with_launcher()))
                 keys = Keys.load(self.keys_dir, "launcher")
             self.rt = Runtime("launcher", "launcher", self.core, eps["launcher"],
                               vgpus=vm_ids(self.cfg), keys=keys,
@@ -218,7 +222,7 @@ class Launcher:
             for n in names:
                 if n.startswith("guest") and self.pool_of[n][0] != int(n[5:]):
                     continue            # its pool's process is started with the pool's first VM
-                self._spawn("guest" if n.startswith("guest") else n, n, eps, cfg_path)
+                self._spawn(role_of(n)[0], n, eps, cfg_path)
             self.rt.spawn(self._orchestrate(drive or Launcher._drive, names))
             self.rt.run(until=lambda: self.result is not None or self.error is not None)
             if self.error:
@@ -265,14 +269,22 @@ class Launcher:
                     yield from self.collect_trace(names, timeout=5.0)
                 except Exception:
                     pass
-            self.error = getattr(err, "text", None) or str(err)
+            if isinstance(err, (GvtError, RunFailed)):
+                self.error = getattr(err, "text", None) or str(err)
+            else:       # our own bug, not a node's: say where, so that it can be fixed
+                import traceback
+                traceback.print_exc(file=sys.stderr)
+                where = traceback.extract_tb(err.__traceback__)[-1]
+                self.error = (f"launcher bug: {type(err).__name__}: {err} "
+                              f"(at {os.path.basename(where.filename)}:{where.lineno})")
 
     def collect_trace(self, names: list[str], timeout: float = 30.0) -> Iterator[Any]:
         """Every node's spans (TRACE_DUMP, page by page) into the trace file. A node that does
         not answer (it died, say) contributes nothing; the file is complete without it."""
         got = []
         for n in names:
-            node = trace.NodeSpans(n, int(self.core.ready.get(n, {}).get("pid") or 0))
+            node = trace.NodeSpans(n, int(self.core.ready.get(n, {}).get("pid") or 0),
+                                   peers={r: self.topo.qualify(n, r) for r in STACK_ROLES})
             try:
                 while True:
                     page = yield Call(n, "TRACE_DUMP", {"start": len(node.spans)}, timeout=timeout)
@@ -371,8 +383,11 @@ class Launcher:
         hypervisor: its guests are killed with it, and start again after it is ready."""
         run = self.cfg["run"]
         names = [nf.node]
-        if nf.node == "hypervisor":
-            names += [n for n in self.procs if n.startswith("guest")]
+        if role_of(nf.node)[0] == "hypervisor":
+            # its VMs: the guests of its GPU, and those that share a pool's process with them
+            st = self.topo.stack_of(nf.node)
+            pools = {tuple(self.pool_of[guest_name(v)]) for v in st.vms}
+            names += [guest_name(v) for pool in sorted(pools) for v in pool]
         at = time.monotonic() - self.t_load
         at_ns = time.monotonic_ns()
         for n in names:
@@ -400,8 +415,7 @@ class Launcher:
         for n in names:                 # the hypervisor before its guests
             if n.startswith("guest") and self.pool_of[n][0] != int(n[5:]):
                 continue                # started with its pool
-            self._spawn("guest" if n.startswith("guest") else n, n, self.eps, self.cfg_path,
-                        restart=True)
+            self._spawn(role_of(n)[0], n, self.eps, self.cfg_path, restart=True)
             for m in [guest_name(v) for v in self.pool_of[n]] if n in self.pool_of else [n]:
                 yield from self._wait_back(m)
                 self.down.discard(m)
@@ -438,49 +452,32 @@ class Launcher:
 
     def _ledger(self, names: list[str], wall: float) -> Iterator[Any]:
         cfg = self.cfg
-        seed = cfg["run"]["seed"]
-        layout = build_layout(cfg)
-        yield Call("mediator", "SYNC", timeout=30)
-        vgpus = yield Call("mediator", "PARTITIONS")
-        failsafe_of = {x["id"]: x["failsafe"] for x in vgpus}      # vGPU -> its failsafe reason, or None
-        dump = np.empty(gtt.ENTRIES, dtype=np.uint64)
-        for start in range(0, gtt.ENTRIES, DUMP_CHUNK):
-            chunk = yield Call("gpu", "GGTT_DUMP", {"start": start, "count": DUMP_CHUNK}, timeout=30)
-            dump[start:start + DUMP_CHUNK] = np.frombuffer(chunk, dtype="<u8")
-        # the RAM sweep comes first: the GGTT probes below write into guest pages
+        # every GPU is checked alone (its GGTT, its host pool, its vGPUs' probes, against its
+        # own DMA space), then the results are put together
+        vgpus: list[dict] = []
+        ggtt: dict[str, Any] = {"vgpus": {}, "outside_written": 0, "reasons": []}
         rams: dict[int, dict] = {}
-        for v in vm_ids(cfg):
-            rams[v] = yield Call(f"guest{v}", "RAM_VERIFY", vgpu=v, timeout=300)
-        pool = yield Call("mediator", "POOL_CHECK", timeout=120)
-        nonce = int.from_bytes(secrets.token_bytes(7), "little")
-        maps, loose, probe_reasons, probes = {}, {}, [], {}
-        for v in vm_ids(cfg):
-            idx, vals, hit = [], [], []
-            page, pages = 0, 1
-            while page < pages:
-                plan = yield Call(f"guest{v}", "VERIFY_PLAN", {"nonce": nonce, "page": page},
-                                  vgpu=v, timeout=60)
-                pages = plan["pages"]
-                idx.append(np.frombuffer(plan["entries_idx"], "<u8").astype(np.int64))
-                vals.append(np.frombuffer(plan["entries_val"], "<u8").astype(np.uint64))
-                if plan.get("loose_idx"):
-                    loose[v] = np.frombuffer(plan["loose_idx"], "<u8").astype(np.int64)
-                ops = plan["probes"]
-                for i in range(0, len(ops), PROBE_CHUNK):
-                    try:
-                        hit += yield Call("gpu", "GM_WRITE", {"ops": ops[i:i + PROBE_CHUNK]},
-                                          vgpu=v, timeout=60)
-                    except GvtError as err:     # a probe through an entry the guest mapped
-                        probe_reasons.append(f"vGPU {v}: the gpu refused GPU writes through "
-                                             f"entries the guest mapped: {err}")
-                page += 1
-            maps[v] = (np.concatenate(idx), np.concatenate(vals))
-            res = yield Call(f"guest{v}", "VERIFY", {"nonce": nonce}, vgpu=v, timeout=120)
-            probes[v] = res
-            probe_reasons += ledger.check_probes(v, hit, res, layout, failsafe_of[v] is not None)
-        ggtt = ledger.check_ggtt(dump, vgpus, maps, layout, seed, layout.host.base_mfn, loose)
-        if pool.get("scratch_dirty"):
-            ggtt["scratch_dirty"] = pool["scratch_dirty"]
+        pools: list[dict] = []
+        probes: dict[int, dict] = {}
+        probe_reasons: list[str] = []
+        dumps = []
+        for st in self.topo.stacks:
+            part = yield from self._check_gpu(st, rams, probes, probe_reasons)
+            vgpus += part["vgpus"]
+            dumps.append(part["dump"])
+            pools.append(part["pool"])
+            g = part["ggtt"]
+            ggtt["vgpus"].update(g["vgpus"])
+            ggtt["outside_written"] += g["outside_written"]
+            where = f"GPU {st.index}: " if len(self.topo.stacks) > 1 else ""
+            ggtt["reasons"] += [where + r for r in g["reasons"]]
+            for what, nz in g.get("scratch_dirty", {}).items():      # {scratch page: bytes not 0}
+                ggtt.setdefault("scratch_dirty", {})[where + what] = nz
+        vgpus.sort(key=lambda x: x["id"])
+        failsafe_of = {x["id"]: x["failsafe"] for x in vgpus}
+        pool = {"violations": sum(p["violations"] for p in pools),
+                "reasons": [r for p in pools for r in p["reasons"]],
+                "pages_checked": sum(p.get("pages_checked", 0) for p in pools)}
         snaps = {}
         for n in names:
             snaps[n] = yield Call(n, "STATS", timeout=30)
@@ -506,9 +503,8 @@ class Launcher:
             excused_ops[v] = sum(r["failed_ops"] for r in rows)
             excused_wl[v] = sum(r["failed_workloads"] for r in rows)
         work_reasons = ledger.check_workloads(self.core.reports, hostile, excused_ops)
-        mvs = snaps["mediator"]["core"]["vgpus"]
         for v in vm_ids(cfg):
-            mv = mvs.get(v) or mvs.get(str(v)) or {}
+            mv = self._mediator_vgpu(snaps, v)
             replays = ledger.replay_allowance(mv.get("fail_reasons", {})) \
                 if self.plan and self.plan.nodes else 0
             work_reasons += ledger.check_gpu_workloads(v, self.core.reports.get(v, {}).get("workloads", {}),
@@ -519,8 +515,7 @@ class Launcher:
                                                        failsafe_of[v])
             work_reasons += rs
         for v in vgpus:
-            mvs = snaps["mediator"]["core"]["vgpus"]
-            mv = mvs.get(v["id"]) or mvs.get(str(v["id"])) or {}
+            mv = self._mediator_vgpu(snaps, v["id"])
             if mv.get("execlist_errors") and not (self.plan and self.plan.nodes) \
                     and v["id"] not in hostile:
                 work_reasons.append(f"vGPU {v['id']}: {mv['execlist_errors']} completions of a "
@@ -542,12 +537,70 @@ class Launcher:
                 yield Call(n, "SHUTDOWN", timeout=5)
             except Exception:
                 pass
-        ggtt["sha256"] = hashlib.sha256(dump.tobytes()).hexdigest()
+        # one GPU's GGTT, or every GPU's in order
+        ggtt["sha256"] = hashlib.sha256(b"".join(d.tobytes() for d in dumps)).hexdigest()
         self.rams, self.pool = rams, pool
         res = self._result(snaps, vgpus, ggtt, probes, link_rows, verdict, reasons, wall)
         if self.trace_summary is not None:
             res["trace"] = self.trace_summary
         return res
+
+    def _mediator_vgpu(self, snaps: dict, vm: int) -> dict:
+        """What VM vm's mediator (its GPU's) says of its vGPU in its STATS snapshot."""
+        mvs = snaps[self.topo.stack(self.topo.gpu_of(vm)).mediator]["core"]["vgpus"]
+        return mvs.get(vm) or mvs.get(str(vm)) or {}
+
+    def _check_gpu(self, st: Any, rams: dict[int, dict], probes: dict[int, dict],
+                   probe_reasons: list[str]) -> Iterator[Any]:
+        """One GPU's part of the ledger: its mediator's vGPUs and host pool, its physical GGTT
+        against what each of its guests wrote, and GPU writes through each of its vGPUs' GGTT
+        (the probes), all in that GPU's DMA space."""
+        cfg = self.cfg
+        seed = cfg["run"]["seed"]
+        layout = self.topo.layout(st.index)
+        yield Call(st.mediator, "SYNC", timeout=30)
+        vgpus = yield Call(st.mediator, "PARTITIONS")
+        failsafe_of = {x["id"]: x["failsafe"] for x in vgpus}      # vGPU -> its failsafe reason, or None
+        dump = np.empty(gtt.ENTRIES, dtype=np.uint64)
+        for start in range(0, gtt.ENTRIES, DUMP_CHUNK):
+            chunk = yield Call(st.gpu, "GGTT_DUMP", {"start": start, "count": DUMP_CHUNK}, timeout=30)
+            dump[start:start + DUMP_CHUNK] = np.frombuffer(chunk, dtype="<u8")
+        # the RAM sweep comes first: the GGTT probes below write into guest pages
+        for v in st.vms:
+            rams[v] = yield Call(f"guest{v}", "RAM_VERIFY", vgpu=v, timeout=300)
+        pool = yield Call(st.mediator, "POOL_CHECK", timeout=120)
+        nonce = int.from_bytes(secrets.token_bytes(7), "little")
+        maps, loose = {}, {}
+        for v in st.vms:
+            idx, vals, hit = [], [], []
+            page, pages = 0, 1
+            while page < pages:
+                plan = yield Call(f"guest{v}", "VERIFY_PLAN", {"nonce": nonce, "page": page},
+                                  vgpu=v, timeout=60)
+                pages = plan["pages"]
+                idx.append(np.frombuffer(plan["entries_idx"], "<u8").astype(np.int64))
+                vals.append(np.frombuffer(plan["entries_val"], "<u8").astype(np.uint64))
+                if plan.get("loose_idx"):
+                    loose[v] = np.frombuffer(plan["loose_idx"], "<u8").astype(np.int64)
+                ops = plan["probes"]
+                for i in range(0, len(ops), PROBE_CHUNK):
+                    try:
+                        hit += yield Call(st.gpu, "GM_WRITE", {"ops": ops[i:i + PROBE_CHUNK]},
+                                          vgpu=v, timeout=60)
+                    except GvtError as err:     # a probe through an entry the guest mapped
+                        probe_reasons.append(f"vGPU {v}: the gpu refused GPU writes through "
+                                             f"entries the guest mapped: {err}")
+                page += 1
+            maps[v] = (np.concatenate(idx), np.concatenate(vals))
+            res = yield Call(f"guest{v}", "VERIFY", {"nonce": nonce}, vgpu=v, timeout=120)
+            probes[v] = res
+            probe_reasons += ledger.check_probes(v, hit, res, layout, failsafe_of[v] is not None)
+        ggtt = ledger.check_ggtt(dump, vgpus, maps, layout, seed, layout.host.base_mfn, loose)
+        if pool.get("scratch_dirty"):
+            ggtt["scratch_dirty"] = pool["scratch_dirty"]
+        for v in vgpus:
+            v["gpu"] = st.index
+        return {"vgpus": vgpus, "dump": dump, "pool": pool, "ggtt": ggtt}
 
     def _resources(self, vgpus: list[dict], wall: float) -> dict:
         """CPU and memory of the node processes over the load, and what they carried: the
@@ -620,19 +673,23 @@ class Launcher:
         return out
 
     def _result(self, snaps, vgpus, ggtt, probes, link_rows, verdict, reasons, wall) -> dict:
-        med = snaps["mediator"]
+        topo = self.topo
+        meds = [snaps[st.mediator] for st in topo.stacks]
+        med = meds[0]
         out_vgpus = []
         for v in vgpus:
             vm = v["id"]
-            mv = med["core"]["vgpus"].get(vm) or med["core"]["vgpus"].get(str(vm)) or {}
+            st = topo.stack(topo.gpu_of(vm))
+            mv = self._mediator_vgpu(snaps, vm)
             # the guest's per-second counts get their own key: "guest" stays a table of totals
             guest = dict(self.core.reports.get(vm, {}))
             timeline = guest.pop("timeline", None) or {"interval_s": 1.0, "t0_ns": 0, "bins": 0, "ops": {}}
             out_vgpus.append({
-                "id": vm, "type": v["type"], "weight": v["weight"], "failsafe": v["failsafe"],
+                "id": vm, "gpu": st.index, "type": v["type"], "weight": v["weight"],
+                "failsafe": v["failsafe"],
                 "traps": ledger.summarize_traps(snaps[f"guest{vm}"], vm, "guest"),
-                "stages": {st: ledger.summarize_traps(snaps[n], vm, st)
-                           for st, n in (("hypervisor", "hypervisor"), ("mediator", "mediator"))},
+                "stages": {stage: ledger.summarize_traps(snaps[n], vm, stage)
+                           for stage, n in (("hypervisor", st.hypervisor), ("mediator", st.mediator))},
                 "ggtt": {**mv.get("ggtt", {}), "pinned": mv.get("pinned", 0)},
                 "guest": guest,
                 "timeline": timeline,
@@ -664,9 +721,13 @@ class Launcher:
             "schema": SCHEMA_VERSION,
             "config": public(self.cfg),
             "seed": self.cfg["run"]["seed"],
-            "translator": self.core.ready.get("mediator", {}).get("translator", "?"),
+            "translator": self.core.ready.get(topo.stacks[0].mediator, {}).get("translator", "?"),
             "scratch": med["core"].get("scratch", "?"),
-            "gpu_restores": med["core"].get("gpu_restores", []),
+            # the GPUs and the VMs on each
+            "gpus": [{"index": st.index, "vms": list(st.vms), "nodes": st.nodes}
+                     for st in topo.stacks],
+            "gpu_restores": [dict(r, gpu=i) if len(meds) > 1 and isinstance(r, dict) else r
+                             for i, m in enumerate(meds) for r in m["core"].get("gpu_restores", [])],
             "shadow_quota_pages": med["core"].get("shadow_quota"),
             "wall_s": round(wall, 3),
             # the launcher's monotonic clock at the start of the load: where a guest's timeline

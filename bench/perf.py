@@ -211,7 +211,7 @@ def _flood(endpoint: str, keys_dir: str, ready, stop) -> None:
     if keys_dir:
         pub, sec = zmq.auth.load_certificate(os.path.join(keys_dir, "guest1.key_secret"))
         s.curve_publickey, s.curve_secretkey = pub, sec
-        s.curve_serverkey = zmq.auth.load_certificate(os.path.join(keys_dir, "hypervisor.key"))[0]
+        s.curve_serverkey = zmq.auth.load_certificate(os.path.join(keys_dir, "hypervisor-0.key"))[0]
     s.connect(endpoint)
     # it speaks the link protocol (its frames would be refused otherwise) and acks what comes
     # back, so the hypervisor's window toward it stays open; the messages it drops
@@ -276,21 +276,21 @@ def _neighbour(seconds: float, rounds: int, out: dict):
         for r in range(rounds):
             alone = yield from _read_phase(launcher, spec)
             ready, stop = ctx.Event(), ctx.Event()
-            flooder = ctx.Process(target=_flood, args=(launcher.eps["hypervisor.vm1"], launcher.keys_dir,
+            flooder = ctx.Process(target=_flood, args=(launcher.eps["hypervisor/0.vm1"], launcher.keys_dir,
                                                        ready, stop), daemon=True)
             flooder.start()
             try:
                 while not ready.is_set():
                     yield Sleep(0.05)
                 while True:                 # flooded: vm1 has writes waiting at the hypervisor
-                    snap = yield Call("hypervisor", "STATS", timeout=30)
+                    snap = yield Call("hypervisor/0", "STATS", timeout=30)
                     if snap["core"]["vms"][1]["posted"] > 0:
                         break
                     yield Sleep(0.05)
-                before = yield from _stats(("hypervisor", "mediator"))
+                before = yield from _stats(("hypervisor/0", "mediator/0"))
                 flooded = yield from _read_phase(launcher, spec)
-                after = yield from _stats(("hypervisor", "mediator"))
-                snap = after["hypervisor"]
+                after = yield from _stats(("hypervisor/0", "mediator/0"))
+                snap = after["hypervisor/0"]
             finally:
                 stop.set()
                 flooder.join(5)
@@ -299,7 +299,8 @@ def _neighbour(seconds: float, rounds: int, out: dict):
             posted = snap["core"]["vms"][1]["posted"]
             stages = {}
             for node in ("hypervisor", "mediator"):       # where vm2's flooded reads waited
-                h = [hist_from_snapshot(x[node]["stats"], TRAP_LATENCY, vgpu=2, kind="mmio_read", stage=node)
+                h = [hist_from_snapshot(x[f"{node}/0"]["stats"], TRAP_LATENCY, vgpu=2,
+                                        kind="mmio_read", stage=node)
                      for x in (before, after)]
                 stages[node] = h[1].minus(h[0]).summary_us()
             out["rounds"].append({"alone": alone, "flooded": flooded, "vm1_posted_at_end": posted,

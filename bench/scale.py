@@ -15,6 +15,7 @@ from rich.table import Table
 from bench import config
 from bench.launch import Launcher, RunFailed
 from nodes.stats import LatencyHistogram
+from nodes.wire.schema import MAX_GPUS
 
 SCHEMA_VERSION = 1
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "scale.toml"
@@ -36,12 +37,20 @@ def parse_counts(text: str) -> list[int]:
 
 
 def configs_for(cfg: dict, counts: list[int], duration: float | None) -> list[dict]:
-    """The config of each count: the sweep's config with vgpus.count set (checked up front, so
-    a count the config cannot hold is refused before the first run, naming why)."""
+    """The config of each count: the sweep's config with vgpus.count set, on as many GPUs as
+    it takes (at least the config's gpu.count, and one more per mediator.max_vgpus vGPUs),
+    checked up front, so that a count the config cannot hold is refused before the first run,
+    naming why."""
     out = []
     for n in counts:
+        per_gpu = cfg["mediator"]["max_vgpus"]
+        gpus = min(n, max(cfg["gpu"]["count"], -(-n // per_gpu)))
+        if gpus > MAX_GPUS:
+            raise config.ConfigError(f"--vgpus {n}", "vgpus.count",
+                                     f"{n} vGPUs need {gpus} GPUs of mediator.max_vgpus = {per_gpu}; "
+                                     f"a run has at most {MAX_GPUS} GPUs ({MAX_GPUS * per_gpu} vGPUs)")
         try:
-            out.append(config.apply_overrides(cfg, vgpus=n, duration=duration))
+            out.append(config.apply_overrides(cfg, vgpus=n, duration=duration, gpus=gpus))
         except config.ConfigError as err:
             raise config.ConfigError(f"--vgpus {n}", err.key, err.reason) from None
     return out
@@ -69,7 +78,8 @@ def summarize(result: dict, cfg: dict) -> dict:
     procs = res.get("processes", {})
     n = len(vgpus)
     per = lambda k: round(counts.get(k, 0) / load_s, 1) if load_s else None    # noqa: E731
-    row = {"vgpus": n, "gpus": 1, "verdict": result["verdict"], "reasons": list(result["reasons"]),
+    row = {"vgpus": n, "gpus": len(result.get("gpus") or ()) or cfg["gpu"]["count"],
+           "verdict": result["verdict"], "reasons": list(result["reasons"]),
            "traps_per_s": per("mmio_traps"), "ggtt_entries_per_s": per("ggtt_entries"),
            "workloads_per_s": per("workloads"),
            "p50_us": read["p50_us"], "p99_us": read["p99_us"],
@@ -100,7 +110,8 @@ def run_scale(cfg: dict, counts: list[int], duration: float | None = None,
         try:
             row = summarize(launcher(c).run(), c)
         except RunFailed as err:
-            row = {"vgpus": n, "gpus": 1, "verdict": "fail", "reasons": [f"the run failed: {err}"]}
+            row = {"vgpus": n, "gpus": c["gpu"]["count"], "verdict": "fail",
+                   "reasons": [f"the run failed: {err}"]}
         runs.append(row)
         if on_run:
             on_run(row)

@@ -38,13 +38,16 @@ class NodeSpans:
     os_pid: int
     spans: list[list] = field(default_factory=list)
     dropped: int = 0
+    # how the node names its peers in its spans (those of its own GPU by their role) -> their ids
+    peers: dict[str, str] = field(default_factory=dict)
 
 
 def node_order(name: str) -> tuple[int, int]:
     """Guests first (by VM), then hypervisor, mediator, gpu: the path of an operation, top down."""
     if name.startswith("guest"):
         return (0, int(name[5:]))
-    return (_ROLE_ORDER.get(name, 9), 0)
+    role, _sep, gpu = name.partition("/")         # a GPU's nodes in the order of the GPUs
+    return (_ROLE_ORDER.get(role, 9), int(gpu) if gpu.isdigit() else 0)
 
 
 def _inside(t: int, t0: int, t1: int) -> int:
@@ -127,11 +130,11 @@ def build(nodes: list[NodeSpans], meta: dict[str, Any]) -> dict[str, Any]:
     for ni, node in enumerate(nodes):
         for si, s in enumerate(node.spans):
             for peer, seq, t, kind in s[7]:
-                sent[(node.name, peer, seq, s[4])] = ((ni, si), t, kind)
+                sent[(node.name, node.peers.get(peer, peer), seq, s[4])] = ((ni, si), t, kind)
     for ni, node in enumerate(nodes):
         for si, s in enumerate(node.spans):
             for peer, seq, t, _kind in s[6]:
-                src = sent.get((peer, node.name, seq, s[4]))
+                src = sent.get((node.peers.get(peer, peer), node.name, seq, s[4]))
                 if src is not None:
                     flow(src[0], src[1], (ni, si), t, src[2])
     # spans a node opened itself: caused by the last span of the same operation before them there

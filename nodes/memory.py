@@ -27,7 +27,7 @@ FIRST_MFN = 0x1000       # machine frames below this belong to nobody: a stray a
 
 @dataclass(frozen=True)
 class Region:
-    name: str           # "host" or "vm<N>"
+    name: str           # "host<G>" (GPU G's host pool) or "vm<N>"
     base_mfn: int
     frames: int
     owner: str          # node name that serves DMA for it
@@ -46,11 +46,13 @@ class Layout:
         self.regions = sorted(regions, key=lambda r: r.base_mfn)
         self._bases = [r.base_mfn for r in self.regions]
         self.by_name = {r.name: r for r in self.regions}
+        self._host = next((r for r in self.regions if r.vm == 0), None)
 
     @classmethod
     def build(cls, host_pool_frames: int, vm_frames: dict[int, int], hypervisor: str = "hypervisor",
-              mediator: str = "mediator") -> "Layout":
-        regions = [Region("host", FIRST_MFN, host_pool_frames, mediator, 0)]
+              mediator: str = "mediator", gpu: int = 0) -> "Layout":
+        """One GPU's machine memory (its DMA space): its host pool, then its VMs' RAM."""
+        regions = [Region(f"host{gpu}", FIRST_MFN, host_pool_frames, mediator, 0)]
         nxt = FIRST_MFN + host_pool_frames
         for vm in sorted(vm_frames):
             regions.append(Region(f"vm{vm}", nxt, vm_frames[vm], hypervisor, vm))
@@ -68,7 +70,9 @@ class Layout:
 
     @property
     def host(self) -> Region:
-        return self.by_name["host"]
+        if self._host is None:
+            raise KeyError("this layout has no host pool")
+        return self._host
 
     def to_wire(self) -> list:
         return [[r.name, r.base_mfn, r.frames, r.owner, r.vm] for r in self.regions]

@@ -12,30 +12,22 @@ from typing import Any, Iterator
 from nodes.actions import Post, Sleep
 from nodes.engine import TRACE_SPANS_MAX
 from nodes.errors import GvtError
-from nodes.hw import MiB, PAGE_SIZE, partition
+from nodes.hw import MiB, partition
 from nodes.memory import Fabric, Layout, OwnedMemory, RegionMemory, WriteProtect, make_p2m
 from nodes.metrics.export import BuildInfoCollector, PoolCollector, serve_metrics
 from nodes.runtime import Keys, NodeHost, Runtime, die_with_parent
+from nodes.topology import Topology, host_pool_frames  # noqa: F401 (bench takes it from here)
 from nodes.wire.faults import FaultPlan
-from nodes.wire.schema import guest_name
+from nodes.wire.schema import guest_name, node_id
 
 ROLES = ("gpu", "mediator", "hypervisor", "guest")
-HOST_POOL_FRAMES = 4096         # 16 MiB: scratch page, shadow tables, contexts, rings, batches
-POOL_FRAMES_PER_VGPU = 512      # past 7 vGPUs, the pool grows by 2 MiB per vGPU slot...
 PROGRESS_EVERY_NS = 250_000_000     # per guest, up to 8 guests; then less often, so that the
 PROGRESS_MAX_NS = 2_000_000_000     # launcher hears about 32 reports a second in all
 
 
-def host_pool_frames(cfg: dict) -> int:
-    """The host pool: 16 MiB, or 2 MiB per vGPU the mediator may hold, whichever is more, and
-    never past the host's aperture share, where it is mapped (each vGPU's quota is its even share)."""
-    want = max(HOST_POOL_FRAMES, POOL_FRAMES_PER_VGPU * cfg["mediator"]["max_vgpus"])
-    return min(want, partition.HOST_LOW_GM // PAGE_SIZE)
-
-
-def build_layout(cfg: dict) -> Layout:
-    frames = cfg["vgpus"]["ram_mib"] * (MiB // PAGE_SIZE)
-    return Layout.build(host_pool_frames(cfg), {vm: frames for vm in vm_ids(cfg)})
+def build_layout(cfg: dict, gpu: int = 0) -> Layout:
+    """GPU `gpu`'s DMA space (Topology.layout)."""
+    return Topology(cfg).layout(gpu)
 
 
 def vgpu_types(cfg: dict) -> dict[str, partition.VgpuType]:
@@ -90,11 +82,12 @@ def guest_mix(cfg: dict, vm: int) -> dict[str, float]:
 
 
 def node_names(cfg: dict) -> list[str]:
-    return ["gpu", "mediator", "hypervisor"] + [guest_name(v) for v in vm_ids(cfg)]
+    """Every node id of the run (Topology.node_ids)."""
+    return Topology(cfg).node_ids()
 
 
-def node_name(role: str, vm: int = 0) -> str:
-    return guest_name(vm) if role == "guest" else role
+def _vm_list(vms: list[int]) -> str:
+    return f"{vms[0]}-{vms[-1]}" if len(vms) > 2 else ", ".join(map(str, vms)) or "none"
 
 
 def vm_endpoint(bind: str, vm: int) -> str:
@@ -111,18 +104,12 @@ def vm_endpoint(bind: str, vm: int) -> str:
 
 
 def needed_peers(role: str, cfg: dict) -> list[str]:
-    if role == "gpu":
-        # with the msg fabric the gpu does DMA by messages to region owners; the mediator is
-        # reached over the link it opened to us
-        return ["hypervisor"] if cfg["run"]["fabric"] == "msg" else []
-    return {"mediator": ["gpu"], "hypervisor": ["mediator"], "guest": ["hypervisor"]}[role]
+    """The roles a node of `role` connects to, on its own GPU (Topology.needed_peers)."""
+    return Topology(cfg).needed_peers(role)
 
 
 def accepted_roles(role: str, cfg: dict) -> frozenset[str]:
-    """The roles that connect to `role` in this run (with the shm fabric the gpu reaches guest
-    RAM directly, so the hypervisor takes no gpu link, and with it no DMA_READ/DMA_WRITE)."""
-    return frozenset(r for r in ("gpu", "mediator", "hypervisor", "guest")
-                     if role in needed_peers(r, cfg)) | {"launcher"}
+    return Topology(cfg).accepted_roles(role)
 
 
 def select_translator(name: str) -> tuple[Any, str]:
@@ -175,7 +162,8 @@ def guest_core(cfg: dict, vm: int, run_id: str, launcher: str | None) -> tuple[A
                     trace_rate=float(run["trace_rate"]), hostile_repeat=ld["hostile_repeat"],
                     hostile_timeout_s=float(ld["hostile_timeout_s"]))
     ctl = "launcher" if launcher else None
-    region = build_layout(cfg).vm_region(vm)
+    topo = Topology(cfg)
+    region = topo.layout(topo.gpu_of(vm)).vm_region(vm)
     attach = None
     if run["fabric"] == "shm":
         # the guest's CPU reaches its RAM directly, and sees the hypervisor's write protection
@@ -190,10 +178,12 @@ def guest_core(cfg: dict, vm: int, run_id: str, launcher: str | None) -> tuple[A
 
 
 def _runtime(name: str, role: str, core: Any, cfg: dict, bind: str | None, keys_dir: str | None,
-             host: NodeHost | None = None, vm_binds: dict[int, str] | None = None) -> Runtime:
+             host: NodeHost | None = None, vm_binds: dict[int, str] | None = None,
+             vms: list[int] | None = None) -> Runtime:
     run = cfg["run"]
     # every node of a traced run records spans; the guests decide which operations are traced
-    return Runtime(name, role, core, bind, vgpus=vm_ids(cfg), vm_binds=vm_binds,
+    return Runtime(name, role, core, bind, vgpus=vm_ids(cfg) if vms is None else vms,
+                   vm_binds=vm_binds,
                    keys=Keys.load(keys_dir, name) if keys_dir else None,
                    link_silent_s=run["link_silent_s"], faults=fault_plan(cfg),
                    accepts=accepted_roles(role, cfg),
@@ -226,8 +216,9 @@ def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: d
              launcher: str | None, run_id: str, keys_dir: str | None = None, metrics_port: int = 0,
              metrics_addr: str = "127.0.0.1", parent_death: bool = False,
              vm_binds: dict[int, str] | None = None, restarted: bool = False,
-             vm_peers: dict[int, str] | None = None) -> int:
-    """Run one node, or (role guest, several VMs) a pool of guests in this process."""
+             vm_peers: dict[int, str] | None = None, gpu: int = 0) -> int:
+    """Run one node (of GPU `gpu`), or (role guest, several VMs) a pool of guests in this
+    process."""
     if role not in ROLES:
         raise GvtError("EINVAL", f"unknown role {role!r}; roles: {', '.join(ROLES)}")
     tcp = (bind or "").startswith("tcp://") or any(
@@ -244,13 +235,16 @@ def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: d
                            metrics_addr=metrics_addr, parent_death=parent_death)
     if vms or vm_peers:
         raise GvtError("EINVAL", "--vm and --vm-peer are for guests")
+    topo = Topology(cfg)
+    stack = topo.stack(gpu)
+    mine = list(stack.vms)          # the VMs whose vGPUs are on this GPU
     if not bind:
         raise GvtError("EINVAL", f"a {role} needs --bind ENDPOINT")
     if parent_death:
         die_with_parent()
-    name = node_name(role)
+    name = node_id(role, gpu)
     run = cfg["run"]
-    layout = build_layout(cfg)
+    layout = topo.layout(gpu)
     owned = OwnedMemory(layout)
     setup: Iterator[Any] | None = None
     info: dict[str, Any] = {}
@@ -270,11 +264,11 @@ def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: d
                             scratch=cfg["mediator"]["scratch"],
                             shadow_quota=cfg["mediator"]["shadow_quota_pages"],
                             fences=cfg["gpu"]["fences"], types=vgpu_types(cfg))
-        setup = core.setup([(v, vgpu_type(cfg, v)) for v in vm_ids(cfg)])
+        setup = core.setup([(v, vgpu_type(cfg, v)) for v in mine])
     else:
         from nodes.hypervisor.core import HypervisorCore
         mems, wps = {}, {}
-        for v in vm_ids(cfg):
+        for v in mine:
             mems[v] = RegionMemory.create(layout.vm_region(v), run["fabric"], run_id)
             owned.add(mems[v])
             wps[v] = WriteProtect.create(layout.vm_region(v), run["fabric"], run_id)
@@ -286,14 +280,14 @@ def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: d
             setup = core.restart_vms("the hypervisor restarted")
         for wp in wps.values():
             on_stop.append(wp.close)
-        stray = sorted(set(vm_binds or {}) - set(vm_ids(cfg)))
+        stray = sorted(set(vm_binds or {}) - set(mine))
         if stray:
-            raise GvtError("EINVAL", f"--vm-bind for VM {stray[0]}, which is not in this run "
-                           f"(VMs {vm_ids(cfg)})")
-        vm_binds = {v: (vm_binds or {}).get(v) or vm_endpoint(bind, v) for v in vm_ids(cfg)}
+            raise GvtError("EINVAL", f"--vm-bind for VM {stray[0]}, which is not on GPU {gpu} "
+                           f"(its VMs: {_vm_list(mine)})")
+        vm_binds = {v: (vm_binds or {}).get(v) or vm_endpoint(bind, v) for v in mine}
     if role != "hypervisor" and vm_binds:
         raise GvtError("EINVAL", "--vm-bind is for the hypervisor")
-    rt = _runtime(name, role, core, cfg, bind, keys_dir, vm_binds=vm_binds)
+    rt = _runtime(name, role, core, cfg, bind, keys_dir, vm_binds=vm_binds, vms=mine)
     if owned.mem:
         rt.engine.serve(OwnedMemory.KINDS, owned.serve)
     rt.on_stop.append(owned.close)
@@ -342,12 +336,14 @@ def _run_guests(cfg: dict, vms: list[int], *, peers: dict[str, str], vm_peers: d
     if parent_death:
         die_with_parent()
     host = NodeHost()
+    topo = Topology(cfg)
     rts = []
     for vm in vms:
         core, on_stop = guest_core(cfg, vm, run_id, launcher)
-        rt = _runtime(guest_name(vm), "guest", core, cfg, None, keys_dir, host=host)
+        rt = _runtime(guest_name(vm), "guest", core, cfg, None, keys_dir, host=host, vms=[vm])
         rt.on_stop.extend(on_stop)
-        rt.connect("hypervisor", eps[vm])
+        # its VM's hypervisor: the one of the GPU its vGPU is on
+        rt.connect("hypervisor", eps[vm], node=topo.stack(topo.gpu_of(vm)).hypervisor)
         if launcher:
             rt.connect("launcher", launcher, control=True)
         rts.append(rt)

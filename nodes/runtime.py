@@ -49,7 +49,8 @@ from nodes.wire.link import Link, SendFailed
 from nodes.wire.linkproto import (
     FLAG_OOB, PeerNewStream, PeerRestarted, PeerReturned, PeerSilent, State, oob_frame, unpack,
 )
-from nodes.wire.schema import CONNECTS_TO, guest_name, role_of
+from nodes.wire.schema import (CONNECTS_TO, STACK_ROLES, canonical, guest_name, key_stem, node_id,
+                               node_of_key_stem, parse_node, role_of)
 
 monotonic_ns = time.monotonic_ns
 NOBLOCK = int(zmq.NOBLOCK)         # a plain int: pyzmq's flag enums cost a call each use
@@ -95,7 +96,7 @@ class Keys:
     @classmethod
     def load(cls, directory: str | os.PathLike, name: str) -> "Keys":
         d = Path(directory)
-        own = d / f"{name}.key_secret"
+        own = d / f"{key_stem(name)}.key_secret"
         if not own.is_file():
             raise GvtError("ENOENT", f"keys directory {d} has no secret key {own.name} for {name} "
                            f"(make them with `gvtbench keys`)")
@@ -103,25 +104,25 @@ class Keys:
         peers = {}
         for f in sorted(d.glob("*.key")):
             try:
-                role_of(f.stem)
+                peer = node_of_key_stem(f.stem)
             except GvtError:
                 continue
-            peers[f.stem] = zmq.auth.load_certificate(f)[0]
+            peers[peer] = zmq.auth.load_certificate(f)[0]
         return cls(public, secret, peers)
 
 
 def make_keys(directory: str | os.PathLike, names: Iterable[str]) -> Path:
-    """A certificate (NAME.key public, NAME.key_secret secret) per node name, in a directory only
-    this user can enter."""
+    """A certificate (NAME.key public, NAME.key_secret secret; NAME the node id with '-' for '/':
+    mediator-0.key) per node, in a directory only this user can enter."""
     d = Path(directory)
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     for name in names:
-        role_of(name)
-        for f in (d / f"{name}.key", d / f"{name}.key_secret"):
+        stem = key_stem(name)
+        for f in (d / f"{stem}.key", d / f"{stem}.key_secret"):
             f.unlink(missing_ok=True)
-        zmq.auth.create_certificates(d, name)
-        os.chmod(d / f"{name}.key_secret", 0o600)
+        zmq.auth.create_certificates(d, stem)
+        os.chmod(d / f"{stem}.key_secret", 0o600)
     return d
 
 
@@ -181,7 +182,12 @@ class Runtime:
                  max_frame: int = MAX_FRAME, link_silent_s: float = LINK_SILENT_S,
                  trace_spans: int = 0, faults: FaultPlan | None = None, epoch: int = 0,
                  accepts: frozenset[str] | None = None, host: "NodeHost | None" = None):
+        # the node's id (gpu/0 ...: a bare role is GPU 0's), and the GPU it serves (None: the
+        # launcher, or a guest, which names its GPU's hypervisor when it connects)
+        name = canonical(name)
         self.name, self.role, self.core = name, role, core
+        self.gpu = parse_node(name)[1]
+        self.peer_ids: dict[str, str] = {}      # link name (a peer of our GPU: its role) -> id
         self.vgpus = frozenset(vgpus)
         self.max_frame = max_frame
         self.keys = keys
@@ -279,16 +285,26 @@ class Runtime:
         sock.bind(endpoint)
         return _Router(sock, monitor, sock.getsockopt_string(zmq.LAST_ENDPOINT), vm)
 
+    def _other_gpu(self, name: str) -> int | None:
+        """The GPU of `name` when it is a node of another GPU than ours (None: it is not)."""
+        role, gpu, _vm = parse_node(name)
+        if role in STACK_ROLES and self.gpu is not None and gpu != self.gpu:
+            return gpu
+        return None
+
     def _may_connect(self, name: str) -> bool:
         role, vm = role_of(name)
-        return role in self.accepts and (role != "guest" or vm in self.vgpus)
+        return (role in self.accepts and (role != "guest" or vm in self.vgpus)
+                and self._other_gpu(name) is None)
 
     def _accepts(self, r: _Router, name: str) -> str | None:
-        """Why `name` may not connect on this socket (None: it may)."""
+        """Why `name` (an id) may not connect on this socket (None: it may)."""
         role, vm = role_of(name)
         if not self._may_connect(name):
+            other = self._other_gpu(name)
             return f"{name} may not connect to {self.name}" + (
-                f": VM {vm} is not in this run" if role == "guest" and vm not in self.vgpus else
+                f": it serves GPU {other}, this node GPU {self.gpu}" if other is not None else
+                f": VM {vm} is not one of its VMs" if role == "guest" and vm not in self.vgpus else
                 ": this run does not need that link" if role in CONNECTS_TO[self.role] else "")
         if r.vm and name != guest_name(r.vm):
             return f"this endpoint of {self.name} is VM {r.vm}'s guest's only"
@@ -307,16 +323,19 @@ class Runtime:
         return MAX_OUTSTANDING * (1 if role_of(name)[0] == "guest" else max(1, len(self.vgpus)))
 
     # ---- links we open -----------------------------------------------------------------------
-    def connect(self, peer: str, endpoint: str, control: bool = False) -> Link:
-        """A DEALER to a peer's ROUTER; the HELLO runs as a task (hello_task)."""
+    def connect(self, peer: str, endpoint: str, control: bool = False, node: str | None = None) -> Link:
+        """A DEALER to a peer's ROUTER; the HELLO runs as a task (hello_task). `peer` is the
+        link's name (a node of our own GPU: its role), `node` the peer's id when the name does
+        not say it (a guest's hypervisor)."""
+        node = canonical(node) if node else self._peer_id(peer)
         # The routing id names this incarnation (name and epoch): a connection re-made underneath
         # keeps it, and a restarted node's differs. Who a peer is comes from HELLO (and its key).
         s = self._socket(zmq.DEALER)
         s.setsockopt(zmq.ROUTING_ID, f"{self.name}/{self.epoch:x}".encode())
         if self.keys is not None:
-            server = self.keys.peers.get(peer)
+            server = self.keys.peers.get(node)
             if server is None:
-                raise GvtError("ENOENT", f"no public key {peer}.key for peer {peer}")
+                raise GvtError("ENOENT", f"no public key {key_stem(node)}.key for peer {node}")
             s.curve_serverkey = server
             s.curve_publickey = self.keys.public
             s.curve_secretkey = self.keys.secret
@@ -333,16 +352,26 @@ class Runtime:
             except zmq.ZMQError as err:
                 raise SendFailed("EHOSTUNREACH", f"send to {peer} failed: {err}") from None
 
-        link = self._link(peer, send, control)
+        link = self._link(peer, node, send, control)
         self.engine.add_link(link)
         self._dealers[s] = link
         self.host.register(s, self, link)
         return link
 
-    def _link(self, peer: str, send: Callable[[bytes], None], control: bool = False) -> Link:
+    def _peer_id(self, peer: str) -> str:
+        """The id of the peer a link name means: a bare role is our own GPU's node of it."""
+        role, gpu, vm = parse_node(peer)
+        if role in STACK_ROLES and "/" not in peer:
+            return node_id(role, self.gpu or 0)
+        return node_id(role, gpu or 0, vm)
+
+    def _link(self, peer: str, node: str, send: Callable[[bytes], None],
+              control: bool = False) -> Link:
+        self.peer_ids[peer] = node
+        # faults are chosen by the ends' ids (a rule naming a role covers it on every GPU)
         link = Link(peer, send, control=control, max_outstanding=self._max_outstanding(peer),
                     epoch=self.epoch, now=monotonic_ns(), dead_ns=self.dead_ns,
-                    faults=self.faults.for_link(self.name, peer) if self.faults else None)
+                    faults=self.faults.for_link(self.name, node) if self.faults else None)
         link.touched = self._links_touched
         self._links_touched.add(link)
         return link
@@ -392,7 +421,7 @@ class Runtime:
         node restarted); its old link's calls fail."""
         p = env.payload
         self._check_version(env, False)
-        name = p["name"]
+        name = canonical(p["name"])
         role, _vm = role_of(name)
         if uid is not None and name != uid:
             raise GvtError("EPERM", f"this connection's key is {uid}'s; it cannot speak as {name}")
@@ -401,14 +430,15 @@ class Runtime:
         refusal = self._accepts(r, name)
         if refusal:
             raise GvtError("EPERM", refusal)
-        old = self.engine.links.get(name)
+        local = name if self.gpu is None else (role if role in STACK_ROLES else name)
+        old = self.engine.links.get(local)
         if old is not None:
             if old in self._dealers.values() or epoch <= old.proto.peer_epoch:
                 raise GvtError("EEXIST", f"a peer named {name} is linked already (epoch "
                                f"{old.proto.peer_epoch:x}; a restarted node says HELLO with a "
                                f"later one)")
             self._drop(old, "replaced", now)
-        link = self._link(name, lambda frame: self._router_send(r, ident, frame))
+        link = self._link(local, name, lambda frame: self._router_send(r, ident, frame))
         link.version = p["version"]
         r.by_ident[ident] = link
         self.engine.add_link(link)
@@ -523,10 +553,10 @@ class Runtime:
     def _on_frame(self, r: _Router | None, link: Link | None, ident: bytes | None, frame: bytes,
                   uid: str | None, now: int) -> None:
         if link is not None:
-            if r is not None and uid is not None and uid != link.name:
+            if r is not None and uid is not None and uid != self.peer_ids.get(link.name):
                 self._count_bad("auth")     # another key speaking on this link's identity
-                self._refuse(ident, r.sock, 0, "EPERM",
-                             f"this connection's key is {uid}'s, not {link.name}'s")
+                self._refuse(ident, r.sock, 0, "EPERM", f"this connection's key is {uid}'s, not "
+                             f"{self.peer_ids.get(link.name, link.name)}'s")
                 return
             proto = link.proto
             bad = proto.counts["bad"]
@@ -771,7 +801,11 @@ class Runtime:
 
     # ---- observability -----------------------------------------------------------------------
     def snapshot(self) -> dict:
-        return self.engine.snapshot()
+        """The engine's snapshot, its links keyed by the peers' ids (so that both ends of a
+        link can be matched across GPUs)."""
+        snap = self.engine.snapshot()
+        snap["links"] = {self.peer_ids.get(n, n): v for n, v in snap["links"].items()}
+        return snap
 
     def collectors(self) -> list[Any]:
         """What this node exports: its core's and its engine's families, and its links."""

@@ -47,7 +47,7 @@ def test_the_result_lists_the_plan_and_what_each_link_met(faulty):
     assert f["plan"] == FaultPlan.parse(21, PLAN).describe()
     assert {"drop", "dup", "reorder", "corrupt", "partition"} <= {k for k, n in f["totals"].items() if n}
     links = {x["link"] for x in f["links"]}
-    assert "hypervisor>mediator" in links and "mediator>hypervisor" in links
+    assert "hypervisor/0>mediator/0" in links and "mediator/0>hypervisor/0" in links
     assert not any("launcher" in x for x in links)
     # every fault played is listed with its time (delays are only counted), up to the log's bound
     for x in f["links"]:
@@ -58,10 +58,10 @@ def test_the_result_lists_the_plan_and_what_each_link_met(faulty):
             if logged <= 2000:
                 assert sum(1 for _t, k in x["log"] if k == kind) == x[kind], (x["link"], kind)
     part = {x["link"]: x["partition"] for x in f["links"]}
-    assert part["hypervisor>mediator"] > 0 and part.get("guest1>hypervisor", 0) == 0
+    assert part["hypervisor/0>mediator/0"] > 0 and part.get("guest1>hypervisor/0", 0) == 0
     # the gpu was stopped for less than the liveness timeout: delayed, nothing lost
     [pause] = f["nodes"]
-    assert pause["node"] == "gpu" and pause["kind"] == "pause" and pause["at_s"] >= 0.3
+    assert pause["node"] == "gpu/0" and pause["kind"] == "pause" and pause["at_s"] >= 0.3
     assert 0.75 <= pause["length_s"] < 2.0     # the launcher's timer may wake a few ms early
 
 

@@ -165,8 +165,8 @@ def test_on_tcp_a_peer_without_the_right_key_never_reaches_the_node(tcp_cluster,
     assert nokey.hello(timeout_ms=2000) is None
     nokey.close()
     zmq.auth.create_certificates(tmp_path, "guest1")        # a key that is not the run's
-    shutil.copy(c.keys / "hypervisor.key", tmp_path / "hypervisor.key")
-    wrong = RawPeer(c.eps["hypervisor"], "guest1", keys=tmp_path, server="hypervisor")
+    shutil.copy(c.keys / "hypervisor-0.key", tmp_path / "hypervisor-0.key")
+    wrong = RawPeer(c.eps["hypervisor"], "guest1", keys=tmp_path, server="hypervisor/0")
     assert wrong.hello(timeout_ms=2000) is None
     wrong.close()
     # libzmq reports a peer without CURVE as a protocol failure or one with no detail

@@ -53,7 +53,7 @@ def _check(res: dict) -> None:
     assert res["isolation"]["pages_checked"] == 3 * 64 * 256 + 4096
     # the attacker's refusals are counted apart; no node counted a bug
     assert all(e["internal_errors"] == 0 and not e["failed_requests"] for e in res["errors"].values())
-    assert res["errors"]["mediator"]["hostile_failed_requests"]
+    assert res["errors"]["mediator/0"]["hostile_failed_requests"]
     assert res["scratch"] == "kernel"
 
 
@@ -111,6 +111,6 @@ def test_the_terminal_and_html_reports_show_each_attack(result):
     assert [r[0] for r in rows[1:]] == [a.kind for a in hostile.ATTACKS]
     assert all(r[4] == "0" for r in rows[1:]), (rows, result["reasons"])
     errors = {r[0]: r for r in tables["errors-table"][1:]}
-    assert set(errors) == set(result["errors"]) and errors["mediator"][1] == "0"
+    assert set(errors) == set(result["errors"]) and errors["mediator/0"][1] == "0"
     reasons = {r[0] for r in tables["fail-reasons-table"][1:]}
     assert reasons == {"3"}           # only the attacker's workloads failed at the mediator

@@ -292,8 +292,9 @@ def test_the_fault_grammar_and_its_errors():
             FaultPlan.parse(1, [bad])
     assert duration_ns("1.5ms", "") == 1_500_000
     nodes = FaultPlan.parse(1, ["pause=mediator@2s+500ms"])
-    assert nodes.nodes[0].node == "mediator" and nodes.nodes[0].length_ns == 500 * MS
-    assert nodes.describe() == [{"node": "mediator", "kind": "pause", "at_ns": 2 * 10**9,
+    # a node fault names a node by its id: a bare role is GPU 0's
+    assert nodes.nodes[0].node == "mediator/0" and nodes.nodes[0].length_ns == 500 * MS
+    assert nodes.describe() == [{"node": "mediator/0", "kind": "pause", "at_ns": 2 * 10**9,
                                  "length_ns": 500 * MS, "spec": "pause=mediator@2s+500ms"}]
     assert nodes.for_link("hypervisor", "mediator") is None      # a node fault touches no frame
     # the launcher's control links are faulted only when named

@@ -35,7 +35,7 @@ def test_a_gpu_killed_and_started_again_is_restored_by_the_mediator(fabric):
     res = _run(["restart=gpu@1500ms"], fabric)
     _passes(res)
     [nf] = res["faults"]["nodes"]
-    assert nf["node"] == "gpu" and nf["kind"] == "restart" and 1.4 <= nf["at_s"] < 3
+    assert nf["node"] == "gpu/0" and nf["kind"] == "restart" and 1.4 <= nf["at_s"] < 3
     assert 0 < nf["ready_s"] < 10
     # workloads went on after the restart: the physical GGTT was rewritten from the shadows,
     # so the ledger's dump of the new gpu's GGTT matches every vGPU's mappings (probes landed)
@@ -76,7 +76,7 @@ def test_a_restarted_mediator_loses_the_vgpus_and_the_guests_boot_them_again():
         # what failed, failed for the loss and in its window: nothing outside it
         assert v["guest"]["failed"] == sum(c["failed_ops"] for c in v["fault_costs"])
         assert v["guest"]["completed"] > 0
-    assert "ENODEV" in str(res["errors"]["hypervisor"]["fault_failed_requests"]) or \
+    assert "ENODEV" in str(res["errors"]["hypervisor/0"]["fault_failed_requests"]) or \
         all(v["guest"]["failed"] == 0 for v in res["vgpus"])
 
 

@@ -81,7 +81,7 @@ def test_a_run_is_scraped_by_a_real_prometheus(scraped_run):
     targets = json.loads((prom.folder / "targets.json").read_text())
     # one target per process: a guest's is its pool's (guests/<first VM>), and its samples name
     # the guest
-    procs = ("gpu", "guests/1", "guests/2", "hypervisor", "mediator")
+    procs = ("gpu/0", "guests/1", "guests/2", "hypervisor/0", "mediator/0")
     assert sorted(t["labels"]["node"] for t in targets) == list(procs)
     up = {r["metric"]["node"]: float(r["value"][1]) for r in query(prom.url, "max_over_time(up[5m])")}
     assert up == {n: 1.0 for n in procs}

@@ -104,7 +104,7 @@ def test_ctrl_c_leaves_no_process_and_no_shm(tmp_path):
     while time.monotonic() < deadline:      # wait until the nodes made their regions
         made = [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
         # the mediator's host pool and the hypervisor's VM RAM (not only its write-protect map)
-        if any(f.endswith("-host") for f in made) and any(f.endswith("-vm1") for f in made):
+        if any(f.endswith("-host0") for f in made) and any(f.endswith("-vm1") for f in made):
             break
         time.sleep(0.05)
     else:
@@ -127,7 +127,7 @@ def test_killed_launcher_nodes_exit_and_files_are_swept(tmp_path):
     while time.monotonic() < deadline:
         made = [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
         # the mediator's host pool and the hypervisor's VM RAM (not only its write-protect map)
-        if any(f.endswith("-host") for f in made) and any(f.endswith("-vm1") for f in made):
+        if any(f.endswith("-host0") for f in made) and any(f.endswith("-vm1") for f in made):
             break
         time.sleep(0.05)
     p.kill()

@@ -133,7 +133,7 @@ def test_a_pool_of_guests_gives_what_a_process_per_guest_gives():
         assert all(v["guest"]["completed"] == 120 for v in res["vgpus"])
     assert pooled["memory_sha256"] == alone["memory_sha256"]
     procs = pooled["resources"]["processes"]
-    assert sorted(procs) == ["gpu", "guests/1", "hypervisor", "mediator"]
+    assert sorted(procs) == ["gpu/0", "guests/1", "hypervisor/0", "mediator/0"]
     assert procs["guests/1"]["vgpus"] == 4
     one = alone["resources"]["processes"]
     assert sorted(n for n in one if n.startswith("guests/")) == ["guests/1", "guests/2", "guests/3", "guests/4"]
@@ -151,7 +151,7 @@ def test_a_run_counts_its_cpu_and_says_when_the_load_fell_behind():
     r = res["resources"]
     assert r["cpu_s"] > 0 and r["counts"]["mmio_traps"] > 0
     assert r["per_cpu_s"]["mmio_traps"] == pytest.approx(r["counts"]["mmio_traps"] / r["cpu_s"], rel=0.01)
-    assert set(r["processes"]) == {"gpu", "mediator", "hypervisor", "guests/1"}
+    assert set(r["processes"]) == {"gpu/0", "mediator/0", "hypervisor/0", "guests/1"}
     assert all(p["rss_mib"] > 0 for p in r["processes"].values())
     # 200,000 reads a second cannot be carried: a warning, and the threshold fails the verdict
     assert any("fell behind" in w for w in res["warnings"]), res["warnings"]
@@ -182,8 +182,15 @@ def test_gvtbench_scale_runs_each_count_and_writes_json_and_html(tmp_path):
 
 
 @pytest.mark.parametrize("arg, says", [("1,x", "counts >= 1"), ("2,2", "twice"), ("0", "counts >= 1"),
-                                       ("65", "exceed mediator.max_vgpus")])
+                                       ("1025", "at most 16 GPUs")])
 def test_gvtbench_scale_refuses_bad_counts(arg, says):
     r = subprocess.run([sys.executable, "-m", "bench.cli", "scale", "--vgpus", arg],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and says in r.stderr, r.stderr
+
+
+def test_gvtbench_scale_puts_counts_past_max_vgpus_on_more_gpus():
+    from bench.scale import configs_for
+    cfg = config.load(config.default_config_path().parent / "scale.toml")
+    got = [(c["vgpus"]["count"], c["gpu"]["count"]) for c in configs_for(cfg, [1, 64, 65, 256], 1.0)]
+    assert got == [(1, 1), (64, 1), (65, 2), (256, 4)]

@@ -250,14 +250,14 @@ def test_a_traced_run_writes_a_timeline_of_traps_and_workloads_across_the_proces
     assert errs == [], errs[:10]
     assert doc["displayTimeUnit"] == "ns" and doc["metadata"]["trace_rate"] == 40
     assert doc["metadata"]["missing"] == []
-    assert set(tracecheck.process_names(doc).values()) == {"guest1", "guest2", "hypervisor",
-                                                           "mediator", "gpu"}
+    assert set(tracecheck.process_names(doc).values()) == {"guest1", "guest2", "hypervisor/0",
+                                                           "mediator/0", "gpu/0"}
     by = _spans_by(doc)
     # traps: the guest's read and its emulation; workloads: ELSP, dispatch, execution, interrupts
     assert {"call MMIO_READ", "WRITE_DONE", "IRQ"} <= by["guest1"] | by["guest2"]
-    assert {"MMIO_READ", "forward", "INJECT_MSI", "PAGE_FAULT"} <= by["hypervisor"]
-    assert {"TRAP_READ", "TRAP_WRITE", "ENGINE_IRQ", "TRACKED_WRITE"} <= by["mediator"]
-    assert {"MMIO_WRITE_BATCH"} <= by["gpu"] and any(n.startswith("execute ") for n in by["gpu"])
+    assert {"MMIO_READ", "forward", "INJECT_MSI", "PAGE_FAULT"} <= by["hypervisor/0"]
+    assert {"TRAP_READ", "TRAP_WRITE", "ENGINE_IRQ", "TRACKED_WRITE"} <= by["mediator/0"]
+    assert {"MMIO_WRITE_BATCH"} <= by["gpu/0"] and any(n.startswith("execute ") for n in by["gpu/0"])
     ops = _operations(doc, comps)
     assert max(len(v) for v in ops.values()) >= 4          # guest, hypervisor, mediator, gpu
     res = json.loads(res_path.read_text())
@@ -290,7 +290,7 @@ def test_a_node_killed_mid_run_contributes_nothing_and_the_trace_is_still_valid(
     errs, comps = tracecheck.check(doc)
     assert errs == [], errs[:10]
     assert doc["metadata"]["missing"] == ["guest2"]
-    assert set(tracecheck.process_names(doc).values()) == {"guest1", "hypervisor", "mediator", "gpu"}
+    assert set(tracecheck.process_names(doc).values()) == {"guest1", "hypervisor/0", "mediator/0", "gpu/0"}
     # guest1 was still running when its spans were collected: what was in flight is in pieces
     ops = _operations(doc, comps, whole=False)
     assert max(len(v) for v in ops.values()) >= 3

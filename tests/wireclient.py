@@ -64,6 +64,14 @@ class Stream:
         return body, True
 
 
+def key_file(name: str) -> str:
+    """A node's certificate file name, as PROTOCOL.md gives it: its id with '-' for '/' (a bare
+    gpu, mediator or hypervisor is GPU 0's: mediator-0)."""
+    if name in ("gpu", "mediator", "hypervisor"):
+        name += "/0"
+    return name.replace("/", "-")
+
+
 class RawPeer:
     """A DEALER with identity `name`. With `keys` (a `gvtbench keys` directory) it uses the
     certificate `key_name` (default: its name) and authenticates the server as `server`."""
@@ -77,9 +85,9 @@ class RawPeer:
             self.s.setsockopt(zmq.IDENTITY, identity.encode())
         self.s.setsockopt(zmq.RCVTIMEO, 10000)
         if keys is not None:
-            pub, sec = zmq.auth.load_certificate(Path(keys) / f"{key_name or name}.key_secret")
+            pub, sec = zmq.auth.load_certificate(Path(keys) / f"{key_file(key_name or name)}.key_secret")
             self.s.curve_publickey, self.s.curve_secretkey = pub, sec
-            self.s.curve_serverkey = zmq.auth.load_certificate(Path(keys) / f"{server}.key")[0]
+            self.s.curve_serverkey = zmq.auth.load_certificate(Path(keys) / f"{key_file(server)}.key")[0]
         self.s.connect(endpoint)
         self.name = name
         self.seq = 0

@@ -19,8 +19,9 @@ Grammar of one spec (repeatable; the later a spec, the more it overrides for its
     KIND:   drop=P  dup=P  reorder=P  corrupt=P    P a probability in [0, 1]
             delay=D[+-J]                           D and J durations (ns, us, ms, s)
 
-A node name is a role (`gpu`, `mediator`, `hypervisor`) or a guest (`guest2`); `*` is any node
-of the system under test (not the launcher: its control links carry the bench's own work, and
+A node name is a node id (`gpu/1`, `mediator/0`, `guest2`), or a role (`gpu`, `mediator`,
+`hypervisor`), which in a link rule covers that role on every GPU and in a node fault means
+GPU 0's; `*` is any node of the system under test (not the launcher: its control links carry the bench's own work, and
 are faulted only when named).
 Reorder holds a frame back by REORDER_NS so the frames after it overtake it; dup sends a second
 copy DUP_GAP_NS later; corrupt flips one byte (the link checksum then refuses the frame).
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from nodes.errors import GvtError
+from nodes.wire.schema import canonical
 
 REORDER_NS = 5_000_000
 DUP_GAP_NS = 100_000
@@ -103,7 +105,10 @@ class Selector:
 
 
 def _matches(pattern: str, name: str) -> bool:
-    return pattern == name or (pattern == "*" and name != "launcher")
+    """A rule's end covers a node id: the id itself, its role (every GPU's node of it: gpu
+    covers gpu/1), or * (any node but the launcher)."""
+    return (pattern == name or (pattern == "*" and name != "launcher")
+            or (name.partition("/")[0] == pattern and "/" in name))
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,7 @@ class FaultPlan:
                     or (key == "restart" and plus):
                 raise FaultSpecError(spec, f"a {key} fault is {forms[key]}")
             length_ns = duration_ns(length, spec) if plus else (-1 if key == "kill" else 0)
-            self.nodes.append(NodeFault(node.strip(), key, self._node_time(start, spec),
+            self.nodes.append(NodeFault(_node_id(node.strip()), key, self._node_time(start, spec),
                                         length_ns, spec))
         elif key == "partition":
             sel_text, at, window = value.partition("@")
@@ -305,3 +310,12 @@ class LinkFaults:
     def report(self) -> dict:
         return {"link": f"{self.src}>{self.dst}", "frames": self.frames, "counts": dict(self.counts),
                 "log": [[t - self.t0, k] for t, k in self.log]}
+
+
+def _node_id(name: str) -> str:
+    """A node fault's node by its id (gpu is gpu/0); a name that is no node's is kept as written,
+    for the config's check to name it."""
+    try:
+        return canonical(name)
+    except GvtError:
+        return name

@@ -327,14 +327,55 @@ def may_send(kind: Kind, sender: str, receiver: str) -> bool:
     return (sender, receiver) in kind.routes
 
 
+MAX_GPUS = 16                       # physical GPUs in one run: gpu/0 .. gpu/15
+STACK_ROLES = ("gpu", "mediator", "hypervisor")     # one of each per physical GPU
+
+
 def role_of(name: str) -> tuple[str, int]:
-    """(role, vm) of a node name: gpu, mediator, hypervisor, launcher, or guest<N> (VM N)."""
-    if name in ("gpu", "mediator", "hypervisor", "launcher"):
-        return name, 0
-    if name.startswith("guest") and name[5:].isdigit() and not name[5:].startswith("0"):
-        return "guest", int(name[5:])
-    raise GvtError("EINVAL", f"{name[:NAME_MAX]!r} is not a node name: gpu, mediator, "
-                   f"hypervisor, launcher or guest<N>")
+    """(role, vm) of a node id: gpu/G, mediator/G, hypervisor/G (G a GPU's index; the bare role
+    is GPU 0's), launcher, or guest<N> (VM N)."""
+    role, _gpu, vm = parse_node(name)
+    return role, vm
+
+
+def parse_node(name: str) -> tuple[str, int | None, int]:
+    """(role, GPU index or None, vm) of a node id; EINVAL naming the forms if it is none."""
+    if name == "launcher":
+        return name, None, 0
+    role, sep, idx = name.partition("/")
+    if role in STACK_ROLES:
+        if not sep:
+            return role, 0, 0
+        if idx.isdigit() and (idx == "0" or not idx.startswith("0")) and int(idx) < MAX_GPUS:
+            return role, int(idx), 0
+    elif name.startswith("guest") and name[5:].isdigit() and not name[5:].startswith("0"):
+        return "guest", None, int(name[5:])
+    raise GvtError("EINVAL", f"{name[:NAME_MAX]!r} is not a node name: gpu/G, mediator/G, "
+                   f"hypervisor/G (G < {MAX_GPUS}; the bare role is G = 0), launcher or guest<N>")
+
+
+def node_id(role: str, gpu: int = 0, vm: int = 0) -> str:
+    """The id of a node: a GPU's gpu/mediator/hypervisor, a VM's guest, or the launcher."""
+    if role == "guest":
+        return guest_name(vm)
+    return role if role == "launcher" else f"{role}/{gpu}"
+
+
+def canonical(name: str) -> str:
+    """A node name in its one spelling: the bare role of GPU 0 as gpu/0 (and so on)."""
+    role, gpu, vm = parse_node(name)
+    return node_id(role, gpu or 0, vm)
+
+
+def key_stem(name: str) -> str:
+    """The file name (without .key) of a node's CURVE certificate: its id, '/' as '-'."""
+    return canonical(name).replace("/", "-")
+
+
+def node_of_key_stem(stem: str) -> str:
+    """The node id of a certificate's file name (EINVAL if it names no node)."""
+    role, sep, idx = stem.rpartition("-")
+    return canonical(f"{role}/{idx}" if sep and role in STACK_ROLES else stem)
 
 
 def guest_name(vm: int) -> str:

@@ -1,0 +1,184 @@
+"""The run's system, from its config alone: which nodes there are, how they link, who owns which
+memory, and which VM's vGPU sits on which physical GPU.
+
+A physical GPU is served as in the kernel, one `intel_gvt` per device: each GPU G has its own
+node ids gpu/G (the device), mediator/G (its GVT-g, with its own allocator, host pool,
+scheduler and vGPUs) and hypervisor/G (the trap layer and RAM of the VMs on it). The VMs are
+numbered across the run (guest<N>), and split over the GPUs in order, as evenly as they go.
+
+Every node, the launcher and the tests derive the same facts from here: the peers a node
+connects to and the roles it takes links from, the memory regions of each GPU's DMA space and
+their owners, the names of the CURVE keys, and the endpoints the launcher has to hand out.
+Where the nodes run (placement) is not here: bench.executor decides that.
+
+Inside a node, the peers of its own GPU are named by their role ("gpu", "mediator",
+"hypervisor"): the cores address their peers that way, and a node only ever links to its own
+GPU's nodes. `local_name` and `qualify` turn one spelling into the other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from nodes.errors import GvtError
+from nodes.hw import MiB, PAGE_SIZE, partition
+from nodes.memory import Layout
+from nodes.wire.schema import MAX_GPUS, STACK_ROLES, guest_name, node_id, parse_node
+
+HOST_POOL_FRAMES = 4096         # 16 MiB: scratch page, shadow tables, contexts, rings, batches
+POOL_FRAMES_PER_VGPU = 512      # past 7 vGPUs, the pool grows by 2 MiB per vGPU slot...
+
+
+@dataclass(frozen=True)
+class GpuStack:
+    """One physical GPU and the nodes that serve it."""
+    index: int
+    vms: tuple[int, ...]
+
+    @property
+    def gpu(self) -> str:
+        return node_id("gpu", self.index)
+
+    @property
+    def mediator(self) -> str:
+        return node_id("mediator", self.index)
+
+    @property
+    def hypervisor(self) -> str:
+        return node_id("hypervisor", self.index)
+
+    @property
+    def nodes(self) -> list[str]:
+        return [self.gpu, self.mediator, self.hypervisor]
+
+
+def host_pool_frames(cfg: dict) -> int:
+    """A mediator's host pool: 16 MiB, or 2 MiB per vGPU it may hold, whichever is more, and
+    never past the host's aperture share, where it is mapped (each vGPU's quota is its even share)."""
+    want = max(HOST_POOL_FRAMES, POOL_FRAMES_PER_VGPU * cfg["mediator"]["max_vgpus"])
+    return min(want, partition.HOST_LOW_GM // PAGE_SIZE)
+
+
+def split_vms(count: int, gpus: int) -> list[tuple[int, ...]]:
+    """VMs 1..count over `gpus` GPUs in order: the first GPUs take one more when it does not
+    divide (7 over 3: 1-3, 4-5, 6-7)."""
+    base, extra = divmod(count, gpus)
+    out, nxt = [], 1
+    for g in range(gpus):
+        n = base + (1 if g < extra else 0)
+        out.append(tuple(range(nxt, nxt + n)))
+        nxt += n
+    return out
+
+
+class Topology:
+    """The nodes, links and memory of a run (see the module's docstring)."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        count, gpus = cfg["vgpus"]["count"], cfg["gpu"]["count"]
+        if not 1 <= gpus <= MAX_GPUS:
+            raise GvtError("EINVAL", f"gpu.count must be 1..{MAX_GPUS}, got {gpus}")
+        if gpus > count:
+            raise GvtError("EINVAL", f"{gpus} GPUs for {count} vGPUs: every GPU needs a vGPU "
+                           f"(gpu.count <= vgpus.count)")
+        self.stacks = [GpuStack(g, vms) for g, vms in enumerate(split_vms(count, gpus))]
+        self.vms = list(range(1, count + 1))
+        self._gpu_of = {v: st.index for st in self.stacks for v in st.vms}
+
+    # ---- nodes -----------------------------------------------------------------------------------
+    def gpu_of(self, vm: int) -> int:
+        try:
+            return self._gpu_of[vm]
+        except KeyError:
+            raise GvtError("EINVAL", f"VM {vm} is not in this run (VMs 1..{len(self.vms)})") from None
+
+    def stack(self, gpu: int) -> GpuStack:
+        if not 0 <= gpu < len(self.stacks):
+            raise GvtError("EINVAL", f"GPU {gpu} is not in this run (GPUs 0..{len(self.stacks) - 1}; "
+                           f"gpu.count = {len(self.stacks)})")
+        return self.stacks[gpu]
+
+    def stack_of(self, name: str) -> GpuStack | None:
+        """The GPU a node serves (a guest: its VM's); None for the launcher."""
+        role, gpu, vm = parse_node(name)
+        if role == "guest":
+            return self.stack(self.gpu_of(vm))
+        return None if gpu is None else self.stack(gpu)
+
+    def node_ids(self) -> list[str]:
+        """Every node of the run: each GPU's gpu, mediator and hypervisor, then the guests."""
+        return [n for st in self.stacks for n in st.nodes] + [guest_name(v) for v in self.vms]
+
+    def with_launcher(self) -> list[str]:
+        return ["launcher", *self.node_ids()]
+
+    # ---- links -----------------------------------------------------------------------------------
+    def needed_peers(self, role: str) -> list[str]:
+        """The roles a node of `role` connects to, on its own GPU (with the msg fabric the gpu
+        does DMA by messages to region owners; it reaches the mediator over the link that one
+        opened)."""
+        if role == "gpu":
+            return ["hypervisor"] if self.cfg["run"]["fabric"] == "msg" else []
+        return {"mediator": ["gpu"], "hypervisor": ["mediator"], "guest": ["hypervisor"]}[role]
+
+    def accepted_roles(self, role: str) -> frozenset[str]:
+        """The roles that connect to `role` (with the shm fabric the gpu reaches guest RAM
+        directly, so the hypervisor takes no gpu link, and with it no DMA_READ/DMA_WRITE)."""
+        return frozenset(r for r in ("gpu", "mediator", "hypervisor", "guest")
+                         if role in self.needed_peers(r)) | {"launcher"}
+
+    def links(self) -> Iterator[tuple[str, str]]:
+        """Every connection of the run, (the node that connects, the node it connects to)."""
+        for n in self.node_ids():
+            for peer in self.needed_peers(parse_node(n)[0]):
+                yield n, self.qualify(n, peer)
+            yield n, "launcher"
+
+    @staticmethod
+    def local_name(own: str, peer: str) -> str:
+        """How node `own` names `peer` in its links: a node of its own GPU by its role."""
+        _r, own_gpu, own_vm = parse_node(own)
+        role, gpu, _vm = parse_node(peer)
+        if role in STACK_ROLES and own_gpu is None and own_vm == 0:
+            return node_id(role, gpu or 0)          # the launcher names every node by its id
+        return role if role in STACK_ROLES else peer
+
+    def qualify(self, own: str, peer: str) -> str:
+        """The id of the node `own` calls `peer` (a role: the one of its own GPU)."""
+        role, gpu, vm = parse_node(peer)
+        if role in STACK_ROLES and "/" not in peer:
+            st = self.stack_of(own)
+            return node_id(role, st.index if st else 0)
+        return node_id(role, gpu or 0, vm)
+
+    # ---- memory ----------------------------------------------------------------------------------
+    def layout(self, gpu: int) -> Layout:
+        """GPU `gpu`'s DMA space: its mediator's host pool, then the RAM of its VMs. Each GPU has
+        its own (as behind an IOMMU): a GPU reaches no other GPU's pool or VMs."""
+        frames = self.cfg["vgpus"]["ram_mib"] * (MiB // PAGE_SIZE)
+        return Layout.build(host_pool_frames(self.cfg), {vm: frames for vm in self.stack(gpu).vms},
+                            gpu=gpu)
+
+    def regions(self) -> dict[str, str]:
+        """Every memory region of the run and the node that owns it (serves its DMA)."""
+        out = {}
+        for st in self.stacks:
+            for r in self.layout(st.index).regions:
+                out[r.name] = self.qualify(st.gpu, r.owner)
+        return out
+
+    # ---- endpoints -------------------------------------------------------------------------------
+    def binders(self) -> dict[str, str | None]:
+        """Every endpoint the launcher hands out, and the node that binds it (None: the launcher
+        itself): each GPU's gpu, mediator and hypervisor, and the hypervisor's socket for each of
+        its VMs (`hypervisor/G.vm<N>`). Guests bind nothing."""
+        out: dict[str, str | None] = {"launcher": None}
+        for st in self.stacks:
+            out.update({n: n for n in st.nodes})
+            out.update({vm_endpoint_name(st.hypervisor, v): st.hypervisor for v in st.vms})
+        return out
+
+
+def vm_endpoint_name(hypervisor: str, vm: int) -> str:
+    return f"{hypervisor}.vm{vm}"
