@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from harness import SEED, add_guest, enable_execlists, make_bench, run_task, started_bench
+from nodes.wire.codec import decode
 from nodes.guest.core import LoadSpec
 from nodes.hw import PAGE_SHIFT, PAGE_SIZE, lrc, regs
 from nodes.mediator import execlist, interrupt
@@ -421,14 +422,86 @@ def test_a_hang_reset_keeps_the_abandoned_workloads_pages_until_the_gdrst_is_don
         b.net.run(until=lambda: wl.counts["resets"] >= 1, max_steps=3_000_000)
         b.net.run(advance=False)
         assert wl.counts["failed"] > 0 and b.net.held
-        assert not any(c.inflight for e in wl.lay.engines.values() for c in e.contexts)
-        # nothing is in flight for the guest any more, yet every failed workload's pages are busy
-        assert len(wl.batch_busy) == wl.counts["failed"] * g.load.batches_per_workload
+        # the failed workloads' pages stay busy, beside those of the work queued since (which
+        # waits for the reset to be done before it is submitted)
+        queued = [w for e in wl.lay.engines.values() for c in e.contexts for w in c.inflight]
+        assert all(e.resetting for e in wl.lay.engines.values() if e.resets)
+        assert all(wl.lay.engines[w.ctx.engine].resetting for w in queued)
+        assert len(wl.batch_busy) == (wl.counts["failed"] + len(queued)) * g.load.batches_per_workload
         b.net.release()
         b.net.run(until=lambda: g.state in ("drained", "failed"), max_steps=3_000_000)
         assert g.state == "drained" and not wl.batch_busy and not wl.churn_busy
         ram = b.net.call("launcher", "guest1", "RAM_VERIFY", None, 1, timeout=60)
         assert ram["violations"] == 0 and ram["duplicated"] == 0, ram["reasons"]
+    finally:
+        b.close()
+
+
+def test_a_hang_reset_rewinds_the_rings_only_once_the_gdrst_is_done():
+    """i915 rewinds a reset engine's contexts (head = tail) after the GDRST completes
+    (__intel_engine_reset_bh). A completion the mediator handles before the GDRST writes that
+    workload's tail into its context as the ring head; a rewind made before it is overwritten,
+    and the next submission runs again what the reset threw away (the gpu kill's duplicated and
+    misplaced workloads under load). Here workload A completes on the gpu and its interrupt is
+    held until the guest has reset the engine; the GDRST is held while the mediator completes A
+    and runs the next queued workload, whose interrupt comes only after the GDRST. The first
+    workload of each context after the reset starts where its ring stood at the reset."""
+    b = make_bench()
+    try:
+        b.setup([(1, "_8")])
+        g = add_guest(b.net, 1, 16384, SEED, LoadSpec(mode="closed", concurrency=4, duration_s=1000,
+                                                      mix={"submit": 1.0}, ops=60,
+                                                      hang_timeout_s=0.05))
+        b.net.spawn("guest1", g.boot_and_start(True, None, b.net.now))
+        wl = g.wl
+        b.net.run(until=lambda: wl.counts["completed"] >= 10, max_steps=3_000_000)
+        irq = lambda s, d, e: s == "gpu" and e.kind == "ENGINE_IRQ"     # noqa: E731
+        b.net.hold = irq
+        b.net.run(until=lambda: wl.counts["resets"] >= 1, max_steps=3_000_000)
+        reset = [e for e in wl.lay.engines.values() if e.resets]
+        assert reset and all(e.resetting for e in reset)
+        # where each reset context's ring stood at the reset: nothing before it may run again
+        marks = {c.ctx_id: c.tail for e in reset for c in e.contexts}
+        # the GDRST is on its way: it stays back while A's interrupts reach the mediator
+        held_irqs, b.net.held = b.net.held, []
+        assert held_irqs
+        traps = ("TRAP_READ", "TRAP_WRITE", "TRACKED_WRITE")
+        let_through = [len(held_irqs)]          # A's interrupts, not the ones that follow
+
+        def hold(s, d, e):
+            if irq(s, d, e) and let_through[0]:
+                let_through[0] -= 1
+                return False
+            return (s == "hypervisor" and e.kind in traps) or irq(s, d, e)
+        b.net.hold = hold
+        v = b.mediator.vgpus[1]
+        done = v.workloads["completed"]
+        b.net.ready.extend(held_irqs)
+        b.net.run(advance=False)
+        assert v.workloads["completed"] > done          # A completed before the GDRST
+        assert any(w.state == "running" for e in reset for w in v.queues[e.name])   # B runs
+        vm = b.hv.vms[1]
+
+        def head(c):
+            return struct.unpack("<I", vm.mem.read(int(vm.p2m[c.lrc_gfns[1]]), 4 * lrc.CTX_RING_HEAD, 4))[0]
+        assert all(e.resetting for e in reset)
+        t_release = b.net.now
+        starts: dict[int, int] = {}
+
+        def watch() -> bool:
+            for e in reset:
+                for w in v.queues[e.name]:
+                    if w.created_ns >= t_release:
+                        starts.setdefault(w.desc.hi, w.head)
+            return g.state in ("drained", "failed")
+        b.net.release()
+        b.net.run(until=watch, max_steps=3_000_000)
+        assert starts and all(starts[ctx] == marks[ctx] for ctx in starts), (starts, marks)
+        assert g.state == "drained" and not any(e.resetting for e in reset)
+        assert all(head(c) == c.tail for e in reset for c in e.contexts)
+        assert wl.counts["failed"] > 0 and wl.counts["completed"] + wl.counts["failed"] == wl.counts["submitted"]
+        ram = b.net.call("launcher", "guest1", "RAM_VERIFY", None, 1, timeout=60)
+        assert ram["violations"] == 0 and ram["duplicated"] == 0 and ram["misplaced"] == 0, ram["reasons"]
     finally:
         b.close()
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from nodes.actions import Call, Post, Signal, Sleep
+from nodes.actions import Call, Post, Sleep
 from nodes.errors import GvtError
 from nodes.hw import PAGE_SIZE, gtt, pvinfo, regs
 from nodes.guest.i915 import DRIVER_GGTT_PAGES
@@ -161,7 +161,7 @@ class GuestCore:
                    on_done: Callable[[str, dict], list] | None = None) -> Post:
         """Posted register or GTT writes of the driver's own (not load ops); `trace`: the
         sampled operation they belong to (an ELSP write submits a sampled workload); on_done:
-        told their outcome."""
+        told their outcome, returns the actions that follow from it."""
         n = len(sizes)
         self.wno += 1
         self.writes[self.wno] = _Write(0, "driver", n, None, on_done)
@@ -622,7 +622,7 @@ class GuestCore:
             op = writes.pop(w)
             self.writes_in_flight -= op.n
             if op.on_done is not None:
-                told += [Signal(ev) for ev in op.on_done(status, p)]
+                told += op.on_done(status, p)
             if op.kind == "fault":              # its gpr field is the faulting store's gpa
                 self.ram.fault_done(op.gpr)
                 if status in ("failed", "refused"):

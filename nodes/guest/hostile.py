@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from nodes.actions import Call, Event, Sleep, Wait
+from nodes.actions import Call, Event, Signal, Sleep, Wait
 from nodes.errors import GvtError
 from nodes.hw import PAGE_SHIFT, PAGE_SIZE, cmd, lrc, partition, pvinfo, regs
 from nodes.guest import i915
@@ -349,7 +349,7 @@ def _watch(name: str) -> tuple[Event, dict, Callable[[str, dict], list]]:
 
     def done(status: str, p: dict) -> list[Any]:
         box["status"], box["p"] = status, p
-        return [ev]
+        return [Signal(ev)]
     return ev, box, done
 
 

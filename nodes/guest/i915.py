@@ -108,6 +108,7 @@ class EngineState:
     csb_head: int = regs.RING_CSB_ENTRIES - 1
     last_progress: int = 0
     resets: int = 0
+    resetting: bool = False     # a GDRST of the engine not yet done: nothing is submitted
     attack: Context | None = None                           # the hostile mix's own context
 
 

@@ -253,7 +253,7 @@ class WorkloadDriver:
         """An ELSP for the engine's contexts with unsubmitted work, if the last one was
         acknowledged and the ports allow it (see the module doc). Returns the RAM stores (the
         contexts' tails) and adds the four ELSP writes to `writes`, to post after them."""
-        if e.submitted is not None:
+        if e.submitted is not None or e.resetting:
             return []
         ready = [c for c in e.contexts if c.tail != c.submitted_tail]
         if not ready:
@@ -460,12 +460,15 @@ class WorkloadDriver:
     def _release(self, w: Workload) -> None:
         for p in w.batches:
             self.batch_busy.discard(p)
+        w.batches = []
         if w.churn_slot >= 0:
-            left = self.churn_busy[w.churn_slot] - 1
-            if left:
+            # (a VM reset between a workload's failure and its release cleared the slots)
+            left = self.churn_busy.get(w.churn_slot, 0) - 1
+            if left > 0:
                 self.churn_busy[w.churn_slot] = left
             else:
-                del self.churn_busy[w.churn_slot]
+                self.churn_busy.pop(w.churn_slot, None)
+            w.churn_slot = -1
 
     def _reason(self, r: str) -> None:
         if len(self.fail_reasons) < 32 or r in self.fail_reasons:
@@ -479,7 +482,7 @@ class WorkloadDriver:
         limit = int(self.core.load.hang_timeout_s * 1e9)
         for e in self.lay.engines.values():
             busy = [w for c in e.contexts for w in c.inflight]
-            if busy and now - e.last_progress > limit:
+            if busy and not e.resetting and now - e.last_progress > limit:
                 out += self._reset_engine(e, busy, now)
         return out
 
@@ -489,17 +492,25 @@ class WorkloadDriver:
             return None
         limit = int(self.core.load.hang_timeout_s * 1e9)
         wakes = [e.last_progress + limit + 1 for e in self.lay.engines.values()
-                 if any(c.inflight for c in e.contexts)]
+                 if not e.resetting and any(c.inflight for c in e.contexts)]
         return min(wakes) if wakes else None
 
     def _reset_engine(self, e: EngineState, busy: list[Workload], now: int) -> list[Any]:
-        """i915's hang recovery, reduced: reset the engine (GDRST), fail what it had, rewind each
-        context's ring to its tail, and resume the engine."""
+        """i915's hang recovery, reduced (__intel_engine_reset_bh): reset the engine (GDRST), and
+        only once the reset is done rewind each context's ring past what it threw away and resume
+        the engine. Rewinding earlier would race the mediator: a completion it handles before
+        the GDRST writes that workload's tail into the context as its ring head, over the
+        rewind, and the next submission would run again what the reset threw away. Work queued
+        meanwhile waits for the resume, and its commands stay (the rewind goes to each ring's
+        tail as it was at the reset)."""
         e.resets += 1
         self.counts["resets"] += 1
         gone = self._fail_inflight(e, now, any(w.bad for w in busy),
                                    f"{e.name} hung: reset after {self.core.load.hang_timeout_s:g} s "
                                    f"without progress")
+        marks = [(c, c.tail) for c in e.contexts]
+        e.resetting = True
+        gen = self.reboots
 
         def reset_done(status: str, p: dict) -> list[Any]:
             # the GPU may run a workload of the engine until the reset is done (GVT-g waits for
@@ -507,18 +518,25 @@ class WorkloadDriver:
             # serve another workload
             for w in gone:
                 self._release(w)
-            return []
-        out: list[Any] = [self.core.post_batch([regs.GDRST], [4], [i915.ENGINE_RESET_BIT[e.name]],
-                                               on_done=reset_done)]
-        return out + self._rewind(e) + self.resume_engine(e, now)
+            if gen != self.reboots:
+                return []           # the VM was reset meanwhile: its boot set the engine up
+            e.resetting = False
+            out = self._rewind(marks) + self.resume_engine(e, self.core.now)
+            writes: list[tuple[int, int]] = []
+            out += self.try_submit(e, writes)
+            if writes:
+                out.append(self._post(writes, self._elsp_trace(e)))
+            return out
+        return [self.core.post_batch([regs.GDRST], [4], [i915.ENGINE_RESET_BIT[e.name]],
+                                     on_done=reset_done)]
 
-    def _rewind(self, e: EngineState) -> list[Any]:
+    def _rewind(self, marks: list[tuple[Context, int]]) -> list[Any]:
         """Each context's ring goes on past what a reset threw away (lrc_reset: head = tail)."""
         out: list[Any] = []
-        for c in e.contexts:
-            out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_HEAD, _I.pack(c.tail))
-            out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_TAIL, _I.pack(c.tail))
-            c.submitted_tail = c.tail
+        for c, tail in marks:
+            out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_HEAD, _I.pack(tail))
+            out += self.store((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_TAIL, _I.pack(tail))
+            c.submitted_tail = tail
         return out
 
     def _fail_inflight(self, e: EngineState, now: int, meant: bool, reason: str) -> list[Workload]:
@@ -568,7 +586,7 @@ class WorkloadDriver:
         for e in self.lay.engines.values():
             for w in self._fail_inflight(e, now, reason is None, reason or ""):
                 self._release(w)            # the VM reset is done: nothing runs any more
-            e.active, e.submitted = [], None
+            e.active, e.submitted, e.resetting = [], None, False
             e.csb_head = regs.RING_CSB_ENTRIES - 1
         self.churn_map.clear()
         self.churn_busy.clear()
