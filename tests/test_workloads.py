@@ -403,19 +403,25 @@ def test_a_hang_fails_that_context_only_and_the_other_engine_goes_on():
         b.close()
 
 
+def _guest_under_hang_check():
+    """A bench with one guest of closed-loop workloads whose hang check fires after 50 ms
+    without progress, run until 10 of its workloads completed."""
+    b = make_bench()
+    b.setup([(1, "_8")])
+    g = add_guest(b.net, 1, 16384, SEED, LoadSpec(mode="closed", concurrency=4, duration_s=1000,
+                                                  mix={"submit": 1.0}, ops=60, hang_timeout_s=0.05))
+    b.net.spawn("guest1", g.boot_and_start(True, None, b.net.now))
+    b.net.run(until=lambda: g.wl.counts["completed"] >= 10, max_steps=3_000_000)
+    return b, g
+
+
 def test_a_hang_reset_keeps_the_abandoned_workloads_pages_until_the_gdrst_is_done():
     """A workload the guest's hang check gave up on may still run: GVT-g lets the GPU finish it
     before the GDRST completes. Its batch pages must not serve a new workload before then, or the
     gpu runs the new batch in its name (the hostile run's duplicates under load)."""
-    b = make_bench()
+    b, g = _guest_under_hang_check()
+    wl = g.wl
     try:
-        b.setup([(1, "_8")])
-        g = add_guest(b.net, 1, 16384, SEED, LoadSpec(mode="closed", concurrency=4, duration_s=1000,
-                                                      mix={"submit": 1.0}, ops=60,
-                                                      hang_timeout_s=0.05))
-        b.net.spawn("guest1", g.boot_and_start(True, None, b.net.now))
-        wl = g.wl
-        b.net.run(until=lambda: wl.counts["completed"] >= 10, max_steps=3_000_000)
         # the gpu hears nothing more from the mediator: the running workloads stall, and the
         # hang check resets the engine
         b.net.hold = lambda s, d, e: s == "mediator" and d == "gpu" and e.kind.startswith("MMIO_WRITE")
@@ -446,15 +452,9 @@ def test_a_hang_reset_rewinds_the_rings_only_once_the_gdrst_is_done():
     held until the guest has reset the engine; the GDRST is held while the mediator completes A
     and runs the next queued workload, whose interrupt comes only after the GDRST. The first
     workload of each context after the reset starts where its ring stood at the reset."""
-    b = make_bench()
+    b, g = _guest_under_hang_check()
+    wl = g.wl
     try:
-        b.setup([(1, "_8")])
-        g = add_guest(b.net, 1, 16384, SEED, LoadSpec(mode="closed", concurrency=4, duration_s=1000,
-                                                      mix={"submit": 1.0}, ops=60,
-                                                      hang_timeout_s=0.05))
-        b.net.spawn("guest1", g.boot_and_start(True, None, b.net.now))
-        wl = g.wl
-        b.net.run(until=lambda: wl.counts["completed"] >= 10, max_steps=3_000_000)
         irq = lambda s, d, e: s == "gpu" and e.kind == "ENGINE_IRQ"     # noqa: E731
         b.net.hold = irq
         b.net.run(until=lambda: wl.counts["resets"] >= 1, max_steps=3_000_000)
