@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from harness import SEED, add_guest, enable_execlists, make_bench, run_task, started_bench
-from nodes.wire.codec import decode
 from nodes.guest.core import LoadSpec
 from nodes.hw import PAGE_SHIFT, PAGE_SIZE, lrc, regs
 from nodes.mediator import execlist, interrupt
 from nodes.mediator.translate import get_translator
+from nodes.wire.codec import decode
 
 A = lrc.descriptor(0x10000, 0xA)
 B = lrc.descriptor(0x20000, 0xB)

@@ -184,8 +184,12 @@ class WorkloadDriver:
         ctx.inflight.append(w)
         self.inflight += 1
         self.counts["submitted"] += 1
+        return out + self._submit_posted(e)
+
+    def _submit_posted(self, e: EngineState) -> list[Any]:
+        """try_submit for one engine, its ELSP writes posted after the RAM stores."""
         writes: list[tuple[int, int]] = []
-        out += self.try_submit(e, writes)
+        out = self.try_submit(e, writes)
         if writes:
             out.append(self._post(writes, self._elsp_trace(e)))
         return out
@@ -521,12 +525,7 @@ class WorkloadDriver:
             if gen != self.reboots:
                 return []           # the VM was reset meanwhile: its boot set the engine up
             e.resetting = False
-            out = self._rewind(marks) + self.resume_engine(e, self.core.now)
-            writes: list[tuple[int, int]] = []
-            out += self.try_submit(e, writes)
-            if writes:
-                out.append(self._post(writes, self._elsp_trace(e)))
-            return out
+            return self._rewind(marks) + self.resume_engine(e, self.core.now) + self._submit_posted(e)
         return [self.core.post_batch([regs.GDRST], [4], [i915.ENGINE_RESET_BIT[e.name]],
                                      on_done=reset_done)]
 
