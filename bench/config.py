@@ -56,6 +56,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "link_silent_s": ((int, float), 3.0, lambda v: v >= 1,
                           "seconds >= 1 a peer may be heard from not at all before its link "
                           "counts it dead (the link protocol's liveness timeout)"),
+        "probe_reads": (int, 32, lambda v: 0 <= v <= 256,
+                        "0..256 MMIO reads timed on one guest of each GPU before the load (the "
+                        "unloaded latency a loaded p99 is compared with; 0: none)"),
         "trace_rate": ((int, float), 0.0, _nonneg,
                        "sampled operations per second per guest >= 0 (0: no tracing)"),
     },
@@ -129,6 +132,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "mmio_read_p99_us": ((int, float), 0.0, _nonneg, "microseconds >= 0 (0: no threshold)"),
         "gtt_write_p99_us": ((int, float), 0.0, _nonneg, "microseconds >= 0 (0: no threshold)"),
         "min_ops_per_s": ((int, float), 0.0, _nonneg, "ops/s per vGPU >= 0 (0: no threshold)"),
+        "max_read_p99_over_unloaded": ((int, float), 0.0, _nonneg,
+                                       "a factor >= 0 an MMIO read p99 may be of the unloaded read "
+                                       "latency (run.probe_reads; 0: no threshold)"),
         "min_achieved_ratio": ((int, float), 0.0, _ratio, "the share 0..1 of its offered rate a "
                                "vGPU's open-loop load must complete (0: no threshold)"),
     },

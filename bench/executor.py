@@ -39,10 +39,50 @@ class ExecutorError(GvtError):
     """The executor cannot start, place or reach a node process; the text says why."""
 
 
+# Ports a run binds are chosen before the node binds them, so they are taken from below the
+# kernel's ephemeral range: an outgoing connection (hundreds in a large run, and Ray's own) gets
+# its local port from that range and could take one in between. Ray's workers use 10002-19999.
+PORTS_FROM = 20000
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def free_ports(host: str, count: int) -> list[int]:
+    """`count` distinct tcp ports free on `host` now (all held bound until every one is found),
+    below the ephemeral range where it leaves room (else from the kernel's choice)."""
+    import random
+    top = _ephemeral_start()
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        tries = 0
+        while len(ports) < count:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            tries += 1
+            want = (random.randrange(PORTS_FROM, top)
+                    if top - PORTS_FROM >= 4 * count + 1000 and tries < 20 * count + 100 else 0)
+            try:
+                s.bind((host, want))
+            except OSError:
+                if want == 0:
+                    raise
+                continue
+            ports.append(s.getsockname()[1])
+        return ports
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(host, 1)[0]
 
 
 class NodeProcess(Protocol):
@@ -131,7 +171,7 @@ class LocalExecutor:
         pass
 
     def tcp_endpoints(self, process: str | None, host: str, count: int) -> list[str]:
-        return [f"tcp://{host}:{free_port(host)}" for _ in range(count)]
+        return [f"tcp://{host}:{p}" for p in free_ports(host, count)]
 
     def keys_for(self, process: str, keys_dir: str, names: list[str]) -> str:
         return keys_dir
@@ -218,20 +258,11 @@ class NodeSlot:
                 "actor_pid": os.getpid()}
 
     def free_ports(self, count: int) -> list[str]:
-        """tcp endpoints on this host's Ray address, each port free when asked (all bound at
-        once, so they differ)."""
+        """tcp endpoints on this host's Ray address, each port free when asked (bench.executor.
+        free_ports)."""
         import ray
         ip = ray.util.get_node_ip_address()
-        socks = []
-        try:
-            for _ in range(count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind((ip, 0))
-            return [f"tcp://{ip}:{s.getsockname()[1]}" for s in socks]
-        finally:
-            for s in socks:
-                s.close()
+        return [f"tcp://{ip}:{p}" for p in free_ports(ip, count)]
 
     def ship(self, files: dict[str, bytes]) -> str:
         """Write the keys a node needs into this actor's private folder; their folder."""
@@ -485,7 +516,7 @@ class RayExecutor:
         runs on one machine): the launcher's host for its own endpoint, the actor's for a node."""
         if process is None:
             ip = self.ray.util.get_node_ip_address()
-            return [f"tcp://{ip}:{free_port(ip)}" for _ in range(count)]
+            return [f"tcp://{ip}:{p}" for p in free_ports(ip, count)]
         return self.get(self.actors[process].free_ports.remote(count), f"{process}: free ports")
 
     def keys_for(self, process: str, keys_dir: str, names: list[str]) -> str:

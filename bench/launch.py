@@ -38,6 +38,9 @@ SCHEMA_VERSION = 1
 DUMP_CHUNK = 65536          # GGTT entries per GGTT_DUMP (512 KiB: inside the frame limit)
 PROBE_CHUNK = 8192          # probes per GM_WRITE
 BEHIND_SHARE = 0.9          # a vGPU that completes less of its offered rate fell behind
+# a vGPU whose MMIO read p99 is past this many times the unloaded read latency (PROBE's p50)
+# measured queueing, not the design: on an idle 2-core machine a healthy run stays under 15x
+P99_OVER_UNLOADED = 20.0
 
 
 class LauncherCore:
@@ -108,6 +111,7 @@ class Launcher:
         self.cpu_at_start: dict = {}             # /proc samples of the node processes
         self.cpu_at_end: dict = {}               # at the start and the end of the load
         self.pools: list[list[int]] = []         # the guests' processes: the VMs of each
+        self.unloaded: dict = {}                 # PROBE's figures (bench.launch._probe)
         self.pool_of: dict[str, list[int]] = {}  # guest name -> its pool
 
     # ---- processes -------------------------------------------------------------------------------
@@ -121,10 +125,21 @@ class Launcher:
         by_binder: dict[str | None, list[str]] = {}
         for n, b in binders.items():
             by_binder.setdefault(b, []).append(n)
-        eps = {}
+        eps: dict[str, str] = {}
         for b, ns in by_binder.items():
             eps.update(zip(ns, self.executor.tcp_endpoints(b, run["host"], len(ns))))
-        return eps
+        # processes on one host (a Ray cluster's nodes on one machine) each found their ports
+        # free on their own: ask again for any that another one was given too
+        dup: list[str] = []
+        for _ in range(8):
+            seen: dict[str, str] = {}
+            dup = [n for n, ep in eps.items() if seen.setdefault(ep, n) != n]
+            if not dup:
+                return eps
+            for n in dup:
+                eps[n] = self.executor.tcp_endpoints(binders[n], run["host"], 1)[0]
+        raise GvtError("EADDRINUSE", "could not find a distinct tcp port for every endpoint: "
+                       + ", ".join(sorted(dup)))
 
     def _process_name(self, name: str) -> str:
         """The process a node runs in: its own, or its pool's (guests/<first VM>)."""
@@ -324,6 +339,7 @@ class Launcher:
         guests = [n for n in names if n.startswith("guest")]
         run = cfg["run"]
         yield from self.wait_ready(names)
+        self.unloaded = yield from self._probe()
         self.phase = "load"
         self.cpu_at_start = self._sample_processes()
         t_start = self.t_load = time.monotonic()
@@ -620,6 +636,37 @@ class Launcher:
                     "cpu_s_per_vgpu": round(cpu / n, 4), "rss_per_vgpu_mib": round(res["rss_mib"] / n, 2)})
         return res
 
+    def _probe(self) -> Iterator[Any]:
+        """The unloaded MMIO read latency of each GPU's path, before any load: one guest of each
+        GPU at a time (its first not hostile) times run.probe_reads reads one after another
+        (PROBE). A guest that cannot answer leaves its GPU without a figure, and says why."""
+        n = self.cfg["run"]["probe_reads"]
+        out: dict[str, Any] = {"reads": n, "gpus": []}
+        if not n:
+            return out
+        hostile = self.hostile_vms()
+        self.phase = "probe"
+        for st in self.topo.stacks:
+            vm = next((v for v in st.vms if v not in hostile), st.vms[0] if st.vms else None)
+            if vm is None:
+                continue
+            row: dict[str, Any] = {"gpu": st.index, "vgpu": vm}
+            try:
+                got = yield Call(guest_name(vm), "PROBE", {"reads": n},
+                                 timeout=self.cfg["run"]["start_timeout_s"])
+                row.update({k: got[k] for k in ("p50_us", "min_us", "max_us")})
+            except GvtError as err:
+                row["error"] = err.text
+            out["gpus"].append(row)
+        return out
+
+    def unloaded_read_us(self, gpu: int) -> float | None:
+        """PROBE's p50 MMIO read latency on this GPU before the load (None: not measured)."""
+        for row in self.unloaded.get("gpus", ()):
+            if row["gpu"] == gpu and row.get("p50_us"):
+                return float(row["p50_us"])
+        return None
+
     def _achieved(self, v: dict) -> tuple[float, float] | None:
         """(achieved, offered) ops/s of a vGPU's open-loop load (None: closed loop, a count of
         ops, or no report)."""
@@ -632,15 +679,28 @@ class Launcher:
     def _warnings(self, vgpus: list[dict]) -> list[str]:
         """What makes a passing run's figures doubtful: the load generator could not keep up
         (its latency is then the queueing of a saturated system, not the design's)."""
+        out = []
+        slow = []
+        for v in vgpus:
+            base = self.unloaded_read_us(v["gpu"])
+            p99 = v["traps"].get("mmio_read", {}).get("p99_us")
+            if base and p99 is not None and p99 > P99_OVER_UNLOADED * base:
+                slow.append((p99 / base, v["id"], p99, base))
+        if slow:
+            worst = max(slow)
+            out.append(f"MMIO read p99 is over {P99_OVER_UNLOADED:.0f}x the unloaded read latency "
+                       f"on {len(slow)} of {len(vgpus)} vGPUs (worst: vGPU {worst[1]}, p99 "
+                       f"{worst[2]:,.0f} us against {worst[3]:,.0f} us unloaded, {worst[0]:.0f}x): "
+                       f"its latencies are mostly queueing in a saturated system")
         behind = []
         for v in vgpus:
             rates = self._achieved(v)
             if rates and rates[0] < BEHIND_SHARE * rates[1]:
                 behind.append((rates[0] / rates[1], v["id"], *rates))
         if not behind:
-            return []
+            return out
         worst = min(behind)
-        return [f"the load fell behind on {len(behind)} of {len(vgpus)} vGPUs: they completed "
+        return out + [f"the load fell behind on {len(behind)} of {len(vgpus)} vGPUs: they completed "
                 f"under {BEHIND_SHARE:.0%} of the offered rate (worst: vGPU {worst[1]}, "
                 f"{worst[2]:,.0f} of {worst[3]:,.0f} ops/s); this machine cannot carry the load, "
                 f"and its latencies are those of a saturated system"]
@@ -659,6 +719,12 @@ class Launcher:
                 got = traps.get(kind, {}).get("p99_us")
                 if lim and got is not None and got > lim:
                     out.append(f"vGPU {v}: {kind} p99 {got:.1f} us exceeds thresholds.{key} = {lim}")
+            base = self.unloaded_read_us(self.topo.gpu_of(v))
+            lim = th["max_read_p99_over_unloaded"]
+            got = traps.get("mmio_read", {}).get("p99_us")
+            if lim and base and got is not None and got > lim * base:
+                out.append(f"vGPU {v}: mmio_read p99 {got:.1f} us is {got / base:.1f}x the unloaded "
+                           f"{base:.1f} us, past thresholds.max_read_p99_over_unloaded = {lim}")
             rep = self.core.reports.get(v, {})
             v_row = {"guest": rep}
             rates = self._achieved(v_row) if th["min_achieved_ratio"] else None
@@ -730,6 +796,8 @@ class Launcher:
                              for i, m in enumerate(meds) for r in m["core"].get("gpu_restores", [])],
             "shadow_quota_pages": med["core"].get("shadow_quota"),
             "wall_s": round(wall, 3),
+            # PROBE before the load: the unloaded MMIO read latency of each GPU's path
+            "unloaded": self.unloaded,
             # the launcher's monotonic clock at the start of the load: where a guest's timeline
             # (t0_ns) and the faults' times (seconds from it) meet
             "load_t0_ns": self.t_load_ns,

@@ -92,6 +92,11 @@ def print_result(result: dict, console: Console | None = None) -> None:
     ft = fault_table(result)
     if ft is not None:
         console.print(ft)
+    for row in (result.get("unloaded") or {}).get("gpus", []):
+        console.print(f"unloaded MMIO read latency on GPU {row['gpu']} (vGPU {row['vgpu']}, "
+                      f"{result['unloaded']['reads']} reads before the load): "
+                      + (f"p50 {row['p50_us']:,.1f} us, min {row['min_us']:,.1f} us"
+                         if "p50_us" in row else f"not measured: {row.get('error', '?')}"))
     for w in result.get("warnings", []):
         console.print(f"[bold yellow]warning:[/] {w}")
     if result["verdict"] == "pass":

@@ -93,6 +93,8 @@ def summarize(result: dict, cfg: dict) -> dict:
            "rss_by_process_mib": {k: p["rss_mib"] for k, p in procs.items()},
            "guest_processes": sum(1 for k in procs if k.startswith("guests/")),
            "offered_per_s": None, "achieved_per_s": per("operations"),
+           "unloaded_read_p50_us": min((g["p50_us"] for g in (result.get("unloaded") or {})
+                                        .get("gpus", []) if "p50_us" in g), default=None),
            "warnings": list(result.get("warnings", []))}
     if cfg["load"]["mode"] == "open":
         row["offered_per_s"] = round(float(cfg["load"]["rate"]) * n, 1)

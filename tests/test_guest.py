@@ -160,6 +160,29 @@ def test_a_read_after_an_unknown_write_is_not_a_mismatch(bench, lost):
     assert g.mismatches == 0 and not g.fail_reasons
 
 
+def test_probe_boots_the_guest_then_times_reads_one_after_another(bench):
+    g = add_guest(bench.net, 1, 16384)
+    box = bench.net.spawn("guest1", g.probe(8, bench.net.now))
+    bench.net.run(until=lambda: bool(box))
+    assert "error" not in box and g.state == "booted"
+    got = box["value"]
+    assert got["reads"] == 8 and 0 <= got["min_us"] <= got["p50_us"] <= got["max_us"]
+    # the boot read the version register once, the probe 8 times more: real trapped reads
+    off = pvinfo.BASE + pvinfo.VERSION_MAJOR_OFF
+    reads = [e for _s, _d, e in bench.net.log if e.kind == "MMIO_READ" and e.payload["off"] == off]
+    assert len(reads) == 9
+    # a booted guest is not booted again
+    box = bench.net.spawn("guest1", g.probe(2, bench.net.now))
+    bench.net.run(until=lambda: bool(box))
+    assert box["value"]["reads"] == 2 and g.state == "booted"
+    assert len([e for _s, _d, e in bench.net.log if e.kind == "MMIO_READ"
+                and e.payload["off"] == off]) == 11
+    for bad in (0, 257):
+        with pytest.raises(GvtError) as e:
+            next(g.probe(bad, bench.net.now))
+        assert e.value.code == "EINVAL" and "1..256" in e.value.text
+
+
 def test_start_spec_replaces_the_load_and_refuses_unknown_keys(bench):
     g, _ = boot(bench)
     g.start(0, {"mode": "closed", "concurrency": 2})

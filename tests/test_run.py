@@ -84,11 +84,19 @@ def test_cli_run_writes_json_and_exit_code(tmp_path):
         assert abs(h.get_value_at_percentile(99) / 1000 - s["p99_us"]) < 0.01, kind
         merged.add(h)
     assert merged.get_total_count() == sum(s["count"] for s in res["vgpus"][0]["traps"].values())
-    # a threshold nobody can meet fails the verdict and the exit code
-    cfgf.write_text(cfgf.read_text() + "[thresholds]\nmmio_read_p99_us = 0.001\n")
+    # before the load, the unloaded read latency of the GPU's path (PROBE), in the JSON and printed
+    (probe,) = res["unloaded"]["gpus"]
+    assert res["unloaded"]["reads"] == 32 and probe["gpu"] == 0 and probe["vgpu"] == 1
+    assert 0 < probe["min_us"] <= probe["p50_us"] <= probe["max_us"], probe
+    assert "unloaded MMIO read latency on GPU 0" in p.stdout
+    # thresholds nobody can meet fail the verdict and the exit code: a p99 in us, and a p99 no
+    # larger than the unloaded p50 (a closed loop of 8 keeps reads queued behind each other)
+    cfgf.write_text(cfgf.read_text() + "[thresholds]\nmmio_read_p99_us = 0.001\n"
+                    "max_read_p99_over_unloaded = 1.0\n")
     p = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(cfgf)], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 1 and "verdict: fail" in p.stdout and "mmio_read p99" in p.stdout
+    assert "max_read_p99_over_unloaded" in p.stdout, p.stdout
 
 
 def test_ctrl_c_leaves_no_process_and_no_shm(tmp_path):

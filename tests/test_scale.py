@@ -158,6 +158,22 @@ def test_a_run_counts_its_cpu_and_says_when_the_load_fell_behind():
     assert res["verdict"] == "fail" and any("min_achieved_ratio" in x for x in res["reasons"])
 
 
+def test_a_read_p99_far_past_the_unloaded_latency_is_a_warning():
+    # the launcher's rule on the figures of a run (the PROBE itself: tests/test_guest.py; in a
+    # real run: tests/test_run.py): past 20x its GPU's unloaded p50, a vGPU is named
+    launcher = Launcher(config.validate({"vgpus": {"count": 3, "ram_mib": 4}}, "test"))
+    launcher.unloaded = {"reads": 32, "gpus": [{"gpu": 0, "vgpu": 1, "p50_us": 500.0,
+                                                "min_us": 400.0, "max_us": 900.0}]}
+    rows = [{"id": v, "gpu": 0, "guest": {}, "traps": {"mmio_read": {"p99_us": p99}}}
+            for v, p99 in ((1, 9_000.0), (2, 30_000.0), (3, 12_000.0))]
+    warns = launcher._warnings(rows)
+    assert len(warns) == 1 and "on 2 of 3 vGPUs" in warns[0] and "vGPU 2" in warns[0], warns
+    assert "60x" in warns[0] and "500 us unloaded" in warns[0]
+    # no figure (probe_reads = 0, or the probe failed): no such warning
+    launcher.unloaded = {"reads": 0, "gpus": []}
+    assert launcher._warnings(rows) == []
+
+
 # ---- gvtbench scale ----------------------------------------------------------------------------
 def test_gvtbench_scale_runs_each_count_and_writes_json_and_html(tmp_path):
     cfgp = tmp_path / "s.toml"

@@ -36,7 +36,7 @@ from nodes.metrics import (TRAP_LATENCY, TRAPS, WORKLOAD_LATENCY, declare_trap_m
                            declare_workload_metrics)
 from nodes.stats import LatencyHistogram, Stats
 from nodes.wire.codec import MAX_OUTSTANDING, MAX_POSTED_WRITES
-from nodes.wire.schema import pack_write_batch
+from nodes.wire.schema import PROBE_READS_MAX, pack_write_batch
 
 MIXES = ("mmio-read", "mmio-write", "gtt-burst", "submit", "ppgtt-churn", "hostile")
 GPU_HELD_MAX = 4096                 # GPU operations a guest holds back while its attack runs
@@ -601,6 +601,8 @@ class GuestCore:
             return self.verify(p["nonce"])
         if kind == "REPORT":
             return self.report(now)
+        if kind == "PROBE":
+            return self.probe(p["reads"], now)
         raise GvtError("ENOTSUP", f"the guest does not handle {kind}")
 
     def _write_done(self, p: dict, now: int) -> None:
@@ -685,6 +687,24 @@ class GuestCore:
         if load:
             self.start(start_at, spec)
         return pv
+
+    def probe(self, reads: int, now: int) -> Iterator[Any]:
+        """Boot if not booted yet, then time `reads` trapped MMIO reads of the PV version
+        register, one after another: each waits for the one before, so with no load running
+        their latency is the path's own (the launcher's yardstick for a loaded run's p99)."""
+        if not 1 <= reads <= PROBE_READS_MAX:
+            raise GvtError("EINVAL", f"PROBE reads must be 1..{PROBE_READS_MAX}, not {reads}")
+        if self.state in ("idle", "failed"):
+            yield from self.boot_and_start(False, None, now)
+        t = self.last_reply_at if self.last_reply_at > now else now
+        lat: list[int] = []
+        for _ in range(reads):
+            yield from self._read(pvinfo.BASE + pvinfo.VERSION_MAJOR_OFF, 4)
+            lat.append(self.last_reply_at - t)
+            t = self.last_reply_at
+        lat.sort()
+        return {"reads": reads, "p50_us": lat[len(lat) // 2] / 1e3, "min_us": lat[0] / 1e3,
+                "max_us": lat[-1] / 1e3}
 
     # ---- verdict -----------------------------------------------------------------------------
     def mapped_entries(self) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ from nodes.errors import GvtError
 ROLES = ("launcher", "gpu", "mediator", "hypervisor", "guest")
 NAME_MAX = 64                       # a node name in HELLO
 TEXT_MAX = 4096                     # an ERROR text, a reason
+PROBE_READS_MAX = 256               # timed reads one PROBE may ask for
 
 # Who connects to whom: the roles whose DEALER may connect to a node's ROUTER. Traffic flows both
 # ways on a connection; the launcher reaches every node over the connection the node opened.
@@ -228,6 +229,10 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          (Field("load", "bool", optional=True), Field("spec", "map", optional=True)), "map",
          "boot the guest and (load: true) start its load, optionally with another load spec"),
     Kind("REPORT", _routes("launcher>guest"), None, "map", "the guest's load report"),
+    Kind("PROBE", _routes("launcher>guest"),
+         (Field("reads", "u32", doc=f"how many reads to time, 1..{PROBE_READS_MAX}"),), "map",
+         "boot the guest if it has not, then time this many trapped MMIO reads one after another "
+         "(the unloaded latency, when nothing else runs)"),
     Kind("VERIFY_PLAN", _routes("launcher>guest"), (*_NONCE, Field("page", "u32")), "map",
          "a page of the guest's GGTT entries and of the GPU write probes that must land in its "
          "RAM; the reply says how many pages there are"),
