@@ -22,6 +22,7 @@ from bench.config import public
 # free_port is also this module's: bench.cli and the tests take it from here
 from bench.executor import Executor, LocalExecutor, NodeProcess, free_port, terminate  # noqa: F401
 from nodes.actions import Call, Post, Sleep
+from nodes.core import Core
 from nodes.errors import GvtError
 from nodes.hw import gtt
 from nodes.memory import remove_run_shm, sweep_stale_shm
@@ -43,10 +44,11 @@ BEHIND_SHARE = 0.9          # a vGPU that completes less of its offered rate fel
 P99_OVER_UNLOADED = 20.0
 
 
-class LauncherCore:
+class LauncherCore(Core):
     role = "launcher"
 
     def __init__(self) -> None:
+        super().__init__()
         self.stats = Stats()
         self.ready: dict[str, dict] = {}
         self.progress: dict[int, dict] = {}
@@ -258,9 +260,10 @@ class Launcher:
                                 f"waiting for {what}: {self._log_tail(dead[0])}")
             if time.monotonic() > deadline:
                 late = missing() if missing else []
+                tail = self._log_tail(late[0]) if late else ""
                 raise RunFailed(f"timed out after {timeout:g} s waiting for {what}" + (
                     f" (still waiting for {', '.join(late[:8])}{' ...' if len(late) > 8 else ''})"
-                    if late else ""))
+                    if late else "") + (f"; {late[0]}'s log ends: {tail}" if tail else ""))
             if self.on_progress:
                 self.on_progress(self._progress_view())
             yield Sleep(0.05)

@@ -23,6 +23,7 @@ from types import GeneratorType
 from typing import Any, Callable, Hashable, Iterable
 
 from nodes.actions import Call, Post, Signal, Spawn
+from nodes.core import Core, overrides
 from nodes.errors import GvtError, OutcomeUnknown, RemoteError, label_code
 from nodes.stats import Stats
 from nodes.tasks import Scheduler
@@ -67,7 +68,7 @@ class Origin:
 
 
 class NodeEngine:
-    def __init__(self, name: str, role: str, core: Any, *, vgpus: Iterable[int],
+    def __init__(self, name: str, role: str, core: Core, *, vgpus: Iterable[int],
                  clock: Callable[[], int], stats: Stats | None = None, max_frame: int = MAX_FRAME,
                  trace_spans: int = 0):
         self.name, self.role, self.core = name, role, core
@@ -104,18 +105,20 @@ class NodeEngine:
         # internal errors: what the ledger reads to tell a hostile guest's refusals from bugs
         self.errors_by_vgpu: dict[int, dict[str, int]] = {}
         self.internal_errors: list[str] = []
+        if not isinstance(core, Core):
+            raise TypeError(f"a node's core is a nodes.core.Core, not {type(core).__name__}")
+        # the hooks (nodes.core); one that does nothing is not asked at every frame or poll
         self._core_handle = core.handle
-        self._outbox = hasattr(core, "outbox")
-        self._lane = getattr(core, "lane", None)
-        self._observe = getattr(core, "observe", None)
-        self._observed: frozenset[str] = getattr(core, "OBSERVED", frozenset())
-        self._tick = getattr(core, "tick", None)
-        self._core_wake = getattr(core, "next_wake", None)
-        self._peer_event = getattr(core, "peer_event", None)
+        self._lane = core.lane if overrides(core, "lane") else None
+        self._observe = core.observe
+        self._observed: frozenset[str] = core.OBSERVED
+        self._tick = core.tick if overrides(core, "tick") else None
+        self._core_wake = core.next_wake if overrides(core, "next_wake") else None
+        self._peer_event = core.peer_event if overrides(core, "peer_event") else None
         # peers whose state the core restores when they come back (the mediator rewrites a
         # restarted gpu's GGTT and fences): a post to one while its link is down is dropped and
         # counted, as a register write to a GPU in reset is lost, instead of failing the task
-        self._restored: frozenset[str] = getattr(core, "RESTORED_PEERS", frozenset())
+        self._restored: frozenset[str] = core.RESTORED_PEERS
         # tracing: 0 spans kept means this node records none and sends no trace id on
         self.trace_spans = trace_spans
         self.spans: list[tuple] = []        # closed: (t0, t1, vgpu, name, trace, kind, ins, outs)
@@ -130,14 +133,13 @@ class NodeEngine:
     def snapshot(self) -> dict:
         """What STATS answers: links, this engine's and the core's counters, the error counts
         the ledger reads, and the core's own snapshot."""
-        snap_fn = getattr(self.core, "snapshot", None)
         return {"name": self.name, "role": self.role,
                 "links": {n: l.counters() for n, l in self.links.items()},
                 "runtime": self.stats.snapshot(),
                 "errors": {"by_vgpu": {str(k): v for k, v in self.errors_by_vgpu.items()},
                            "internal": list(self.internal_errors)},
                 "stats": self.core.stats.snapshot(),
-                "core": snap_fn() if snap_fn else {}}
+                "core": self.core.snapshot()}
 
     def serve(self, kinds: Iterable[str], handler: Handler) -> None:
         """Route these kinds to `handler` instead of the core (control, the memory fabric)."""
@@ -173,22 +175,15 @@ class NodeEngine:
 
     def peer_event(self, name: str, role: str, event: str, why: str, now: int) -> None:
         """Tell the core a peer restarted, was replaced by a new incarnation, went silent or
-        returned (its hook `peer_event(name, role, event, why, now)` returns None, a task or a
-        list of Spawns: recovery runs as tasks, in lanes where it must come before new work)."""
+        returned (its hook emits what follows: recovery runs as tasks, Spawned in lanes where
+        it must come before new work)."""
         if self._peer_event is None or role == "launcher":
             return
         try:
-            out = self._peer_event(name, role, event, why, now)
+            self._peer_event(name, role, event, why, now)
         except Exception as err:        # our own bug: counted, and the node goes on
             self.note_error(err, 0)
-            return
-        if out is None:
-            return
-        if isinstance(out, GeneratorType):
-            self.sched.spawn(out, now)
-            return
-        for action in out:
-            self.sched.spawn_in(action, now)
+        self._run_outbox(now)
 
     # ---- receiving -----------------------------------------------------------------------------
     def deliver(self, link: Link, env: Envelope, now: int) -> None:
@@ -254,7 +249,7 @@ class NodeEngine:
         except Exception as err:
             self.finish(origin, None, err, now)
             return
-        if self._outbox and self.core.outbox:
+        if self.core.outbox:
             self._ctx = origin.span     # what the core queued now may belong to this message's span
             try:
                 self._run_outbox(now)
@@ -492,7 +487,7 @@ class NodeEngine:
 
     # ---- core actions and time -----------------------------------------------------------------------
     def run_actions(self, actions: Iterable[Any] | None, now: int) -> None:
-        """Actions returned by a core's tick or queued in its outbox: Posts, tasks, Signals."""
+        """Actions a core emitted: Posts, tasks (Spawns, or bare generators), Signals."""
         if not actions:
             return
         for a in actions:
@@ -514,10 +509,8 @@ class NodeEngine:
                 raise TypeError(f"a core returned {type(a).__name__} as an action")
 
     def _run_outbox(self, now: int) -> None:
-        outbox = getattr(self.core, "outbox", None)
-        if outbox:
-            self.core.outbox = []
-            self.run_actions(outbox, now)
+        if self.core.outbox:
+            self.run_actions(self.core.take_actions(), now)
 
     def step(self, now: int) -> None:
         """After each drain of the sockets: yielded tasks and queued lanes get their turn, then
@@ -525,7 +518,8 @@ class NodeEngine:
         self.sched.run_ready(now)
         self.sched.expire(now)
         if self._tick is not None:
-            self.run_actions(self._tick(now), now)
+            self._tick(now)
+        self._run_outbox(now)       # what the tick emitted, and what tasks did since
 
     def next_wake(self, now: int) -> int | None:
         w = self.sched.next_wake()

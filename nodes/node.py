@@ -119,35 +119,9 @@ def select_translator(name: str) -> tuple[Any, str]:
     return t.get_translator(name), name
 
 
-class _GuestDriver:
-    """Wraps the guest core to send progress to the launcher now and then."""
-
-    def __init__(self, core: Any, launcher: str | None, every_ns: int = PROGRESS_EVERY_NS):
-        self.core, self.launcher = core, launcher
-        self.every_ns = every_ns
-        self.next_progress = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.core, name)
-
-    def tick(self, now: int) -> list[Any]:
-        out = self.core.tick(now)
-        if self.launcher and self.core.state == "running" and now >= self.next_progress:
-            self.next_progress = now + self.every_ns
-            out.append(Post(self.launcher, "PROGRESS", {"report": self.core.progress()},
-                            vgpu=self.core.vm))
-        return out
-
-    def next_wake(self, now: int) -> int | None:
-        w = self.core.next_wake(now)
-        if self.launcher and self.core.state == "running":
-            w = min(w, self.next_progress) if w else self.next_progress
-        return w
-
-
 def guest_core(cfg: dict, vm: int, run_id: str, launcher: str | None) -> tuple[Any, list[Any]]:
-    """VM vm's guest core (wrapped to report progress to the launcher), and what to close when
-    it stops."""
+    """VM vm's guest core (which reports its progress to the launcher now and then), and what
+    to close when it stops."""
     from nodes.guest.core import GuestCore, LoadSpec
     from nodes.guest.mmu import GuestRam
     run, ld = cfg["run"], cfg["load"]
@@ -172,8 +146,8 @@ def guest_core(cfg: dict, vm: int, run_id: str, launcher: str | None) -> tuple[A
                     WriteProtect.attach(region, run_id))
     ram = GuestRam(vm, region.frames, "hypervisor", attach=attach)
     every = min(PROGRESS_MAX_NS, PROGRESS_EVERY_NS * max(1, cfg["vgpus"]["count"] // 8))
-    core = _GuestDriver(GuestCore(vm, region.frames, run["seed"], spec, launcher=ctl, ram=ram), ctl,
-                        every)
+    core = GuestCore(vm, region.frames, run["seed"], spec, launcher=ctl, ram=ram,
+                     progress_every_ns=every)
     return core, [ram.close]
 
 
@@ -209,7 +183,7 @@ def _startup(rt: Runtime, wanted: list[str], launcher: str | None, setup: Iterat
         yield Post("launcher", "READY", {"name": rt.name, "role": rt.role, "endpoint": rt.endpoint,
                                          "pid": os.getpid(), "setup": result, **ready})
     elif rt.role == "guest":
-        rt.spawn(rt.core.core.boot_and_start(True, None))
+        rt.spawn(rt.core.boot_and_start(True, None))
 
 
 def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: dict[str, str],

@@ -36,6 +36,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
+from nodes.core import overrides
 from nodes.actions import Call
 from nodes.engine import NodeEngine
 from nodes.errors import GvtError, WireError
@@ -222,7 +223,8 @@ class Runtime:
         self.host.add(self)
         self.ctx = self.host.ctx
         self._auth: _KeyAuthenticator | None = None
-        self._accepting = getattr(core, "accepting", None)     # vm -> read its socket now?
+        # vm -> read its socket now? (None: the core gates no VM)
+        self._accepting = core.accepting if overrides(core, "accepting") else None
         self.routers: list[_Router] = []
         if keys is not None and (bind or vm_binds):   # a node that binds nothing checks no keys
             names = {pub: n for n, pub in keys.peers.items() if self._may_connect(n)}  # z85 keys

@@ -101,9 +101,12 @@ class HandGuest:
         self.write(self.batch_gpa(page), cmd.encode(*words))
         return VA_BATCH + page * PAGE_SIZE
 
-    def submit(self, ring: list[int], engine: str = "rcs", k: int = 0, run: bool = True) -> dict:
+    def submit(self, ring: list[int], engine: str = "rcs", k: int = 0, run: bool = True,
+               qword_last: bool = False) -> dict:
         """Append commands to a context's ring, set its tail, write the ELSP; returns the
-        TRAP_WRITE answer of the ELSP writes (n_errors, errors)."""
+        TRAP_WRITE answer of the ELSP writes (n_errors, errors). qword_last: the fourth ELSP
+        dword comes as the low half of an 8-byte write (the high half lands in the register
+        after the port)."""
         c = self.ctx(engine, k)
         if len(ring) % 2:
             ring = ring + [cmd.MI_NOOP.header()]
@@ -115,7 +118,10 @@ class HandGuest:
         c.tail = (at + len(data)) % i915.RING_SIZE
         self.write((c.lrc_gfns[1] << PAGE_SHIFT) + 4 * lrc.CTX_RING_TAIL, struct.pack("<I", c.tail))
         elsp = regs.ring(engine, regs.RING_ELSP)
-        res = self.b.trap_writes(self.vm, [(elsp, 4, d) for d in lrc.elsp_dwords(c.desc)])
+        writes = [(elsp, 4, d) for d in lrc.elsp_dwords(c.desc)]
+        if qword_last:
+            writes[3] = (elsp, 8, writes[3][2])
+        res = self.b.trap_writes(self.vm, writes)
         if run:
             self.b.net.run()
         return res

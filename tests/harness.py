@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from nodes.actions import Call, Post
+from nodes.core import Core
 from nodes.engine import NodeEngine
 from nodes.errors import GvtError, WireError
 from nodes.gpu.sim import GpuSim
@@ -259,9 +260,10 @@ class Bench:
             rm.close(unlink=False)
 
 
-class Recorder:
+class Recorder(Core):
     """A peer that keeps what it is sent (a guest's view of WRITE_DONE and IRQ, say)."""
     def __init__(self) -> None:
+        super().__init__()
         self.got: list[Envelope] = []
 
     def handle(self, msg: Envelope, now: int) -> Any:
@@ -272,7 +274,7 @@ class Recorder:
         return [m.payload for m in self.got if m.kind == kind]
 
 
-class _Launcher:
+class _Launcher(Core):
     """The launcher's end of control links: it answers nothing, it only asks."""
     def handle(self, msg: Envelope, now: int) -> Any:
         raise GvtError("ENOTSUP", f"the test launcher does not handle {msg.kind}")

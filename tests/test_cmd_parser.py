@@ -40,6 +40,16 @@ def failsafe(hg):
 
 
 # ---- a workload the parser accepts runs, and its events are raised --------------------------------
+def test_an_elsp_submission_ending_in_an_8_byte_write_runs_once(bench, hg):
+    # an 8-byte write is two dword writes (the port, and the register after it); the port's
+    # hook submits, and its scheduler work runs as a task, answered call by call
+    res = hg.submit(seqno_store(hg, 9), qword_last=True)
+    assert res["n_errors"] == 0, res["errors"]
+    assert seqno(hg) == 9 and failsafe(hg) is None
+    assert hg.vgpu.workloads["completed"] == 1
+    assert bench.net.engines["mediator"].internal_errors == []
+
+
 def test_a_clean_ring_runs_and_its_user_interrupt_is_raised_by_the_mediator(bench, hg):
     res = hg.submit(seqno_store(hg, 7) + [cmd.MI_USER_INTERRUPT.header()])
     assert res["n_errors"] == 0

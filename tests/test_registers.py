@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from harness import Bench, run_task, started_bench
+from nodes.core import Ctx
 from nodes.errors import GvtError
 from nodes.hw import MiB, gtt, pvinfo, regs
 from nodes.mediator import mmio
@@ -384,7 +385,7 @@ def test_a_write_batch_ends_as_the_same_writes_one_by_one(n):
         for b in (one, batch):
             pv_aware(b)
         for off, size, val in writes:        # the single-access path, without the batch's
-            acts = mmio.emulate_write(one.mediator.vgpus[1], off, size, val)
+            acts = mmio.emulate_write(one.mediator.vgpus[1], off, size, val, Ctx(0))
             if acts:                         # enabling execlists starts the vGPU's scheduling
                 run_task(one, acts)
         res = batch.trap_writes(1, writes)

@@ -203,9 +203,10 @@ def test_fail_calls_ends_every_call_to_a_peer_that_left(io, sched):
 def test_a_handler_bug_is_counted_as_an_internal_error_and_a_refusal_is_not():
     """The engine tells a peer's mistake (GvtError) from its own bug (anything else)."""
     from harness import SimNet
+    from nodes.core import Core as _Core
     from nodes.errors import GvtError as _G
 
-    class Core:
+    class Core(_Core):
         def handle(self, msg, now):
             if msg.payload["size"] == 1:
                 raise _G("EINVAL", "a refusal")
@@ -223,3 +224,52 @@ def test_a_handler_bug_is_counted_as_an_internal_error_and_a_refusal_is_not():
     assert eng.stats.total("gvtbench_internal_errors") == 1
     assert eng.errors_by_vgpu == {1: {"EINVAL": 1, "EIO": 1}}
     assert eng.internal_errors and eng.internal_errors[0].startswith("RuntimeError: a bug at test_tasks.py:")
+
+
+def test_a_core_states_its_contract_and_emits_actions_one_way():
+    """nodes.core: the engine takes only a Core; what a hook emits goes out after the hook (a
+    handler's Post before its reply, a tick's and a peer event's at once), and a hook the core
+    did not override is not asked."""
+    from harness import Recorder, SimNet
+    from nodes.actions import Post, Spawn
+    from nodes.core import Core, overrides
+    from nodes.engine import NodeEngine
+
+    class NotACore:
+        def handle(self, msg, now):
+            return None
+    with pytest.raises(TypeError, match="nodes.core.Core"):
+        NodeEngine("mediator", "mediator", NotACore(), vgpus=[1], clock=lambda: 0)
+
+    class Emitter(Core):
+        def __init__(self):
+            super().__init__()
+            self.ticks = 0
+
+        def handle(self, msg, now):
+            self.emit(Post("hypervisor", "INJECT_MSI", {"vector": 1}, vgpu=1))
+            return 5
+
+        def tick(self, now):
+            self.ticks += 1
+            if self.ticks == 1:
+                self.emit(Post("hypervisor", "INJECT_MSI", {"vector": 2}, vgpu=1))
+
+        def peer_event(self, name, role, event, why, now):
+            def recover():
+                yield Post("hypervisor", "INJECT_MSI", {"vector": 3}, vgpu=1)
+            self.emit(Spawn(recover()))
+
+    assert overrides(Emitter(), "tick") and not overrides(Emitter(), "lane")
+    net = SimNet(vgpus=[1])
+    med, hv = Emitter(), Recorder()
+    net.add("mediator", med)
+    net.add("hypervisor", hv)
+    net.connect("hypervisor", "mediator")
+    assert net.call("hypervisor", "mediator", "TRAP_READ", {"off": 0, "size": 4}, vgpu=1) == 5
+    net.engines["mediator"].peer_event("hypervisor", "hypervisor", "returned", "test", net.now)
+    net.run()
+    assert sorted(p["vector"] for p in hv.of("INJECT_MSI")) == [1, 2, 3]
+    kinds = [e.kind for s, d, e in net.log if s == "mediator"]
+    assert kinds.index("INJECT_MSI") < kinds.index("REPLY")     # the handler's Post, then its reply
+    assert net.engines["mediator"].internal_errors == []

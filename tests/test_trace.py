@@ -17,6 +17,7 @@ import tracecheck
 from bench import config, trace
 from bench.launch import Launcher, RunFailed
 from harness import make_bench
+from nodes.core import Core
 from nodes.actions import Call, Post
 from nodes.guest.core import GuestCore, LoadSpec
 from nodes.wire.codec import Envelope
@@ -124,7 +125,8 @@ def _traces_of(g: GuestCore, until_ns: int, step_ns: int) -> list[int]:
     messages carry, in order."""
     out = []
     for now in range(0, until_ns + 1, step_ns):
-        for a in g.tick(now):
+        g.tick(now)
+        for a in g.take_actions():
             assert isinstance(a, Post)
             out += [a.trace] if a.trace else []
         if g.writes:
@@ -153,7 +155,8 @@ def test_when_operations_are_sparser_than_the_rate_each_is_sampled_and_none_with
 
 def test_a_sampled_read_carries_its_id_on_its_call():
     g = _loaded(LoadSpec(mode="closed", concurrency=1, ops=1, mix={"mmio-read": 1.0}, trace_rate=5))
-    task = g.tick(0)[0]
+    g.tick(0)
+    task = g.take_actions()[0]
     call = next(task)
     assert isinstance(call, Call) and call.kind == "MMIO_READ" and call.trace == (3 << 40) | 1
 
@@ -320,7 +323,7 @@ def test_a_guest_can_trace_only_its_own_vms_operations():
         b.close()
 
 
-class _Quiet:
+class _Quiet(Core):
     """A guest stand-in that takes what the hypervisor sends it and does nothing."""
     def handle(self, msg: Envelope, now: int) -> None:
         return None

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from nodes.core import Core
 from nodes.actions import Post, Spawn
 from nodes.errors import GvtError
 from nodes.gpu.engine import Engine, GpuMemory
@@ -24,15 +25,15 @@ from nodes.wire.codec import Envelope, check_reply_size
 from nodes.wire.schema import unpack_write_batch
 
 
-class GpuSim:
+class GpuSim(Core):
     role = "gpu"
 
     def __init__(self, fabric: Fabric, mediator: str = "mediator"):
+        super().__init__()
         self.fabric, self.mediator = fabric, mediator
         self.mem = GpuMemory(fabric)
         self.engines = {name: Engine(self, name) for name in regs.ENGINES}
         self._elsp = {base + regs.RING_ELSP: self.engines[name] for name, base in regs.ENGINES.items()}
-        self.outbox: list[Any] = []
         self.regs: dict[int, int] = {}
         self.ggtt = np.zeros(gtt.ENTRIES, dtype=np.uint64)
         self.ggtt_flushes = 0
@@ -64,7 +65,7 @@ class GpuSim:
         if engine is not None and size == 4:
             run = engine.elsp_write(val, self.trace)
             if run is not None:
-                self.outbox.append(Spawn(run, trace=self.trace, span=f"execute {engine.name}")
+                self.emit(Spawn(run, trace=self.trace, span=f"execute {engine.name}")
                                    if self.trace else run)
             return
         write_dwords(self.regs, off, size, val)

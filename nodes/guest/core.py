@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from nodes.actions import Call, Post, Sleep
+from nodes.core import Core
 from nodes.errors import GvtError
 from nodes.hw import PAGE_SIZE, gtt, pvinfo, regs
 from nodes.guest.i915 import DRIVER_GGTT_PAGES
@@ -85,14 +86,19 @@ class _Write:
         self.intended, self.kind, self.n, self.gpr, self.on_done = intended, kind, n, gpr, on_done
 
 
-class GuestCore:
+class GuestCore(Core):
     role = "guest"
 
     def __init__(self, vm: int, ram_frames: int, seed: int, load: LoadSpec, *,
                  hypervisor: str = "hypervisor", launcher: str | None = "launcher",
                  gvt_aware: bool = True, max_posted: int = MAX_POSTED_WRITES,
-                 max_outstanding: int = MAX_OUTSTANDING, ram: GuestRam | None = None):
+                 max_outstanding: int = MAX_OUTSTANDING, ram: GuestRam | None = None,
+                 progress_every_ns: int = 0):
+        super().__init__()
         self.vm, self.ram_frames, self.load = vm, ram_frames, load
+        # PROGRESS to the launcher this often while the load runs (0: never)
+        self.progress_every_ns = progress_every_ns if launcher else 0
+        self.next_progress = 0
         self.hv, self.launcher = hypervisor, launcher
         self.gvt_aware = gvt_aware
         self.max_posted, self.max_outstanding = max_posted, max_outstanding
@@ -388,11 +394,11 @@ class GuestCore:
     def _campaign_on(self) -> bool:
         return self.hostile is not None and self.hostile.active
 
-    def tick(self, now: int) -> list[Any]:
+    def tick(self, now: int) -> None:
         self.now = now
         if self.state != "running":
-            return []
-        out: list[Any] = []
+            return
+        out = self.outbox               # emitted: the load's next operations, in order
         ld = self.load
         while self.gpu_held and not self._attacking() and self.wl.room():
             self._add(out, self._gpu_op(*self.gpu_held.popleft()))
@@ -412,7 +418,9 @@ class GuestCore:
             self.state = "drained"
             if self.launcher:
                 out.append(Post(self.launcher, "LOAD_DONE", {"report": self.report(now)}, vgpu=self.vm))
-        return out
+        elif self.progress_every_ns and now >= self.next_progress:
+            self.next_progress = now + self.progress_every_ns
+            out.append(Post(self.launcher, "PROGRESS", {"report": self.progress()}, vgpu=self.vm))
 
     @staticmethod
     def _add(out: list, action: Any) -> None:
@@ -423,6 +431,8 @@ class GuestCore:
 
     def next_wake(self, now: int) -> int | None:
         hang = self.wl.next_wake()
+        if self.progress_every_ns and self.state == "running":
+            hang = self.next_progress if hang is None else min(hang, self.next_progress)
         if self.state != "running" or self.load.mode != "open":
             return hang
         if not self._room() or self.outstanding() >= self.load.window:
@@ -657,7 +667,7 @@ class GuestCore:
         if p["n_errors"] and self.hostile is None:
             for e in p["errors"][:4]:
                 self._fail_reason(f"mediator refused a write: {e}")
-        return _run_actions(told) if told else None
+        self.emit(*told)
 
     def _settle_gpr(self, entry: list, status: str) -> None:
         entry[2] = status
@@ -806,13 +816,6 @@ class GuestCore:
     def progress(self) -> dict:
         return {"vm": self.vm, "issued": self.issued, "completed": self.completed, "failed": self.failed,
                 "unknown": self.unknown, "state": self.state}
-
-
-def _run_actions(actions: list[Any]) -> Iterator[Any]:
-    """Actions a message's handling asked for, as a task (a posted message's handler may not
-    return them bare)."""
-    for a in actions:
-        yield a
 
 
 def _register_values(base: int, before: list[list]) -> set[int]:

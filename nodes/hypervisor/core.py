@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from nodes.core import Core
 from nodes.actions import Call, Event, Now, Post, Signal, Sleep, Spawn, Wait
 from nodes.errors import GvtError, OutcomeUnknown, RemoteError
 from nodes.hw import PAGE_SHIFT, PAGE_SIZE, bar0
@@ -104,7 +105,7 @@ class Vm:
         return int(self.p2m[gfn]), off
 
 
-class HypervisorCore:
+class HypervisorCore(Core):
     role = "hypervisor"
 
     def __init__(self, layout: Layout, vms: dict[int, RegionMemory], seed: int, *,
@@ -112,6 +113,7 @@ class HypervisorCore:
                  mediator: str = "mediator", batch_max: int = BATCH_MAX,
                  batches_in_flight: int = BATCHES_IN_FLIGHT, max_posted: int = MAX_POSTED_WRITES,
                  call_timeout: float = 10.0, restarted: bool = False):
+        super().__init__()
         self.layout = layout
         self.mediator = mediator
         self.batch_max, self.batches_in_flight = batch_max, batches_in_flight
@@ -126,7 +128,6 @@ class HypervisorCore:
                 vm.resetting = Event(f"vm{vm.id} restart")
         self._irqs: dict[int, int | None] = {}     # VM -> MSI vector to deliver at the next tick
         self._irq_traces: dict[int, int] = {}       # VM -> the first sampled operation among them
-        self.outbox: list[Any] = []
         self.stats = Stats()
         declare_trap_metrics(self.stats)
         s = self.stats
@@ -161,7 +162,7 @@ class HypervisorCore:
 
     # ---- messages ------------------------------------------------------------------------------
     # ---- a guest that restarts ------------------------------------------------------------------------
-    def peer_event(self, name: str, role: str, event: str, why: str, now: int) -> Any:
+    def peer_event(self, name: str, role: str, event: str, why: str, now: int) -> None:
         """A guest's new process (its link replaced by a later epoch) is a VM started again:
         the old one's queued writes go, its answers are not sent to the new one, its vGPU gets a
         device-model reset and its RAM and page tracking start empty, before any access of the
@@ -169,22 +170,21 @@ class HypervisorCore:
         if name == self.mediator and event in ("replaced", "restarted"):
             return self._vgpus_lost(f"the mediator {why}")
         if role != "guest" or event not in ("replaced", "restarted"):
-            return None
+            return
         vm = self.vms.get(int(name[5:]) if name[5:].isdigit() else -1)
         if vm is None:
-            return None
+            return
         vm.gen += 1
         vm.restarts += 1
         for item in vm.fifo:
             if isinstance(item, Event):
-                self.outbox.append(Signal(item))    # a held read: its guest is gone
+                self.emit(Signal(item))     # a held read: its guest is gone
         vm.fifo.clear()
         vm.faults_queued.clear()
         vm.queued = 0
         if vm.resetting is None:
             vm.resetting = Event(f"vm{vm.id} restart")
-            return [Spawn(self._vm_restarted(vm, why))]
-        return None
+            self.emit(Spawn(self._vm_restarted(vm, why)))
 
     def _vgpus_lost(self, why: str) -> None:
         """The mediator restarted: every vGPU it had is gone, with the pins and page tracking
@@ -195,9 +195,7 @@ class HypervisorCore:
             self._forget_mediator_state(vm)
             self.stats.inc("gvtbench_hv_vgpus_lost", (vm.id,))
             self._dirty.add(vm.id)
-            self.outbox.append(Post(guest_name(vm.id), "VGPU_LOST", {"reason": why[:200]},
-                                    vgpu=vm.id))
-        return None
+            self.emit(Post(guest_name(vm.id), "VGPU_LOST", {"reason": why[:200]}, vgpu=vm.id))
 
     def _forget_mediator_state(self, vm: Vm) -> None:
         """The pins and page tracking a mediator held for the VM, gone with it (or with the VM)."""
@@ -287,7 +285,7 @@ class HypervisorCore:
                 now: int, trace: int = 0) -> None:
         if vm.queued + vm.in_flight + n > self.max_posted:
             self.stats.inc("gvtbench_posted_writes", (vm.id, "refused"), n)
-            self.outbox.append(self._done(vm, w, w, n, "failed",
+            self.emit(self._done(vm, w, w, n, "failed",
                                           f"EAGAIN: VM {vm.id} has {vm.queued + vm.in_flight} posted "
                                           f"writes queued or in flight, the limit is {self.max_posted}",
                                           trace=trace))
@@ -317,7 +315,7 @@ class HypervisorCore:
         if vm.fifo:                 # writes made before this read have not all gone out yet
             held = Event("read")
             vm.fifo.append(held)
-            self.outbox.extend(self._pump(vm))
+            self.emit(*self._pump(vm))
         return self._trap_read(vm, off, size, held)
 
     def _vm_reset(self, vm: Vm) -> Iterator[Any]:
@@ -327,7 +325,7 @@ class HypervisorCore:
         if vm.fifo:
             held = Event("vm reset")
             vm.fifo.append(held)
-            self.outbox.extend(self._pump(vm))
+            self.emit(*self._pump(vm))
         if held is not None:
             yield Wait(held)
         self.stats.inc("gvtbench_hv_vm_resets", (vm.id,))
@@ -573,9 +571,8 @@ class HypervisorCore:
             self.stats.hist(TRAP_LATENCY, lab).record(elapsed_ns)
             self.stats.inc(TRAPS, lab)
 
-    def tick(self, now: int) -> list[Any]:
-        out = self.outbox
-        self.outbox = []
+    def tick(self, now: int) -> None:
+        out = self.outbox           # what tick sends goes after what was emitted before it
         if self._irqs:
             traces = self._irq_traces
             for vm_id, vector in self._irqs.items():
@@ -587,7 +584,6 @@ class HypervisorCore:
             vm = self.vms[vm_id]
             out.extend(self._pump(vm))
             self.stats.set("gvtbench_hv_posted_writes_in_flight", (vm_id,), vm.queued + vm.in_flight)
-        return out
 
     # ---- hypervisor calls ------------------------------------------------------------------------
     def pin(self, vm: Vm, gfns: np.ndarray) -> np.ndarray:

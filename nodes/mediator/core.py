@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from nodes.core import Core, Ctx
 from nodes.actions import Call, Now, Post, Spawn
 from nodes.errors import GvtError
 from nodes.hw import bar0, gtt, lrc, partition, regs
@@ -31,7 +32,7 @@ from nodes.wire.schema import pack_write_batch, unpack_write_batch
 GFN_HOLE_FRAMES = 4096
 
 
-class MediatorCore:
+class MediatorCore(Core):
     role = "mediator"
     RESTORED_PEERS = frozenset({"gpu"})     # a gpu that comes back gets its state rewritten
 
@@ -41,6 +42,7 @@ class MediatorCore:
                  hypervisor: str = "hypervisor", gpu: str = "gpu", scratch: str = "kernel",
                  shadow_quota: int = 0, fences: int = partition.TOTAL_FENCES,
                  types: dict[str, partition.VgpuType] | None = None):
+        super().__init__()
         self.layout, self.fabric = layout, fabric
         self.alloc = GmAllocator(aperture_size, fences=fences, types=types)
         self.max_vgpus = max_vgpus
@@ -112,24 +114,24 @@ class MediatorCore:
         return [v.info() for v in self.vgpus.values()]
 
     # ---- peers that restart -------------------------------------------------------------------
-    def peer_event(self, name: str, role: str, event: str, why: str, now: int) -> Any:
+    def peer_event(self, name: str, role: str, event: str, why: str, now: int) -> None:
         """A gpu that went silent gets nothing dispatched; one that restarted (or returned from
         a silence whose frames were given up) is reset and given its state again."""
         self.scheduler.now = now
         if name == self.gpu:
             if event == "silent":
                 self.scheduler.gpu_down = f"the gpu {why}"
-                return None
-            return self.restore_gpu(f"the gpu {why}")
+            else:
+                self.emit(Spawn(self.restore_gpu(f"the gpu {why}")))
+            return
         if name == self.hypervisor and event in ("new_stream", "silent"):
             # the hypervisor took us for dead (we were stopped past the liveness timeout: our
             # link sees that silence first, before the frames that waited, see NodeHost.run)
             # and gave up what it had sent, tracked page-table writes among them, whose stores
             # are in guest RAM now; an ELSP that waited would be emulated against that memory.
             # Each vGPU's shadows are checked against guest memory first, in its lane
-            return [Spawn(self._resync_ppgtt(v), lane=v.id) for v in self.vgpus.values()
-                    if v.id not in self._resyncing and not self._resyncing.add(v.id)]
-        return None
+            self.emit(*(Spawn(self._resync_ppgtt(v), lane=v.id) for v in self.vgpus.values()
+                        if v.id not in self._resyncing and not self._resyncing.add(v.id)))
 
     def _resync_ppgtt(self, vgpu: VGpu) -> Iterator[Any]:
         try:
@@ -192,22 +194,17 @@ class MediatorCore:
             return msg.vgpu
         return None
 
-    def tick(self, now: int) -> list[Any]:
+    def tick(self, now: int) -> None:
         self.scheduler.now = now
-        return []
 
     def handle(self, msg: Envelope, now: int) -> Any:
         kind, p = msg.kind, msg.payload
         self.scheduler.now = now
-        vg = self.vgpus.get(msg.vgpu)
-        if vg is not None:
-            vg.now = now
-            vg.trace = msg.trace
         if kind == "TRAP_READ":
             return mmio.emulate_read(self._vgpu(msg.vgpu), p["off"], p["size"])
         if kind == "TRAP_WRITE":
             vgpu = self._vgpu(msg.vgpu)
-            return self._trap_write(vgpu, *unpack_write_batch(p))
+            return self._trap_write(vgpu, *unpack_write_batch(p), Ctx(now, msg.trace))
         if kind == "TRACKED_WRITE":
             return self._tracked_write(self._vgpu(msg.vgpu), p["gpa"], p["data"])
         if kind == "ENGINE_IRQ":
@@ -222,8 +219,8 @@ class MediatorCore:
             return self._reset(self._vgpu(msg.vgpu))
         raise GvtError("ENOTSUP", f"the mediator does not handle {kind}")
 
-    def _trap_write(self, vgpu: VGpu, offs: Any, sizes: Any, vals: Any) -> Iterator[Any]:
-        res = yield from mmio.emulate_writes(vgpu, offs, sizes, vals)
+    def _trap_write(self, vgpu: VGpu, offs: Any, sizes: Any, vals: Any, ctx: Ctx) -> Iterator[Any]:
+        res = yield from mmio.emulate_writes(vgpu, offs, sizes, vals, ctx)
         if res["gtt"]:
             self._export_ggtt(vgpu)
         return res

@@ -31,6 +31,14 @@ FAILSAFE_INSUFFICIENT_RESOURCE = "insufficient_resource"
 FAILSAFE_GUEST_ERR = "guest_error"
 
 Actions = Iterable[Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """An ELSP write's fourth dword: the two elements it submits. A hook returns it for the
+    scheduler, which gets it with the trapped write's context (mmio.emulate_write)."""
+    engine: str
+    elems: tuple
 DwordHook = Callable[["VGpu", int, int], Actions]
 
 
@@ -97,13 +105,13 @@ def gdrst_write(vgpu: VGpu, off: int, data: int) -> Actions:
     return None
 
 
-def elsp_write(vgpu: VGpu, off: int, data: int) -> Actions:
+def elsp_write(vgpu: VGpu, off: int, data: int) -> Submission | None:
     """ELSP (elsp_mmio_write): the fourth dword submits the two elements as workloads."""
     engine = _ENGINE_OF[off - regs.RING_ELSP]
     elems = vgpu.execlists[engine].elsp_write(data)
     if elems is None:
         return None
-    return vgpu.scheduler.submit(vgpu, engine, elems, vgpu.now)
+    return Submission(engine, elems)
 
 
 def hws_pga_write(vgpu: VGpu, off: int, data: int) -> None:
@@ -323,7 +331,9 @@ def mmio_write(vgpu: VGpu, off: int, size: int, val: int) -> Actions:
     if size == 8:
         lo = _dword_write(vgpu, off, 4, val & 0xFFFFFFFF)
         hi = _dword_write(vgpu, off + 4, 4, val >> 32)
-        return [*(lo or ()), *(hi or ())] if lo or hi else None
+        # each half's hooks, in order (mmio.emulate_write runs them: a task fragment among them
+        # must be run, not unpacked)
+        return [a for a in (lo, hi) if a] or None
     return _dword_write(vgpu, off, size, val)
 
 

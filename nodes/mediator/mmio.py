@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from nodes.actions import YIELD
+from nodes.core import Ctx
 from nodes.errors import GvtError
 from nodes.hw import bar0, gtt
 from nodes.mediator import handlers
@@ -35,8 +36,9 @@ def emulate_read(vgpu: VGpu, off: int, size: int) -> int:
     return handlers.mmio_read(vgpu, off, size)
 
 
-def emulate_write(vgpu: VGpu, off: int, size: int, val: int) -> Any:
-    """One write; returns the actions it needs performed (or None)."""
+def emulate_write(vgpu: VGpu, off: int, size: int, val: int, ctx: Ctx) -> Iterator[Any] | None:
+    """One write, in the context of the trapped message it came in; returns the task fragment
+    its hooks need run (or None)."""
     space = bar0.decode(off, size)
     if vgpu.failsafe is not None:
         if space == "gtt":
@@ -45,11 +47,29 @@ def emulate_write(vgpu: VGpu, off: int, size: int, val: int) -> Any:
             write_dwords(vgpu.vregs, off, size, val)
         return None
     if space == "gtt":
-        return vgpu.ggtt.write(off, size, val)
-    return handlers.mmio_write(vgpu, off, size, val)
+        out = vgpu.ggtt.write(off, size, val)
+    else:
+        out = handlers.mmio_write(vgpu, off, size, val)
+    return None if out is None else _hooks(vgpu, out, ctx)
 
 
-def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.ndarray) -> Iterator[Any]:
+def _hooks(vgpu: VGpu, out: Any, ctx: Ctx) -> Iterator[Any]:
+    """What a write's hooks asked for, run in order: actions, task fragments, lists of them, and
+    an ELSP submission, which goes to the scheduler with the message's time and trace."""
+    if type(out) is handlers.Submission:
+        yield from vgpu.scheduler.submit(vgpu, out.engine, out.elems, ctx)
+    elif type(out) is list or type(out) is tuple:
+        for part in out:
+            if part is not None:
+                yield from _hooks(vgpu, part, ctx)
+    elif hasattr(out, "send"):          # a task fragment: its yields get their answers
+        yield from out
+    else:
+        yield out
+
+
+def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.ndarray,
+                   ctx: Ctx) -> Iterator[Any]:
     """A batch of writes in guest order (a task). Runs of aligned 8-byte GGTT writes are shadowed
     as one vectorised update; a refused access is reported (a bit per write in `refused`, and the
     first ERRORS_KEPT reasons) and the rest still apply. Other vGPUs get a turn every TURN_WORK of
@@ -107,7 +127,7 @@ def emulate_writes(vgpu: VGpu, offs: np.ndarray, sizes: np.ndarray, vals: np.nda
                     yield YIELD
                 continue
             try:
-                actions = emulate_write(vgpu, off, size, vals_l[i])
+                actions = emulate_write(vgpu, off, size, vals_l[i], ctx)
                 if actions:
                     yield from actions
                 if bar0.in_gtt(off):

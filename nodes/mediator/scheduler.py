@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 from nodes.actions import Event, Now, Post, Signal, Spawn, Wait
+from nodes.core import Ctx
 from nodes.errors import GvtError
 from nodes.hw import PAGE_SIZE, cmd, lrc, regs
 from nodes.mediator import cmd_parser, execlist, interrupt
@@ -110,7 +111,7 @@ class WorkloadScheduler:
 
     # ---- submission (the ELSP hook: intel_vgpu_submit_execlist) ----------------------------------
     def submit(self, vgpu: VGpu, engine: str, elems: tuple[lrc.Descriptor, lrc.Descriptor],
-               now: int) -> Iterator[Any]:
+               ctx: Ctx) -> Iterator[Any]:
         if not vgpu.vregs.get(regs.ring(engine, regs.RING_MODE), 0) & regs.GFX_MODE_RUN_LIST_ENABLE:
             raise GvtError("EINVAL", f"vGPU {vgpu.id} {engine}: an ELSP submission before the guest "
                            f"enabled execlists on the engine (GFX_MODE run list)")
@@ -122,13 +123,13 @@ class WorkloadScheduler:
                            f"queued already, the bound is {QUEUE_MAX}")
         for i, d in enumerate(elems):
             if d.valid:
-                w = yield from self._create(vgpu, engine, d, elems if i == 0 else None, now)
+                w = yield from self._create(vgpu, engine, d, elems if i == 0 else None, ctx)
                 vgpu.queues[engine].append(w)
                 vgpu.workloads["submitted"] += 1
         yield from self.kick(vgpu.id)
 
     def _create(self, vgpu: VGpu, engine: str, d: lrc.Descriptor,
-                schedule_in: tuple | None, now: int) -> Iterator[Any]:
+                schedule_in: tuple | None, ctx: Ctx) -> Iterator[Any]:
         try:
             raw = yield from vgpu.mem.read_gm(d.lrca + lrc.LRC_STATE_PN * PAGE_SIZE,
                                               4 * lrc.CTX_STATE_DWORDS)
@@ -157,8 +158,8 @@ class WorkloadScheduler:
             raise GvtError("EINVAL", f"vGPU {vgpu.id} {engine}: addressing mode {mode} is not a "
                            f"PPGTT mode GVT-g shadows")
         pdps = [lrc.pdp(list(st), n) for n in range(4)]
-        w = Workload(self.next_id, vgpu, engine, d, schedule_in, head, tail, start, ctl, now,
-                     trace=vgpu.trace)
+        w = Workload(self.next_id, vgpu, engine, d, schedule_in, head, tail, start, ctl, ctx.now,
+                     trace=ctx.trace)
         self.next_id = self.next_id % 0xFFFFFFFF + 1
         w.mm = yield from vgpu.ppgtt.get_mm(mode, pdps)
         if not vgpu.queues[engine]:

@@ -77,8 +77,6 @@ class VGpu:
         self.scan_ns = 0
         self.irq_events = 0
         self.msi_injected = 0
-        self.now = 0                            # the time of the message being emulated
-        self.trace = 0                          # and the sampled operation it belongs to (if any)
         for e in regs.ENGINES:
             execlist.reset_engine(self, e)
         handlers.reset_mmio(self, dmlr=True)
