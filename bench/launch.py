@@ -323,7 +323,9 @@ class Launcher:
     def wait_ready(self, names: list[str]) -> Iterator[Any]:
         core = self.core
         self.phase = "starting"
-        yield from self._wait(lambda: all(n in core.ready for n in names),
+        # a node whose start-up failed says so in its READY: the run fails then, not at the timeout
+        yield from self._wait(lambda: all(n in core.ready for n in names) or
+                              any(r.get("error") for r in core.ready.values()),
                               self.cfg["run"]["start_timeout_s"], "every node to be ready",
                               lambda: [n for n in names if n not in core.ready])
         failed = {n: r["error"] for n, r in core.ready.items() if r.get("error")}

@@ -43,3 +43,15 @@ def test_an_endpoint_given_to_two_binders_is_asked_for_again():
     assert len(set(eps.values())) == len(eps), eps
     assert sum(1 for ep in eps.values() if ep.endswith(f":{port}")) == 1
     assert ex.asked > 3         # the two that came second were asked for again
+
+
+def test_a_node_whose_start_up_failed_fails_the_run_at_once_not_at_the_timeout():
+    from bench.launch import RunFailed
+    import pytest
+    cfg = config.validate({"vgpus": {"count": 2, "ram_mib": 4}}, "test")
+    launcher = Launcher(cfg)
+    names = launcher.topo.node_ids()
+    launcher.core.ready["hypervisor/0"] = {"error": "hypervisor acked nothing"}
+    waiting = launcher.wait_ready(names)
+    with pytest.raises(RunFailed, match="hypervisor/0: hypervisor acked nothing"):
+        next(waiting)           # no Sleep first: the others are not waited for
