@@ -237,9 +237,8 @@ class Launcher:
                               link_silent_s=self.cfg["run"]["link_silent_s"])
             self.t_spawn = time.monotonic()
             for n in names:
-                if n.startswith("guest") and self.pool_of[n][0] != int(n[5:]):
-                    continue            # its pool's process is started with the pool's first VM
-                self._spawn(role_of(n)[0], n, eps, cfg_path)
+                if not n.startswith("guest"):
+                    self._spawn(role_of(n)[0], n, eps, cfg_path)
             self.rt.spawn(self._orchestrate(drive or Launcher._drive, names))
             self.rt.run(until=lambda: self.result is not None or self.error is not None)
             if self.error:
@@ -279,6 +278,14 @@ class Launcher:
     def _orchestrate(self, drive: Callable[["Launcher", list[str]], Iterator[Any]],
                      names: list[str]) -> Iterator[Any]:
         try:
+            # the guests once their GPUs' nodes are READY: a hypervisor answers a guest only once
+            # it has said HELLO to its mediator and gpu, which on a crowded host can take longer
+            # than a link's resends last
+            stacks = [n for n in names if not n.startswith("guest")]
+            yield from self.wait_ready(stacks)
+            for n in names:
+                if n.startswith("guest") and self.pool_of[n][0] == int(n[5:]):
+                    self._spawn("guest", n, self.eps, self.cfg_path)    # with its pool's VMs
             self.result = yield from drive(self, names)
         except Exception as err:
             if self.trace_path and self.trace_summary is None and self.phase != "starting":
