@@ -33,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Hashable
 
+from nodes.errors import GvtError
+
 
 @dataclass(frozen=True, slots=True)
 class Ctx:
@@ -52,7 +54,8 @@ class Core:
 
     # ---- what a core does ---------------------------------------------------------------------
     def handle(self, msg: Any, now: int) -> Any:
-        raise NotImplementedError(f"{type(self).__name__} handles no message")
+        # a core that takes no messages refuses each one as a peer's mistake, not as its bug
+        raise GvtError("ENOTSUP", f"a {type(self).__name__} handles no {msg.kind}")
 
     def lane(self, msg: Any) -> Hashable | None:
         return None

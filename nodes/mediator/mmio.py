@@ -3,6 +3,7 @@ the GGTT or the registers, or in failsafe the virtual copies only (failsafe_emul
 read-only bits, no masking, no hooks, no shadowing)."""
 from __future__ import annotations
 
+from types import GeneratorType
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -50,7 +51,9 @@ def emulate_write(vgpu: VGpu, off: int, size: int, val: int, ctx: Ctx) -> Iterat
         out = vgpu.ggtt.write(off, size, val)
     else:
         out = handlers.mmio_write(vgpu, off, size, val)
-    return None if out is None else _hooks(vgpu, out, ctx)
+    if out is None or type(out) is GeneratorType:
+        return out                      # the common case: one task fragment, run as it is
+    return _hooks(vgpu, out, ctx)
 
 
 def _hooks(vgpu: VGpu, out: Any, ctx: Ctx) -> Iterator[Any]:
