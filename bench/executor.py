@@ -28,6 +28,7 @@ from nodes.errors import GvtError
 from nodes.wire.schema import key_stem
 
 RPC_TIMEOUT_S = 30.0        # an actor answers a call about its process within this
+POLL_EVERY_S = 0.25         # how often a node process on Ray is asked whether it exited
 BUNDLE_CPU = 0.01           # a bundle only places a process: the bench reserves no cores
 HOST_SHARE = 0.001          # of the node:<ip> resource, to pin a bundle to the launcher's host
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD", "strict-spread": "STRICT_SPREAD"}
@@ -91,13 +92,19 @@ class NodeProcess(Protocol):
     pid: int | None             # None: it runs elsewhere, ask the handle itself
     returncode: int | None
 
-    def poll(self) -> int | None: ...
+    def poll(self) -> int | None:
+        """The exit code if it exited, else None; never waits."""
 
     def signal(self, sig: int) -> None: ...
 
     def wait(self, timeout: float | None = None) -> int: ...
 
     def sample(self) -> procstat.Sample | None: ...
+
+    def sample_begin(self) -> Any:
+        """Ask for a sample; sample_end(what this returned) gives it (several at once)."""
+
+    def sample_end(self, ref: Any) -> procstat.Sample | None: ...
 
     def log_tail(self, lines: int = 5) -> str: ...
 
@@ -151,6 +158,12 @@ class LocalProcess:
 
     def sample(self) -> procstat.Sample | None:
         return procstat.sample(self.popen.pid)
+
+    def sample_begin(self) -> Any:
+        return None
+
+    def sample_end(self, ref: Any) -> procstat.Sample | None:
+        return self.sample()
 
     def log_tail(self, lines: int = 5) -> str:
         try:
@@ -320,19 +333,51 @@ class RayProcess:
         self.ex, self.name, self.actor = executor, name, actor
         self.node_pid = node_pid        # its pid on its own host
         self.returncode: int | None = None
+        self._polling: Any = None       # the actor's answer to a poll, on its way
+        self._polled_at = 0.0
 
     def _ask(self, method: str, *args: Any, timeout: float = RPC_TIMEOUT_S) -> Any:
         return self.ex.get(getattr(self.actor, method).remote(self.node_pid, *args),
                            f"{self.name}: {method}", timeout)
 
     def poll(self) -> int | None:
-        if self.returncode is None:
+        """Never waits: the launcher's loop calls this for every process many times a second,
+        and a round trip to an actor on a busy host can take longer than a link's liveness
+        timeout. The exit code is the one the actor's last answer had (asked again at most
+        every POLL_EVERY_S), so an exit is seen that much later."""
+        if self.returncode is not None:
+            return self.returncode
+        ray = self.ex.ray
+        if self._polling is not None:
+            done, _ = ray.wait([self._polling], timeout=0)
+            if not done:
+                return None
+            ref, self._polling = self._polling, None
             try:
-                self.returncode = self._ask("poll")
+                self.returncode = self.ex.get(ref, f"{self.name}: poll")
             except ActorGone:
                 # the node dies with its actor (PR_SET_PDEATHSIG sends it SIGTERM)
                 self.returncode = -signal.SIGTERM
-        return self.returncode
+            except ExecutorError:
+                pass                # asked again next time
+            if self.returncode is not None:
+                return self.returncode
+        now = time.monotonic()
+        if now - self._polled_at >= POLL_EVERY_S:
+            self._polled_at = now
+            self._polling = self.actor.poll.remote(self.node_pid)
+        return None
+
+    def sample_begin(self) -> Any:
+        """Ask for a sample without waiting for it (sample_end waits): the processes of a run
+        are sampled together, in one round trip's time."""
+        return self.actor.sample.remote(self.node_pid)
+
+    def sample_end(self, ref: Any) -> procstat.Sample | None:
+        try:
+            return self.ex.get(ref, f"{self.name}: sample")
+        except ActorGone:
+            return None
 
     def signal(self, sig: int) -> None:
         try:
@@ -353,10 +398,7 @@ class RayProcess:
         return rc
 
     def sample(self) -> procstat.Sample | None:
-        try:
-            return self._ask("sample")
-        except ActorGone:
-            return None
+        return self.sample_end(self.sample_begin())
 
     def log_tail(self, lines: int = 5) -> str:
         try:

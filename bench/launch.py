@@ -191,7 +191,9 @@ class Launcher:
         return out
 
     def _sample_processes(self) -> dict[str, procstat.Sample | None]:
-        return {name: proc.sample() for name, (proc, _n) in self.processes().items()}
+        procs = {name: proc for name, (proc, _n) in self.processes().items()}
+        asked = {name: proc.sample_begin() for name, proc in procs.items()}
+        return {name: proc.sample_end(asked[name]) for name, proc in procs.items()}
 
     def _log_path(self, name: str) -> str:
         pool = self.pool_of.get(name)
@@ -259,7 +261,7 @@ class Launcher:
                                 f"waiting for {what}: {self._log_tail(dead[0])}")
             if time.monotonic() > deadline:
                 late = missing() if missing else []
-                tail = self._log_tail(late[0]) if late else ""
+                tail = self._log_tail(late[0].split(" ")[0]) if late else ""
                 raise RunFailed(f"timed out after {timeout:g} s waiting for {what}" + (
                     f" (still waiting for {', '.join(late[:8])}{' ...' if len(late) > 8 else ''})"
                     if late else "") + (f"; {late[0]}'s log ends: {tail}" if tail else ""))
@@ -364,7 +366,9 @@ class Launcher:
         limit = (run["duration_s"] if not run["ops"] else 3600) + run["drain_timeout_s"]
         yield from self._wait(lambda: len(core.reports) == len(vms) or
                               any(core.progress.get(v, {}).get("state") == "failed" for v in vms),
-                              limit, "the guests to finish their load")
+                              limit, "the guests to finish their load",
+                              lambda: [f"guest{v} ({core.progress.get(v, {}).get('state', 'no progress')})"
+                                       for v in vms if v not in core.reports])
         wall = time.monotonic() - t_start
         self.cpu_at_end = self._sample_processes()
         # a guest whose boot failed reports on request

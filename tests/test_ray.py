@@ -139,6 +139,30 @@ def test_strict_spread_refuses_more_processes_than_ray_nodes_naming_both(cluster
     assert not ex.started
 
 
+def test_polling_a_node_on_ray_never_waits_for_its_busy_actor(cluster, tmp_path):
+    """The launcher polls every node process many times a second from the loop that also keeps
+    its links alive: a poll that waited for an actor busy elsewhere stalled that loop past the
+    links' liveness timeout (a 128-vGPU run on 4 Ray nodes lost its guests' links)."""
+    import ray
+    ex = RayExecutor(cluster.address, "pack")
+    try:
+        ex.place(["p"], _cfg("tcp", "msg"), "polltest")
+        proc = ex.start("p", [sys.executable, "-c", "import time; time.sleep(60)"],
+                        str(tmp_path / "p.log"))
+        busy = ex.actors["p"].wait.remote(proc.node_pid, 20.0)   # the actor's thread, for 20 s
+        for _ in range(3):
+            assert proc.poll() is None
+        assert not ray.wait([busy], timeout=0)[0], "poll() waited for the busy actor"
+        os.kill(proc.node_pid, 9)       # this machine's: the actor's wait returns at once
+        deadline = time.monotonic() + 60
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "the exit was never seen"
+            time.sleep(0.05)
+        assert proc.returncode == -9
+    finally:
+        ex.close()
+
+
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bench.cli", "run", *args], capture_output=True,
                           text=True, timeout=timeout)
