@@ -50,6 +50,18 @@ def test_boot_refuses_a_page_without_the_magic(bench):
     assert g.state == "failed" and g.boot_error
 
 
+def test_a_failed_boot_tells_the_launcher_at_once(bench):
+    """Else the launcher learns of it only when it gives up waiting for the load to end (a
+    guest reports progress while its load runs)."""
+    bench.mediator.vgpus[1].vregs[pvinfo.BASE + 4] = 0
+    g = add_guest(bench.net, 1, 16384)
+    g.launcher = "launcher"
+    box = bench.net.spawn("guest1", g.boot_and_start(True, None))
+    bench.net.run(until=lambda: bool(box) and bench.net.sent("PROGRESS", src="guest1"))
+    [told] = bench.net.sent("PROGRESS", src="guest1")
+    assert told.payload["report"]["state"] == "failed" and told.vgpu == 1
+
+
 def test_boot_refuses_another_major_version(bench):
     bench.mediator.vgpus[1].vregs[pvinfo.BASE + pvinfo.VERSION_MAJOR_OFF] = 2
     g, box = boot(bench)

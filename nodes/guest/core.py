@@ -693,6 +693,8 @@ class GuestCore(Core):
         except GvtError as err:
             self.boot_error = err.text
             self.state = "failed"
+            if self.launcher:       # the run ends now, with why, not when it gives up waiting
+                self.emit(Post(self.launcher, "PROGRESS", {"report": self.progress()}, vgpu=self.vm))
             raise
         if load:
             self.start(start_at, spec)
