@@ -25,6 +25,7 @@ import heapq
 import os
 import select
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -468,6 +469,9 @@ class Runtime:
         returns or restarted is welcomed with a new HELLO (from the side that connects; the other
         side takes a returned peer back as it was: same epoch, its name already checked)."""
         for ev in events:
+            # a line in the node's log for each: what a user reads when a run fails on a link
+            print(f"gvtbench {self.name}: link {link.name}: {_describe(ev)}", file=sys.stderr,
+                  flush=True)
             if isinstance(ev, PeerRestarted):
                 why = f"restarted (epoch {ev.old_epoch:x} -> {ev.new_epoch:x})"
                 self.engine.link_lost(link.name, why, now, event="")
@@ -818,6 +822,19 @@ class Runtime:
         self._http, self.metrics_port = serve_metrics(
             self.collectors() + [BuildInfoCollector(translator)], addr, port)
         return self.metrics_port
+
+
+def _describe(ev: Any) -> str:
+    """A link event as a line of a node's log."""
+    if isinstance(ev, PeerRestarted):
+        return f"the peer restarted (epoch {ev.old_epoch:x} -> {ev.new_epoch:x}); {ev.lost} bodies lost"
+    if isinstance(ev, PeerSilent):
+        if ev.why == "silent":
+            return f"the peer went silent for {ev.silent_ns / 1e9:.1f} s; {ev.lost} bodies given up"
+        return f"the peer acked nothing through repeated resends; {ev.lost} bodies given up"
+    if isinstance(ev, PeerReturned):
+        return "the peer is heard again"
+    return f"the peer gave up what it had in flight to us (new stream {ev.stream})"
 
 
 class NodeHost:

@@ -40,3 +40,21 @@ def test_cli_reports_bad_config_and_exits_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(tmp_path / "nope.toml")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_every_shipped_config_loads_and_the_256_vgpu_one_fits_its_gpus():
+    """The configs/ files are the README's examples: each must load as it is, and the Ray scale
+    target's must place 64 vGPUs of its type on each of its 4 GPUs, in pools of 32."""
+    from pathlib import Path
+
+    from nodes.node import guest_pools
+    from nodes.topology import Topology
+    shipped = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+    assert len(shipped) >= 6
+    for path in shipped:
+        config.load(str(path))
+    cfg = config.load(str(Path(__file__).parent.parent / "configs" / "scale256.toml"))
+    topo = Topology(cfg)
+    assert [len(st.vms) for st in topo.stacks] == [64, 64, 64, 64]
+    assert [len(p) for p in guest_pools(cfg)] == [32] * 8
+    assert cfg["run"]["transport"] == "tcp" and cfg["run"]["fabric"] == "msg"
