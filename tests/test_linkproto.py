@@ -344,3 +344,15 @@ def test_a_partition_longer_than_the_liveness_timeout_is_a_death_and_a_return():
     assert net.got["b"] and net.got["b"] == [b"%d" % i for i in range(len(net.got["b"]))]
     lost = net.ends["a"].counts["lost"]
     assert len(net.got["b"]) + lost == 50       # each body delivered once or reported lost
+
+
+def test_each_link_event_has_a_line_for_the_nodes_log():
+    """What a user reads in a node's log when a run failed on its links (nodes/runtime.py)."""
+    from nodes.runtime import _describe
+    assert _describe(lp.PeerSilent(10_000_000_000, 1)) == \
+        "the peer went silent for 10.0 s; 1 bodies given up"
+    assert "acked nothing through repeated resends; 3 bodies" in \
+        _describe(lp.PeerSilent(50_000_000, 3, "not_acking"))
+    assert "restarted (epoch a -> b); 2 bodies lost" in _describe(lp.PeerRestarted(10, 11, 2))
+    assert _describe(lp.PeerReturned(5)) == "the peer is heard again"
+    assert "new stream 4" in _describe(lp.PeerNewStream(5, 4))
