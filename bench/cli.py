@@ -177,7 +177,7 @@ def _node(args: argparse.Namespace) -> int:
                     launcher=args.launcher, run_id=args.run_id, keys_dir=args.keys,
                     metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                     parent_death=args.parent_death, vm_binds=vm_binds, restarted=args.restart,
-                    vm_peers=vm_peers, gpu=args.gpu)
+                    vm_peers=vm_peers, gpu=args.gpu, hv=args.hypervisor)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -317,6 +317,9 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--gpu", type=int, default=0, metavar="G",
                    help="the physical GPU this gpu, mediator or hypervisor serves (its id is "
                         "ROLE/G; default 0); a guest's GPU is its VM's")
+    n.add_argument("--hypervisor", type=int, default=0, metavar="K",
+                   help="hypervisor: which of its GPU's hypervisors this is (gpu.hypervisors; "
+                        "its id is hypervisor/G.K, or hypervisor/G for K = 0)")
     n.add_argument("--config", help="TOML or JSON config shared by all nodes of the run")
     n.add_argument("--vm", action="append", default=[], metavar="N[-M]",
                    help="guest: the VM (or VMs N..M) to run; several make a pool of guests in "

@@ -19,7 +19,7 @@ from nodes.errors import GvtError
 from nodes.node import fault_plan, guest_pools, node_names, vgpu_types
 from nodes.topology import Topology
 from nodes.wire.faults import FaultSpecError
-from nodes.wire.schema import MAX_GPUS, canonical
+from nodes.wire.schema import MAX_GPUS, MAX_HYPERVISORS, canonical
 
 
 class ConfigError(Exception):
@@ -68,6 +68,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "count": (int, 1, lambda v: 1 <= v <= MAX_GPUS, f"physical GPUs, 1..{MAX_GPUS}: each "
                   f"has its own gpu, mediator and hypervisor, and the VMs are split over them "
                   f"in order"),
+        "hypervisors": (int, 1, lambda v: 1 <= v <= MAX_HYPERVISORS,
+                        f"hypervisors serving each GPU's mediator, 1..{MAX_HYPERVISORS} (hypervisor/G, "
+                        f"hypervisor/G.1, ...): the GPU's VMs are split over them in order"),
         "aperture_mib": (int, 1024, lambda v: v > partition.HOST_LOW_GM >> 20 and v < 4096,
                          f"MiB of CPU-mappable GM, more than the host's "
                          f"{partition.HOST_LOW_GM >> 20} and < 4096"),

@@ -32,7 +32,7 @@ from nodes.runtime import Keys, Runtime, make_keys
 from nodes.stats import Stats
 from nodes.wire.codec import Envelope
 from nodes.topology import Topology, vm_endpoint_name
-from nodes.wire.schema import STACK_ROLES, guest_name, role_of
+from nodes.wire.schema import STACK_ROLES, guest_name, hypervisor_index, role_of
 from nodes.wire.faults import NodeFault
 
 SCHEMA_VERSION = 1
@@ -161,15 +161,17 @@ class Launcher:
             names = [guest_name(v) for v in pool]
             # each guest connects to its own VM's endpoint of its GPU's hypervisor
             for v in pool:
-                hv = topo.stack(topo.gpu_of(v)).hypervisor
+                hv = topo.stack(topo.gpu_of(v)).hypervisor_of(v)
                 cmd += ["--vm", str(v), "--vm-peer", f"{v}={eps[vm_endpoint_name(hv, v)]}"]
         else:
             st = topo.stack_of(name)
             cmd += ["--gpu", str(st.index), "--bind", eps[name]]
-            cmd += [a for peer in topo.needed_peers(role)
+            cmd += [a for peer in topo.peers_of(name)
                     for a in ("--peer", f"{peer}={eps[topo.qualify(name, peer)]}")]
         if role == "hypervisor":
-            cmd += [a for v in st.vms for a in ("--vm-bind", f"{v}={eps[vm_endpoint_name(name, v)]}")]
+            cmd += ["--hypervisor", str(hypervisor_index(name))]
+            cmd += [a for v in st.vms_of(name)
+                    for a in ("--vm-bind", f"{v}={eps[vm_endpoint_name(name, v)]}")]
         process = self._process_name(name)
         if self.keys_dir:
             cmd += ["--keys", self.executor.keys_for(process, self.keys_dir, names)]
@@ -416,9 +418,9 @@ class Launcher:
         run = self.cfg["run"]
         names = [nf.node]
         if role_of(nf.node)[0] == "hypervisor":
-            # its VMs: the guests of its GPU, and those that share a pool's process with them
+            # its VMs, and the guests that share a pool's process with theirs
             st = self.topo.stack_of(nf.node)
-            pools = {tuple(self.pool_of[guest_name(v)]) for v in st.vms}
+            pools = {tuple(self.pool_of[guest_name(v)]) for v in st.vms_of(nf.node)}
             names += [guest_name(v) for pool in sorted(pools) for v in pool]
         at = time.monotonic() - self.t_load
         at_ns = time.monotonic_ns()
@@ -771,7 +773,7 @@ class Launcher:
                 "failsafe": v["failsafe"],
                 "traps": ledger.summarize_traps(snaps[f"guest{vm}"], vm, "guest"),
                 "stages": {stage: ledger.summarize_traps(snaps[n], vm, stage)
-                           for stage, n in (("hypervisor", st.hypervisor), ("mediator", st.mediator))},
+                           for stage, n in (("hypervisor", st.hypervisor_of(vm)), ("mediator", st.mediator))},
                 "ggtt": {**mv.get("ggtt", {}), "pinned": mv.get("pinned", 0)},
                 "guest": guest,
                 "timeline": timeline,
@@ -806,7 +808,8 @@ class Launcher:
             "translator": self.core.ready.get(topo.stacks[0].mediator, {}).get("translator", "?"),
             "scratch": med["core"].get("scratch", "?"),
             # the GPUs and the VMs on each
-            "gpus": [{"index": st.index, "vms": list(st.vms), "nodes": st.nodes}
+            "gpus": [{"index": st.index, "vms": list(st.vms), "nodes": st.nodes,
+                      "hypervisors": {h: list(st.vms_of(h)) for h in st.hypervisors}}
                      for st in topo.stacks],
             "gpu_restores": [dict(r, gpu=i) if len(meds) > 1 and isinstance(r, dict) else r
                              for i, m in enumerate(meds) for r in m["core"].get("gpu_restores", [])],

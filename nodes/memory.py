@@ -49,13 +49,16 @@ class Layout:
         self._host = next((r for r in self.regions if r.vm == 0), None)
 
     @classmethod
-    def build(cls, host_pool_frames: int, vm_frames: dict[int, int], hypervisor: str = "hypervisor",
-              mediator: str = "mediator", gpu: int = 0) -> "Layout":
-        """One GPU's machine memory (its DMA space): its host pool, then its VMs' RAM."""
+    def build(cls, host_pool_frames: int, vm_frames: dict[int, int],
+              hypervisor: str | dict[int, str] = "hypervisor", mediator: str = "mediator",
+              gpu: int = 0) -> "Layout":
+        """One GPU's machine memory (its DMA space): its host pool, then its VMs' RAM, each
+        owned by its VM's hypervisor (one name for all, or VM -> name)."""
         regions = [Region(f"host{gpu}", FIRST_MFN, host_pool_frames, mediator, 0)]
         nxt = FIRST_MFN + host_pool_frames
         for vm in sorted(vm_frames):
-            regions.append(Region(f"vm{vm}", nxt, vm_frames[vm], hypervisor, vm))
+            owner = hypervisor if isinstance(hypervisor, str) else hypervisor[vm]
+            regions.append(Region(f"vm{vm}", nxt, vm_frames[vm], owner, vm))
             nxt += vm_frames[vm]
         return cls(regions)
 

@@ -18,7 +18,7 @@ from nodes.metrics.export import BuildInfoCollector, PoolCollector, serve_metric
 from nodes.runtime import Keys, NodeHost, Runtime, die_with_parent
 from nodes.topology import Topology, host_pool_frames  # noqa: F401 (bench takes it from here)
 from nodes.wire.faults import FaultPlan
-from nodes.wire.schema import guest_name, node_id
+from nodes.wire.schema import guest_name, local_hypervisor, node_id
 
 ROLES = ("gpu", "mediator", "hypervisor", "guest")
 PROGRESS_EVERY_NS = 250_000_000     # per guest, up to 8 guests; then less often, so that the
@@ -190,9 +190,9 @@ def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: d
              launcher: str | None, run_id: str, keys_dir: str | None = None, metrics_port: int = 0,
              metrics_addr: str = "127.0.0.1", parent_death: bool = False,
              vm_binds: dict[int, str] | None = None, restarted: bool = False,
-             vm_peers: dict[int, str] | None = None, gpu: int = 0) -> int:
-    """Run one node (of GPU `gpu`), or (role guest, several VMs) a pool of guests in this
-    process."""
+             vm_peers: dict[int, str] | None = None, gpu: int = 0, hv: int = 0) -> int:
+    """Run one node (of GPU `gpu`; a hypervisor: its GPU's hypervisor `hv`), or (role guest,
+    several VMs) a pool of guests in this process."""
     if role not in ROLES:
         raise GvtError("EINVAL", f"unknown role {role!r}; roles: {', '.join(ROLES)}")
     tcp = (bind or "").startswith("tcp://") or any(
@@ -212,11 +212,18 @@ def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: d
     topo = Topology(cfg)
     stack = topo.stack(gpu)
     mine = list(stack.vms)          # the VMs whose vGPUs are on this GPU
+    if hv and role != "hypervisor":
+        raise GvtError("EINVAL", "--hypervisor is for the hypervisor")
+    if not 0 <= hv < len(stack.hv_vms):
+        raise GvtError("EINVAL", f"GPU {gpu} has {len(stack.hv_vms)} hypervisor(s) "
+                       f"(gpu.hypervisors): there is no hypervisor {hv}")
+    if role == "hypervisor":
+        mine = list(stack.hv_vms[hv])       # the VMs this hypervisor runs
     if not bind:
         raise GvtError("EINVAL", f"a {role} needs --bind ENDPOINT")
     if parent_death:
         die_with_parent()
-    name = node_id(role, gpu)
+    name = node_id(role, gpu, 0, hv)
     run = cfg["run"]
     layout = topo.layout(gpu)
     owned = OwnedMemory(layout)
@@ -233,6 +240,7 @@ def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: d
         owned.add(RegionMemory.create(layout.host, run["fabric"], run_id))
         translate, info["translator"] = select_translator(cfg["mediator"]["translator"])
         core = MediatorCore(layout, Fabric(layout, run["fabric"], run_id, owned=owned),
+                            hypervisors={v: local_hypervisor(stack.hv_index_of(v)) for v in mine},
                             aperture_size=cfg["gpu"]["aperture_mib"] * MiB,
                             max_vgpus=cfg["mediator"]["max_vgpus"], translate=translate,
                             scratch=cfg["mediator"]["scratch"],
@@ -256,8 +264,8 @@ def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: d
             on_stop.append(wp.close)
         stray = sorted(set(vm_binds or {}) - set(mine))
         if stray:
-            raise GvtError("EINVAL", f"--vm-bind for VM {stray[0]}, which is not on GPU {gpu} "
-                           f"(its VMs: {_vm_list(mine)})")
+            raise GvtError("EINVAL", f"--vm-bind for VM {stray[0]}, which is not one of "
+                           f"{name}'s VMs ({_vm_list(mine)})")
         vm_binds = {v: (vm_binds or {}).get(v) or vm_endpoint(bind, v) for v in mine}
     if role != "hypervisor" and vm_binds:
         raise GvtError("EINVAL", "--vm-bind is for the hypervisor")
@@ -266,7 +274,7 @@ def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: d
         rt.engine.serve(OwnedMemory.KINDS, owned.serve)
     rt.on_stop.append(owned.close)
     rt.on_stop.extend(on_stop)
-    wanted = needed_peers(role, cfg)
+    wanted = topo.peers_of(name)
     for p in wanted:
         if p not in peers:
             raise GvtError("EINVAL", f"{role} needs --peer {p}=ENDPOINT")
@@ -317,7 +325,7 @@ def _run_guests(cfg: dict, vms: list[int], *, peers: dict[str, str], vm_peers: d
         rt = _runtime(guest_name(vm), "guest", core, cfg, None, keys_dir, host=host, vms=[vm])
         rt.on_stop.extend(on_stop)
         # its VM's hypervisor: the one of the GPU its vGPU is on
-        rt.connect("hypervisor", eps[vm], node=topo.stack(topo.gpu_of(vm)).hypervisor)
+        rt.connect("hypervisor", eps[vm], node=topo.stack(topo.gpu_of(vm)).hypervisor_of(vm))
         if launcher:
             rt.connect("launcher", launcher, control=True)
         rts.append(rt)

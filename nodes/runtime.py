@@ -51,7 +51,8 @@ from nodes.wire.link import Link, SendFailed
 from nodes.wire.linkproto import (
     FLAG_OOB, PeerNewStream, PeerRestarted, PeerReturned, PeerSilent, State, oob_frame, unpack,
 )
-from nodes.wire.schema import (CONNECTS_TO, STACK_ROLES, canonical, guest_name, key_stem, node_id,
+from nodes.wire.schema import (CONNECTS_TO, STACK_ROLES, canonical, guest_name, hypervisor_index,
+                               key_stem, local_hypervisor, node_id, split_node,
                                node_of_key_stem, parse_node, role_of)
 
 monotonic_ns = time.monotonic_ns
@@ -363,10 +364,10 @@ class Runtime:
 
     def _peer_id(self, peer: str) -> str:
         """The id of the peer a link name means: a bare role is our own GPU's node of it."""
-        role, gpu, vm = parse_node(peer)
+        role, gpu, vm, hv = split_node(peer)
         if role in STACK_ROLES and "/" not in peer:
-            return node_id(role, self.gpu or 0)
-        return node_id(role, gpu or 0, vm)
+            return node_id(role, self.gpu or 0, 0, hv)
+        return node_id(role, gpu or 0, vm, hv)
 
     def _link(self, peer: str, node: str, send: Callable[[bytes], None],
               control: bool = False) -> Link:
@@ -433,7 +434,9 @@ class Runtime:
         refusal = self._accepts(r, name)
         if refusal:
             raise GvtError("EPERM", refusal)
-        local = name if self.gpu is None else (role if role in STACK_ROLES else name)
+        local = name if self.gpu is None else (
+            local_hypervisor(hypervisor_index(name)) if role == "hypervisor" else
+            role if role in STACK_ROLES else name)
         old = self.engine.links.get(local)
         if old is not None:
             if old in self._dealers.values() or epoch <= old.proto.peer_epoch:

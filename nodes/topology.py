@@ -23,7 +23,8 @@ from typing import Iterator
 from nodes.errors import GvtError
 from nodes.hw import MiB, PAGE_SIZE, partition
 from nodes.memory import Layout
-from nodes.wire.schema import MAX_GPUS, STACK_ROLES, guest_name, node_id, parse_node
+from nodes.wire.schema import (MAX_GPUS, STACK_ROLES, guest_name, hypervisor_index, local_hypervisor,
+                               node_id, parse_node, split_node)
 
 HOST_POOL_FRAMES = 4096         # 16 MiB: scratch page, shadow tables, contexts, rings, batches
 POOL_FRAMES_PER_VGPU = 512      # past 7 vGPUs, the pool grows by 2 MiB per vGPU slot...
@@ -31,9 +32,15 @@ POOL_FRAMES_PER_VGPU = 512      # past 7 vGPUs, the pool grows by 2 MiB per vGPU
 
 @dataclass(frozen=True)
 class GpuStack:
-    """One physical GPU and the nodes that serve it."""
+    """One physical GPU and the nodes that serve it: its gpu, its mediator, and the
+    hypervisors whose VMs have vGPUs on it (`hv_vms[K]`: hypervisor K's VMs)."""
     index: int
     vms: tuple[int, ...]
+    hv_vms: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.hv_vms:
+            object.__setattr__(self, "hv_vms", (self.vms,))
 
     @property
     def gpu(self) -> str:
@@ -45,11 +52,31 @@ class GpuStack:
 
     @property
     def hypervisor(self) -> str:
+        """The GPU's first hypervisor (its only one, unless gpu.hypervisors says more)."""
         return node_id("hypervisor", self.index)
 
     @property
+    def hypervisors(self) -> list[str]:
+        return [node_id("hypervisor", self.index, 0, k) for k in range(len(self.hv_vms))]
+
+    def hypervisor_of(self, vm: int) -> str:
+        """The id of the hypervisor that runs VM `vm`."""
+        return node_id("hypervisor", self.index, 0, self.hv_index_of(vm))
+
+    def hv_index_of(self, vm: int) -> int:
+        for k, vms in enumerate(self.hv_vms):
+            if vm in vms:
+                return k
+        raise GvtError("EINVAL", f"VM {vm} is not on GPU {self.index} (its VMs: "
+                       f"{', '.join(map(str, self.vms))})")
+
+    def vms_of(self, hypervisor: str) -> tuple[int, ...]:
+        """The VMs of one of this GPU's hypervisors (by id)."""
+        return self.hv_vms[hypervisor_index(hypervisor)]
+
+    @property
     def nodes(self) -> list[str]:
-        return [self.gpu, self.mediator, self.hypervisor]
+        return [self.gpu, self.mediator, *self.hypervisors]
 
 
 def host_pool_frames(cfg: dict) -> int:
@@ -82,7 +109,14 @@ class Topology:
         if gpus > count:
             raise GvtError("EINVAL", f"{gpus} GPUs for {count} vGPUs: every GPU needs a vGPU "
                            f"(gpu.count <= vgpus.count)")
-        self.stacks = [GpuStack(g, vms) for g, vms in enumerate(split_vms(count, gpus))]
+        hvs = cfg["gpu"].get("hypervisors", 1)
+        self.stacks = []
+        for g, vms in enumerate(split_vms(count, gpus)):
+            if hvs > len(vms):
+                raise GvtError("EINVAL", f"gpu.hypervisors = {hvs}, but GPU {g} has {len(vms)} "
+                               f"VMs: every hypervisor needs a VM")
+            self.stacks.append(GpuStack(g, vms, tuple(tuple(vms[i - 1] for i in part)
+                                                      for part in split_vms(len(vms), hvs))))
         self.vms = list(range(1, count + 1))
         self._gpu_of = {v: st.index for st in self.stacks for v in st.vms}
 
@@ -107,7 +141,7 @@ class Topology:
         return None if gpu is None else self.stack(gpu)
 
     def node_ids(self) -> list[str]:
-        """Every node of the run: each GPU's gpu, mediator and hypervisor, then the guests."""
+        """Every node of the run: each GPU's gpu, mediator and hypervisors, then the guests."""
         return [n for st in self.stacks for n in st.nodes] + [guest_name(v) for v in self.vms]
 
     def with_launcher(self) -> list[str]:
@@ -122,6 +156,16 @@ class Topology:
             return ["hypervisor"] if self.cfg["run"]["fabric"] == "msg" else []
         return {"mediator": ["gpu"], "hypervisor": ["mediator"], "guest": ["hypervisor"]}[role]
 
+    def peers_of(self, name: str) -> list[str]:
+        """The peers node `name` connects to, as it names them: needed_peers, with the gpu
+        linked to each hypervisor of its GPU (`hypervisor`, `hypervisor.1`, ...)."""
+        role = parse_node(name)[0]
+        wanted = self.needed_peers(role)
+        st = self.stack_of(name)
+        if role == "gpu" and wanted and st is not None:
+            return [local_hypervisor(k) for k in range(len(st.hv_vms))]
+        return wanted
+
     def accepted_roles(self, role: str) -> frozenset[str]:
         """The roles that connect to `role` (with the shm fabric the gpu reaches guest RAM
         directly, so the hypervisor takes no gpu link, and with it no DMA_READ/DMA_WRITE)."""
@@ -131,33 +175,42 @@ class Topology:
     def links(self) -> Iterator[tuple[str, str]]:
         """Every connection of the run, (the node that connects, the node it connects to)."""
         for n in self.node_ids():
-            for peer in self.needed_peers(parse_node(n)[0]):
+            for peer in self.peers_of(n):
                 yield n, self.qualify(n, peer)
             yield n, "launcher"
 
     @staticmethod
     def local_name(own: str, peer: str) -> str:
-        """How node `own` names `peer` in its links: a node of its own GPU by its role."""
-        _r, own_gpu, own_vm = parse_node(own)
-        role, gpu, _vm = parse_node(peer)
+        """How node `own` names `peer` in its links: a node of its own GPU by its role (a
+        hypervisor K >= 1 as hypervisor.K; a guest's own hypervisor is its `hypervisor`)."""
+        own_role, own_gpu, own_vm = parse_node(own)
+        role, gpu, _vm, hv = split_node(peer)
         if role in STACK_ROLES and own_gpu is None and own_vm == 0:
-            return node_id(role, gpu or 0)          # the launcher names every node by its id
+            return node_id(role, gpu or 0, 0, hv)   # the launcher names every node by its id
+        if role == "hypervisor":
+            return "hypervisor" if own_role == "guest" else local_hypervisor(hv)
         return role if role in STACK_ROLES else peer
 
     def qualify(self, own: str, peer: str) -> str:
-        """The id of the node `own` calls `peer` (a role: the one of its own GPU)."""
-        role, gpu, vm = parse_node(peer)
+        """The id of the node `own` calls `peer` (a role: the one of its own GPU; a guest's
+        `hypervisor`: its VM's)."""
+        role, gpu, vm, hv = split_node(peer)
         if role in STACK_ROLES and "/" not in peer:
             st = self.stack_of(own)
-            return node_id(role, st.index if st else 0)
-        return node_id(role, gpu or 0, vm)
+            own_role, _g, own_vm = parse_node(own)
+            if role == "hypervisor" and own_role == "guest" and st is not None:
+                return st.hypervisor_of(own_vm)
+            return node_id(role, st.index if st else 0, 0, hv)
+        return node_id(role, gpu or 0, vm, hv)
 
     # ---- memory ----------------------------------------------------------------------------------
     def layout(self, gpu: int) -> Layout:
         """GPU `gpu`'s DMA space: its mediator's host pool, then the RAM of its VMs. Each GPU has
         its own (as behind an IOMMU): a GPU reaches no other GPU's pool or VMs."""
         frames = self.cfg["vgpus"]["ram_mib"] * (MiB // PAGE_SIZE)
-        return Layout.build(host_pool_frames(self.cfg), {vm: frames for vm in self.stack(gpu).vms},
+        st = self.stack(gpu)
+        return Layout.build(host_pool_frames(self.cfg), {vm: frames for vm in st.vms},
+                            hypervisor={vm: local_hypervisor(st.hv_index_of(vm)) for vm in st.vms},
                             gpu=gpu)
 
     def regions(self) -> dict[str, str]:
@@ -176,7 +229,8 @@ class Topology:
         out: dict[str, str | None] = {"launcher": None}
         for st in self.stacks:
             out.update({n: n for n in st.nodes})
-            out.update({vm_endpoint_name(st.hypervisor, v): st.hypervisor for v in st.vms})
+            out.update({vm_endpoint_name(st.hypervisor_of(v), v): st.hypervisor_of(v)
+                        for v in st.vms})
         return out
 
 

@@ -11,7 +11,8 @@ from nodes.errors import GvtError
 from nodes.node import accepted_roles, needed_peers
 from nodes.topology import Topology, split_vms, vm_endpoint_name
 from nodes.wire.faults import FaultPlan
-from nodes.wire.schema import MAX_GPUS, canonical, key_stem, node_of_key_stem, parse_node
+from nodes.wire.schema import (MAX_GPUS, MAX_HYPERVISORS, canonical, key_stem, node_id,
+                               node_of_key_stem, parse_node, split_node)
 from tests.wireclient import RawPeer, start_node, stop, wait_for, scrape, free_port
 
 
@@ -29,8 +30,19 @@ def test_node_ids_parse(name, parsed):
     assert parse_node(name) == parsed
 
 
+@pytest.mark.parametrize("name, parsed", [
+    ("hypervisor/0.1", ("hypervisor", 0, 0, 1)), ("hypervisor/15.7", ("hypervisor", 15, 0, 7)),
+    ("hypervisor.3", ("hypervisor", 0, 0, 3)), ("hypervisor/2", ("hypervisor", 2, 0, 0))])
+def test_a_gpus_further_hypervisors_have_ids_of_their_own(name, parsed):
+    assert split_node(name) == parsed
+    assert canonical(name) == node_id("hypervisor", parsed[1], 0, parsed[3])
+    assert node_of_key_stem(key_stem(name)) == canonical(name)
+
+
 @pytest.mark.parametrize("bad", ["gpu/", "gpu/01", "gpu/-1", f"gpu/{MAX_GPUS}", "guest0", "guest",
-                                 "guests/0", "mediator/x", "launcher/0", "", "a" * 500])
+                                 "guests/0", "mediator/x", "launcher/0", "", "a" * 500,
+                                 "hypervisor/0.0", "hypervisor.0", f"hypervisor/0.{MAX_HYPERVISORS}",
+                                 "hypervisor/0.01", "gpu/0.1", "mediator.1", "hypervisor.1/0"])
 def test_a_name_that_is_no_node_is_refused_naming_the_forms(bad):
     with pytest.raises(GvtError) as e:
         parse_node(bad)
@@ -152,6 +164,67 @@ def test_node_faults_on_a_gpu_that_is_not_in_the_run_are_refused():
                      "faults": {"links": ["kill=mediator/1@1s"]}}, "test")
 
 
+# ---- several hypervisors serving one mediator --------------------------------------------------
+def _hv_topo(vgpus: int, hvs: int, gpus: int = 1, fabric: str = "msg") -> Topology:
+    return Topology(config.validate({"gpu": {"count": gpus, "hypervisors": hvs},
+                                     "vgpus": {"count": vgpus, "ram_mib": 8},
+                                     "run": {"fabric": fabric, "transport": "tcp"}}, "test"))
+
+
+def test_a_gpus_vms_split_over_its_hypervisors_with_their_links_regions_and_endpoints():
+    t = _hv_topo(5, 2)
+    st = t.stack(0)
+    assert st.hypervisors == ["hypervisor/0", "hypervisor/0.1"]
+    assert st.hv_vms == ((1, 2, 3), (4, 5)) and st.vms_of("hypervisor/0.1") == (4, 5)
+    assert t.node_ids()[:4] == ["gpu/0", "mediator/0", "hypervisor/0", "hypervisor/0.1"]
+    links = set(t.links())
+    # each hypervisor links to the one mediator; each guest to its own VM's hypervisor; the gpu
+    # (msg fabric: DMA by messages to the region's owner) to every hypervisor of its GPU
+    assert {("hypervisor/0", "mediator/0"), ("hypervisor/0.1", "mediator/0"),
+            ("gpu/0", "hypervisor/0"), ("gpu/0", "hypervisor/0.1"),
+            ("guest3", "hypervisor/0"), ("guest4", "hypervisor/0.1")} <= links
+    assert ("guest4", "hypervisor/0") not in links and ("guest1", "hypervisor/0.1") not in links
+    assert t.peers_of("gpu/0") == ["hypervisor", "hypervisor.1"]
+    # a VM's RAM is served by its own hypervisor
+    assert t.regions() == {"host0": "mediator/0", "vm1": "hypervisor/0", "vm2": "hypervisor/0",
+                           "vm3": "hypervisor/0", "vm4": "hypervisor/0.1", "vm5": "hypervisor/0.1"}
+    b = t.binders()
+    assert b["hypervisor/0.1"] == b["hypervisor/0.1.vm4"] == "hypervisor/0.1"
+    assert b["hypervisor/0.vm3"] == "hypervisor/0" and "hypervisor/0.vm4" not in b
+    # how the nodes of the GPU name each other, and back
+    assert t.local_name("mediator/0", "hypervisor/0.1") == "hypervisor.1"
+    assert t.local_name("guest4", "hypervisor/0.1") == "hypervisor"
+    assert t.qualify("guest4", "hypervisor") == "hypervisor/0.1"
+    assert t.qualify("gpu/0", "hypervisor.1") == "hypervisor/0.1"
+    # shm: the gpu reaches guest RAM itself and links to no hypervisor
+    assert _hv_topo(5, 2, fabric="shm").peers_of("gpu/0") == []
+
+
+def test_more_hypervisors_than_a_gpus_vms_are_refused():
+    with pytest.raises(GvtError, match="GPU 1 has 2 VMs: every hypervisor needs a VM"):
+        _hv_topo(5, 3, gpus=2)
+    with pytest.raises(ConfigError, match="gpu.hypervisors"):
+        config.validate({"gpu": {"hypervisors": MAX_HYPERVISORS + 1}, "vgpus": {"count": 9}}, "test")
+
+
+def test_the_mediator_takes_a_vms_accesses_only_from_the_hypervisor_that_runs_it():
+    from harness import make_bench
+    from nodes.wire.codec import Envelope
+    b = make_bench()
+    try:
+        b.setup([(1, "_8")])
+        med = b.mediator
+        v = med.vgpus[1]
+        read = Envelope("TRAP_READ", 1, 0, 1, 0, 1, {"off": 0x78000, "size": 4}, peer="hypervisor.1")
+        with pytest.raises(GvtError) as e:
+            med.handle(read, 0)
+        assert e.value.code == "EPERM" and f"runs on {v.hypervisor}, not hypervisor.1" in e.value.text
+        read.peer = v.hypervisor
+        med.handle(read, 0)         # its own hypervisor's read is emulated
+    finally:
+        b.close()
+
+
 # ---- a real node of GPU 1 --------------------------------------------------------------------------
 def test_a_node_of_one_gpu_refuses_the_nodes_of_another(short_ipc_dir):
     d = Path(short_ipc_dir)
@@ -198,8 +271,10 @@ def test_a_run_on_two_gpus_passes_with_each_gpu_serving_its_own_vms():
                                             "submit": 0.3, "ppgtt-churn": 0.1}}}, "test")
     res = Launcher(cfg).run()
     assert res["verdict"] == "pass", res["reasons"]
-    assert res["gpus"] == [{"index": 0, "vms": [1, 2], "nodes": ["gpu/0", "mediator/0", "hypervisor/0"]},
-                           {"index": 1, "vms": [3], "nodes": ["gpu/1", "mediator/1", "hypervisor/1"]}]
+    assert res["gpus"] == [{"index": 0, "vms": [1, 2], "nodes": ["gpu/0", "mediator/0", "hypervisor/0"],
+                            "hypervisors": {"hypervisor/0": [1, 2]}},
+                           {"index": 1, "vms": [3], "nodes": ["gpu/1", "mediator/1", "hypervisor/1"],
+                            "hypervisors": {"hypervisor/1": [3]}}]
     assert [(v["id"], v["gpu"]) for v in res["vgpus"]] == [(1, 0), (2, 0), (3, 1)]
     for v in res["vgpus"]:
         assert v["workloads"]["completed"] > 0 and v["workloads"]["lost"] == 0
@@ -209,3 +284,47 @@ def test_a_run_on_two_gpus_passes_with_each_gpu_serving_its_own_vms():
     # each GPU's nodes are in the run's books under their ids
     assert {"gpu/1", "mediator/1", "hypervisor/1"} <= set(res["errors"])
     assert all(e["internal_errors"] == 0 for e in res["errors"].values())
+
+
+def test_a_run_with_two_hypervisors_on_one_gpu_passes_each_serving_its_own_vms():
+    """Several hypervisors may serve one mediator: each runs its VMs (their RAM, their traps),
+    the mediator's vGPUs answer to their own hypervisor, the gpu's DMA goes to the owner of each
+    VM's RAM (msg fabric over tcp with CURVE, as across hosts)."""
+    from bench.launch import Launcher
+    cfg = config.validate({"run": {"duration_s": 2.5, "seed": 3, "transport": "tcp", "fabric": "msg"},
+                           "gpu": {"hypervisors": 2},
+                           "vgpus": {"count": 3, "ram_mib": 8},
+                           "load": {"mode": "open", "rate": 120,
+                                    "mix": {"mmio-read": 0.3, "mmio-write": 0.2, "gtt-burst": 0.1,
+                                            "submit": 0.3, "ppgtt-churn": 0.1}}}, "test")
+    res = Launcher(cfg).run()
+    assert res["verdict"] == "pass", res["reasons"]
+    [g] = res["gpus"]
+    assert g["hypervisors"] == {"hypervisor/0": [1, 2], "hypervisor/0.1": [3]}
+    for v in res["vgpus"]:
+        assert v["stages"]["hypervisor"]["mmio_read"]["count"] > 0, v["id"]
+        assert v["workloads"]["completed"] > 0 and v["workloads"]["lost"] == 0
+        assert v["probes"]["landed"] == v["probes"]["probes"] > 0
+    assert res["isolation"]["violations"] == 0 and res["isolation"]["pages_checked"] > 0
+    assert {"hypervisor/0", "hypervisor/0.1"} <= set(res["errors"])
+    assert all(e["internal_errors"] == 0 for e in res["errors"].values())
+    assert set(res["resources"]["processes"]) >= {"hypervisor/0", "hypervisor/0.1"}
+
+
+def test_a_restarted_hypervisor_takes_down_only_its_own_vms():
+    """The VMs die with their hypervisor, not with another hypervisor of the same GPU."""
+    from bench.launch import Launcher
+    cfg = config.validate({"run": {"duration_s": 4, "seed": 5, "fabric": "msg"},
+                           "gpu": {"hypervisors": 2},
+                           "vgpus": {"count": 3, "ram_mib": 8, "per_process": 1},
+                           "load": {"mode": "open", "rate": 100, "hang_timeout_s": 1,
+                                    "mix": {"mmio-read": 0.3, "mmio-write": 0.2, "gtt-burst": 0.1,
+                                            "submit": 0.3, "ppgtt-churn": 0.1}},
+                           "faults": {"links": ["restart=hypervisor/0.1@1500ms"]}}, "test")
+    res = Launcher(cfg).run()
+    assert res["verdict"] == "pass", res["reasons"]
+    [nf] = res["faults"]["nodes"]
+    assert nf["node"] == "hypervisor/0.1" and nf["also_killed"] == ["guest3"]
+    inc = {v["id"]: v["incarnations"] for v in res["vgpus"]}
+    assert inc[1] == inc[2] == [] and len(inc[3]) == 1
+    assert all(v["guest"]["completed"] > 0 for v in res["vgpus"])

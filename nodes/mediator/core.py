@@ -39,7 +39,8 @@ class MediatorCore(Core):
     def __init__(self, layout: Layout, fabric: Fabric, *, aperture_size: int = 1024 << 20,
                  max_vgpus: int = partition.GVT_MAX_VGPU - 1,
                  translate: Callable[..., Any] = translate_entries,
-                 hypervisor: str = "hypervisor", gpu: str = "gpu", scratch: str = "kernel",
+                 hypervisor: str = "hypervisor", hypervisors: dict[int, str] | None = None,
+                 gpu: str = "gpu", scratch: str = "kernel",
                  shadow_quota: int = 0, fences: int = partition.TOTAL_FENCES,
                  types: dict[str, partition.VgpuType] | None = None):
         super().__init__()
@@ -48,6 +49,9 @@ class MediatorCore(Core):
         self.max_vgpus = max_vgpus
         self.translate = translate
         self.hypervisor, self.gpu = hypervisor, gpu
+        # several hypervisors may serve this GPU's VMs: VM -> the one that runs it (else
+        # `hypervisor` runs them all)
+        self.hypervisors = dict(hypervisors or {})
         if scratch not in SCRATCH_MODES:
             raise GvtError("EINVAL", f"scratch mode {scratch!r}: one of {', '.join(SCRATCH_MODES)}")
         self.scratch_mode = scratch
@@ -90,7 +94,8 @@ class MediatorCore(Core):
             raise GvtError("ENOENT", f"no guest RAM region for VM {vgpu_id} in the memory layout")
         part = self.alloc.allocate(vgpu_type)
         vgpu = VGpu(vgpu_id, vgpu_type, part, stats=self.stats, pool=self.pool, fabric=self.fabric,
-                    gfns=region.frames + GFN_HOLE_FRAMES, hypervisor=self.hypervisor, gpu=self.gpu,
+                    gfns=region.frames + GFN_HOLE_FRAMES,
+                    hypervisor=self.hypervisors.get(vgpu_id, self.hypervisor), gpu=self.gpu,
                     translate=self.translate, scheduler=self.scheduler,
                     scratch=Scratch(self.pool, vgpu_id, self.scratch_mode),
                     weight=self.alloc.type_info(vgpu_type).weight)
@@ -124,14 +129,15 @@ class MediatorCore(Core):
             else:
                 self.emit(Spawn(self.restore_gpu(f"the gpu {why}")))
             return
-        if name == self.hypervisor and event in ("new_stream", "silent"):
+        if role == "hypervisor" and event in ("new_stream", "silent"):
             # the hypervisor took us for dead (we were stopped past the liveness timeout: our
             # link sees that silence first, before the frames that waited, see NodeHost.run)
             # and gave up what it had sent, tracked page-table writes among them, whose stores
             # are in guest RAM now; an ELSP that waited would be emulated against that memory.
             # Each vGPU's shadows are checked against guest memory first, in its lane
             self.emit(*(Spawn(self._resync_ppgtt(v), lane=v.id) for v in self.vgpus.values()
-                        if v.id not in self._resyncing and not self._resyncing.add(v.id)))
+                        if v.hypervisor == name and v.id not in self._resyncing
+                        and not self._resyncing.add(v.id)))
 
     def _resync_ppgtt(self, vgpu: VGpu) -> Iterator[Any]:
         try:
@@ -183,6 +189,14 @@ class MediatorCore(Core):
             raise GvtError("ENODEV", f"no vGPU {vgpu_id}")
         return vgpu
 
+    def _vgpu_of(self, msg: Envelope) -> VGpu:
+        """The vGPU a hypervisor's message is for: only the hypervisor that runs its VM speaks
+        for it (each VM's accesses trap in its own hypervisor)."""
+        vgpu = self._vgpu(msg.vgpu)
+        if msg.peer != vgpu.hypervisor and msg.peer.startswith("hypervisor"):
+            raise GvtError("EPERM", f"VM {vgpu.id} runs on {vgpu.hypervisor}, not {msg.peer}")
+        return vgpu
+
     # ---- messages ------------------------------------------------------------------------------
     LANED = frozenset({"TRAP_READ", "TRAP_WRITE", "TRACKED_WRITE", "VGPU_RESET"})
 
@@ -201,12 +215,12 @@ class MediatorCore(Core):
         kind, p = msg.kind, msg.payload
         self.scheduler.now = now
         if kind == "TRAP_READ":
-            return mmio.emulate_read(self._vgpu(msg.vgpu), p["off"], p["size"])
+            return mmio.emulate_read(self._vgpu_of(msg), p["off"], p["size"])
         if kind == "TRAP_WRITE":
-            vgpu = self._vgpu(msg.vgpu)
+            vgpu = self._vgpu_of(msg)
             return self._trap_write(vgpu, *unpack_write_batch(p), Ctx(now, msg.trace))
         if kind == "TRACKED_WRITE":
-            return self._tracked_write(self._vgpu(msg.vgpu), p["gpa"], p["data"])
+            return self._tracked_write(self._vgpu_of(msg), p["gpa"], p["data"])
         if kind == "ENGINE_IRQ":
             return self._engine_irq(p)
         if kind == "SYNC":
@@ -216,7 +230,7 @@ class MediatorCore(Core):
         if kind == "PARTITIONS":
             return [v.info() for v in self.vgpus.values()]
         if kind == "VGPU_RESET":
-            return self._reset(self._vgpu(msg.vgpu))
+            return self._reset(self._vgpu_of(msg))
         raise GvtError("ENOTSUP", f"the mediator does not handle {kind}")
 
     def _trap_write(self, vgpu: VGpu, offs: Any, sizes: Any, vals: Any, ctx: Ctx) -> Iterator[Any]:

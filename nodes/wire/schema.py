@@ -333,43 +333,85 @@ def may_send(kind: Kind, sender: str, receiver: str) -> bool:
 
 
 MAX_GPUS = 16                       # physical GPUs in one run: gpu/0 .. gpu/15
+MAX_HYPERVISORS = 8                 # hypervisors serving one GPU's mediator: hypervisor/G.0 .. .7
 STACK_ROLES = ("gpu", "mediator", "hypervisor")     # one of each per physical GPU
 
 
 def role_of(name: str) -> tuple[str, int]:
-    """(role, vm) of a node id: gpu/G, mediator/G, hypervisor/G (G a GPU's index; the bare role
-    is GPU 0's), launcher, or guest<N> (VM N)."""
+    """(role, vm) of a node id: gpu/G, mediator/G, hypervisor/G[.K] (G a GPU's index, K one of
+    its hypervisors; the bare role is GPU 0's), launcher, or guest<N> (VM N)."""
     role, _gpu, vm = parse_node(name)
     return role, vm
 
 
+def split_node(name: str) -> tuple[str, int | None, int, int]:
+    """(role, GPU index or None, vm, hypervisor index) of a node id, or of the name a node of
+    a GPU gives its peers there (`hypervisor`, `hypervisor.K`); EINVAL naming the forms."""
+    if name == "launcher":
+        return name, None, 0, 0
+    head, sep, idx = name.partition("/")
+    base, dot, k = head.partition(".")
+    hv = 0
+    if base == "hypervisor" and dot:
+        # a GPU's own name for its hypervisor K (K >= 1): hypervisor.K
+        if sep or not _index_ok(k, MAX_HYPERVISORS) or k == "0":
+            base = ""
+        else:
+            hv = int(k)
+    elif base == "hypervisor" and sep and "." in idx:
+        idx, _, k = idx.partition(".")
+        if not _index_ok(k, MAX_HYPERVISORS) or k == "0":
+            base = ""
+        else:
+            hv = int(k)
+    elif dot:
+        base = ""
+    if base in STACK_ROLES:
+        if not sep:
+            return base, 0, 0, hv
+        if _index_ok(idx, MAX_GPUS):
+            return base, int(idx), 0, hv
+    elif name.startswith("guest") and name[5:].isdigit() and not name[5:].startswith("0"):
+        return "guest", None, int(name[5:]), 0
+    raise GvtError("EINVAL", f"{name[:NAME_MAX]!r} is not a node name: gpu/G, mediator/G, "
+                   f"hypervisor/G or hypervisor/G.K (G < {MAX_GPUS}, 0 < K < {MAX_HYPERVISORS}; "
+                   f"the bare role is G = 0), launcher or guest<N>")
+
+
+def _index_ok(idx: str, bound: int) -> bool:
+    return idx.isdigit() and (idx == "0" or not idx.startswith("0")) and int(idx) < bound
+
+
 def parse_node(name: str) -> tuple[str, int | None, int]:
     """(role, GPU index or None, vm) of a node id; EINVAL naming the forms if it is none."""
-    if name == "launcher":
-        return name, None, 0
-    role, sep, idx = name.partition("/")
-    if role in STACK_ROLES:
-        if not sep:
-            return role, 0, 0
-        if idx.isdigit() and (idx == "0" or not idx.startswith("0")) and int(idx) < MAX_GPUS:
-            return role, int(idx), 0
-    elif name.startswith("guest") and name[5:].isdigit() and not name[5:].startswith("0"):
-        return "guest", None, int(name[5:])
-    raise GvtError("EINVAL", f"{name[:NAME_MAX]!r} is not a node name: gpu/G, mediator/G, "
-                   f"hypervisor/G (G < {MAX_GPUS}; the bare role is G = 0), launcher or guest<N>")
+    role, gpu, vm, _hv = split_node(name)
+    return role, gpu, vm
 
 
-def node_id(role: str, gpu: int = 0, vm: int = 0) -> str:
-    """The id of a node: a GPU's gpu/mediator/hypervisor, a VM's guest, or the launcher."""
+def hypervisor_index(name: str) -> int:
+    """Which of its GPU's hypervisors a node name is (0 for every other node)."""
+    return split_node(name)[3]
+
+
+def node_id(role: str, gpu: int = 0, vm: int = 0, hv: int = 0) -> str:
+    """The id of a node: a GPU's gpu/mediator/hypervisor (hypervisor K >= 1 of a GPU:
+    hypervisor/G.K), a VM's guest, or the launcher."""
     if role == "guest":
         return guest_name(vm)
-    return role if role == "launcher" else f"{role}/{gpu}"
+    if role == "launcher":
+        return role
+    return f"{role}/{gpu}.{hv}" if hv else f"{role}/{gpu}"
+
+
+def local_hypervisor(hv: int) -> str:
+    """How the nodes of a GPU name its hypervisor `hv` in their links."""
+    return f"hypervisor.{hv}" if hv else "hypervisor"
 
 
 def canonical(name: str) -> str:
     """A node name in its one spelling: the bare role of GPU 0 as gpu/0 (and so on)."""
-    role, gpu, vm = parse_node(name)
-    return node_id(role, gpu or 0, vm)
+    role, gpu, vm, hv = split_node(name)
+    return node_id(role, gpu or 0, vm, hv)
 
 
 def key_stem(name: str) -> str:
