@@ -254,7 +254,10 @@ class Launcher:
             self._teardown()
 
     def _wait(self, cond: Callable[[], bool], timeout: float, what: str,
-              missing: Callable[[], list[str]] | None = None) -> Iterator[Any]:
+              missing: Callable[[], list[str]] | None = None,
+              state: Callable[[str], str] | None = None) -> Iterator[Any]:
+        """Until cond(); past the timeout the run fails naming the `missing` nodes (with their
+        `state`, if given) and the first one's log tail."""
         deadline = time.monotonic() + timeout
         while not cond():
             dead = self._dead()
@@ -263,9 +266,10 @@ class Launcher:
                                 f"waiting for {what}: {self._log_tail(dead[0])}")
             if time.monotonic() > deadline:
                 late = missing() if missing else []
-                tail = self._log_tail(late[0].split(" ")[0]) if late else ""
+                tail = self._log_tail(late[0]) if late else ""
+                named = [f"{n} ({state(n)})" if state else n for n in late[:8]]
                 raise RunFailed(f"timed out after {timeout:g} s waiting for {what}" + (
-                    f" (still waiting for {', '.join(late[:8])}{' ...' if len(late) > 8 else ''})"
+                    f" (still waiting for {', '.join(named)}{' ...' if len(late) > 8 else ''})"
                     if late else "") + (f"; {late[0]}'s log ends: {tail}" if tail else ""))
             if self.on_progress:
                 self.on_progress(self._progress_view())
@@ -369,8 +373,8 @@ class Launcher:
         yield from self._wait(lambda: len(core.reports) == len(vms) or
                               any(core.progress.get(v, {}).get("state") == "failed" for v in vms),
                               limit, "the guests to finish their load",
-                              lambda: [f"guest{v} ({core.progress.get(v, {}).get('state', 'no progress')})"
-                                       for v in vms if v not in core.reports])
+                              lambda: [guest_name(v) for v in vms if v not in core.reports],
+                              lambda g: core.progress.get(int(g[5:]), {}).get("state", "no progress"))
         wall = time.monotonic() - t_start
         self.cpu_at_end = self._sample_processes()
         # a guest whose boot failed reports on request

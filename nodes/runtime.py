@@ -42,6 +42,7 @@ from nodes.actions import Call
 from nodes.engine import NodeEngine
 from nodes.errors import GvtError, WireError
 from nodes.metrics.export import BuildInfoCollector, LinkCollector, StatsCollector, serve_metrics
+from nodes.topology import Topology
 from nodes.wire.codec import (
     LINK_SILENT_S, MAX_FRAME, MAX_OUTSTANDING, MAX_POSTED_WRITES, PROTOCOL_VERSION, Envelope,
     decode, encode_error, encode_reply,
@@ -51,9 +52,8 @@ from nodes.wire.link import Link, SendFailed
 from nodes.wire.linkproto import (
     FLAG_OOB, PeerNewStream, PeerRestarted, PeerReturned, PeerSilent, State, oob_frame, unpack,
 )
-from nodes.wire.schema import (CONNECTS_TO, STACK_ROLES, canonical, guest_name, hypervisor_index,
-                               key_stem, local_hypervisor, node_id, split_node,
-                               node_of_key_stem, parse_node, role_of)
+from nodes.wire.schema import (CONNECTS_TO, STACK_ROLES, canonical, guest_name, key_stem, node_id,
+                               node_of_key_stem, parse_node, role_of, split_node)
 
 monotonic_ns = time.monotonic_ns
 NOBLOCK = int(zmq.NOBLOCK)         # a plain int: pyzmq's flag enums cost a call each use
@@ -434,9 +434,7 @@ class Runtime:
         refusal = self._accepts(r, name)
         if refusal:
             raise GvtError("EPERM", refusal)
-        local = name if self.gpu is None else (
-            local_hypervisor(hypervisor_index(name)) if role == "hypervisor" else
-            role if role in STACK_ROLES else name)
+        local = name if self.gpu is None else Topology.local_name(self.name, name)
         old = self.engine.links.get(local)
         if old is not None:
             if old in self._dealers.values() or epoch <= old.proto.peer_epoch:

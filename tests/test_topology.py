@@ -261,15 +261,23 @@ def _serving(proc, port: int) -> bool:
         return False
 
 
+# ---- real runs -------------------------------------------------------------------------------------
+MIXED = {"mmio-read": 0.3, "mmio-write": 0.2, "gtt-burst": 0.1, "submit": 0.3, "ppgtt-churn": 0.1}
+
+
+def _real_run(run: dict, gpu: dict, vgpus: dict | None = None, load: dict | None = None,
+              faults: list[str] | None = None) -> dict:
+    """A run of 3 small vGPUs under the mixed open-loop load, with what a test changes."""
+    from bench.launch import Launcher
+    raw = {"run": run, "gpu": gpu, "vgpus": {"count": 3, "ram_mib": 8, **(vgpus or {})},
+           "load": {"mode": "open", "rate": 120, "mix": MIXED, **(load or {})},
+           "faults": {"links": faults or []}}
+    return Launcher(config.validate(raw, "test")).run()
+
+
 # ---- a real run on two GPUs ------------------------------------------------------------------------
 def test_a_run_on_two_gpus_passes_with_each_gpu_serving_its_own_vms():
-    from bench.launch import Launcher
-    cfg = config.validate({"run": {"duration_s": 2.5, "seed": 3}, "gpu": {"count": 2},
-                           "vgpus": {"count": 3, "ram_mib": 8},
-                           "load": {"mode": "open", "rate": 120,
-                                    "mix": {"mmio-read": 0.3, "mmio-write": 0.2, "gtt-burst": 0.1,
-                                            "submit": 0.3, "ppgtt-churn": 0.1}}}, "test")
-    res = Launcher(cfg).run()
+    res = _real_run({"duration_s": 2.5, "seed": 3}, {"count": 2})
     assert res["verdict"] == "pass", res["reasons"]
     assert res["gpus"] == [{"index": 0, "vms": [1, 2], "nodes": ["gpu/0", "mediator/0", "hypervisor/0"],
                             "hypervisors": {"hypervisor/0": [1, 2]}},
@@ -290,14 +298,8 @@ def test_a_run_with_two_hypervisors_on_one_gpu_passes_each_serving_its_own_vms()
     """Several hypervisors may serve one mediator: each runs its VMs (their RAM, their traps),
     the mediator's vGPUs answer to their own hypervisor, the gpu's DMA goes to the owner of each
     VM's RAM (msg fabric over tcp with CURVE, as across hosts)."""
-    from bench.launch import Launcher
-    cfg = config.validate({"run": {"duration_s": 2.5, "seed": 3, "transport": "tcp", "fabric": "msg"},
-                           "gpu": {"hypervisors": 2},
-                           "vgpus": {"count": 3, "ram_mib": 8},
-                           "load": {"mode": "open", "rate": 120,
-                                    "mix": {"mmio-read": 0.3, "mmio-write": 0.2, "gtt-burst": 0.1,
-                                            "submit": 0.3, "ppgtt-churn": 0.1}}}, "test")
-    res = Launcher(cfg).run()
+    res = _real_run({"duration_s": 2.5, "seed": 3, "transport": "tcp", "fabric": "msg"},
+                    {"hypervisors": 2})
     assert res["verdict"] == "pass", res["reasons"]
     [g] = res["gpus"]
     assert g["hypervisors"] == {"hypervisor/0": [1, 2], "hypervisor/0.1": [3]}
@@ -313,15 +315,9 @@ def test_a_run_with_two_hypervisors_on_one_gpu_passes_each_serving_its_own_vms()
 
 def test_a_restarted_hypervisor_takes_down_only_its_own_vms():
     """The VMs die with their hypervisor, not with another hypervisor of the same GPU."""
-    from bench.launch import Launcher
-    cfg = config.validate({"run": {"duration_s": 4, "seed": 5, "fabric": "msg"},
-                           "gpu": {"hypervisors": 2},
-                           "vgpus": {"count": 3, "ram_mib": 8, "per_process": 1},
-                           "load": {"mode": "open", "rate": 100, "hang_timeout_s": 1,
-                                    "mix": {"mmio-read": 0.3, "mmio-write": 0.2, "gtt-burst": 0.1,
-                                            "submit": 0.3, "ppgtt-churn": 0.1}},
-                           "faults": {"links": ["restart=hypervisor/0.1@1500ms"]}}, "test")
-    res = Launcher(cfg).run()
+    res = _real_run({"duration_s": 4, "seed": 5, "fabric": "msg"}, {"hypervisors": 2},
+                    vgpus={"per_process": 1}, load={"rate": 100, "hang_timeout_s": 1},
+                    faults=["restart=hypervisor/0.1@1500ms"])
     assert res["verdict"] == "pass", res["reasons"]
     [nf] = res["faults"]["nodes"]
     assert nf["node"] == "hypervisor/0.1" and nf["also_killed"] == ["guest3"]

@@ -350,22 +350,17 @@ def split_node(name: str) -> tuple[str, int | None, int, int]:
     if name == "launcher":
         return name, None, 0, 0
     head, sep, idx = name.partition("/")
-    base, dot, k = head.partition(".")
+    base, dot, k = head.partition(".")      # a GPU's own name for its hypervisor K: hypervisor.K
+    if dot and sep:
+        base = ""                           # hypervisor.K/G is no name
+    elif base == "hypervisor" and sep:
+        idx, dot, k = idx.partition(".")    # the id of hypervisor K of GPU G: hypervisor/G.K
     hv = 0
-    if base == "hypervisor" and dot:
-        # a GPU's own name for its hypervisor K (K >= 1): hypervisor.K
-        if sep or not _index_ok(k, MAX_HYPERVISORS) or k == "0":
-            base = ""
+    if dot:
+        if base != "hypervisor" or not _index_ok(k, MAX_HYPERVISORS) or k == "0":
+            base = ""                       # K = 0 is spelled without it
         else:
             hv = int(k)
-    elif base == "hypervisor" and sep and "." in idx:
-        idx, _, k = idx.partition(".")
-        if not _index_ok(k, MAX_HYPERVISORS) or k == "0":
-            base = ""
-        else:
-            hv = int(k)
-    elif dot:
-        base = ""
     if base in STACK_ROLES:
         if not sep:
             return base, 0, 0, hv
