@@ -19,7 +19,7 @@ import zmq.auth
 
 from typing import Any, Callable, Iterator
 
-from bench import config
+from bench import config, procstat
 from bench.launch import Launcher
 from nodes.actions import Call, Post, Sleep
 from nodes.hw import regs
@@ -72,8 +72,10 @@ def _echo(bind: str, ready) -> None:
         r.send_multipart((ident, msgpack.packb(doc)))
 
 
-def echo_rtt(seconds: float) -> list[float]:
-    """Round trips (us) of client -> relay -> echo -> relay -> client, one at a time."""
+def echo_rtt(seconds: float, cpu: dict | None = None) -> list[float]:
+    """Round trips (us) of client -> relay -> echo -> relay -> client, one at a time. With `cpu`,
+    also what they cost: `cpu["round_trips_per_cpu_s"]`, over the three processes (the floor
+    any trap path over these hops pays in ZeroMQ and msgpack alone)."""
     tmp = tempfile.mkdtemp(prefix="gvtb-echo-")
     front, back = f"ipc://{tmp}/relay", f"ipc://{tmp}/echo"
     ctx = mp.get_context("spawn")
@@ -95,12 +97,19 @@ def echo_rtt(seconds: float) -> list[float]:
             c.send(frame)
             c.recv()
         out = []
+        before = [procstat.sample(p.pid) for p in (pe, pr)]
+        own = time.process_time()
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             t = time.perf_counter_ns()
             c.send(frame)
             c.recv()
             out.append((time.perf_counter_ns() - t) / 1000)
+        if cpu is not None:
+            after = [procstat.sample(p.pid) for p in (pe, pr)]
+            spent = time.process_time() - own + sum(
+                a.cpu_s - b.cpu_s for a, b in zip(after, before) if a and b)
+            cpu["round_trips_per_cpu_s"] = round(len(out) / spent, 1) if spent > 0 else None
         c.send(b"stop")
         zc.destroy(linger=0)
         return out
@@ -137,9 +146,11 @@ def _against_echo(seconds: float, rounds: int, name: str,
     with the median ratio (the one reported), and the last run's result."""
     out = []
     for _ in range(max(1, rounds)):
-        echo_p50 = statistics.median(echo_rtt(seconds))
+        cpu: dict = {}
+        echo_p50 = statistics.median(echo_rtt(seconds, cpu))
         res, lat = measure()
-        out.append({"echo_p50_us": round(echo_p50, 1), f"{name}_p50_us": lat["p50_us"],
+        out.append({"echo_p50_us": round(echo_p50, 1),
+                    "echo_per_cpu_s": cpu.get("round_trips_per_cpu_s"), f"{name}_p50_us": lat["p50_us"],
                     f"{name}_p99_us": lat["p99_us"], "samples": lat["count"],
                     "ratio": round(lat["p50_us"] / echo_p50, 3)})
     mid = sorted(out, key=lambda r: r["ratio"])[len(out) // 2]
@@ -176,6 +187,10 @@ def run_trap(seconds: float = 3.0, rounds: int = 3, trace_rate: float = 0.0) -> 
         "ops_per_cpu_s": {"mmio_reads": _per_cpu(reads, "mmio_traps"),
                           "posted_writes": _per_cpu(writes, "mmio_traps"),
                           "ggtt_entries": _per_cpu(bursts, "ggtt_entries")},
+        # the bare echo's round trips per CPU-second over the same hops (median round): what a
+        # read could cost at best in three Python processes over ZeroMQ
+        "echo_per_cpu_s": statistics.median(
+            [r["echo_per_cpu_s"] for r in rounds_out if r["echo_per_cpu_s"]] or [0.0]) or None,
         "translator": reads["translator"],
         "trace_rate": trace_rate,
     }
@@ -191,6 +206,9 @@ def format_trap(r: dict) -> str:
         f"GGTT burst, end to end:       {r['gtt_entries_per_s']:,} entries/s",
         "per CPU-second (all nodes):   " + ", ".join(
             f"{k.replace('_', ' ')} {v:,.0f}" for k, v in r["ops_per_cpu_s"].items() if v is not None),
+        *([f"bare echo, same hops:         {r['echo_per_cpu_s']:,.0f} round trips per CPU-second "
+           f"(reads reach {r['ops_per_cpu_s']['mmio_reads'] / r['echo_per_cpu_s']:.0%} of it)"]
+          if r.get("echo_per_cpu_s") and r["ops_per_cpu_s"].get("mmio_reads") else []),
         f"translator:                   {r['translator']}",
         *([f"tracing:                      {r['trace_rate']:g} sampled ops/s per guest"]
           if r.get("trace_rate") else []),

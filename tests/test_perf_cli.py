@@ -28,6 +28,8 @@ def test_perf_trap_json():
     # operations per CPU-second of all the nodes, for each kind of trap
     assert set(res["ops_per_cpu_s"]) == {"mmio_reads", "posted_writes", "ggtt_entries"}
     assert all(v > 0 for v in res["ops_per_cpu_s"].values()), res["ops_per_cpu_s"]
+    # the floor beside them: the bare echo's round trips per CPU-second, each round's and the median
+    assert res["rounds"][0]["echo_per_cpu_s"] > 0 and res["echo_per_cpu_s"] > 0
 
 
 def test_perf_neighbour_json():
