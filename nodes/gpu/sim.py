@@ -25,6 +25,9 @@ from nodes.wire.codec import Envelope, check_reply_size
 from nodes.wire.schema import unpack_write_batch
 
 
+MMIO_READ_BATCH_MAX = 4096      # registers one MMIO_READ_BATCH may read
+
+
 class GpuSim(Core):
     role = "gpu"
 
@@ -109,6 +112,18 @@ class GpuSim(Core):
         for off, size, val in zip(offs.tolist(), sizes.tolist(), vals.tolist()):
             self.mmio_write(off, size, val)
 
+    def mmio_read_batch(self, offs: np.ndarray) -> bytes:
+        """Dword register reads, all checked first (EINVAL/EFAULT names the first bad one)."""
+        if len(offs) > MMIO_READ_BATCH_MAX:
+            raise GvtError("E2BIG", f"MMIO_READ_BATCH of {len(offs)} registers; at most "
+                           f"{MMIO_READ_BATCH_MAX}")
+        ol = offs.tolist()
+        for off in ol:
+            if bar0.decode(off, 4) != "mmio":
+                raise GvtError("EINVAL", f"MMIO_READ_BATCH reads registers only; {off:#x} is not one")
+        r = self.regs
+        return np.fromiter((r.get(off, 0) for off in ol), dtype="<u4", count=len(ol)).tobytes()
+
     def timestamp(self) -> int:
         """The engines' timestamp: commands run so far by all of them (the gpu has no clock)."""
         return sum(e.commands for e in self.engines.values())
@@ -131,6 +146,8 @@ class GpuSim(Core):
             return self.mmio_write(p["off"], p["size"], p["val"])
         if kind == "MMIO_WRITE_BATCH":
             return self.mmio_write_batch(*unpack_write_batch(p))
+        if kind == "MMIO_READ_BATCH":
+            return self.mmio_read_batch(np.frombuffer(p["off"], dtype="<u4"))
         if kind == "GM_WRITE":
             return self._gm_write(p["ops"])
         if kind == "GGTT_DUMP":

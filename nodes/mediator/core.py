@@ -16,12 +16,14 @@ from nodes.mediator import mmio
 from nodes.mediator.aperture import GmAllocator, write_fence
 from nodes.mediator.dma import HostPool
 from nodes.mediator.gtt import POST_ENTRIES
+from nodes.mediator.sched_policy import POLICIES
 from nodes.mediator.scheduler import WorkloadScheduler
 from nodes.mediator.translate import translate_entries
 from nodes.mediator.vgpu import VGpu, declare_vgpu_metrics
 from nodes.memory import Fabric, Layout
 from nodes.mediator.ppgtt import PPGTT_RESULTS, SCRATCH_MODES, Scratch
-from nodes.metrics import (TRAP_LATENCY, TRAPS, declare_shadow_metrics, declare_trap_metrics,
+from nodes.metrics import (TRAP_LATENCY, TRAPS, declare_sched_metrics, declare_shadow_metrics,
+                           declare_trap_metrics,
                            declare_workload_metrics)
 from nodes.stats import Stats
 from nodes.wire.codec import Envelope
@@ -42,7 +44,8 @@ class MediatorCore(Core):
                  hypervisor: str = "hypervisor", hypervisors: dict[int, str] | None = None,
                  gpu: str = "gpu", scratch: str = "kernel",
                  shadow_quota: int = 0, fences: int = partition.TOTAL_FENCES,
-                 types: dict[str, partition.VgpuType] | None = None):
+                 types: dict[str, partition.VgpuType] | None = None,
+                 sched_policy: str = "timeslice"):
         super().__init__()
         self.layout, self.fabric = layout, fabric
         self.alloc = GmAllocator(aperture_size, fences=fences, types=types)
@@ -63,7 +66,9 @@ class MediatorCore(Core):
         if self.shadow_quota * max_vgpus + 4 * max_vgpus + 1 > layout.host.frames:
             raise GvtError("EINVAL", f"{max_vgpus} vGPUs with a quota of {self.shadow_quota} pages "
                            f"each do not fit in the host pool's {layout.host.frames} pages")
-        self.scheduler = WorkloadScheduler(self.pool, gpu)
+        if sched_policy not in POLICIES:
+            raise GvtError("EINVAL", f"scheduler policy {sched_policy!r}: one of {', '.join(POLICIES)}")
+        self.scheduler = WorkloadScheduler(self.pool, gpu, policy=sched_policy)
         self.vgpus: dict[int, VGpu] = {}
         self._resyncing: set[int] = set()     # vGPUs with a PPGTT resync queued or running
         self.stats = Stats()
@@ -71,6 +76,7 @@ class MediatorCore(Core):
         declare_vgpu_metrics(self.stats)
         declare_workload_metrics(self.stats)
         declare_shadow_metrics(self.stats)
+        declare_sched_metrics(self.stats)
         self.stats.counter("gvtbench_ggtt_entries_translated",
                            "Guest GGTT entries emulated, by result", ["vgpu", "result"])
         self.stats.gauge("gvtbench_pinned_pages", "Guest pages pinned for GGTT mappings", ["vgpu"])
@@ -101,7 +107,7 @@ class MediatorCore(Core):
                     weight=self.alloc.type_info(vgpu_type).weight)
         self.pool.quota[vgpu_id] = self.shadow_quota
         self.vgpus[vgpu_id] = vgpu
-        self.scheduler.vgpus[vgpu_id] = vgpu
+        self.scheduler.add_vgpu(vgpu)
         return vgpu
 
     def setup(self, specs: list[tuple[int, str]]) -> Iterator[Any]:
@@ -209,7 +215,15 @@ class MediatorCore(Core):
         return None
 
     def tick(self, now: int) -> None:
-        self.scheduler.now = now
+        sched = self.scheduler
+        sched.now = now
+        due = sched.next_tick()
+        if due is not None and now >= due:
+            # the policy's timer: it only spawns dispatches, so its actions are emitted here
+            self.emit(*sched.on_timer(now))
+
+    def next_wake(self, now: int) -> int | None:
+        return self.scheduler.next_tick()
 
     def handle(self, msg: Envelope, now: int) -> Any:
         kind, p = msg.kind, msg.payload
@@ -381,4 +395,23 @@ class MediatorCore(Core):
                 "pool_pages_in_use": self.pool.in_use(), "scratch": self.scratch_mode,
                 "gpu_resets": self.scheduler.gpu_resets,
                 "gpu_restores": list(self.scheduler.restores),
-                "shadow_quota": self.shadow_quota}
+                "shadow_quota": self.shadow_quota,
+                "sched": self.sched_snapshot()}
+
+    def sched_snapshot(self) -> dict:
+        """The scheduler as the result shows it: the policy, each vGPU's GPU share against its
+        weight share, switches and what they cost."""
+        sched = self.scheduler
+        shares = sched.policy.shares()
+        st = self.stats
+        for vid, sh in shares.items():
+            st.set("gvtbench_gpu_owner_seconds", (vid,), sh["gpu_ns"] / 1e9)
+            st.set("gvtbench_gpu_share", (vid,), sh["gpu_share"])
+            st.set("gvtbench_weight_share", (vid,), sh["weight_share"])
+            st.set("gvtbench_timeslice_left_seconds", (vid,), sh["left_ns"] / 1e9)
+        st.set("gvtbench_vgpu_switches", (), sched.switches)
+        return {"policy": sched.policy.name, "switches": sched.switches,
+                "mmio_switches": sched.mmio.switches, "mmio_switch_ns": sched.mmio_switch_ns,
+                "shares": {vid: {**sh, "engine_ns": dict(self.vgpus[vid].engine_ns)}
+                           for vid, sh in shares.items()},
+                "engine_ns": {v.id: dict(v.engine_ns) for v in self.vgpus.values()}}

@@ -39,8 +39,10 @@ from nodes.errors import GvtError
 from nodes.hw import PAGE_SIZE, cmd, lrc, regs
 from nodes.mediator import cmd_parser, execlist, interrupt
 from nodes.mediator.dma import HostPool, QuotaExceeded
-from nodes.mediator.sched_policy import RoundRobin
-from nodes.metrics import CMD_SCAN_SECONDS, WORKLOAD_LATENCY, WORKLOADS
+from nodes.mediator.mmio_context import MmioContext
+from nodes.mediator.sched_policy import IDLE, has_pending_workload, make_policy, schedulable
+from nodes.metrics import (CMD_SCAN_SECONDS, GPU_BUSY_SECONDS, MMIO_SWITCH_SECONDS,
+                           SCHED_LATENCY, WORKLOAD_LATENCY, WORKLOADS)
 from nodes.wire.schema import pack_write_batch
 
 if TYPE_CHECKING:
@@ -93,14 +95,30 @@ class Workload:
     shadow_pages: list[list[int]] = field(default_factory=list)     # runs of host pool pages
     gpu_fault: tuple[int, str] | None = None        # (address, reason) of its hang, if it hung
     trace: int = 0                  # the sampled operation that submitted it (0: none)
+    queued_ns: int = 0              # when it was queued, and sent to the gpu (the mediator's clock)
+    sent_ns: int = 0
 
 
 class WorkloadScheduler:
-    def __init__(self, pool: HostPool, gpu: str, engines: tuple[str, ...] = tuple(regs.ENGINES)):
+    """intel_gvt_workload_scheduler: the engines' current workloads, the vGPU that owns the GPU
+    (current_vgpu) and the one chosen next, whether a switch waits for the owner's work in
+    flight (need_reschedule), each engine's MMIO owner, and the policy (sched_policy)."""
+
+    def __init__(self, pool: HostPool, gpu: str, engines: tuple[str, ...] = tuple(regs.ENGINES),
+                 policy: str = "timeslice"):
         self.pool, self.gpu = pool, gpu
-        self.policy = RoundRobin()
         self.inflight: dict[str, Workload | None] = {e: None for e in engines}
         self.vgpus: dict[int, VGpu] = {}
+        self.current_vgpu: Any = None       # a VGpu, IDLE, or None (nobody yet / stopped)
+        self.next_vgpu: Any = None
+        self.need_reschedule = False
+        self.engine_owner: dict[str, VGpu | None] = {e: None for e in engines}
+        self.mmio = MmioContext(gpu)
+        self.switches = 0                   # vGPU switches (the owner changed)
+        self.switch_log: list[tuple[int, int]] = []     # (ns, new owner's id), the last few
+        self.mmio_switch_ns = 0             # time spent in engine MMIO context switches
+        self.policy = make_policy(policy)
+        self.policy.init(self, 0)
         self.next_id = 1
         self.now = 0                # the time of the message or tick being handled
         self.gpu_down: str | None = None    # why the gpu is unreachable: nothing is dispatched
@@ -108,6 +126,35 @@ class WorkloadScheduler:
         # each restore of the gpu: when it was done and when a workload first completed after
         # it (ns, the shell's clock): how long a gpu restart keeps the vGPUs' work from ending
         self.restores: list[dict] = []
+
+    def add_vgpu(self, vgpu: VGpu) -> None:
+        self.vgpus[vgpu.id] = vgpu
+        self.policy.init_vgpu(vgpu)
+
+    def switch_to(self, vgpu: Any, now: int) -> None:
+        """The policy's switch: `vgpu` (or IDLE) owns the GPU from now on."""
+        self.current_vgpu = vgpu
+        self.switches += 1
+        self.switch_log.append((now, vgpu.id))
+        del self.switch_log[:-64]
+
+    def next_tick(self) -> int | None:
+        """When the policy's timer fires next (None: it has nothing to decide). The timer runs
+        while a vGPU has work queued; with none, no choice can change before the next
+        submission or interrupt, which schedule at once, and what the owner is charged meanwhile
+        is charged then (vgpu_update_timeslice counts from when it was last charged; balance
+        periods that went by are made up)."""
+        t = self.policy.next_tick()
+        if t is None or not any(schedulable(v) and has_pending_workload(v)
+                                for v in self.vgpus.values()):
+            return None
+        return t
+
+    def on_timer(self, now: int) -> Iterator[Any]:
+        """The policy's timer (INTEL_GVT_REQUEST_SCHED), then dispatch to what is idle."""
+        self.now = now
+        self.policy.schedule(now, timer=True)
+        yield from self._dispatch_idle(None)
 
     # ---- submission (the ELSP hook: intel_vgpu_submit_execlist) ----------------------------------
     def submit(self, vgpu: VGpu, engine: str, elems: tuple[lrc.Descriptor, lrc.Descriptor],
@@ -124,6 +171,7 @@ class WorkloadScheduler:
         for i, d in enumerate(elems):
             if d.valid:
                 w = yield from self._create(vgpu, engine, d, elems if i == 0 else None, ctx)
+                w.queued_ns = self.now
                 vgpu.queues[engine].append(w)
                 vgpu.workloads["submitted"] += 1
         yield from self.kick(vgpu.id)
@@ -201,10 +249,15 @@ class WorkloadScheduler:
 
     # ---- dispatch ---------------------------------------------------------------------------------------
     def kick(self, lane: int | None = None) -> Iterator[Any]:
-        """Give every idle engine the workload the policy picks, dispatched in its vGPU's lane (in
-        order with that vGPU's trapped accesses): right here when the caller holds that lane
-        already, else as a task queued in it. A vGPU that entered failsafe since has its queued
-        work failed first, in its lane."""
+        """Something changed (work queued, a workload done, a vGPU started): the policy
+        schedules (INTEL_GVT_REQUEST_EVENT_SCHED), then every idle engine gets the workload the
+        policy picks, dispatched in its vGPU's lane (in order with that vGPU's trapped
+        accesses): right here when the caller holds that lane already, else as a task queued in
+        it. A vGPU that entered failsafe since has its queued work failed first, in its lane."""
+        self.policy.schedule(self.now, timer=False)
+        yield from self._dispatch_idle(lane)
+
+    def _dispatch_idle(self, lane: int | None) -> Iterator[Any]:
         for v in self.vgpus.values():
             if v.failsafe_pending:
                 v.failsafe_pending = False
@@ -242,6 +295,20 @@ class WorkloadScheduler:
                 raise GvtError("ECANCELED", "a reset came while the workload was shadowed")
             if w.schedule_in is not None:
                 yield from execlist.schedule_in(vgpu, vgpu.execlists[w.engine], w.schedule_in)
+            owner = self.engine_owner[w.engine]
+            if owner is not vgpu:
+                # shadow_context_status_change: the engine runs another vGPU's context now
+                t0 = yield Now()
+                try:
+                    yield from self.mmio.switch(owner, vgpu, w.engine)
+                except GvtError as err:
+                    # the gpu's link failed under it (it restarted): the reset is the reason
+                    raise GvtError(err.code, f"GPU reset under the engine MMIO context switch: "
+                                   f"{err.text}") from None
+                self.engine_owner[w.engine] = vgpu
+                took = (yield Now()) - t0
+                self.mmio_switch_ns += took
+                vgpu.stats.hist(MMIO_SWITCH_SECONDS, (w.engine,)).record(took)
         except GvtError as err:
             if w.state == "dispatching":
                 self._free_engine(w)
@@ -250,6 +317,8 @@ class WorkloadScheduler:
             yield from self.kick(vgpu.id)
             return
         _to(w, "send")
+        w.sent_ns = yield Now()
+        vgpu.stats.hist(SCHED_LATENCY, (vgpu.id,)).record(max(0, w.sent_ns - w.queued_ns))
         vgpu.running += 1
         pd = lrc.descriptor(lrca, w.id, w.desc.addressing)
         elsp = regs.ring(w.engine, regs.RING_ELSP)
@@ -325,6 +394,9 @@ class WorkloadScheduler:
         _to(w, "report")
         self.inflight[engine] = None
         vgpu = w.vgpu
+        busy = max(0, self.now - w.sent_ns)
+        vgpu.engine_ns[engine] = vgpu.engine_ns.get(engine, 0) + busy
+        vgpu.stats.inc(GPU_BUSY_SECONDS, (vgpu.id, engine), busy / 1e9)
         vgpu.running -= 1
         if not vgpu.running:
             for ev in vgpu.idle_waiters:
@@ -436,6 +508,8 @@ class WorkloadScheduler:
         context-switch interrupt for a workload whose request died with -EIO, so the guest sees
         a vGPU hang and resets the engine itself."""
         self.gpu_resets += 1
+        for e in self.engine_owner:         # its registers start over: nobody's are loaded
+            self.engine_owner[e] = None
         for engine, w in self.inflight.items():
             if w is not None and w.state == "running":
                 yield from self.on_engine_irq(engine, [], [[w.id, -1, f"GPU reset: {reason}"]])
@@ -447,6 +521,7 @@ class WorkloadScheduler:
         reset is the reason) and reset their execlists. Scheduling starts again when the guest
         enables execlists."""
         vgpu.sched_active = False
+        self.policy.stop_schedule(vgpu)     # intel_vgpu_stop_schedule
         for e in engines:
             for w in list(vgpu.queues[e]):
                 if w.state == "dispatching":
@@ -459,6 +534,10 @@ class WorkloadScheduler:
         yield from self.drop(vgpu, engines, reason)
         for e in engines:
             execlist.reset_engine(vgpu, e)
+        for e, owner in self.engine_owner.items():
+            if owner is vgpu and self.inflight[e] is None:  # the host takes its engines back
+                self.engine_owner[e] = None
+                yield from self.mmio.switch(vgpu, None, e)
 
     def on_failsafe(self, vgpu: VGpu) -> Iterator[Any]:
         """A vGPU that entered failsafe runs nothing more: its queued work fails with the reason
@@ -469,4 +548,5 @@ class WorkloadScheduler:
         """intel_vgpu_start_schedule: the guest enabled execlists."""
         if vgpu.failsafe is None and not vgpu.sched_active:
             vgpu.sched_active = True
+            self.policy.start_schedule(vgpu, self.now)
             yield from self.kick(vgpu.id)

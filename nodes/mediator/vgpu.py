@@ -68,6 +68,7 @@ class VGpu:
         self.execlist_errors = 0                # schedule-outs of a context not running
         self.idle_waiters: list = []            # Events set when `running` drops to 0
         self.sched_active = False               # scheduled: the guest enabled execlists
+        self.engine_ns: dict[str, int] = {}     # engine time of its workloads, by engine
         self.hws_pga: dict[str, int] = {}       # engine -> GGTT address of its status page
         self.workloads = {"submitted": 0, "completed": 0, "failed": 0}
         self.fail_reasons: dict[str, int] = {}

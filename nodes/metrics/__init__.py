@@ -37,6 +37,29 @@ def declare_workload_metrics(stats: Stats) -> None:
                   ["vgpu", "engine", "stage", "status"])
 
 
+GPU_BUSY_SECONDS = "gvtbench_gpu_busy_seconds"
+MMIO_SWITCH_SECONDS = "gvtbench_mmio_switch_seconds"
+SCHED_LATENCY = "gvtbench_sched_latency_seconds"
+
+
+def declare_sched_metrics(stats: Stats) -> None:
+    """The scheduler's (sched_policy, mmio_context): who owns the GPU and what sharing costs."""
+    stats.counter(GPU_BUSY_SECONDS, "Engine time of the vGPU's workloads: each one's dispatch "
+                  "to its interrupt", ["vgpu", "engine"])
+    stats.gauge("gvtbench_gpu_owner_seconds", "Time the vGPU has owned the GPU (the time-slice "
+                "policy's sched_time, what its share is charged)", ["vgpu"])
+    stats.gauge("gvtbench_gpu_share", "The vGPU's share of GPU ownership time so far", ["vgpu"])
+    stats.gauge("gvtbench_weight_share", "The vGPU's weight over all vGPUs' weights: the share "
+                "the time-slice policy aims at", ["vgpu"])
+    stats.gauge("gvtbench_timeslice_left_seconds", "The vGPU's time slice left in this balance "
+                "period (negative: a debt it pays back)", ["vgpu"])
+    stats.gauge("gvtbench_vgpu_switches", "vGPU switches: times the GPU changed owner")
+    stats.histogram(SCHED_LATENCY, "Scheduler latency: a workload queued (the ELSP write) to its "
+                    "dispatch to the GPU", ["vgpu"])
+    stats.histogram(MMIO_SWITCH_SECONDS, "The engine MMIO context switch at a change of an "
+                    "engine's owner (save and restore over the gpu link)", ["engine"])
+
+
 def declare_shadow_metrics(stats: Stats) -> None:
     """The mediator's view of a vGPU's GPU state (gauges of pages held, counters of events)."""
     stats.gauge("gvtbench_shadow_pages", "Shadow PPGTT pages the vGPU holds in the host pool",

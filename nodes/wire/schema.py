@@ -272,6 +272,10 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          None, "a posted BAR0 write"),
     Kind("MMIO_WRITE_BATCH", _routes("guest>hypervisor", "mediator>gpu"), (*_BATCH, _WRITE_NO), None,
          "posted BAR0 writes, applied in order"),
+    Kind("MMIO_READ_BATCH", _routes("mediator>gpu"),
+         (Field("off", "u32s", doc="BAR0 offsets of registers, each read as a dword"),), "u32s",
+         "register reads in one go (the engine MMIO context save at a vGPU switch); the values, "
+         "packed as the offsets are"),
     Kind("WRITE_DONE", _routes("hypervisor>guest"),
          (Field("first", "u64"), Field("last", "u64"), Field("n", "u32"),
           Field("status", "str", max_len=16), Field("reason", "str", optional=True, max_len=TEXT_MAX),
