@@ -13,7 +13,10 @@ from typing import Any
 
 import tomllib
 
+from nodes.gpu.cost import CostModel
 from nodes.guest.core import MIXES
+from nodes.mediator.sched_policy import GVT_SCHED_VGPU_PRI_TIME_NS, POLICIES
+from nodes.mediator.scheduler import HOST_HANG_TIMEOUT_NS
 from nodes.hw import partition, regs
 from nodes.errors import GvtError
 from nodes.node import fault_plan, guest_pools, node_names, vgpu_types
@@ -34,6 +37,14 @@ def _pos(v: Any) -> bool:
 
 def _nonneg(v: Any) -> bool:
     return v >= 0
+
+
+def _cost_ok(v: Any) -> bool:
+    try:
+        CostModel.from_config(v)
+    except ValueError:
+        return False
+    return True
 
 
 def _ratio(v: Any) -> bool:
@@ -79,6 +90,19 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                    f"fence registers, more than the host's {partition.HOST_FENCES} and at most "
                    f"{partition.MAX_SIM_FENCES} (Gen9 has {partition.TOTAL_FENCES}; a simulated "
                    f"GPU may have more)"),
+        "cost": (dict, {}, _cost_ok, "a table of the simulated gpu's command costs in ns, "
+                 "integers >= 0, of: " + ", ".join(CostModel().as_dict())),
+    },
+    "scheduler": {
+        "policy": (str, "timeslice", lambda v: v in POLICIES,
+                   "'timeslice' (GVT-g's: one vGPU owns the GPU at a time, shared by weight) or "
+                   "'round_robin' (each engine serves the vGPUs in turn, weights ignored)"),
+        "start_boost_ms": (int, GVT_SCHED_VGPU_PRI_TIME_NS // 1_000_000, _nonneg,
+                           "ms >= 0 a newly scheduled vGPU goes first whatever its time slice "
+                           "(the kernel's start-up boost, GVT_SCHED_VGPU_PRI_TIME; 0: none)"),
+        "hang_timeout_ms": (int, HOST_HANG_TIMEOUT_NS // 1_000_000, _nonneg,
+                            "ms >= 0 a workload may run on the GPU before the host resets its "
+                            "engine (i915's heartbeat; 0: no host hang detection)"),
     },
     "mediator": {
         "max_vgpus": (int, partition.GVT_MAX_VGPU - 1, lambda v: 1 <= v <= 1024, "1..1024"),
@@ -111,11 +135,20 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "stores_per_batch": (int, 4, lambda v: 1 <= v <= 200, "MI_STORE_DATA_IMM per batch, 1..200"),
         "batches_per_workload": (int, 1, lambda v: 1 <= v <= 16, "batches per submission, 1..16"),
         "bad_ratio": ((int, float), 0.0, _ratio, "a ratio 0..1 of workloads meant to hang"),
+        "spin_ratio": ((int, float), 0.0, _ratio, "a ratio 0..1 of workloads that never end (a "
+                       "batch chained to itself: the host's hang detection resets the engine)"),
+        "spin_vms": (list, [], lambda v: all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                                             for x in v) and len(set(v)) == len(v),
+                     "a list of distinct VM numbers >= 1 whose workloads spin_ratio applies to "
+                     "(empty: every VM)"),
+        "vertices": (int, 0, lambda v: 0 <= v <= 1 << 31, "vertices of a 3DPRIMITIVE in each "
+                     "render batch, 0..2^31: GPU time per workload (times gpu.cost.vertex_ns)"),
         "engines": (list, ["rcs", "bcs"], lambda v: bool(v) and len(set(v)) == len(v) and
                     all(e in ("rcs", "bcs", "vcs", "vecs") for e in v),
                     "a list of distinct engines among rcs, bcs, vcs, vecs"),
-        "hang_timeout_s": ((int, float), 2.0, _pos, "seconds > 0 without progress before the guest "
-                           "resets an engine"),
+        "hang_timeout_s": ((int, float), 6.0, _pos, "seconds > 0 without progress before the guest "
+                           "resets an engine (i915's heartbeat: two 2.5 s intervals and the 0.64 s "
+                           "preemption timeout)"),
         "churn_halves_ratio": ((int, float), 0.25, _ratio, "a ratio 0..1 of PTE writes made as two halves"),
         "hostile_vms": (list, [], lambda v: all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
                                                 for x in v) and len(set(v)) == len(v),

@@ -131,6 +131,8 @@ def guest_core(cfg: dict, vm: int, run_id: str, launcher: str | None) -> tuple[A
                     outside_ratio=ld["outside_ratio"], duration_s=float(run["duration_s"]),
                     ops=run["ops"], stores_per_batch=ld["stores_per_batch"],
                     batches_per_workload=ld["batches_per_workload"], bad_ratio=float(ld["bad_ratio"]),
+                    spin_ratio=float(ld["spin_ratio"]) if not ld["spin_vms"] or vm in ld["spin_vms"]
+                    else 0.0, vertices=ld["vertices"],
                     engines=tuple(ld["engines"]), hang_timeout_s=float(ld["hang_timeout_s"]),
                     churn_halves_ratio=float(ld["churn_halves_ratio"]),
                     trace_rate=float(run["trace_rate"]), hostile_repeat=ld["hostile_repeat"],
@@ -233,7 +235,9 @@ def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: d
     core: Any
     if role == "gpu":
         from nodes.gpu.sim import GpuSim
-        core = GpuSim(Fabric(layout, run["fabric"], run_id))
+        from nodes.gpu.cost import CostModel
+        core = GpuSim(Fabric(layout, run["fabric"], run_id),
+                      cost=CostModel.from_config(cfg["gpu"].get("cost")))
         on_stop.append(core.fabric.close)
     elif role == "mediator":
         from nodes.mediator.core import MediatorCore
@@ -245,7 +249,10 @@ def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: d
                             max_vgpus=cfg["mediator"]["max_vgpus"], translate=translate,
                             scratch=cfg["mediator"]["scratch"],
                             shadow_quota=cfg["mediator"]["shadow_quota_pages"],
-                            fences=cfg["gpu"]["fences"], types=vgpu_types(cfg))
+                            fences=cfg["gpu"]["fences"], types=vgpu_types(cfg),
+                            sched_policy=cfg["scheduler"]["policy"],
+                            start_boost_ns=cfg["scheduler"]["start_boost_ms"] * 1_000_000,
+                            hang_timeout_ns=cfg["scheduler"]["hang_timeout_ms"] * 1_000_000)
         setup = core.setup([(v, vgpu_type(cfg, v)) for v in mine])
     else:
         from nodes.hypervisor.core import HypervisorCore

@@ -284,9 +284,13 @@ def make_bench(*, translate: Callable[..., Any] = translate_entries,
                vm_frames: dict[int, int] | None = None, host_frames: int = HOST_POOL_FRAMES,
                aperture_size: int = 1024 << 20, max_vgpus: int = partition.GVT_MAX_VGPU - 1,
                seed: int = SEED, guests: Iterable[int] = (), call_timeout: float = 10.0,
-               trace_spans: int = 0, scratch: str = "kernel", shadow_quota: int = 0) -> Bench:
+               trace_spans: int = 0, scratch: str = "kernel", shadow_quota: int = 0,
+               hang_timeout_ns: int | None = None, sched_policy: str = "timeslice",
+               cost: Any = None) -> Bench:
     """A real mediator, hypervisor and gpu (and guests) on one Layout, with anonymous memory;
-    with trace_spans, each records up to that many spans."""
+    with trace_spans, each records up to that many spans. The host's hang detection is off
+    unless `hang_timeout_ns` is given (a test that holds an interrupt holds it for as long as it
+    likes, and idle time jumps ahead); `cost`: the gpu's CostModel (default: its own)."""
     vm_frames = dict(VM_FRAMES if vm_frames is None else vm_frames)
     layout = Layout.build(host_frames, vm_frames)
     net = SimNet(vgpus=sorted(vm_frames))
@@ -299,9 +303,10 @@ def make_bench(*, translate: Callable[..., Any] = translate_entries,
         h_owned.add(rm)
     mediator = MediatorCore(layout, Fabric(layout, "msg", "test", owned=m_owned),
                             aperture_size=aperture_size, max_vgpus=max_vgpus, translate=translate,
-                            scratch=scratch, shadow_quota=shadow_quota)
+                            scratch=scratch, shadow_quota=shadow_quota,
+                            hang_timeout_ns=hang_timeout_ns, sched_policy=sched_policy)
     hv = HypervisorCore(layout, vms, seed, call_timeout=call_timeout)
-    gpu = GpuSim(Fabric(layout, "msg", "test"))
+    gpu = GpuSim(Fabric(layout, "msg", "test"), cost=cost)
     net.add("gpu", gpu, trace_spans=trace_spans)
     net.add("mediator", mediator, {OwnedMemory.KINDS: m_owned.serve}, trace_spans=trace_spans)
     net.add("hypervisor", hv, {OwnedMemory.KINDS: h_owned.serve}, trace_spans=trace_spans)

@@ -425,7 +425,11 @@ def test_a_hang_reset_keeps_the_abandoned_workloads_pages_until_the_gdrst_is_don
         # the gpu hears nothing more from the mediator: the running workloads stall, and the
         # hang check resets the engine
         b.net.hold = lambda s, d, e: s == "mediator" and d == "gpu" and e.kind.startswith("MMIO_WRITE")
-        b.net.run(until=lambda: wl.counts["resets"] >= 1, max_steps=3_000_000)
+        # (the gpu's workloads take time, so the engines stall microseconds apart: each is reset
+        # at its own deadline)
+        b.net.run(until=lambda: wl.counts["resets"] >= 1 and all(
+            e.resetting for e in wl.lay.engines.values() if any(c.inflight for c in e.contexts)),
+            max_steps=3_000_000)
         b.net.run(advance=False)
         assert wl.counts["failed"] > 0 and b.net.held
         # the failed workloads' pages stay busy, beside those of the work queued since (which

@@ -19,7 +19,9 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Any, Iterator
 
+from nodes.actions import Sleep
 from nodes.errors import GvtError
+from nodes.gpu.cost import SLICE_NS, SPIN_LOOK_S
 from nodes.hw import PAGE_SHIFT, PAGE_SIZE, cmd, lrc, regs
 
 from nodes.memory import Fabric
@@ -91,6 +93,8 @@ class Engine:
         self.hangs = 0
         self.user_irqs = 0
         self.reset_gen = 0              # GDRSTs so far: a context started before one stops
+        self.busy_ns = 0                # virtual time of the contexts it ran (the cost model)
+        self.spins = 0                  # contexts that spun until a reset stopped them
 
     def reset(self) -> None:
         """GDRST of this engine: the ports, the queue and the CSB write pointer start over, and
@@ -163,8 +167,10 @@ class Engine:
             at = (at + n) % size
         try:
             yield from ctx.run_ring(bytes(ring), start + head)
+            yield from ctx.take_time(0)         # busy for what the context cost, then done
         finally:
             self.commands += ctx.executed
+            self.busy_ns += ctx.cost_ns
         yield from mem.flush()
         if ctx.gen != self.reset_gen:
             raise _Reset()                  # no context save for a context reset under it
@@ -180,9 +186,9 @@ class Engine:
             raise Hang(gm, f"GGTT: {err.text}") from None
 
 
-# Commands one context may run before the engine gives up on it. The bench's stand-in for the
-# host's hang detection until the gpu has a notion of time: a batch that chains to itself, or a
-# ring of a million commands, stops here as a hang instead of holding the engine for ever.
+# Commands one context may run before the engine gives up on it: a loop that does something each
+# time round (a pure spin waits for its reset instead, nodes.gpu.cost), or a ring of a million
+# commands, stops here as a hang instead of holding the engine for ever.
 CMD_BUDGET = 1 << 20
 
 
@@ -218,6 +224,29 @@ class _Context:
         self.name = engine.name
         self.executed = 0
         self.gen = engine.reset_gen
+        self.costs = engine.gpu.costs           # command -> ns (nodes.gpu.cost)
+        self.cost = engine.gpu.cost
+        self.cost_ns = 0                        # virtual time of what it ran so far
+        self.slept_ns = 0                       # ...of which the engine has been busy for
+        self.effects = 0                        # commands run that change memory or registers
+
+    def take_time(self, slice_ns: int) -> Iterator[Any]:
+        """Be busy for the cost run since the last time, once it reaches `slice_ns`."""
+        due = self.cost_ns - self.slept_ns
+        if due > slice_ns and due > 0:
+            self.slept_ns = self.cost_ns
+            yield Sleep(due / 1e9)
+            if self.engine.reset_gen != self.gen:
+                raise _Reset()
+
+    def spin(self) -> Iterator[Any]:
+        """A batch that chains to itself having done nothing: the engine is busy until reset."""
+        self.engine.spins += 1
+        while self.engine.reset_gen == self.gen:
+            yield Sleep(SPIN_LOOK_S)
+            self.cost_ns += int(SPIN_LOOK_S * 1e9)
+            self.slept_ns = self.cost_ns
+        raise _Reset()
 
     def run_ring(self, cmds: bytes, where: int) -> Iterator[Any]:
         yield from self._run(cmds, where, 0, True)
@@ -244,6 +273,9 @@ class _Context:
                 raise Hang(at, f"the context ran {CMD_BUDGET} commands without ending")
             if c.run == "hang":
                 raise Hang(at, f"{c.name} is not modelled by the simulated gpu")
+            self.cost_ns += self.costs[c]
+            if self.cost_ns - self.slept_ns >= SLICE_NS:
+                yield from self.take_time(SLICE_NS - 1)
             if c.run == "exec":
                 if c is cmd.MI_BATCH_BUFFER_END:
                     if level:
@@ -253,6 +285,7 @@ class _Context:
                     if chain is not None:
                         return chain
                 else:
+                    self.effects += 1
                     yield from _EXEC[c.name](self, words[i:i + ln], at, priv)
             i += ln
         if level:
@@ -276,9 +309,12 @@ class _Context:
         sub_priv = priv and not ppgtt
         while True:
             batch = yield from self.read_batch(addr, ppgtt)
+            effects = self.effects
             chain = yield from self._run(batch, addr, sub, sub_priv)
             if chain is None:
                 return None
+            if chain.addr == addr and chain.ppgtt == ppgtt and self.effects == effects:
+                yield from self.spin()          # it would run this batch again, and again
             if not sub_priv and not chain.ppgtt:
                 raise Hang(addr, "privilege violation: a non-privileged batch chained to the GGTT")
             addr, ppgtt = chain.addr, chain.ppgtt
@@ -411,6 +447,7 @@ def _store_data_imm(ctx: _Context, w: tuple, at: int, priv: bool) -> Iterator[An
 def _lri(ctx: _Context, w: tuple, at: int, priv: bool) -> Iterator[Any]:
     if len(w) % 2 == 0:
         raise Hang(at, f"MI_LOAD_REGISTER_IMM of {len(w)} dwords: its pairs do not fill it")
+    ctx.cost_ns += (len(w) // 2) * ctx.cost.lri_ns
     for k in range(1, len(w), 2):
         reg = w[k] & cmd.REG_MASK
         ctx._reg_check(reg, priv, at, "MI_LOAD_REGISTER_IMM")
@@ -517,6 +554,14 @@ def _pipe_control(ctx: _Context, w: tuple, at: int, priv: bool) -> Iterator[Any]
     yield from _post_sync(ctx, op, addr, ggtt, w[4:6])
 
 
+def _primitive(ctx: _Context, w: tuple, at: int, priv: bool) -> Iterator[Any]:
+    """3DPRIMITIVE draws nothing here; it takes its vertices' time (dword 2 per instance, dword
+    4 instances; an instance count of 0 means 1, as the hardware reads it)."""
+    ctx.effects -= 1                            # it changes nothing a spin could depend on
+    ctx.cost_ns += w[2] * max(1, w[4]) * ctx.cost.vertex_ns
+    yield from ctx.take_time(SLICE_NS - 1)
+
+
 def _user_interrupt(ctx: _Context, w: tuple, at: int, priv: bool) -> Iterator[Any]:
     ctx.engine.user_irqs += 1
     if False:
@@ -526,4 +571,4 @@ def _user_interrupt(ctx: _Context, w: tuple, at: int, priv: bool) -> Iterator[An
 _EXEC = {"MI_STORE_DATA_IMM": _store_data_imm, "MI_LOAD_REGISTER_IMM": _lri,
          "MI_LOAD_REGISTER_REG": _lrr, "MI_LOAD_REGISTER_MEM": _lrm, "MI_STORE_REGISTER_MEM": _srm,
          "MI_ATOMIC": _atomic, "MI_FLUSH_DW": _flush_dw, "PIPE_CONTROL": _pipe_control,
-         "MI_USER_INTERRUPT": _user_interrupt}
+         "MI_USER_INTERRUPT": _user_interrupt, "3DPRIMITIVE": _primitive}

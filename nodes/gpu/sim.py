@@ -15,6 +15,7 @@ import numpy as np
 from nodes.core import Core
 from nodes.actions import Post, Spawn
 from nodes.errors import GvtError
+from nodes.gpu.cost import CostModel
 from nodes.gpu.engine import Engine, GpuMemory
 from nodes.hw import PAGE_SIZE, bar0, gtt, regs
 from nodes.memory import Fabric
@@ -31,8 +32,10 @@ MMIO_READ_BATCH_MAX = 4096      # registers one MMIO_READ_BATCH may read
 class GpuSim(Core):
     role = "gpu"
 
-    def __init__(self, fabric: Fabric, mediator: str = "mediator"):
+    def __init__(self, fabric: Fabric, mediator: str = "mediator", cost: CostModel | None = None):
         super().__init__()
+        self.cost = cost if cost is not None else CostModel()
+        self.costs = self.cost.table()
         self.fabric, self.mediator = fabric, mediator
         self.mem = GpuMemory(fabric)
         self.engines = {name: Engine(self, name) for name in regs.ENGINES}
@@ -191,6 +194,8 @@ class GpuSim(Core):
 
     def snapshot(self) -> dict:
         return {"ggtt_flushes": self.ggtt_flushes, "engine_resets": self.resets,
-                "engines": {n: {"executed": e.executed, "hangs": e.hangs, "user_irqs": e.user_irqs}
+                "cost": self.cost.as_dict(),
+                "engines": {n: {"executed": e.executed, "hangs": e.hangs, "user_irqs": e.user_irqs,
+                                "busy_ns": e.busy_ns, "spins": e.spins}
                             for n, e in self.engines.items()},
                 "dma_bytes_written": self.mem.bytes_written}

@@ -68,8 +68,11 @@ class LoadSpec:
     stores_per_batch: int = 4       # submit: MI_STORE_DATA_IMM tokens per batch
     batches_per_workload: int = 1   # submit: batches one ring submission starts
     bad_ratio: float = 0.0          # submit: workloads meant to hang (a store to an unmapped address)
+    spin_ratio: float = 0.0         # submit: workloads that never end (a batch chained to itself)
+    vertices: int = 0               # submit: a 3DPRIMITIVE of this many vertices per render batch
     engines: tuple[str, ...] = ("rcs", "bcs")
-    hang_timeout_s: float = 2.0     # the guest's hang check: no progress this long with work queued
+    hang_timeout_s: float = 6.0     # the guest's hang check: no progress this long with work queued
+                                    # (i915's heartbeat: 2 x 2.5 s and the 0.64 s preempt timeout)
     churn_halves_ratio: float = 0.25    # ppgtt-churn: PTE writes made as two 4-byte halves
     trace_rate: float = 0.0         # load ops sampled for tracing per second (0: none)
     hostile_repeat: int = 2         # hostile: tries of each attack the vGPU survives

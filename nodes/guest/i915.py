@@ -222,14 +222,21 @@ def context_image(ctx: Context, pml4: int) -> bytes:
     return bytes(PAGE_SIZE) + struct.pack(f"<{len(state)}I", *state)
 
 
-def batch_commands(stores: list[tuple[int, int]], counter_va: int) -> bytes:
-    """A batch: MI_STORE_DATA_IMM of each (PPGTT address, token), the counter increment, END."""
-    out: list[int] = []
+def batch_commands(stores: list[tuple[int, int]], counter_va: int, vertices: int = 0) -> bytes:
+    """A batch: MI_STORE_DATA_IMM of each (PPGTT address, token), the counter increment, END;
+    with `vertices`, a draw of that many first (render only: the GPU time it takes)."""
+    out: list[int] = cmd.primitive(vertices) if vertices else []
     for va, tok in stores:
         out += cmd.store_dword(va, tok)
     out += cmd.atomic(counter_va, "inc")
     out.append(cmd.MI_BATCH_BUFFER_END.header())
     return cmd.encode(*out)
+
+
+def spin_batch(va: int) -> bytes:
+    """A batch that starts itself again: a workload that never ends (nothing but its hang
+    detection stops it)."""
+    return cmd.encode(*cmd.bb_start(va, ppgtt=True))
 
 
 def ring_commands(batch_vas: list[int], seqno_gm: int, seqno: int) -> bytes:

@@ -151,8 +151,10 @@ class WorkloadDriver:
         if ctx.ring_free() < 8 * (3 + 2 * ld.batches_per_workload):
             ctx = max(e.contexts, key=lambda c: c.ring_free())
         bad = ld.bad_ratio > 0 and rng.random() < ld.bad_ratio
+        spin = ld.spin_ratio > 0 and rng.random() < ld.spin_ratio
         ctx.seq += 1
-        w = Workload(ctx.seq, ctx, intended, 0, [], bad, trace=trace)
+        # a spinning workload is meant to fail too: the host's hang detection resets its engine
+        w = Workload(ctx.seq, ctx, intended, 0, [], bad or spin, trace=trace)
         out: list[Any] = []
         batch_vas = []
         k = 0
@@ -170,7 +172,13 @@ class WorkloadDriver:
                 if gpa >= 0:
                     w.tokens.append((gpa, tok))
             ctr_va = i915.VA_COUNTERS + (ctx.counter_gpa & (PAGE_SIZE - 1))
-            cmds = i915.batch_commands(stores, ctr_va)
+            va_here = i915.VA_BATCH + page * PAGE_SIZE
+            if spin and b == 0:
+                # a batch that chains to itself: it never ends, and stores nothing
+                cmds, w.tokens = i915.spin_batch(va_here), []
+            else:
+                cmds = i915.batch_commands(stores, ctr_va,
+                                           ld.vertices if ctx.engine == "rcs" else 0)
             out += self.store((lay.batch_gfns[page] << PAGE_SHIFT), cmds)
             batch_vas.append(i915.VA_BATCH + page * PAGE_SIZE)
         seq_gm = e.hwsp_gm + 4 * (lrc.HWS_SEQNO_INDEX + _slot(lay, ctx))

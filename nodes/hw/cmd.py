@@ -9,7 +9,7 @@ and 2D, video and video enhancement: MI and their own 3D-type media commands). T
 constant (F_LEN_CONST) or in the low bits of the first dword as dwords - 2 (F_LEN_VAR), and some
 variable-length commands have one valid length only (F_LEN_VAR_FIXED).
 
-The table holds every MI command of cmd_info[] that gen9 has, and PIPE_CONTROL; 3D state,
+The table holds every MI command of cmd_info[] that gen9 has, PIPE_CONTROL and 3DPRIMITIVE; 3D state,
 media and blitter commands are not modelled (the parser refuses them as unknown, as it refuses
 a command that is in no table). `rule` names what the parser does with a command (see
 nodes/mediator/cmd_parser.py); `run` says whether the simulated gpu executes it ("exec"), or
@@ -135,6 +135,8 @@ TABLE: tuple[Cmd, ...] = (
     _mi("MI_BATCH_BUFFER_START", 0x31, rule="bb_start", run="exec"),
     _mi("MI_CONDITIONAL_BATCH_BUFFER_END", 0x36, fixed=4, addr=(2,), rule="unexpected", run="hang"),
     Cmd("PIPE_CONTROL", CLIENT_3D, 0x7A00, engines=RCS, addr=(2,), rule="pipe_control", run="exec"),
+    # draws nothing in the simulated gpu; it takes time by its size (nodes.gpu.cost)
+    Cmd("3DPRIMITIVE", CLIENT_3D, 0x7B00, fixed=7, engines=RCS, run="exec"),
 )
 BY_NAME: dict[str, Cmd] = {c.name: c for c in TABLE}
 _BY_OPCODE: dict[int, Cmd] = {c.opcode: c for c in TABLE}
@@ -151,6 +153,9 @@ MI_STORE_REGISTER_MEM = BY_NAME["MI_STORE_REGISTER_MEM"]
 MI_ATOMIC = BY_NAME["MI_ATOMIC"]
 MI_FLUSH_DW = BY_NAME["MI_FLUSH_DW"]
 PIPE_CONTROL = BY_NAME["PIPE_CONTROL"]
+PRIMITIVE_3D = BY_NAME["3DPRIMITIVE"]
+LEN_3DPRIMITIVE = 7                 # header, topology, vertex count, start vertex, instance count,
+                                    # start instance, base vertex
 
 # gen8+ lengths as i915 emits them
 LEN_STORE_DWORD = 4                 # header, address lo, address hi, value
@@ -228,6 +233,12 @@ def atomic(addr: int, op: str = "inc", ggtt: bool = False, operand: int | None =
 def bb_start(addr: int, ppgtt: bool = True, second_level: bool = False) -> list[int]:
     flags = (BB_PPGTT if ppgtt else 0) | (BB_SECOND_LEVEL if second_level else 0)
     return [MI_BATCH_BUFFER_START.header(LEN_BB_START, flags), addr & 0xFFFFFFFF, addr >> 32]
+
+
+def primitive(vertices: int, instances: int = 1) -> list[int]:
+    """3DPRIMITIVE: `vertices` per instance, `instances` of them (a point list)."""
+    return [PRIMITIVE_3D.header(LEN_3DPRIMITIVE), 1, vertices & 0xFFFFFFFF, 0,
+            instances & 0xFFFFFFFF, 0, 0]
 
 
 def lri(*pairs: tuple[int, int]) -> list[int]:

@@ -16,8 +16,8 @@ from nodes.mediator import mmio
 from nodes.mediator.aperture import GmAllocator, write_fence
 from nodes.mediator.dma import HostPool
 from nodes.mediator.gtt import POST_ENTRIES
-from nodes.mediator.sched_policy import POLICIES
-from nodes.mediator.scheduler import WorkloadScheduler
+from nodes.mediator.sched_policy import GVT_SCHED_VGPU_PRI_TIME_NS, POLICIES
+from nodes.mediator.scheduler import HOST_HANG_TIMEOUT_NS, WorkloadScheduler
 from nodes.mediator.translate import translate_entries
 from nodes.mediator.vgpu import VGpu, declare_vgpu_metrics
 from nodes.memory import Fabric, Layout
@@ -45,7 +45,8 @@ class MediatorCore(Core):
                  gpu: str = "gpu", scratch: str = "kernel",
                  shadow_quota: int = 0, fences: int = partition.TOTAL_FENCES,
                  types: dict[str, partition.VgpuType] | None = None,
-                 sched_policy: str = "timeslice"):
+                 sched_policy: str = "timeslice", hang_timeout_ns: int | None = HOST_HANG_TIMEOUT_NS,
+                 start_boost_ns: int = GVT_SCHED_VGPU_PRI_TIME_NS):
         super().__init__()
         self.layout, self.fabric = layout, fabric
         self.alloc = GmAllocator(aperture_size, fences=fences, types=types)
@@ -68,7 +69,10 @@ class MediatorCore(Core):
                            f"each do not fit in the host pool's {layout.host.frames} pages")
         if sched_policy not in POLICIES:
             raise GvtError("EINVAL", f"scheduler policy {sched_policy!r}: one of {', '.join(POLICIES)}")
-        self.scheduler = WorkloadScheduler(self.pool, gpu, policy=sched_policy)
+        # hang_timeout_ns 0 or None: no host hang detection (i915 with heartbeat_interval_ms 0)
+        self.scheduler = WorkloadScheduler(self.pool, gpu, policy=sched_policy,
+                                           hang_timeout_ns=hang_timeout_ns or None,
+                                           start_boost_ns=start_boost_ns)
         self.vgpus: dict[int, VGpu] = {}
         self._resyncing: set[int] = set()     # vGPUs with a PPGTT resync queued or running
         self.stats = Stats()
@@ -221,9 +225,14 @@ class MediatorCore(Core):
         if due is not None and now >= due:
             # the policy's timer: it only spawns dispatches, so its actions are emitted here
             self.emit(*sched.on_timer(now))
+        hang = sched.hang_due()
+        if hang is not None and now >= hang:
+            self.emit(Spawn(sched.hang_check(now)))
 
     def next_wake(self, now: int) -> int | None:
-        return self.scheduler.next_tick()
+        sched = self.scheduler
+        wakes = [w for w in (sched.next_tick(), sched.hang_due()) if w is not None]
+        return min(wakes) if wakes else None
 
     def handle(self, msg: Envelope, now: int) -> Any:
         kind, p = msg.kind, msg.payload
@@ -411,6 +420,7 @@ class MediatorCore(Core):
             st.set("gvtbench_timeslice_left_seconds", (vid,), sh["left_ns"] / 1e9)
         st.set("gvtbench_vgpu_switches", (), sched.switches)
         return {"policy": sched.policy.name, "switches": sched.switches,
+                "host_resets": sched.host_resets,
                 "mmio_switches": sched.mmio.switches, "mmio_switch_ns": sched.mmio_switch_ns,
                 "shares": {vid: {**sh, "engine_ns": dict(self.vgpus[vid].engine_ns)}
                            for vid, sh in shares.items()},

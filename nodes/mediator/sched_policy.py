@@ -134,7 +134,7 @@ class TimeSlice:
             return
         # a new vGPU goes first for a while (the kernel's start-up boost), from the queue's head
         d.pri_time = now + self.pri_time_ns
-        d.pri_sched = True
+        d.pri_sched = self.pri_time_ns > 0
         self.runq.insert(0, d)
         if self.timer is None:
             self.timer = now + self.period
@@ -314,9 +314,10 @@ class RoundRobin:
         return {}
 
 
-def make_policy(name: str) -> SchedPolicy:
+def make_policy(name: str, start_boost_ns: int | None = None) -> SchedPolicy:
     if name == "timeslice":
-        return TimeSlice()
+        return TimeSlice(pri_time_ns=GVT_SCHED_VGPU_PRI_TIME_NS if start_boost_ns is None
+                         else start_boost_ns)
     if name == "round_robin":
         return RoundRobin()
     raise ValueError(f"scheduler policy {name!r}: one of {', '.join(POLICIES)}")

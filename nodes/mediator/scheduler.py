@@ -41,7 +41,7 @@ from nodes.mediator import cmd_parser, execlist, interrupt
 from nodes.mediator.dma import HostPool, QuotaExceeded
 from nodes.mediator.mmio_context import MmioContext
 from nodes.mediator.sched_policy import IDLE, has_pending_workload, make_policy, schedulable
-from nodes.metrics import (CMD_SCAN_SECONDS, GPU_BUSY_SECONDS, MMIO_SWITCH_SECONDS,
+from nodes.metrics import (CMD_SCAN_SECONDS, GPU_BUSY_SECONDS, HOST_RESETS, MMIO_SWITCH_SECONDS,
                            SCHED_LATENCY, WORKLOAD_LATENCY, WORKLOADS)
 from nodes.wire.schema import pack_write_batch
 
@@ -49,6 +49,11 @@ if TYPE_CHECKING:
     from nodes.mediator.ppgtt import PpgttMm
     from nodes.mediator.vgpu import VGpu
 
+# The host's hang detection (i915's heartbeat): a request not retired within two heartbeat
+# intervals (CONFIG_DRM_I915_HEARTBEAT_INTERVAL, 2500 ms), the second at top priority, then the
+# preemption timeout (CONFIG_DRM_I915_PREEMPT_TIMEOUT, 640 ms), has its engine reset; the GVT
+# workload ends with -EIO (no completion reaches the guest).
+HOST_HANG_TIMEOUT_NS = 2 * 2_500_000_000 + 640_000_000
 QUEUE_MAX = 64                      # workloads a vGPU may have queued on one engine
 FAIL_REASONS_MAX = 32              # distinct failure reasons a vGPU keeps (past it: "(other reasons)")
 STATUSES = ("completed", "failed")
@@ -105,8 +110,11 @@ class WorkloadScheduler:
     flight (need_reschedule), each engine's MMIO owner, and the policy (sched_policy)."""
 
     def __init__(self, pool: HostPool, gpu: str, engines: tuple[str, ...] = tuple(regs.ENGINES),
-                 policy: str = "timeslice"):
+                 policy: str = "timeslice", hang_timeout_ns: int | None = HOST_HANG_TIMEOUT_NS,
+                 start_boost_ns: int | None = None):
         self.pool, self.gpu = pool, gpu
+        self.hang_timeout_ns = hang_timeout_ns
+        self.host_resets = 0                # engines the host's hang detection reset
         self.inflight: dict[str, Workload | None] = {e: None for e in engines}
         self.vgpus: dict[int, VGpu] = {}
         self.current_vgpu: Any = None       # a VGpu, IDLE, or None (nobody yet / stopped)
@@ -117,7 +125,7 @@ class WorkloadScheduler:
         self.switches = 0                   # vGPU switches (the owner changed)
         self.switch_log: list[tuple[int, int]] = []     # (ns, new owner's id), the last few
         self.mmio_switch_ns = 0             # time spent in engine MMIO context switches
-        self.policy = make_policy(policy)
+        self.policy = make_policy(policy, start_boost_ns)
         self.policy.init(self, 0)
         self.next_id = 1
         self.now = 0                # the time of the message or tick being handled
@@ -149,6 +157,31 @@ class WorkloadScheduler:
                                 for v in self.vgpus.values()):
             return None
         return t
+
+    def hang_due(self) -> int | None:
+        """When the oldest workload on the gpu is due for the host's hang check."""
+        if not self.hang_timeout_ns:
+            return None                     # no host hang detection
+        sent = [w.sent_ns for w in self.inflight.values() if w is not None and w.state == "running"]
+        return min(sent) + self.hang_timeout_ns if sent else None
+
+    def hang_check(self, now: int) -> Iterator[Any]:
+        """The host's hang detection: an engine whose workload has run past the timeout is reset
+        (GDRST of that engine), and the workload ends as a hang, its vGPU's other work on that
+        engine with it (complete_current_workload, -EIO)."""
+        self.now = now
+        bit = {e: b for b, e in regs.GRDOM_ENGINES.items()}
+        for engine, w in list(self.inflight.items()):
+            if w is None or w.state != "running" or now - w.sent_ns < self.hang_timeout_ns:
+                continue
+            self.host_resets += 1
+            w.vgpu.stats.inc(HOST_RESETS, (w.vgpu.id, engine))
+            yield Post(self.gpu, "MMIO_WRITE", {"off": regs.GDRST, "size": 4, "val": bit[engine]},
+                       vgpu=w.vgpu.id)
+            self.engine_owner[engine] = None    # its registers are the reset's now
+            yield from self.on_engine_irq(engine, [], [[w.id, -1, (
+                f"GPU hang: the host reset {engine} after {(now - w.sent_ns) / 1e9:.2f} s "
+                f"without the workload's completion")]])
 
     def on_timer(self, now: int) -> Iterator[Any]:
         """The policy's timer (INTEL_GVT_REQUEST_SCHED), then dispatch to what is idle."""

@@ -40,6 +40,7 @@ def declare_workload_metrics(stats: Stats) -> None:
 GPU_BUSY_SECONDS = "gvtbench_gpu_busy_seconds"
 MMIO_SWITCH_SECONDS = "gvtbench_mmio_switch_seconds"
 SCHED_LATENCY = "gvtbench_sched_latency_seconds"
+HOST_RESETS = "gvtbench_host_engine_resets"
 
 
 def declare_sched_metrics(stats: Stats) -> None:
@@ -56,6 +57,8 @@ def declare_sched_metrics(stats: Stats) -> None:
     stats.gauge("gvtbench_vgpu_switches", "vGPU switches: times the GPU changed owner")
     stats.histogram(SCHED_LATENCY, "Scheduler latency: a workload queued (the ELSP write) to its "
                     "dispatch to the GPU", ["vgpu"])
+    stats.counter(HOST_RESETS, "Engines the host's hang detection reset under a vGPU's workload "
+                  "that did not complete in time", ["vgpu", "engine"])
     stats.histogram(MMIO_SWITCH_SECONDS, "The engine MMIO context switch at a change of an "
                     "engine's owner (save and restore over the gpu link)", ["engine"])
 
