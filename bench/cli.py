@@ -196,6 +196,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _perf(args: argparse.Namespace) -> int:
+    if args.seconds is None:        # each benchmark's own default
+        args.seconds = 8.0 if args.what == "sched" else 3.0
     if args.what == "translate":
         from bench.perf_translate import format_translate, run_translate
         res = run_translate(entries=args.entries, repeats=args.repeats)
@@ -210,6 +212,11 @@ def _perf(args: argparse.Namespace) -> int:
         from bench.perf import format_faults, run_faults
         res = run_faults(seconds=args.seconds, rounds=args.rounds)
         print(json.dumps(res) if args.json else format_faults(res))
+        return 0
+    if args.what == "sched":
+        from bench.perf import format_sched, run_sched
+        res = run_sched(seconds=args.seconds)
+        print(json.dumps(res) if args.json else format_sched(res))
         return 0
     if args.what == "submit":
         from bench.perf import format_submit, run_submit
@@ -349,11 +356,14 @@ def parser() -> argparse.ArgumentParser:
     k.set_defaults(fn=_keys)
     p = sub.add_parser("perf", help="benchmarks: translate (C vs numpy vs Python), trap (end to "
                        "end), neighbour (a VM's reads next to a flooding VM), submit (GPU "
-                       "workloads), faults (the same load clean and on a faulty network)")
-    p.add_argument("what", choices=["translate", "trap", "neighbour", "submit", "faults"])
+                       "workloads), faults (the same load clean and on a faulty network), sched "
+                       "(GPU shares against weights, and next to a hung vGPU)")
+    p.add_argument("what", choices=["translate", "trap", "neighbour", "submit", "faults", "sched"])
     p.add_argument("--entries", type=int, default=1_000_000)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--seconds", type=float, default=3.0, help="trap, neighbour: seconds per measurement")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="trap, neighbour, submit, faults: seconds per measurement (3); sched: the "
+                        "measured window of each phase (8)")
     p.add_argument("--rounds", type=int, default=3,
                    help="trap, submit: alternating echo/measure rounds; neighbour: alone/flooded rounds")
     p.add_argument("--trace-rate", type=float, metavar="N",

@@ -502,3 +502,121 @@ def format_submit(r: dict) -> str:
             f"{v:,.0f}" if v is not None else "-" for v in r["workloads_per_cpu_s"].values()),
         f"tracked PTE writes/s (ppgtt-churn): {r['tracked_writes_per_s']:,}",
     ])
+
+
+# ---- sched -----------------------------------------------------------------------------------------
+SCHED_WEIGHTS = (2, 4, 8, 16)
+SCHED_VERTICES = 1_000_000      # a 3DPRIMITIVE per workload: 2 ms of GPU at the default vertex_ns
+SCHED_HANG_TIMEOUT_MS = 200     # the host's hang detection in the hang phase (i915's: 5640)
+SCHED_TARGET_PTS = 5.0
+
+
+def _sched_cfg(seconds: float, hang: bool) -> dict:
+    types = {f"w{w}": {"low_gm_mib": 32, "high_gm_mib": 64, "fences": 2, "weight": w}
+             for w in SCHED_WEIGHTS}
+    load = {"mode": "closed", "concurrency": 4, "mix": {"submit": 1.0}, "engines": ["rcs"],
+            "vertices": SCHED_VERTICES, "stores_per_batch": 1}
+    sched: dict = {}
+    if hang:
+        # vGPU 1's every workload is a batch that chains to itself; the host resets its engine
+        # after SCHED_HANG_TIMEOUT_MS, the guest (whose other workloads the reset dropped) its
+        # own after a third of the window (at least 2 s), and submits again: a few hangs in
+        # every window
+        load.update(spin_ratio=1.0, spin_vms=[1], hang_timeout_s=max(2.0, seconds / 3))
+        sched["hang_timeout_ms"] = SCHED_HANG_TIMEOUT_MS
+    raw = {"run": {"duration_s": seconds + 30, "seed": 11},
+           "vgpu_types": types,
+           "vgpus": {"count": len(SCHED_WEIGHTS), "types": list(types), "ram_mib": 16,
+                     "per_process": len(SCHED_WEIGHTS)},
+           "scheduler": sched, "load": load}
+    return config.validate(raw, "perf sched")
+
+
+def _sched_window(seconds: float, warmup_s: float) -> Callable:
+    """A drive that starts the load, lets the start-up boost pass, and returns the mediator's
+    scheduler snapshots at both ends of a `seconds` window."""
+    def drive(launcher: Launcher, names: list[str]) -> Iterator[Any]:
+        yield from launcher.wait_ready(names)
+        for g in (n for n in names if n.startswith("guest")):
+            yield Post(g, "START", {"load": True})
+        yield Sleep(warmup_s)
+        before = yield Call("mediator/0", "STATS", timeout=30)
+        t0 = time.monotonic()
+        yield Sleep(seconds)
+        after = yield Call("mediator/0", "STATS", timeout=30)
+        return before, after, time.monotonic() - t0
+    return drive
+
+
+def _sched_phase(seconds: float, hang: bool) -> dict:
+    from nodes.metrics import SCHED_LATENCY
+    cfg = _sched_cfg(seconds, hang)
+    boost_s = cfg["scheduler"]["start_boost_ms"] / 1000
+    before, after, wall = Launcher(cfg).run(drive=_sched_window(seconds, boost_s + 1.0))
+    s0, s1 = before["core"]["sched"], after["core"]["sched"]
+    weights = dict(zip(range(1, len(SCHED_WEIGHTS) + 1), SCHED_WEIGHTS))
+    gpu = {v: s1["shares"][v]["gpu_ns"] - s0["shares"][v]["gpu_ns"] for v in weights}
+    busy = {v: sum(s1["engine_ns"][v].values()) - sum(s0["engine_ns"][v].values()) for v in weights}
+    lat = hist_from_snapshot(after["stats"], SCHED_LATENCY).minus(
+        hist_from_snapshot(before["stats"], SCHED_LATENCY)).summary_us()
+    mmio_n = s1["mmio_switches"] - s0["mmio_switches"]
+    out: dict = {"window_s": round(wall, 2), "switches_per_s": round((s1["switches"] - s0["switches"]) / wall, 1),
+                 "switch_cost_us": round((s1["mmio_switch_ns"] - s0["mmio_switch_ns"]) / mmio_n / 1e3, 1)
+                 if mmio_n else None,
+                 "sched_latency_p50_us": lat["p50_us"], "sched_latency_p99_us": lat["p99_us"],
+                 "host_resets": s1["host_resets"] - s0["host_resets"]}
+
+    def shares(vs: list[int]) -> dict:
+        tw, tg, tb = (sum(weights[v] for v in vs), sum(gpu[v] for v in vs) or 1,
+                      sum(busy[v] for v in vs) or 1)
+        return {str(v): {"weight": weights[v], "weight_share": round(weights[v] / tw, 4),
+                         "gpu_share": round(gpu[v] / tg, 4), "busy_share": round(busy[v] / tb, 4),
+                         "gpu_ms": round(gpu[v] / 1e6, 1)} for v in vs}
+    out["shares"] = shares(list(weights))
+    if hang:
+        out["hang_shares"] = shares([v for v in weights if v != 1])
+    table = out["hang_shares"] if hang else out["shares"]
+    out["max_share_error_pts"] = round(max(abs(x["gpu_share"] - x["weight_share"]) * 100
+                                           for x in table.values()), 2)
+    return out
+
+
+def run_sched(seconds: float = 8.0) -> dict:
+    """Four vGPUs of weights 2, 4, 8, 16, each with 4 workloads of 2 ms of GPU always queued:
+    each one's share of GPU time (the time it owned the GPU, as the policy charges it) against
+    its weight share, measured over `seconds` after the start-up boost; then the same with vGPU
+    1 submitting only workloads that never end: the other three's shares among themselves."""
+    fair = _sched_phase(seconds, hang=False)
+    hang = _sched_phase(seconds, hang=True)
+    return {"seconds": seconds, "weights": list(SCHED_WEIGHTS), "vertices": SCHED_VERTICES,
+            "shares": fair["shares"], "max_share_error_pts": fair["max_share_error_pts"],
+            "switch_cost_us": fair["switch_cost_us"], "switches_per_s": fair["switches_per_s"],
+            "sched_latency_p50_us": fair["sched_latency_p50_us"],
+            "sched_latency_p99_us": fair["sched_latency_p99_us"],
+            "hang_shares": hang["hang_shares"], "hang_max_share_error_pts": hang["max_share_error_pts"],
+            "hang_host_resets": hang["host_resets"], "hang_timeout_ms": SCHED_HANG_TIMEOUT_MS,
+            "hang_all_shares": hang["shares"],
+            "target_met": fair["max_share_error_pts"] <= SCHED_TARGET_PTS
+            and hang["max_share_error_pts"] <= SCHED_TARGET_PTS and hang["host_resets"] > 0}
+
+
+def format_sched(r: dict) -> str:
+    def rows(shares: dict) -> list[str]:
+        return [f"  vGPU {v} (weight {x['weight']:>2}): GPU share {x['gpu_share']:6.1%} against "
+                f"{x['weight_share']:6.1%} by weight (engine busy {x['busy_share']:6.1%}, "
+                f"{x['gpu_ms']:,.0f} ms)" for v, x in shares.items()]
+    return "\n".join([
+        f"four vGPUs, saturating work ({r['vertices']:,} vertices a workload), {r['seconds']:g} s "
+        f"after the start-up boost:",
+        *rows(r["shares"]),
+        f"  worst share error: {r['max_share_error_pts']:.2f} points (target <= {SCHED_TARGET_PTS:g})",
+        f"  vGPU switches: {r['switches_per_s']:,.0f}/s; engine MMIO context switch: "
+        + (f"{r['switch_cost_us']:,.0f} us" if r["switch_cost_us"] is not None else "none"),
+        f"  scheduler latency (queued to dispatched): p50 {r['sched_latency_p50_us']:,.0f} us, "
+        f"p99 {r['sched_latency_p99_us']:,.0f} us",
+        f"vGPU 1's workloads never end (host hang detection after {r['hang_timeout_ms']} ms, "
+        f"{r['hang_host_resets']} engine resets); the others among themselves:",
+        *rows(r["hang_shares"]),
+        f"  worst share error: {r['hang_max_share_error_pts']:.2f} points",
+        f"targets met: {r['target_met']}",
+    ])
