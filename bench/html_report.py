@@ -426,6 +426,37 @@ def _workload_rows(result: dict) -> list[list[Any]]:
     return rows
 
 
+def _sched_rows(result: dict) -> list[list[Any]]:
+    """Each vGPU's share of its GPU's time against its weight's share (the time-slice policy)."""
+    rows = []
+    for v in result["vgpus"]:
+        sc = v.get("sched") or {}
+        engines = sc.get("engine_ms") or {}
+        rows.append([str(v["id"]), str(v.get("gpu", 0)), str(v.get("weight", "?")),
+                     f"{sc.get('weight_share', 0.0):.1%}", f"{sc.get('gpu_share', 0.0):.1%}",
+                     f"{(sc.get('gpu_share', 0.0) - sc.get('weight_share', 0.0)) * 100:+.1f}",
+                     f"{sc.get('gpu_ms', 0.0):,.1f}",
+                     ", ".join(f"{e} {ms:,.1f}" for e, ms in engines.items()) or "-"])
+    return rows
+
+
+def _sched_html(result: dict) -> str:
+    heads = result.get("scheduler") or []
+    lines = "".join(
+        f'<p>GPU {i}: policy <code>{_e(h.get("policy") or "?")}</code>, '
+        f'{_num(h.get("switches") or 0)} vGPU switches, {_num(h.get("mmio_switches") or 0)} engine '
+        f'MMIO context switches ({(h.get("mmio_switch_ns") or 0) / 1e6:,.1f} ms), '
+        f'{_num(h.get("host_resets") or 0)} engines reset by the host\'s hang detection.</p>'
+        for i, h in enumerate(heads))
+    return (lines + '<p class="note">GPU share: the time the vGPU owned its GPU over all its '
+            'GPU\'s vGPUs\' (what the time-slice policy charges); weight share: its weight over '
+            'theirs, the share the policy aims at when every vGPU has work. Engine ms: its '
+            'workloads\' time on each engine, from dispatch to interrupt.</p>'
+            + _table("sched-table", ["vGPU", "GPU", "weight", "weight share", "GPU share",
+                                     "points off", "owned ms", "engine ms"], _sched_rows(result),
+                     numeric_from=2))
+
+
 def _guest_rows(result: dict) -> list[list[Any]]:
     rows = []
     for v in result["vgpus"]:
@@ -584,6 +615,7 @@ def render_html(result: dict) -> str:
          + (_table("fail-reasons-table", ["vGPU", "reason", "workloads"], _fail_reason_rows(result),
                    numeric_from=2) if _fail_reason_rows(result) else
             '<p class="note">No workload failed at the mediator.</p>')),
+        ("scheduler", "GPU shares", _sched_html(result)),
         ("hostile", "Hostile guests", _hostile_html(result)),
         ("faults", "Faults", _faults_html(result)),
         ("ledger", "Ledger",

@@ -769,6 +769,8 @@ class Launcher:
             vm = v["id"]
             st = topo.stack(topo.gpu_of(vm))
             mv = self._mediator_vgpu(snaps, vm)
+            sh = snaps[st.mediator]["core"].get("sched", {}).get("shares", {})
+            sh = sh.get(vm) or sh.get(str(vm)) or {}
             # the guest's per-second counts get their own key: "guest" stays a table of totals
             guest = dict(self.core.reports.get(vm, {}))
             timeline = guest.pop("timeline", None) or {"interval_s": 1.0, "t0_ns": 0, "bins": 0, "ops": {}}
@@ -790,6 +792,13 @@ class Launcher:
                 "fault_costs": self.costs.get(vm, []),
                 "incarnations": self.incarnations.get(vm, []),
                 "ppgtt": {k: mv.get("ppgtt", {}).get(k, 0) for k in ("tracked_writes", "shadow_pages")},
+                # the time-slice scheduler: the share of the GPU's time this vGPU owned it,
+                # against its weight's share of its GPU's vGPUs, and its engines' busy time
+                "sched": {"gpu_share": round(sh.get("gpu_share", 0.0), 4),
+                          "weight_share": round(sh.get("weight_share", 0.0), 4),
+                          "gpu_ms": round(sh.get("gpu_ns", 0) / 1e6, 1),
+                          "engine_ms": {e: round(ns / 1e6, 1)
+                                        for e, ns in sorted(sh.get("engine_ns", {}).items())}},
                 "workload": ledger.summarize_workloads(snaps[f"guest{vm}"], vm),
                 "execlist": {k: mv.get(k, 0) for k in ("context_switches", "csb_entries", "virtual_irqs")},
                 # what the mediator saw of the vGPU's work: why workloads failed there, the
@@ -818,6 +827,11 @@ class Launcher:
             "gpu_restores": [dict(r, gpu=i) if len(meds) > 1 and isinstance(r, dict) else r
                              for i, m in enumerate(meds) for r in m["core"].get("gpu_restores", [])],
             "shadow_quota_pages": med["core"].get("shadow_quota"),
+            # each GPU's scheduler: its policy, vGPU switches, engine MMIO context switches and
+            # their time, engines the host's hang detection reset
+            "scheduler": [{k: m["core"].get("sched", {}).get(k) for k in
+                           ("policy", "switches", "mmio_switches", "mmio_switch_ns", "host_resets")}
+                          for m in meds],
             "wall_s": round(wall, 3),
             # PROBE before the load: the unloaded MMIO read latency of each GPU's path
             "unloaded": self.unloaded,

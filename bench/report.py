@@ -82,6 +82,14 @@ def print_result(result: dict, console: Console | None = None) -> None:
                       *(_fmt(x) for x in ms), f"{pp.get('tracked_writes', 0):,}",
                       f"{pp.get('shadow_pages', 0):,}")
         console.print(w)
+        sh = Table(title="GPU shares (time each vGPU owned its GPU, against its weight's share)")
+        for col in ("vGPU", "weight", "weight share", "GPU share", "owned ms"):
+            sh.add_column(col, justify="right")
+        for v in result["vgpus"]:
+            sc = v.get("sched") or {}
+            sh.add_row(str(v["id"]), str(v.get("weight", "?")), f"{sc.get('weight_share', 0.0):.1%}",
+                       f"{sc.get('gpu_share', 0.0):.1%}", f"{sc.get('gpu_ms', 0.0):,.1f}")
+        console.print(sh)
         iso = result.get("isolation", {})
         console.print(f"isolation: {iso.get('pages_checked', 0):,} pages checked, "
                       f"{iso.get('violations', 0)} violations; memory image sha256 "

@@ -190,5 +190,5 @@ def test_intel_gvt_switch_mmio_keeps_one_vgpus_register_from_another(bench):
     res = hg1.submit(seqno_store(hg1, 2), k=0)
     assert res["n_errors"] == 0 and b.gpu.regs[reg] & 0xFFFF == 0x5A
     sched = b.mediator.scheduler
-    assert sched.mmio.switches >= 3 and sched.mmio_switch_ns >= 0
+    assert sched.mmio.switches >= 3 and not sched.mmio.save_failures
     assert sched.engine_owner["rcs"] is v1

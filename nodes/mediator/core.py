@@ -421,7 +421,8 @@ class MediatorCore(Core):
         st.set("gvtbench_vgpu_switches", (), sched.switches)
         return {"policy": sched.policy.name, "switches": sched.switches,
                 "host_resets": sched.host_resets,
-                "mmio_switches": sched.mmio.switches, "mmio_switch_ns": sched.mmio_switch_ns,
+                "mmio_switches": sched.mmio.switches, "mmio_switch_ns": sched.mmio.save_ns,
+                "mmio_save_failures": sched.mmio.save_failures,
                 "shares": {vid: {**sh, "engine_ns": dict(self.vgpus[vid].engine_ns)}
                            for vid, sh in shares.items()},
                 "engine_ns": {v.id: dict(v.engine_ns) for v in self.vgpus.values()}}

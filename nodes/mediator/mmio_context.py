@@ -14,7 +14,8 @@ gen9 the registers marked in_context are saved and restored with the context ima
 simulated GPU's context image holds no engine registers, so here every register of the list is
 switched, as gen8 switches them.
 
-The switch costs one MMIO_READ_BATCH and one MMIO_WRITE_BATCH to the gpu; the scheduler times it.
+The switch costs one MMIO_READ_BATCH (the save, whose round trip is timed) and one
+MMIO_WRITE_BATCH (the restore) to the gpu.
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from nodes.actions import Call, Post
+from nodes.actions import Call, Now, Post, Spawn
+from nodes.errors import GvtError
 from nodes.hw import regs
+from nodes.metrics import MMIO_SWITCH_SECONDS
 from nodes.wire.schema import pack_write_batch
 
 if TYPE_CHECKING:
@@ -99,25 +102,46 @@ class MmioContext:
         self.gpu = gpu
         self.host: dict[int, int] = {}      # reg -> the host's value, saved when it gave the engine up
         self.switches = 0
+        self.save_ns = 0                    # the saves' round trips to the gpu, all told
+        self.save_failures = 0              # saves the gpu did not answer (it restarted)
 
     def switch(self, pre: VGpu | None, nxt: VGpu | None, engine: str) -> Iterator[Any]:
-        """intel_gvt_switch_mmio(pre, next, engine): None is the host."""
+        """intel_gvt_switch_mmio(pre, next, engine): None is the host.
+
+        The save reads the gpu's registers and the restore writes the incoming vGPU's values:
+        the gpu takes its messages in order, so the read is sent first and the restore and the
+        ELSP after it without waiting for its answer; the answer (which comes before anything
+        the engine then does) fills the outgoing vGPU's vregs. The dispatch pays no round trip."""
         mmios = BY_ENGINE.get(engine, ())
         if not mmios or (pre is None and nxt is None):
             return
         offs = [m.reg for m in mmios]
-        raw = yield Call(self.gpu, "MMIO_READ_BATCH",
-                         {"off": np.asarray(offs, dtype="<u4").tobytes()}, timeout=30)
-        now = np.frombuffer(raw, dtype="<u4").tolist()
+        stats = (nxt if nxt is not None else pre).stats
+        yield Spawn(self._save(pre, mmios, stats, engine))  # at once, up to its read going out
         vals = []
-        for m, phys in zip(mmios, now):
-            if pre is not None:                 # save
-                pre.vregs[m.reg] = phys & ~(m.mask << 16) & 0xFFFFFFFF if m.mask else phys
-            else:
-                self.host[m.reg] = phys
+        for m in mmios:
             new = nxt.vregs.get(m.reg, 0) if nxt is not None else self.host.get(m.reg, 0)
             vals.append((new | m.mask << 16) & 0xFFFFFFFF if m.mask else new)
         yield Post(self.gpu, "MMIO_WRITE_BATCH",
                    pack_write_batch(np.asarray(offs), np.full(len(offs), 4), np.asarray(vals)),
                    vgpu=nxt.id if nxt is not None else 0)
         self.switches += 1
+
+    def _save(self, pre: VGpu | None, mmios: tuple[EngineMmio, ...], stats: Any,
+              engine: str) -> Iterator[Any]:
+        t0 = yield Now()
+        try:
+            raw = yield Call(self.gpu, "MMIO_READ_BATCH",
+                             {"off": np.asarray([m.reg for m in mmios], dtype="<u4").tobytes()},
+                             timeout=30)
+        except GvtError:
+            self.save_failures += 1     # the gpu restarted under it: its registers are gone too
+            return
+        for m, phys in zip(mmios, np.frombuffer(raw, dtype="<u4").tolist()):
+            if pre is not None:
+                pre.vregs[m.reg] = phys & ~(m.mask << 16) & 0xFFFFFFFF if m.mask else phys
+            else:
+                self.host[m.reg] = phys
+        took = (yield Now()) - t0
+        self.save_ns += took
+        stats.hist(MMIO_SWITCH_SECONDS, (engine,)).record(took)

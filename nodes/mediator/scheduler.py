@@ -41,7 +41,7 @@ from nodes.mediator import cmd_parser, execlist, interrupt
 from nodes.mediator.dma import HostPool, QuotaExceeded
 from nodes.mediator.mmio_context import MmioContext
 from nodes.mediator.sched_policy import IDLE, has_pending_workload, make_policy, schedulable
-from nodes.metrics import (CMD_SCAN_SECONDS, GPU_BUSY_SECONDS, HOST_RESETS, MMIO_SWITCH_SECONDS,
+from nodes.metrics import (CMD_SCAN_SECONDS, GPU_BUSY_SECONDS, HOST_RESETS,
                            SCHED_LATENCY, WORKLOAD_LATENCY, WORKLOADS)
 from nodes.wire.schema import pack_write_batch
 
@@ -124,7 +124,6 @@ class WorkloadScheduler:
         self.mmio = MmioContext(gpu)
         self.switches = 0                   # vGPU switches (the owner changed)
         self.switch_log: list[tuple[int, int]] = []     # (ns, new owner's id), the last few
-        self.mmio_switch_ns = 0             # time spent in engine MMIO context switches
         self.policy = make_policy(policy, start_boost_ns)
         self.policy.init(self, 0)
         self.next_id = 1
@@ -331,17 +330,8 @@ class WorkloadScheduler:
             owner = self.engine_owner[w.engine]
             if owner is not vgpu:
                 # shadow_context_status_change: the engine runs another vGPU's context now
-                t0 = yield Now()
-                try:
-                    yield from self.mmio.switch(owner, vgpu, w.engine)
-                except GvtError as err:
-                    # the gpu's link failed under it (it restarted): the reset is the reason
-                    raise GvtError(err.code, f"GPU reset under the engine MMIO context switch: "
-                                   f"{err.text}") from None
+                yield from self.mmio.switch(owner, vgpu, w.engine)
                 self.engine_owner[w.engine] = vgpu
-                took = (yield Now()) - t0
-                self.mmio_switch_ns += took
-                vgpu.stats.hist(MMIO_SWITCH_SECONDS, (w.engine,)).record(took)
         except GvtError as err:
             if w.state == "dispatching":
                 self._free_engine(w)
