@@ -268,10 +268,24 @@ def workloads() -> Board:
             (f"sum by (vgpu) ({rate('gvtbench_msi_merged_total')})", "vGPU {{vgpu}} MSIs merged"),
             (f"sum by (vgpu) ({rate('gvtbench_guest_irqs_total')})", "vGPU {{vgpu}} guest irqs")], width=24),
     ]
+    sched = [
+        ts("GPU share against weight share",
+           "The time-slice scheduler: each vGPU's share of the time its GPU was owned (what the policy "
+           "charges), against its weight over its GPU's vGPUs' weights, the share it aims at when every vGPU "
+           "has work. A vGPU with less work than its share owns less.", "percentunit",
+           [(f"max by (vgpu) ({sel('gvtbench_gpu_share')})", "vGPU {{vgpu}} GPU share"),
+            (f"max by (vgpu) ({sel('gvtbench_weight_share')})", "vGPU {{vgpu}} weight share")]),
+        ts("Engine busy time and scheduler latency",
+           "Each vGPU's workloads' engine time per second (dispatch to interrupt, all engines), and the p99 "
+           "of its workloads' wait from queued to dispatched.", "s",
+           [(f"sum by (vgpu) ({rate('gvtbench_gpu_busy_seconds_total')})", "vGPU {{vgpu}} engine s/s"),
+            (quantile(0.99, "gvtbench_sched_latency_seconds", "vgpu"), "vGPU {{vgpu}} scheduler p99")]),
+    ]
     return Board("gvtbench-workloads", "gvtbench / workloads",
-                 "GPU workloads: latency by engine, vGPU and stage, its distribution, throughput, and the context "
-                 "switches and interrupts they cause. Filters: job, instance, vGPU.",
-                 [("Workload latency", lat), ("Throughput", thr)])
+                 "GPU workloads: latency by engine, vGPU and stage, its distribution, throughput, the context "
+                 "switches and interrupts they cause, and how the scheduler shares the GPU. Filters: job, "
+                 "instance, vGPU.",
+                 [("Workload latency", lat), ("Throughput", thr), ("Scheduler", sched)])
 
 
 def memory() -> Board:

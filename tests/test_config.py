@@ -58,3 +58,17 @@ def test_every_shipped_config_loads_and_the_256_vgpu_one_fits_its_gpus():
     assert [len(st.vms) for st in topo.stacks] == [64, 64, 64, 64]
     assert [len(p) for p in guest_pools(cfg)] == [32] * 8
     assert cfg["run"]["transport"] == "tcp" and cfg["run"]["fabric"] == "msg"
+
+
+def test_the_scheduler_and_the_gpu_cost_are_checked():
+    cfg = config.validate({}, "t")
+    assert cfg["scheduler"] == {"policy": "timeslice", "start_boost_ms": 2000, "hang_timeout_ms": 5640}
+    for raw, words in (({"scheduler": {"policy": "fifo"}}, "scheduler.policy"),
+                       ({"scheduler": {"hang_timeout_ms": -1}}, "scheduler.hang_timeout_ms"),
+                       ({"gpu": {"cost": {"noop_ns": 1}}}, "gpu.cost"),
+                       ({"gpu": {"cost": {"vertex_ns": 1.5}}}, "gpu.cost"),
+                       ({"load": {"spin_ratio": 2}}, "load.spin_ratio")):
+        with pytest.raises(config.ConfigError, match=words.replace(".", r"\.")):
+            config.validate(raw, "t")
+    cfg = config.validate({"gpu": {"cost": {"vertex_ns": 0}}, "scheduler": {"policy": "round_robin"}}, "t")
+    assert cfg["gpu"]["cost"] == {"vertex_ns": 0} and cfg["scheduler"]["policy"] == "round_robin"

@@ -11,7 +11,7 @@ import pytest
 
 from gpuwork import HandGuest, seqno_store
 from harness import started_bench
-from nodes.hw import cmd, regs
+from nodes.hw import cmd, lrc, regs
 from nodes.mediator import mmio_context
 from nodes.mediator.sched_policy import (GVT_SCHED_VGPU_PRI_TIME_NS, IDLE, RoundRobin, TimeSlice,
                                          make_policy)
@@ -192,3 +192,50 @@ def test_intel_gvt_switch_mmio_keeps_one_vgpus_register_from_another(bench):
     sched = b.mediator.scheduler
     assert sched.mmio.switches >= 3 and not sched.mmio.save_failures
     assert sched.engine_owner["rcs"] is v1
+
+
+# ---- the gpu's cost model and the host's hang detection --------------------------------------------
+def _bench(**kw):
+    gen = started_bench(**kw)
+    return gen, next(gen)
+
+
+def test_a_workload_takes_its_cost_in_virtual_time_on_the_gpu():
+    """nodes.gpu.cost: a 3DPRIMITIVE of V vertices keeps the engine busy V x vertex_ns: the
+    workload's completion comes that much after its dispatch."""
+    gen, b = _bench()
+    try:
+        hg = HandGuest(b, 1)
+        vertex_ns = b.gpu.cost.vertex_ns
+        assert vertex_ns > 0
+        t0 = b.net.now
+        va = hg.put_batch(0, cmd.primitive(5_000_000) + [cmd.MI_BATCH_BUFFER_END.header()])
+        res = hg.submit(cmd.bb_start(va) + seqno_store(hg, 7))
+        assert res["n_errors"] == 0 and hg.u32(hg.hwsp_gpa() + 4 * lrc.HWS_SEQNO_INDEX) == 7
+        took = b.net.now - t0
+        assert took >= 5_000_000 * vertex_ns        # 10 ms of GPU at the default cost
+        assert b.gpu.engines["rcs"].busy_ns >= 5_000_000 * vertex_ns
+        assert b.mediator.vgpus[1].engine_ns["rcs"] >= 5_000_000 * vertex_ns
+    finally:
+        gen.close()
+
+
+def test_complete_current_workload_fails_a_never_ending_workload_after_the_host_resets_its_engine():
+    """A batch that chains to itself spins until its engine is reset; the host's hang detection
+    (HOST_HANG_TIMEOUT) resets it, the workload fails with the hang as its reason and no
+    completion, and the other vGPU's work runs after it."""
+    gen, b = _bench(hang_timeout_ns=50 * MS)
+    try:
+        hg1, hg2 = HandGuest(b, 1), HandGuest(b, 2)
+        va = hg1.put_batch(0, [])
+        hg1.put_batch(0, cmd.bb_start(va))          # a batch whose one command starts itself
+        res = hg1.submit(cmd.bb_start(va) + seqno_store(hg1, 1))
+        assert res["n_errors"] == 0
+        v1 = b.mediator.vgpus[1]
+        assert v1.workloads["failed"] == 1 and v1.workloads["completed"] == 0
+        assert any("GPU hang: the host reset rcs" in r for r in v1.fail_reasons), v1.fail_reasons
+        assert b.mediator.scheduler.host_resets == 1 and b.gpu.engines["rcs"].spins == 1
+        res = hg2.submit(seqno_store(hg2, 5))
+        assert res["n_errors"] == 0 and b.mediator.vgpus[2].workloads["completed"] == 1
+    finally:
+        gen.close()

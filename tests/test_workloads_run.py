@@ -22,6 +22,14 @@ def test_workloads_config_passes():
         assert v["ppgtt"]["tracked_writes"] > 0 and v["ppgtt"]["shadow_pages"] >= 6
         assert v["workload"]["all"]["count"] == w["completed"]
         assert v["execlist"]["context_switches"] > 0 and v["execlist"]["virtual_irqs"] > 0
+        # the time-slice scheduler: every vGPU owned the GPU for a while, its engines were busy
+        sc = v["sched"]
+        assert sc["gpu_share"] > 0 and sc["gpu_ms"] > 0 and sum(sc["engine_ms"].values()) > 0
+    weights = [v["weight"] for v in res["vgpus"]]
+    assert [v["sched"]["weight_share"] for v in res["vgpus"]] == [round(w / sum(weights), 4) for w in weights]
+    assert abs(sum(v["sched"]["gpu_share"] for v in res["vgpus"]) - 1) < 0.01
+    (sched,) = res["scheduler"]
+    assert sched["policy"] == "timeslice" and sched["switches"] > 0 and sched["mmio_switches"] > 0
     iso = res["isolation"]
     assert iso["violations"] == 0 and iso["pages_checked"] == 4 * 64 * 256 + 4096
 
