@@ -142,6 +142,19 @@ def test_intel_vgpu_stop_schedule_takes_the_gpu_from_its_owner():
     assert sched.current_vgpu is None and sched.need_reschedule and pol.data[1] not in pol.runq
 
 
+def test_tbs_timer_fn_fires_every_millisecond_while_a_vgpu_has_work_queued():
+    a = vgpu(1, 1)
+    sched, pol = setup(a, vgpu(2, 1))
+    assert pol.next_tick() is not None and sched.next_tick() is None     # nothing queued: asleep
+    a.queues["rcs"].append(SimpleNamespace(state="queued"))
+    t = sched.next_tick()
+    assert t is not None
+    pol.schedule(t, timer=True)                 # what on_timer runs before it dispatches
+    assert sched.next_tick() == t + MS and sched.current_vgpu is a
+    a.sched_active = False                      # a vGPU not scheduled has nothing to time
+    assert sched.next_tick() is None
+
+
 def test_the_shares_follow_the_weights_when_every_vgpu_is_saturated():
     """Driven tick by tick, each workload 0.3 ms of GPU, every vGPU always busy: over 2 s (after
     the start-up boost) each vGPU's ownership share is its weight share."""
@@ -239,3 +252,20 @@ def test_complete_current_workload_fails_a_never_ending_workload_after_the_host_
         assert res["n_errors"] == 0 and b.mediator.vgpus[2].workloads["completed"] == 1
     finally:
         gen.close()
+
+
+def test_switch_mmio_keeps_a_guests_mmio_write_made_while_it_owned_the_engine(bench):
+    """vGPU 1 turns execlists off (GFX_MODE, by MMIO) while it still owns the render engine; the
+    save at the switch to vGPU 2 finds the register as the restore left it, so the vreg keeps
+    the guest's write and vGPU 1's next ELSP is refused (the hostile elsp-before-execlists)."""
+    b = bench
+    hg1, hg2 = HandGuest(b, 1), HandGuest(b, 2)
+    assert hg1.submit(seqno_store(hg1, 1))["n_errors"] == 0
+    mode = regs.ring("rcs", regs.RING_MODE)
+    b.trap_write(1, mode, 4, regs.masked_disable(regs.GFX_MODE_RUN_LIST_ENABLE))
+    b.net.run()
+    assert hg2.submit(seqno_store(hg2, 1))["n_errors"] == 0     # the switch: vGPU 1 saved
+    assert b.mediator.scheduler.engine_owner["rcs"] is b.mediator.vgpus[2]
+    assert not b.mediator.vgpus[1].vregs[mode] & regs.GFX_MODE_RUN_LIST_ENABLE
+    res = hg1.submit(seqno_store(hg1, 2), run=False)
+    assert res["n_errors"] == 1 and "before the guest enabled execlists" in res["errors"][0]

@@ -5,7 +5,8 @@ left in them is never seen under another's.
 When an engine is about to run a workload of a vGPU other than the one that last owned it
 (scheduler->engine_owner), intel_gvt_switch_mmio: for each register of that engine in the list
 below, the physical value is saved into the outgoing vGPU's vreg (a masked register's mask half
-cleared), or, when the host owned the engine, kept as the host's value; then the incoming vGPU's
+cleared; a value its commands did not change since the restore leaves the vreg as the guest's
+MMIO writes made it), or, when the host owned the engine, kept as the host's value; then the incoming vGPU's
 vreg is written to the GPU (a masked register with its whole mask set), or the host's value when
 the host takes the engine back (a vGPU whose scheduling stopped).
 
@@ -104,6 +105,7 @@ class MmioContext:
         self.switches = 0
         self.save_ns = 0                    # the saves' round trips to the gpu, all told
         self.save_failures = 0              # saves the gpu did not answer (it restarted)
+        self.loaded: dict[str, dict[int, int]] = {}     # engine -> what the last restore wrote
 
     def switch(self, pre: VGpu | None, nxt: VGpu | None, engine: str) -> Iterator[Any]:
         """intel_gvt_switch_mmio(pre, next, engine): None is the host.
@@ -117,18 +119,20 @@ class MmioContext:
             return
         offs = [m.reg for m in mmios]
         stats = (nxt if nxt is not None else pre).stats
-        yield Spawn(self._save(pre, mmios, stats, engine))  # at once, up to its read going out
-        vals = []
+        yield Spawn(self._save(pre, mmios, stats, engine, self.loaded.get(engine, {})))
+        vals, loaded = [], {}
         for m in mmios:
             new = nxt.vregs.get(m.reg, 0) if nxt is not None else self.host.get(m.reg, 0)
+            loaded[m.reg] = new & ~(m.mask << 16) & 0xFFFFFFFF if m.mask else new
             vals.append((new | m.mask << 16) & 0xFFFFFFFF if m.mask else new)
+        self.loaded[engine] = loaded
         yield Post(self.gpu, "MMIO_WRITE_BATCH",
                    pack_write_batch(np.asarray(offs), np.full(len(offs), 4), np.asarray(vals)),
                    vgpu=nxt.id if nxt is not None else 0)
         self.switches += 1
 
     def _save(self, pre: VGpu | None, mmios: tuple[EngineMmio, ...], stats: Any,
-              engine: str) -> Iterator[Any]:
+              engine: str, loaded: dict[int, int]) -> Iterator[Any]:
         t0 = yield Now()
         try:
             raw = yield Call(self.gpu, "MMIO_READ_BATCH",
@@ -139,7 +143,13 @@ class MmioContext:
             return
         for m, phys in zip(mmios, np.frombuffer(raw, dtype="<u4").tolist()):
             if pre is not None:
-                pre.vregs[m.reg] = phys & ~(m.mask << 16) & 0xFFFFFFFF if m.mask else phys
+                val = phys & ~(m.mask << 16) & 0xFFFFFFFF if m.mask else phys
+                # a register its commands left as the restore wrote it keeps the vreg: what
+                # the guest's MMIO writes put there since (the kernel takes the register
+                # whatever, and so loses a guest's write made while it owned the engine, such
+                # as turning execlists off)
+                if loaded.get(m.reg) != val:
+                    pre.vregs[m.reg] = val
             else:
                 self.host[m.reg] = phys
         took = (yield Now()) - t0

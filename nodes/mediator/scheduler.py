@@ -206,7 +206,9 @@ class WorkloadScheduler:
                 w.queued_ns = self.now
                 vgpu.queues[engine].append(w)
                 vgpu.workloads["submitted"] += 1
-        yield from self.kick(vgpu.id)
+        # intel_vgpu_queue_workload: queued, and the scheduler told (intel_gvt_kick_schedule);
+        # the dispatch is its own task in the vGPU's lane, after this trapped ELSP write
+        yield from self.kick()
 
     def _create(self, vgpu: VGpu, engine: str, d: lrc.Descriptor,
                 schedule_in: tuple | None, ctx: Ctx) -> Iterator[Any]:
