@@ -769,8 +769,9 @@ class Launcher:
             vm = v["id"]
             st = topo.stack(topo.gpu_of(vm))
             mv = self._mediator_vgpu(snaps, vm)
-            sh = snaps[st.mediator]["core"].get("sched", {}).get("shares", {})
-            sh = sh.get(vm) or sh.get(str(vm)) or {}
+            sched = snaps[st.mediator]["core"].get("sched", {})
+            sh = sched.get("shares", {}).get(vm) or {}
+            engine_ns = sched.get("engine_ns", {}).get(vm) or {}
             # the guest's per-second counts get their own key: "guest" stays a table of totals
             guest = dict(self.core.reports.get(vm, {}))
             timeline = guest.pop("timeline", None) or {"interval_s": 1.0, "t0_ns": 0, "bins": 0, "ops": {}}
@@ -798,7 +799,7 @@ class Launcher:
                           "weight_share": round(sh.get("weight_share", 0.0), 4),
                           "gpu_ms": round(sh.get("gpu_ns", 0) / 1e6, 1),
                           "engine_ms": {e: round(ns / 1e6, 1)
-                                        for e, ns in sorted(sh.get("engine_ns", {}).items())}},
+                                        for e, ns in sorted(engine_ns.items())}},
                 "workload": ledger.summarize_workloads(snaps[f"guest{vm}"], vm),
                 "execlist": {k: mv.get(k, 0) for k in ("context_switches", "csb_entries", "virtual_irqs")},
                 # what the mediator saw of the vGPU's work: why workloads failed there, the

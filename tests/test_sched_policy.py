@@ -147,6 +147,7 @@ def test_tbs_timer_fn_fires_every_millisecond_while_a_vgpu_has_work_queued():
     sched, pol = setup(a, vgpu(2, 1))
     assert pol.next_tick() is not None and sched.next_tick() is None     # nothing queued: asleep
     a.queues["rcs"].append(SimpleNamespace(state="queued"))
+    sched.queued += 1                           # as submit() counts what it queues
     t = sched.next_tick()
     assert t is not None
     pol.schedule(t, timer=True)                 # what on_timer runs before it dispatches

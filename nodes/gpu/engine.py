@@ -233,7 +233,7 @@ class _Context:
     def take_time(self, slice_ns: int) -> Iterator[Any]:
         """Be busy for the cost run since the last time, once it reaches `slice_ns`."""
         due = self.cost_ns - self.slept_ns
-        if due > slice_ns and due > 0:
+        if due > slice_ns:
             self.slept_ns = self.cost_ns
             yield Sleep(due / 1e9)
             if self.engine.reset_gen != self.gen:

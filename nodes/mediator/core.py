@@ -432,6 +432,5 @@ class MediatorCore(Core):
                 "host_resets": sched.host_resets,
                 "mmio_switches": sched.mmio.switches, "mmio_switch_ns": sched.mmio.save_ns,
                 "mmio_save_failures": sched.mmio.save_failures,
-                "shares": {vid: {**sh, "engine_ns": dict(self.vgpus[vid].engine_ns)}
-                           for vid, sh in shares.items()},
+                "shares": shares,
                 "engine_ns": {v.id: dict(v.engine_ns) for v in self.vgpus.values()}}

@@ -43,6 +43,11 @@ class EngineMmio:
     in_context: bool
 
 
+def _unmasked(m: EngineMmio, val: int) -> int:
+    """A register's value without its mask half (a masked register's upper 16 bits)."""
+    return val & ~(m.mask << 16) & 0xFFFFFFFF if m.mask else val
+
+
 def _rcs(reg: int, mask: int = 0, in_context: bool = False) -> EngineMmio:
     return EngineMmio("rcs", reg, mask, in_context)
 
@@ -123,7 +128,7 @@ class MmioContext:
         vals, loaded = [], {}
         for m in mmios:
             new = nxt.vregs.get(m.reg, 0) if nxt is not None else self.host.get(m.reg, 0)
-            loaded[m.reg] = new & ~(m.mask << 16) & 0xFFFFFFFF if m.mask else new
+            loaded[m.reg] = _unmasked(m, new)
             vals.append((new | m.mask << 16) & 0xFFFFFFFF if m.mask else new)
         self.loaded[engine] = loaded
         yield Post(self.gpu, "MMIO_WRITE_BATCH",
@@ -143,7 +148,7 @@ class MmioContext:
             return
         for m, phys in zip(mmios, np.frombuffer(raw, dtype="<u4").tolist()):
             if pre is not None:
-                val = phys & ~(m.mask << 16) & 0xFFFFFFFF if m.mask else phys
+                val = _unmasked(m, phys)
                 # a register its commands left as the restore wrote it keeps the vreg: what
                 # the guest's MMIO writes put there since (the kernel takes the register
                 # whatever, and so loses a guest's write made while it owned the engine, such

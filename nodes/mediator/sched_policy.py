@@ -123,14 +123,14 @@ class TimeSlice:
 
     def clean_vgpu(self, vgpu: VGpu) -> None:                           # tbs_sched_clean_vgpu
         d = self.data.pop(vgpu.id, None)
-        if d in self.runq:
+        if d is not None and d.active:
             self.runq.remove(d)
         if not self.data:
             self.timer = None
 
     def start_schedule(self, vgpu: VGpu, now: int) -> None:            # tbs_sched_start_schedule
         d = self.data[vgpu.id]
-        if d in self.runq:
+        if d.active:                            # on the run queue already
             return
         # a new vGPU goes first for a while (the kernel's start-up boost), from the queue's head
         d.pri_time = now + self.pri_time_ns
@@ -144,7 +144,7 @@ class TimeSlice:
         d = self.data.get(vgpu.id)
         if d is None:
             return
-        if d in self.runq:
+        if d.active:
             self.runq.remove(d)
         d.active = False
         sched = self.sched
@@ -240,7 +240,7 @@ class TimeSlice:
         nxt = sched.next_vgpu
         if nxt is not IDLE:
             self.data[nxt.id].sched_in_time = now
-        sched.switch_to(nxt, now)
+        sched.switch_to(nxt)
         sched.next_vgpu = None
         sched.need_reschedule = False
 

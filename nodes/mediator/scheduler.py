@@ -123,7 +123,8 @@ class WorkloadScheduler:
         self.engine_owner: dict[str, VGpu | None] = {e: None for e in engines}
         self.mmio = MmioContext(gpu)
         self.switches = 0                   # vGPU switches (the owner changed)
-        self.switch_log: list[tuple[int, int]] = []     # (ns, new owner's id), the last few
+        self.queued = 0                     # workloads in state queued, all vGPUs (next_tick asks
+                                            # on every tick of the mediator: nothing to walk then)
         self.policy = make_policy(policy, start_boost_ns)
         self.policy.init(self, 0)
         self.next_id = 1
@@ -138,12 +139,10 @@ class WorkloadScheduler:
         self.vgpus[vgpu.id] = vgpu
         self.policy.init_vgpu(vgpu)
 
-    def switch_to(self, vgpu: Any, now: int) -> None:
+    def switch_to(self, vgpu: Any) -> None:
         """The policy's switch: `vgpu` (or IDLE) owns the GPU from now on."""
         self.current_vgpu = vgpu
         self.switches += 1
-        self.switch_log.append((now, vgpu.id))
-        del self.switch_log[:-64]
 
     def next_tick(self) -> int | None:
         """When the policy's timer fires next (None: it has nothing to decide). The timer runs
@@ -152,7 +151,7 @@ class WorkloadScheduler:
         is charged then (vgpu_update_timeslice counts from when it was last charged; balance
         periods that went by are made up)."""
         t = self.policy.next_tick()
-        if t is None or not any(schedulable(v) and has_pending_workload(v)
+        if t is None or not self.queued or not any(schedulable(v) and has_pending_workload(v)
                                 for v in self.vgpus.values()):
             return None
         return t
@@ -205,6 +204,7 @@ class WorkloadScheduler:
                 w = yield from self._create(vgpu, engine, d, elems if i == 0 else None, ctx)
                 w.queued_ns = self.now
                 vgpu.queues[engine].append(w)
+                self.queued += 1
                 vgpu.workloads["submitted"] += 1
         # intel_vgpu_queue_workload: queued, and the scheduler told (intel_gvt_kick_schedule);
         # the dispatch is its own task in the vGPU's lane, after this trapped ELSP write
@@ -306,6 +306,7 @@ class WorkloadScheduler:
             if w is None:
                 continue
             _to(w, "pick")
+            self.queued -= 1
             self.inflight[engine] = w
             if w.vgpu.id == lane:
                 yield from self._dispatch(w)
@@ -480,6 +481,8 @@ class WorkloadScheduler:
         q = vgpu.queues[w.engine]
         if w in q:
             q.remove(w)
+        if w.state == "queued":
+            self.queued -= 1
         _to(w, "fail")
         # a guest chooses what its reasons say (addresses, dwords): keep a bounded set of them
         if len(vgpu.fail_reasons) >= FAIL_REASONS_MAX and reason not in vgpu.fail_reasons:
