@@ -173,6 +173,18 @@ def _node(args: argparse.Namespace) -> int:
         if not lo.isdigit() or (dash and not hi.isdigit()):
             raise SystemExit(f"gvtbench node: --vm must be N or N-M, got {spec!r}")
         vms += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    hv_binds = _vm_endpoints(args.hypervisor_bind, "--hypervisor-bind")
+    if args.role == "host":
+        if vms or vm_peers or args.restart or args.hypervisor:
+            raise SystemExit("gvtbench node host: --vm, --vm-peer, --hypervisor and --restart are "
+                             "not for a host process")
+        from nodes.node import run_host
+        return run_host(cfg, gpu=args.gpu, bind=args.bind, hv_binds=hv_binds, peers=peers,
+                        vm_binds=vm_binds, launcher=args.launcher, run_id=args.run_id,
+                        keys_dir=args.keys, metrics_port=args.metrics_port,
+                        metrics_addr=args.metrics_addr, parent_death=args.parent_death)
+    if hv_binds:
+        raise SystemExit("gvtbench node: --hypervisor-bind is for a host process (role host)")
     return run_node(args.role, cfg, vms=vms, bind=args.bind, peers=peers,
                     launcher=args.launcher, run_id=args.run_id, keys_dir=args.keys,
                     metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
@@ -320,7 +332,9 @@ def parser() -> argparse.ArgumentParser:
                         "strict-spread, a Ray node each, need a tcp + msg config)")
     r.set_defaults(fn=_run)
     n = sub.add_parser("node", help="run one node alone (for multi-host runs)")
-    n.add_argument("role", choices=["gpu", "mediator", "hypervisor", "guest"])
+    n.add_argument("role", choices=["gpu", "mediator", "hypervisor", "guest", "host"],
+                   help="host: GPU G's mediator (at --bind) and its hypervisors (each at its "
+                        "--hypervisor-bind) in this one process (run.processes = 'host')")
     n.add_argument("--gpu", type=int, default=0, metavar="G",
                    help="the physical GPU this gpu, mediator or hypervisor serves (its id is "
                         "ROLE/G; default 0); a guest's GPU is its VM's")
@@ -340,6 +354,8 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--vm-bind", action="append", default=[], metavar="N=ENDPOINT",
                    help="hypervisor: the endpoint of VM N's guest (default: the ipc path + .vmN, "
                         "or the tcp port + N)")
+    n.add_argument("--hypervisor-bind", action="append", default=[], metavar="K=ENDPOINT",
+                   help="host: the endpoint hypervisor K of the GPU binds")
     n.add_argument("--launcher", help="the launcher's endpoint, when started by one")
     n.add_argument("--run-id", default="solo", help="names this run's /dev/shm region files")
     n.add_argument("--keys", metavar="DIR", help="CURVE keys of the run (gvtbench keys); needed on tcp")

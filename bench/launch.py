@@ -36,6 +36,7 @@ from nodes.wire.schema import STACK_ROLES, guest_name, hypervisor_index, role_of
 from nodes.wire.faults import NodeFault
 
 SCHEMA_VERSION = 1
+HOST_ROLES = ("mediator", "hypervisor")     # a host process's nodes (run.processes = 'host')
 DUMP_CHUNK = 65536          # GGTT entries per GGTT_DUMP (512 KiB: inside the frame limit)
 PROBE_CHUNK = 8192          # probes per GM_WRITE
 BEHIND_SHARE = 0.9          # a vGPU that completes less of its offered rate fell behind
@@ -125,8 +126,8 @@ class Launcher:
         if run["transport"] == "ipc":
             return {n: f"ipc://{self.tmp}/{n.replace('/', '-')}" for n in binders}
         by_binder: dict[str | None, list[str]] = {}
-        for n, b in binders.items():
-            by_binder.setdefault(b, []).append(n)
+        for n, b in binders.items():        # by the process that binds them
+            by_binder.setdefault(b and self._process_name(b), []).append(n)
         eps: dict[str, str] = {}
         for b, ns in by_binder.items():
             eps.update(zip(ns, self.executor.tcp_endpoints(b, run["host"], len(ns))))
@@ -139,14 +140,20 @@ class Launcher:
             if not dup:
                 return eps
             for n in dup:
-                eps[n] = self.executor.tcp_endpoints(binders[n], run["host"], 1)[0]
+                b = binders[n]
+                eps[n] = self.executor.tcp_endpoints(b and self._process_name(b), run["host"], 1)[0]
         raise GvtError("EADDRINUSE", "could not find a distinct tcp port for every endpoint: "
                        + ", ".join(sorted(dup)))
 
     def _process_name(self, name: str) -> str:
-        """The process a node runs in: its own, or its pool's (guests/<first VM>)."""
+        """The process a node runs in: its own, its pool's (guests/<first VM>), or with
+        run.processes = 'host' its GPU's host process (host/<G>: mediator and hypervisors)."""
         pool = self.pool_of.get(name)
-        return f"guests/{pool[0]}" if pool else name
+        if pool:
+            return f"guests/{pool[0]}"
+        if self.cfg["run"]["processes"] == "host" and role_of(name)[0] in HOST_ROLES:
+            return f"host/{self.topo.stack_of(name).index}"
+        return name
 
     def _spawn(self, role: str, name: str, eps: dict[str, str], cfg_path: str,
                restart: bool = False) -> None:
@@ -156,7 +163,21 @@ class Launcher:
                "--launcher", eps["launcher"], "--run-id", self.run_id,
                "--parent-death"] + (["--restart"] if restart else [])
         names = [name]
-        if role == "guest":
+        process = self._process_name(name)
+        if process.startswith("host/"):
+            # the GPU's mediator and hypervisors, one process (nodes.node.run_host)
+            st = self.topo.stack_of(name)
+            names = [n for n in st.nodes if role_of(n)[0] in HOST_ROLES]
+            med = next(n for n in names if role_of(n)[0] == "mediator")
+            cmd[4] = "host"
+            cmd += ["--gpu", str(st.index), "--bind", eps[med],
+                    "--peer", f"gpu={eps[self.topo.qualify(med, 'gpu')]}"]
+            for n in names:
+                if role_of(n)[0] == "hypervisor":
+                    cmd += ["--hypervisor-bind", f"{hypervisor_index(n)}={eps[n]}"]
+                    cmd += [a for v in st.vms_of(n)
+                            for a in ("--vm-bind", f"{v}={eps[vm_endpoint_name(n, v)]}")]
+        elif role == "guest":
             pool = self.pool_of[name]
             names = [guest_name(v) for v in pool]
             # each guest connects to its own VM's endpoint of its GPU's hypervisor
@@ -168,11 +189,10 @@ class Launcher:
             cmd += ["--gpu", str(st.index), "--bind", eps[name]]
             cmd += [a for peer in topo.peers_of(name)
                     for a in ("--peer", f"{peer}={eps[topo.qualify(name, peer)]}")]
-        if role == "hypervisor":
+        if role == "hypervisor" and not process.startswith("host/"):
             cmd += ["--hypervisor", str(hypervisor_index(name))]
             cmd += [a for v in st.vms_of(name)
                     for a in ("--vm-bind", f"{v}={eps[vm_endpoint_name(name, v)]}")]
-        process = self._process_name(name)
         if self.keys_dir:
             cmd += ["--keys", self.executor.keys_for(process, self.keys_dir, names)]
         proc = self.executor.start(process, cmd, self._log_path(name))
@@ -186,10 +206,7 @@ class Launcher:
         n = len(self.pool_of)
         for name, proc in self.procs.items():
             pool = self.pool_of.get(name)
-            if pool is None:
-                out[name] = (proc, n)
-            elif int(name[5:]) == pool[0]:
-                out[f"guests/{pool[0]}"] = (proc, len(pool))
+            out.setdefault(self._process_name(name), (proc, len(pool) if pool else n))
         return out
 
     def _sample_processes(self) -> dict[str, procstat.Sample | None]:
@@ -198,9 +215,7 @@ class Launcher:
         return {name: proc.sample_end(asked[name]) for name, proc in procs.items()}
 
     def _log_path(self, name: str) -> str:
-        pool = self.pool_of.get(name)
-        return os.path.join(self.tmp, f"guests-{pool[0]}.log" if pool else
-                            f"{name.replace('/', '-')}.log")
+        return os.path.join(self.tmp, f"{self._process_name(name).replace('/', '-')}.log")
 
     def _log_tail(self, name: str, lines: int = 5) -> str:
         proc = self.procs.get(name)         # its process has the log, on the host it runs on
@@ -241,8 +256,9 @@ class Launcher:
                               link_silent_s=self.cfg["run"]["link_silent_s"])
             self.t_spawn = time.monotonic()
             for n in names:
-                if not n.startswith("guest"):
-                    self._spawn(role_of(n)[0], n, eps, cfg_path)
+                if not n.startswith("guest") and (role_of(n)[0] == "mediator" or not
+                                                  self._process_name(n).startswith("host/")):
+                    self._spawn(role_of(n)[0], n, eps, cfg_path)    # a host process: once
             self.rt.spawn(self._orchestrate(drive or Launcher._drive, names))
             self.rt.run(until=lambda: self.result is not None or self.error is not None)
             if self.error:

@@ -211,20 +211,90 @@ def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: d
                            metrics_addr=metrics_addr, parent_death=parent_death)
     if vms or vm_peers:
         raise GvtError("EINVAL", "--vm and --vm-peer are for guests")
-    topo = Topology(cfg)
-    stack = topo.stack(gpu)
-    mine = list(stack.vms)          # the VMs whose vGPUs are on this GPU
     if hv and role != "hypervisor":
         raise GvtError("EINVAL", "--hypervisor is for the hypervisor")
+    if not bind:
+        raise GvtError("EINVAL", f"a {role} needs --bind ENDPOINT")
+    if role != "hypervisor" and vm_binds:
+        raise GvtError("EINVAL", "--vm-bind is for the hypervisor")
+    _check_hypervisor(cfg, gpu, hv)
+    if parent_death:
+        die_with_parent()
+    rt, wanted, setup, info = _stack_node(role, cfg, gpu=gpu, hv=hv, bind=bind, peers=peers,
+                                          launcher=launcher, run_id=run_id, keys_dir=keys_dir,
+                                          vm_binds=vm_binds, restarted=restarted)
+    port = rt.serve_metrics(metrics_addr, metrics_port, translator=info.get("translator", ""))
+    rt.spawn(_startup(rt, wanted, launcher, setup, {"metrics_port": port, **info}))
+    try:
+        rt.run()
+    finally:
+        rt.close()
+    return 0
+
+
+def _check_hypervisor(cfg: dict, gpu: int, hv: int) -> None:
+    stack = Topology(cfg).stack(gpu)
     if not 0 <= hv < len(stack.hv_vms):
         raise GvtError("EINVAL", f"GPU {gpu} has {len(stack.hv_vms)} hypervisor(s) "
                        f"(gpu.hypervisors): there is no hypervisor {hv}")
-    if role == "hypervisor":
-        mine = list(stack.hv_vms[hv])       # the VMs this hypervisor runs
+
+
+def run_host(cfg: dict, *, gpu: int, bind: str | None, hv_binds: dict[int, str],
+             peers: dict[str, str], vm_binds: dict[int, str] | None, launcher: str | None,
+             run_id: str, keys_dir: str | None = None, metrics_port: int = 0,
+             metrics_addr: str = "127.0.0.1", parent_death: bool = False) -> int:
+    """GPU `gpu`'s host process (run.processes = "host"): its mediator and its hypervisors in
+    one process, as kvmgt's trap handlers and GVT-g share the host kernel. Each is still its own
+    node, with its own endpoints, links, metrics and READY; the links between them carry the
+    same frames in memory instead of through ZeroMQ (Runtime._connect_local)."""
     if not bind:
-        raise GvtError("EINVAL", f"a {role} needs --bind ENDPOINT")
+        raise GvtError("EINVAL", "a host process needs --bind ENDPOINT (its mediator's)")
+    stack = Topology(cfg).stack(gpu)
+    if sorted(hv_binds) != list(range(len(stack.hv_vms))):
+        raise GvtError("EINVAL", f"GPU {gpu}'s host process needs --hypervisor-bind K=ENDPOINT for "
+                       f"each of its {len(stack.hv_vms)} hypervisor(s) (K from 0), got "
+                       f"{sorted(hv_binds) or 'none'}")
+    if "gpu" not in peers or peers.keys() - {"gpu"}:
+        raise GvtError("EINVAL", "a host process's one peer is its gpu: --peer gpu=ENDPOINT")
+    stray = sorted(set(vm_binds or {}) - set(stack.vms))
+    if stray:
+        raise GvtError("EINVAL", f"--vm-bind for VM {stray[0]}, which is not on GPU {gpu}")
     if parent_death:
         die_with_parent()
+    host = NodeHost()
+    nodes = [_stack_node("mediator", cfg, gpu=gpu, hv=0, bind=bind, peers=dict(peers),
+                         launcher=launcher, run_id=run_id, keys_dir=keys_dir, vm_binds=None,
+                         restarted=False, host=host)]
+    for k, ep in sorted(hv_binds.items()):
+        mine = {v: e for v, e in (vm_binds or {}).items() if v in stack.hv_vms[k]}
+        nodes.append(_stack_node("hypervisor", cfg, gpu=gpu, hv=k, bind=ep,
+                                 peers={"mediator": bind, **peers}, launcher=launcher,
+                                 run_id=run_id, keys_dir=keys_dir, vm_binds=mine, restarted=False,
+                                 host=host))
+    for i, (rt, wanted, setup, info) in enumerate(nodes):
+        port = rt.serve_metrics(metrics_addr, metrics_port if i == 0 else 0,
+                                translator=info.get("translator", ""))
+        rt.spawn(_startup(rt, wanted, launcher, setup, {"metrics_port": port, **info}))
+    try:
+        host.run()
+    finally:
+        for rt, *_ in nodes:
+            rt.close()
+    return 0
+
+
+def _stack_node(role: str, cfg: dict, *, gpu: int, hv: int, bind: str, peers: dict[str, str],
+                launcher: str | None, run_id: str, keys_dir: str | None,
+                vm_binds: dict[int, str] | None, restarted: bool, host: NodeHost | None = None
+                ) -> tuple[Runtime, list[str], Iterator[Any] | None, dict[str, Any]]:
+    """One gpu, mediator or hypervisor node (of GPU `gpu`; a hypervisor: its GPU's `hv`), on
+    `host` (None: a process of its own), linked to its peers: its runtime, the peers it says
+    HELLO to, its core's set-up and what its READY adds."""
+    topo = Topology(cfg)
+    stack = topo.stack(gpu)
+    mine = list(stack.vms)          # the VMs whose vGPUs are on this GPU
+    if role == "hypervisor":
+        mine = list(stack.hv_vms[hv])       # the VMs this hypervisor runs
     name = node_id(role, gpu, 0, hv)
     run = cfg["run"]
     layout = topo.layout(gpu)
@@ -274,9 +344,7 @@ def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: d
             raise GvtError("EINVAL", f"--vm-bind for VM {stray[0]}, which is not one of "
                            f"{name}'s VMs ({_vm_list(mine)})")
         vm_binds = {v: (vm_binds or {}).get(v) or vm_endpoint(bind, v) for v in mine}
-    if role != "hypervisor" and vm_binds:
-        raise GvtError("EINVAL", "--vm-bind is for the hypervisor")
-    rt = _runtime(name, role, core, cfg, bind, keys_dir, vm_binds=vm_binds, vms=mine)
+    rt = _runtime(name, role, core, cfg, bind, keys_dir, host=host, vm_binds=vm_binds, vms=mine)
     if owned.mem:
         rt.engine.serve(OwnedMemory.KINDS, owned.serve)
     rt.on_stop.append(owned.close)
@@ -288,13 +356,7 @@ def run_node(role: str, cfg: dict, *, vms: list[int], bind: str | None, peers: d
         rt.connect(p, peers[p])
     if launcher:
         rt.connect("launcher", launcher, control=True)
-    port = rt.serve_metrics(metrics_addr, metrics_port, translator=info.get("translator", ""))
-    rt.spawn(_startup(rt, wanted, launcher, setup, {"metrics_port": port, **info}))
-    try:
-        rt.run()
-    finally:
-        rt.close()
-    return 0
+    return rt, wanted, setup, info
 
 
 def _run_guests(cfg: dict, vms: list[int], *, peers: dict[str, str], vm_peers: dict[int, str],

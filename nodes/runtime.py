@@ -25,6 +25,7 @@ import heapq
 import os
 import select
 import signal
+from collections import deque
 import sys
 import time
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ RCVHWM = 64                     # frames one peer can queue here (<= 64 MiB): pa
 DRAIN_PER_SOCKET = 64           # frames taken from one socket before the next gets its turn...
 TURN_NS = 300_000               # ...or this much time, whichever comes first
 DRAIN_BUDGET = 256              # frames per loop iteration, across sockets...
+LOCAL_QUEUE = 4 * SNDHWM        # frames in flight over in-memory links of one process
 ITERATION_NS = 2_000_000        # ...or this much time: then timers, yielded tasks and the tick
 IDLE_WAKE_NS = 100_000_000     # the loop looks around at least this often
 STALL_NS = 1_000_000_000        # an iteration this long after the last: the process was stopped
@@ -130,19 +132,21 @@ def make_keys(directory: str | os.PathLike, names: Iterable[str]) -> Path:
 
 
 class _KeyAuthenticator(ThreadAuthenticator):
-    """pyzmq's ZAP authenticator, told which public keys may connect to which of this node's
-    sockets (a ZAP domain per socket) and whose they are: the User-Id of an authenticated
-    connection is the node name of its key."""
+    """pyzmq's ZAP authenticator, told which public keys may connect to which socket (a ZAP
+    domain per socket: `NODE|main`, `NODE|vm<N>`) and whose they are: the User-Id of an
+    authenticated connection is the node name of its key. One per process (ZAP is one per
+    context), shared by the nodes of a host process."""
 
-    def __init__(self, ctx: zmq.Context, names_by_key: dict[bytes, str],
-                 allowed: Callable[[str, str], bool]):
+    def __init__(self, ctx: zmq.Context):
         super().__init__(ctx)
-        self.names_by_key = names_by_key
-        self.allowed = allowed
+        self.names_by_key: dict[bytes, str] = {}
+        self.rules: dict[str, Callable[[str, str], bool]] = {}   # node -> its _key_allowed
 
     def callback(self, domain: str, z85_key: bytes) -> bool:
         name = self.names_by_key.get(z85_key)
-        return name is not None and self.allowed(domain, name)
+        node, _, sock = domain.partition("|")
+        rule = self.rules.get(node)
+        return name is not None and rule is not None and rule(sock, name)
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self.names_by_key[z85.encode(client_public_key)]
@@ -229,15 +233,16 @@ class Runtime:
         self._accepting = core.accepting if overrides(core, "accepting") else None
         self.routers: list[_Router] = []
         if keys is not None and (bind or vm_binds):   # a node that binds nothing checks no keys
-            names = {pub: n for n, pub in keys.peers.items() if self._may_connect(n)}  # z85 keys
-            self._auth = _KeyAuthenticator(self.ctx, names, self._key_allowed)
-            self._auth.start()
+            self._auth = self.host.authenticator()
+            self._auth.names_by_key.update(
+                {pub: n for n, pub in keys.peers.items() if self._may_connect(n)})  # z85 keys
+            self._auth.rules[name] = self._key_allowed
         # a node nobody connects to (a guest) binds nothing
         self.routers = [self._bind(bind, 0)] if bind else []
         self.routers += [self._bind(ep, vm) for vm, ep in sorted((vm_binds or {}).items())]
         self.endpoint = self.routers[0].endpoint if self.routers else ""
         self._vm_router = {r.vm: r for r in self.routers if r.vm}
-        self._dealers: dict[zmq.Socket, Link] = {}
+        self._dealers: dict[Any, Link] = {}     # DEALER (or in-memory ident) -> its link
         for r in self.routers:
             self.host.register(r.sock, self, r)
             self.host.register(r.monitor, self, None)
@@ -278,7 +283,7 @@ class Runtime:
         # (name and epoch): it takes the old pipe's place, and its link goes on
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if self.keys is not None:
-            domain = f"vm{vm}" if vm else "main"
+            domain = f"{self.name}|" + (f"vm{vm}" if vm else "main")
             sock.zap_domain = domain.encode()
             self._auth.configure_curve_callback(domain, credentials_provider=self._auth)
             sock.curve_server = True
@@ -287,7 +292,10 @@ class Runtime:
         monitor = sock.get_monitor_socket(sum(_HANDSHAKE_EVENTS) | zmq.EVENT_DISCONNECTED)
         check_ipc_bind(endpoint)
         sock.bind(endpoint)
-        return _Router(sock, monitor, sock.getsockopt_string(zmq.LAST_ENDPOINT), vm)
+        r = _Router(sock, monitor, sock.getsockopt_string(zmq.LAST_ENDPOINT), vm)
+        # a node of this process that connects here gets an in-memory link (connect())
+        self.host.binds[endpoint] = self.host.binds[r.endpoint] = (self, r)
+        return r
 
     def _other_gpu(self, name: str) -> int | None:
         """The GPU of `name` when it is a node of another GPU than ours (None: it is not)."""
@@ -332,6 +340,9 @@ class Runtime:
         link's name (a node of our own GPU: its role), `node` the peer's id when the name does
         not say it (a guest's hypervisor)."""
         node = canonical(node) if node else self._peer_id(peer)
+        local = self.host.binds.get(endpoint)
+        if local is not None and local[0] is not self:
+            return self._connect_local(peer, node, local, control)
         # The routing id names this incarnation (name and epoch): a connection re-made underneath
         # keeps it, and a restarted node's differs. Who a peer is comes from HELLO (and its key).
         s = self._socket(zmq.DEALER)
@@ -360,6 +371,27 @@ class Runtime:
         self.engine.add_link(link)
         self._dealers[s] = link
         self.host.register(s, self, link)
+        return link
+
+    def _connect_local(self, peer: str, node: str, local: tuple["Runtime", _Router],
+                       control: bool) -> Link:
+        """A link to a node of this process (the mediator and the hypervisors of a host
+        process): the same frames, link protocol and HELLO as over a socket, handed over in
+        memory (NodeHost.inbox) instead of through ZeroMQ, as kvmgt calls into GVT-g in the
+        one host kernel. No key: both ends are this process."""
+        target, r = local
+        ident = f"{self.name}/{self.epoch:x}".encode()
+        inbox = self.host.inbox
+
+        def send(frame: bytes) -> None:
+            if len(inbox) >= LOCAL_QUEUE:
+                raise SendFailed("EAGAIN", f"the in-memory queue to {peer} is full")
+            inbox.append((target, r, ident, frame))
+
+        link = self._link(peer, node, send, control)
+        self.engine.add_link(link)
+        self._dealers[ident] = link     # the side that connects (never drained as a socket)
+        self.host.local[ident] = (self, link)
         return link
 
     def _peer_id(self, peer: str) -> str:
@@ -442,7 +474,18 @@ class Runtime:
                                f"{old.proto.peer_epoch:x}; a restarted node says HELLO with a "
                                f"later one)")
             self._drop(old, "replaced", now)
-        link = self._link(local, name, lambda frame: self._router_send(r, ident, frame))
+        near = self.host.local.get(ident)
+        if near is not None:                # a node of this process: answered in memory
+            inbox, there = self.host.inbox, near[0]
+
+            def send(frame: bytes) -> None:
+                if len(inbox) >= LOCAL_QUEUE:
+                    raise SendFailed("EAGAIN", f"the in-memory queue to {name} is full")
+                inbox.append((there, None, ident, frame))
+        else:
+            def send(frame: bytes) -> None:
+                self._router_send(r, ident, frame)
+        link = self._link(local, name, send)
         link.version = p["version"]
         r.by_ident[ident] = link
         self.engine.add_link(link)
@@ -544,6 +587,11 @@ class Runtime:
 
     def _send_oob(self, ident: bytes | None, sock: zmq.Socket, body: bytes) -> None:
         frame = oob_frame(self.epoch, body)
+        near = self.host.local.get(ident) if ident is not None else None
+        if near is not None:
+            if len(self.host.inbox) < LOCAL_QUEUE:
+                self.host.inbox.append((near[0], None, ident, frame))
+            return
         self.host.sent.add(sock)
         try:
             if ident is None:
@@ -800,7 +848,7 @@ class Runtime:
             self._http.server_close()
             self._http = None
         if self._auth is not None:
-            self._auth.stop()
+            self._auth.rules.pop(self.name, None)
             self._auth = None
         for r in self.routers:
             r.sock.disable_monitor()
@@ -859,6 +907,20 @@ class NodeHost:
         self.hot: set[zmq.Socket] = set()
         self.sent: set[zmq.Socket] = set()
         self.stopping = False
+        # In-memory links between this process's nodes: the endpoints they bind, the side
+        # that connected by its routing id, and the frames handed over, in order:
+        # (to node, its _Router (None: to the side that connected), routing id, frame)
+        self.binds: dict[str, tuple[Runtime, _Router]] = {}
+        self.local: dict[bytes, tuple[Runtime, Link]] = {}
+        self.inbox: deque[tuple[Runtime, _Router | None, bytes, bytes]] = deque()
+        self._auth: _KeyAuthenticator | None = None
+
+    def authenticator(self) -> _KeyAuthenticator:
+        """The process's ZAP authenticator, started with its first node that checks keys."""
+        if self._auth is None:
+            self._auth = _KeyAuthenticator(self.ctx)
+            self._auth.start()
+        return self._auth
 
     def add(self, rt: Runtime) -> None:
         self.nodes.append(rt)
@@ -890,9 +952,14 @@ class NodeHost:
                 self._paused.discard(sock)
                 sock.close(linger=0)
         self._fd_cache = None
+        self.binds = {ep: v for ep, v in self.binds.items() if v[0] is not rt}
+        self.local = {i: v for i, v in self.local.items() if v[0] is not rt}
         if rt in self.nodes:
             self.nodes.remove(rt)
         if not self.nodes:
+            if self._auth is not None:
+                self._auth.stop()
+                self._auth = None
             self.ctx.destroy(linger=0)
 
     @property
@@ -945,6 +1012,23 @@ class NodeHost:
             ready = full
         return touched
 
+    def _deliver_local(self, touched: set[Runtime]) -> None:
+        """Hand over the frames of in-memory links, up to a loop iteration's budget (what the
+        nodes send meanwhile waits for the next iteration)."""
+        inbox, nodes = self.inbox, self.nodes
+        for _ in range(min(len(inbox), DRAIN_BUDGET)):
+            rt, r, ident, frame = inbox.popleft()
+            if rt not in nodes:
+                continue                    # closed meanwhile
+            now = monotonic_ns()
+            if r is None:
+                link = rt._dealers.get(ident)
+                if link is not None:
+                    rt._on_frame(None, link, None, frame, None, now)
+            else:
+                rt._on_frame(r, r.by_ident.get(ident), ident, frame, None, now)
+            touched.add(rt)
+
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Until every node stopped (SHUTDOWN; SIGTERM stops them all) or `until()`. A node that
         stopped runs its on_stop hooks at once; the others go on."""
@@ -964,7 +1048,7 @@ class NodeHost:
                 # sleeps to the microsecond. The fds are edge-triggered, so zmq_poll(0) asks
                 # for pending input before sleeping, and every ready socket is drained.
                 ready = self._look()
-                if not ready:
+                if not ready and not self.inbox:
                     now = monotonic_ns()
                     wake = min(now + IDLE_WAKE_NS, look_all, min(rt.wake for rt in live))
                     if wake > now:
@@ -989,7 +1073,9 @@ class NodeHost:
                     # read dry or not, each is looked at again before the next sleep
                     self.hot.update(item[0] for item in ready)
                 else:
-                    touched = ()
+                    touched = set()
+                if self.inbox:
+                    self._deliver_local(touched)
                 now = monotonic_ns()
                 if now >= look_all:         # a safety net under every node's next_wake, and
                     touched = live          # under the sockets' signals
