@@ -182,8 +182,9 @@ def _node(args: argparse.Namespace) -> int:
         return run_host(cfg, gpu=args.gpu, bind=args.bind, hv_binds=hv_binds, peers=peers,
                         vm_binds=vm_binds, launcher=args.launcher, run_id=args.run_id,
                         keys_dir=args.keys, metrics_port=args.metrics_port,
-                        metrics_addr=args.metrics_addr, parent_death=args.parent_death)
-    if hv_binds:
+                        metrics_addr=args.metrics_addr, parent_death=args.parent_death,
+                        gpu_bind=args.gpu_bind)
+    if hv_binds or args.gpu_bind:
         raise SystemExit("gvtbench node: --hypervisor-bind is for a host process (role host)")
     return run_node(args.role, cfg, vms=vms, bind=args.bind, peers=peers,
                     launcher=args.launcher, run_id=args.run_id, keys_dir=args.keys,
@@ -356,6 +357,8 @@ def parser() -> argparse.ArgumentParser:
                         "or the tcp port + N)")
     n.add_argument("--hypervisor-bind", action="append", default=[], metavar="K=ENDPOINT",
                    help="host: the endpoint hypervisor K of the GPU binds")
+    n.add_argument("--gpu-bind", metavar="ENDPOINT",
+                   help="host: run the GPU's simulated gpu in this process too, bound here")
     n.add_argument("--launcher", help="the launcher's endpoint, when started by one")
     n.add_argument("--run-id", default="solo", help="names this run's /dev/shm region files")
     n.add_argument("--keys", metavar="DIR", help="CURVE keys of the run (gvtbench keys); needed on tcp")

@@ -22,7 +22,7 @@ from nodes.errors import GvtError
 from nodes.node import fault_plan, guest_pools, node_names, vgpu_types
 from nodes.topology import Topology
 from nodes.wire.faults import FaultSpecError
-from nodes.wire.schema import MAX_GPUS, MAX_HYPERVISORS, canonical, parse_node
+from nodes.wire.schema import MAX_GPUS, MAX_HYPERVISORS, STACK_ROLES, canonical, parse_node
 
 
 class ConfigError(Exception):
@@ -60,7 +60,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "transport": (str, "ipc", lambda v: v in ("ipc", "tcp"), "'ipc' or 'tcp'"),
         "fabric": (str, "shm", lambda v: v in ("shm", "msg"), "'shm' or 'msg'"),
         "host": (str, "127.0.0.1", lambda v: bool(v), "a host address for tcp"),
-        "processes": (str, "split", lambda v: v in ("split", "host"),
+        "processes": (str, "split", lambda v: v in ("split", "host", "machine"),
                       "'split' (every gpu, mediator and hypervisor its own process) or 'host' "
                       "(each GPU's mediator and hypervisors share a process, as kvmgt and "
                       "GVT-g share the host kernel, and talk in memory)"),
@@ -304,8 +304,8 @@ def validate(raw: dict, where: str = "<config>") -> dict:
         if not known:
             raise ConfigError(where, "faults.links", f"{nf.kind}={nf.node}: no node {nf.node!r} in "
                               f"this run ({', '.join(node_names(cfg))})")
-        if cfg["run"]["processes"] == "host" and parse_node(canonical(nf.node))[0] in (
-                "mediator", "hypervisor"):
+        if cfg["run"]["processes"] != "split" and parse_node(canonical(nf.node))[0] in (
+                ("mediator", "hypervisor") if cfg["run"]["processes"] == "host" else STACK_ROLES):
             raise ConfigError(where, "faults.links", f"{nf.kind}={nf.node}: with run.processes = "
                               f"'host' the mediator and its hypervisors are one process and cannot "
                               f"be stopped or killed alone; set run.processes = 'split'")

@@ -36,7 +36,8 @@ from nodes.wire.schema import STACK_ROLES, guest_name, hypervisor_index, role_of
 from nodes.wire.faults import NodeFault
 
 SCHEMA_VERSION = 1
-HOST_ROLES = ("mediator", "hypervisor")     # a host process's nodes (run.processes = 'host')
+# the nodes of a GPU's host process, by run.processes
+HOST_ROLES = {"host": ("mediator", "hypervisor"), "machine": ("gpu", "mediator", "hypervisor")}
 DUMP_CHUNK = 65536          # GGTT entries per GGTT_DUMP (512 KiB: inside the frame limit)
 PROBE_CHUNK = 8192          # probes per GM_WRITE
 BEHIND_SHARE = 0.9          # a vGPU that completes less of its offered rate fell behind
@@ -151,7 +152,8 @@ class Launcher:
         pool = self.pool_of.get(name)
         if pool:
             return f"guests/{pool[0]}"
-        if self.cfg["run"]["processes"] == "host" and role_of(name)[0] in HOST_ROLES:
+        mode = self.cfg["run"]["processes"]
+        if mode != "split" and role_of(name)[0] in HOST_ROLES[mode]:
             return f"host/{self.topo.stack_of(name).index}"
         return name
 
@@ -167,11 +169,13 @@ class Launcher:
         if process.startswith("host/"):
             # the GPU's mediator and hypervisors, one process (nodes.node.run_host)
             st = self.topo.stack_of(name)
-            names = [n for n in st.nodes if role_of(n)[0] in HOST_ROLES]
+            roles = HOST_ROLES[self.cfg["run"]["processes"]]
+            names = [n for n in st.nodes if role_of(n)[0] in roles]
             med = next(n for n in names if role_of(n)[0] == "mediator")
             cmd[4] = "host"
-            cmd += ["--gpu", str(st.index), "--bind", eps[med],
-                    "--peer", f"gpu={eps[self.topo.qualify(med, 'gpu')]}"]
+            cmd += ["--gpu", str(st.index), "--bind", eps[med]]
+            gpu_ep = eps[self.topo.qualify(med, "gpu")]
+            cmd += ["--gpu-bind", gpu_ep] if "gpu" in roles else ["--peer", f"gpu={gpu_ep}"]
             for n in names:
                 if role_of(n)[0] == "hypervisor":
                     cmd += ["--hypervisor-bind", f"{hypervisor_index(n)}={eps[n]}"]

@@ -242,7 +242,8 @@ def _check_hypervisor(cfg: dict, gpu: int, hv: int) -> None:
 def run_host(cfg: dict, *, gpu: int, bind: str | None, hv_binds: dict[int, str],
              peers: dict[str, str], vm_binds: dict[int, str] | None, launcher: str | None,
              run_id: str, keys_dir: str | None = None, metrics_port: int = 0,
-             metrics_addr: str = "127.0.0.1", parent_death: bool = False) -> int:
+             metrics_addr: str = "127.0.0.1", parent_death: bool = False,
+             gpu_bind: str | None = None) -> int:
     """GPU `gpu`'s host process (run.processes = "host"): its mediator and its hypervisors in
     one process, as kvmgt's trap handlers and GVT-g share the host kernel. Each is still its own
     node, with its own endpoints, links, metrics and READY; the links between them carry the
@@ -254,6 +255,8 @@ def run_host(cfg: dict, *, gpu: int, bind: str | None, hv_binds: dict[int, str],
         raise GvtError("EINVAL", f"GPU {gpu}'s host process needs --hypervisor-bind K=ENDPOINT for "
                        f"each of its {len(stack.hv_vms)} hypervisor(s) (K from 0), got "
                        f"{sorted(hv_binds) or 'none'}")
+    if gpu_bind and not peers:
+        peers = {"gpu": gpu_bind}
     if "gpu" not in peers or peers.keys() - {"gpu"}:
         raise GvtError("EINVAL", "a host process's one peer is its gpu: --peer gpu=ENDPOINT")
     stray = sorted(set(vm_binds or {}) - set(stack.vms))
@@ -262,7 +265,14 @@ def run_host(cfg: dict, *, gpu: int, bind: str | None, hv_binds: dict[int, str],
     if parent_death:
         die_with_parent()
     host = NodeHost()
-    nodes = [_stack_node("mediator", cfg, gpu=gpu, hv=0, bind=bind, peers=dict(peers),
+    nodes = []
+    if gpu_bind:        # the simulated GPU too (run.processes = 'machine')
+        nodes.append(_stack_node("gpu", cfg, gpu=gpu, hv=0, bind=gpu_bind,
+                                 peers={local_hypervisor(k): ep for k, ep in hv_binds.items()},
+                                 launcher=launcher, run_id=run_id, keys_dir=keys_dir,
+                                 vm_binds=None, restarted=False, host=host))
+        peers = {"gpu": gpu_bind}
+    nodes += [_stack_node("mediator", cfg, gpu=gpu, hv=0, bind=bind, peers=dict(peers),
                          launcher=launcher, run_id=run_id, keys_dir=keys_dir, vm_binds=None,
                          restarted=False, host=host)]
     for k, ep in sorted(hv_binds.items()):

@@ -49,7 +49,7 @@ from nodes.wire.codec import (
     decode, encode_error, encode_reply,
 )
 from nodes.wire.faults import FaultPlan
-from nodes.wire.link import Link, SendFailed
+from nodes.wire.link import Link, MemoryLink, SendFailed
 from nodes.wire.linkproto import (
     FLAG_OOB, PeerNewStream, PeerRestarted, PeerReturned, PeerSilent, State, oob_frame, unpack,
 )
@@ -66,6 +66,7 @@ DRAIN_PER_SOCKET = 64           # frames taken from one socket before the next g
 TURN_NS = 300_000               # ...or this much time, whichever comes first
 DRAIN_BUDGET = 256              # frames per loop iteration, across sockets...
 LOCAL_QUEUE = 4 * SNDHWM        # frames in flight over in-memory links of one process
+LOCAL_ROUNDS = 8                # rounds of in-memory hand-overs per loop iteration
 ITERATION_NS = 2_000_000        # ...or this much time: then timers, yielded tasks and the tick
 IDLE_WAKE_NS = 100_000_000     # the loop looks around at least this often
 STALL_NS = 1_000_000_000        # an iteration this long after the last: the process was stopped
@@ -367,7 +368,7 @@ class Runtime:
             except zmq.ZMQError as err:
                 raise SendFailed("EHOSTUNREACH", f"send to {peer} failed: {err}") from None
 
-        link = self._link(peer, node, send, control)
+        link = self._link(peer, node, send, control=control)
         self.engine.add_link(link)
         self._dealers[s] = link
         self.host.register(s, self, link)
@@ -375,20 +376,13 @@ class Runtime:
 
     def _connect_local(self, peer: str, node: str, local: tuple["Runtime", _Router],
                        control: bool) -> Link:
-        """A link to a node of this process (the mediator and the hypervisors of a host
-        process): the same frames, link protocol and HELLO as over a socket, handed over in
-        memory (NodeHost.inbox) instead of through ZeroMQ, as kvmgt calls into GVT-g in the
-        one host kernel. No key: both ends are this process."""
+        """A link to a node of this process (the nodes of a host process): a MemoryLink, whose
+        HELLO goes through the link protocol as over a socket and whose messages then are
+        handed over in memory (NodeHost.inbox), as kvmgt calls into GVT-g in the one host
+        kernel. No key: both ends are this process."""
         target, r = local
         ident = f"{self.name}/{self.epoch:x}".encode()
-        inbox = self.host.inbox
-
-        def send(frame: bytes) -> None:
-            if len(inbox) >= LOCAL_QUEUE:
-                raise SendFailed("EAGAIN", f"the in-memory queue to {peer} is full")
-            inbox.append((target, r, ident, frame))
-
-        link = self._link(peer, node, send, control)
+        link = self._link(peer, node, *self.host.pipe(target, r, ident, peer), control=control)
         self.engine.add_link(link)
         self._dealers[ident] = link     # the side that connects (never drained as a socket)
         self.host.local[ident] = (self, link)
@@ -402,12 +396,15 @@ class Runtime:
         return node_id(role, gpu or 0, vm, hv)
 
     def _link(self, peer: str, node: str, send: Callable[[bytes], None],
-              control: bool = False) -> Link:
+              hand: Callable[[bytes], None] | None = None, control: bool = False) -> Link:
+        """A link to `peer` (its id `node`); with `hand`, one in memory (MemoryLink)."""
         self.peer_ids[peer] = node
         # faults are chosen by the ends' ids (a rule naming a role covers it on every GPU)
-        link = Link(peer, send, control=control, max_outstanding=self._max_outstanding(peer),
-                    epoch=self.epoch, now=monotonic_ns(), dead_ns=self.dead_ns,
-                    faults=self.faults.for_link(self.name, node) if self.faults else None)
+        kw: dict[str, Any] = dict(
+            control=control, max_outstanding=self._max_outstanding(peer), epoch=self.epoch,
+            now=monotonic_ns(), dead_ns=self.dead_ns,
+            faults=self.faults.for_link(self.name, node) if self.faults else None)
+        link = Link(peer, send, **kw) if hand is None else MemoryLink(peer, send, hand, **kw)
         link.touched = self._links_touched
         self._links_touched.add(link)
         return link
@@ -476,16 +473,9 @@ class Runtime:
             self._drop(old, "replaced", now)
         near = self.host.local.get(ident)
         if near is not None:                # a node of this process: answered in memory
-            inbox, there = self.host.inbox, near[0]
-
-            def send(frame: bytes) -> None:
-                if len(inbox) >= LOCAL_QUEUE:
-                    raise SendFailed("EAGAIN", f"the in-memory queue to {name} is full")
-                inbox.append((there, None, ident, frame))
+            link = self._link(local, name, *self.host.pipe(near[0], None, ident, name))
         else:
-            def send(frame: bytes) -> None:
-                self._router_send(r, ident, frame)
-        link = self._link(local, name, send)
+            link = self._link(local, name, lambda frame: self._router_send(r, ident, frame))
         link.version = p["version"]
         r.by_ident[ident] = link
         self.engine.add_link(link)
@@ -552,9 +542,12 @@ class Runtime:
             self._links_rescan = now + LINK_LOOK_NS
         heap, dues = self._link_heap, self._link_due
         if touched:
+            # a link's entry may be early (its timer moved later since: it is looked at for
+            # nothing and put back), never late: only a timer that moved earlier is pushed
             for link in touched:
                 w = link.next_wake()
-                if dues.get(link) != w:
+                cur = dues.get(link)
+                if cur is None or w < cur:
                     dues[link] = w
                     heapq.heappush(heap, (w, id(link), link))
             touched.clear()
@@ -590,7 +583,7 @@ class Runtime:
         near = self.host.local.get(ident) if ident is not None else None
         if near is not None:
             if len(self.host.inbox) < LOCAL_QUEUE:
-                self.host.inbox.append((near[0], None, ident, frame))
+                self.host.inbox.append((near[0], None, ident, frame, False))
             return
         self.host.sent.add(sock)
         try:
@@ -732,7 +725,11 @@ class Runtime:
             now = monotonic_ns()
             self._on_frame(r, r.by_ident.get(ident), ident, body.bytes,
                            body.get("User-Id") if curve else None, now)
-            if now >= deadline or (gate is not None and not gate(r.vm)):
+            if gate is not None and not gate(r.vm):
+                self._gated.add(r.vm)       # as in drain_socket: read again once it takes more
+                self.host.pause(sock)
+                return n + 1
+            if now >= deadline:
                 return n + 1
         return budget
 
@@ -912,8 +909,28 @@ class NodeHost:
         # (to node, its _Router (None: to the side that connected), routing id, frame)
         self.binds: dict[str, tuple[Runtime, _Router]] = {}
         self.local: dict[bytes, tuple[Runtime, Link]] = {}
-        self.inbox: deque[tuple[Runtime, _Router | None, bytes, bytes]] = deque()
+        # (to node, its _Router (None: to the side that connected), routing id, frame or body,
+        # a body (True) or a frame of the link protocol)
+        self.inbox: deque[tuple[Runtime, _Router | None, bytes, bytes, bool]] = deque()
         self._auth: _KeyAuthenticator | None = None
+
+    def pipe(self, to: Runtime, r: _Router | None, ident: bytes, peer: str
+             ) -> tuple[Callable[[bytes], None], Callable[[bytes], None]]:
+        """The two ways onto an in-memory link toward node `to` (r: its _Router, None toward
+        the side that connected): a frame of the link protocol, and (MemoryLink, once open) a
+        body as it is."""
+        inbox = self.inbox
+
+        def send(frame: bytes) -> None:
+            if len(inbox) >= LOCAL_QUEUE:
+                raise SendFailed("EAGAIN", f"the in-memory queue to {peer} is full")
+            inbox.append((to, r, ident, frame, False))
+
+        def hand(body: bytes) -> None:
+            if len(inbox) >= LOCAL_QUEUE:
+                raise SendFailed("EAGAIN", f"the in-memory queue to {peer} is full")
+            inbox.append((to, r, ident, body, True))
+        return send, hand
 
     def authenticator(self) -> _KeyAuthenticator:
         """The process's ZAP authenticator, started with its first node that checks keys."""
@@ -987,16 +1004,16 @@ class NodeHost:
         """Take frames from the ready sockets in turn, so a flood on one does not starve the
         others (a turn ends after DRAIN_PER_SOCKET frames or TURN_NS), up to a budget of frames
         and of time per loop iteration. A socket whose turn ended before it ran dry gets another
-        round; one that ran dry is polled again at the next iteration, after its node has run
-        what came in (zmq_poll is level-triggered, so nothing left is missed). Returns the nodes
-        whose sockets were read."""
+        round, and is looked at again before the next sleep if the budget ran out first; one
+        that ran dry (its ZMQ_EVENTS said so, which also reset its fd's signal) signals its next
+        input itself. Returns the nodes whose sockets were read."""
         touched: set[Runtime] = set()
         budget = DRAIN_BUDGET
         end = monotonic_ns() + ITERATION_NS
         socks = self.socks
         while ready and budget > 0:
             full = []
-            for item in ready:
+            for i, item in enumerate(ready):
                 sock = item[0]
                 rt, kind = socks[sock]
                 take = min(DRAIN_PER_SOCKET, budget)
@@ -1008,6 +1025,8 @@ class NodeHost:
                     full.append(item)
                 budget -= n
                 if budget <= 0 or now >= end:
+                    self.hot.update(x[0] for x in full)
+                    self.hot.update(x[0] for x in ready[i + 1:])
                     return touched
             ready = full
         return touched
@@ -1017,16 +1036,19 @@ class NodeHost:
         nodes send meanwhile waits for the next iteration)."""
         inbox, nodes = self.inbox, self.nodes
         for _ in range(min(len(inbox), DRAIN_BUDGET)):
-            rt, r, ident, frame = inbox.popleft()
+            rt, r, ident, data, body = inbox.popleft()
             if rt not in nodes:
                 continue                    # closed meanwhile
             now = monotonic_ns()
-            if r is None:
-                link = rt._dealers.get(ident)
+            link = rt._dealers.get(ident) if r is None else r.by_ident.get(ident)
+            if body:
+                if link is not None:        # a MemoryLink's body: no framing to undo
+                    rt._on_message(r, link, ident, data, now)
+            elif r is None:
                 if link is not None:
-                    rt._on_frame(None, link, None, frame, None, now)
+                    rt._on_frame(None, link, None, data, None, now)
             else:
-                rt._on_frame(r, r.by_ident.get(ident), ident, frame, None, now)
+                rt._on_frame(r, link, ident, data, None, now)
             touched.add(rt)
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
@@ -1070,8 +1092,6 @@ class NodeHost:
                         rt.stalled(now)
                 if ready:
                     touched = self._drain(ready)
-                    # read dry or not, each is looked at again before the next sleep
-                    self.hot.update(item[0] for item in ready)
                 else:
                     touched = set()
                 if self.inbox:
@@ -1087,6 +1107,19 @@ class NodeHost:
                         rt.step(now)
                         now = monotonic_ns()
                     stopped |= rt.stopping
+                # what the nodes handed each other in memory (a trap's call to the mediator and
+                # its answer) goes on at once, a few rounds, before the sockets' turn again
+                rounds = 0
+                while self.inbox and rounds < LOCAL_ROUNDS and not stopped:
+                    rounds += 1
+                    near: set[Runtime] = set()
+                    self._deliver_local(near)
+                    now = monotonic_ns()
+                    for rt in near:
+                        if not rt.stopping:
+                            rt.step(now)
+                            now = monotonic_ns()
+                        stopped |= rt.stopping
                 last = now
                 if stopped:
                     for rt in live:

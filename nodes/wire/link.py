@@ -11,7 +11,7 @@ from typing import Callable
 
 from nodes.errors import GvtError
 from nodes.wire.faults import LinkFaults
-from nodes.wire.linkproto import DEAD_NS, HEADER_SIZE, LinkEvent, LinkFull, LinkProtocol
+from nodes.wire.linkproto import DEAD_NS, HEADER_SIZE, LinkEvent, LinkFull, LinkProtocol, State
 from nodes.wire.schema import role_of
 
 
@@ -69,7 +69,7 @@ class Link:
     def send(self, build: Callable[[int], bytes], max_frame: int, now: int, counted: bool = True) -> int:
         """Build the next message with its sequence number and send it. SendFailed (E2BIG,
         EAGAIN) if the link cannot take it; nothing is numbered then."""
-        seq = self.proto.tx_seq + 1
+        seq = self.tx_seq + 1
         return self.send_frame(build(seq), seq, max_frame, now, counted)
 
     def send_frame(self, body: bytes, seq: int, max_frame: int, now: int, counted: bool = True) -> int:
@@ -172,3 +172,55 @@ class Link:
                 # each fault the plan played, [ns since the link's first frame, kind]: the first
                 # FAULT_LOG_MAX of each direction (past them, only counted)
                 "faults_log": faults["log"]}
+
+
+NEVER = 1 << 62             # a MemoryLink's timers once it is open
+
+
+class MemoryLink(Link):
+    """A link to a node of the same process (nodes.runtime: NodeHost.inbox). Its HELLO goes
+    framed through the protocol like any other, so states and versions are checked alike; once
+    open, bodies are handed over as they are, numbered in one sequence with what went before:
+    a hand-over in memory is in order and never lost, so acks, resends and liveness have
+    nothing to do (and the peer cannot go silent without this node). A link with a fault plan
+    stays framed, so the faults play on it."""
+    __slots__ = ("_hand", "_tx")
+
+    def __init__(self, name: str, send: Callable[[bytes], None], hand: Callable[[bytes], None],
+                 **kw) -> None:
+        super().__init__(name, send, **kw)
+        self._hand = hand
+        self._tx = 0
+
+    @property
+    def tx_seq(self) -> int:
+        return max(self._tx, self.proto.tx_seq)
+
+    def send_frame(self, body: bytes, seq: int, max_frame: int, now: int, counted: bool = True) -> int:
+        if self.faults is not None or self.proto.state is not State.OPEN:
+            seq = super().send_frame(body, seq, max_frame, now, counted)
+            self._tx = self.proto.tx_seq
+            return seq
+        if len(body) + HEADER_SIZE > max_frame:
+            self.send_failed += 1
+            raise SendFailed("E2BIG", f"a frame of {len(body) + HEADER_SIZE} bytes to {self.name} "
+                             f"exceeds the frame limit of {max_frame} bytes")
+        try:
+            self._hand(body)
+        except SendFailed as err:
+            self.send_failed += 1
+            raise SendFailed("EAGAIN", f"the link to {self.name} is full: {err.text}") from None
+        self._tx = seq
+        if counted:
+            self.sent += 1
+        return seq
+
+    def tick(self, now: int) -> list[LinkEvent]:
+        if self.faults is None and self.proto.state is State.OPEN:
+            return []
+        return super().tick(now)
+
+    def next_wake(self) -> int:
+        if self.faults is None and self.proto.state is State.OPEN:
+            return NEVER
+        return super().next_wake()
