@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.config import ConfigError
+from bench.config import PROCESS_LAYOUTS, ConfigError
 
 EXIT_FAIL = 1       # the run's verdict failed
 EXIT_ERROR = 2      # the run could not be made (bad config, a node did not start...)
@@ -35,7 +35,8 @@ def _run(args: argparse.Namespace) -> int:
     rate = (args.trace_rate or cfg["run"]["trace_rate"] or DEFAULT_TRACE_RATE) if args.trace else 0.0
     cfg = config.apply_overrides(cfg, duration=args.duration, vgpus=args.vgpus, gpus=args.gpus,
                                  seed=args.seed,
-                                 ops=args.ops, trace_rate=rate, faults=args.fault)
+                                 ops=args.ops, trace_rate=rate, faults=args.fault,
+                                 processes=args.processes)
     console = Console(stderr=True)
     executor = _ray_executor(args, cfg)
 
@@ -233,11 +234,12 @@ def _perf(args: argparse.Namespace) -> int:
         return 0
     if args.what == "submit":
         from bench.perf import format_submit, run_submit
-        res = run_submit(seconds=args.seconds, rounds=args.rounds)
+        res = run_submit(seconds=args.seconds, rounds=args.rounds, processes=args.processes)
         print(json.dumps(res) if args.json else format_submit(res))
         return 0
     from bench.perf import format_trap, run_trap
-    res = run_trap(seconds=args.seconds, rounds=args.rounds, trace_rate=args.trace_rate or 0.0)
+    res = run_trap(seconds=args.seconds, rounds=args.rounds, trace_rate=args.trace_rate or 0.0,
+                   processes=args.processes)
     print(json.dumps(res) if args.json else format_trap(res))
     return 0
 
@@ -262,7 +264,8 @@ def _scale(args: argparse.Namespace) -> int:
         console.print(scale.format_row(row))
 
     try:
-        res = scale.run_scale(cfg, counts, duration=args.duration, on_run=on_run)
+        res = scale.run_scale(cfg, counts, duration=args.duration, on_run=on_run,
+                              processes=args.processes)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: every node stopped, shm and sockets removed[/]")
         return 130
@@ -312,6 +315,9 @@ def parser() -> argparse.ArgumentParser:
                         "link=hypervisor-mediator:delay=2ms+-1ms, partition=hypervisor-mediator@5s+1s, "
                         "pause=gpu@2s+1s, kill=gpu@3s[+1s], restart=guest2@4s")
     r.add_argument("--ops", type=int, help="stop each guest after N ops instead of a duration")
+    r.add_argument("--processes", choices=PROCESS_LAYOUTS,
+                   help="where each GPU's nodes run (run.processes): split, host (mediator and "
+                        "hypervisors in one process) or machine (the gpu too)")
     r.add_argument("--json", metavar="PATH", help="write the result as JSON")
     r.add_argument("--prometheus", action="store_true",
                    help="start a real Prometheus (the `prometheus` binary) that scrapes every node")
@@ -388,6 +394,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trace-rate", type=float, metavar="N",
                    help="trap: sample N reads per second for tracing in every run (spans recorded, "
                         "not written): what tracing costs")
+    p.add_argument("--processes", choices=PROCESS_LAYOUTS, default="split",
+                   help="trap, submit: run.processes of the measured runs (default split); the "
+                        "per-CPU figure is measured in every layout")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_perf)
     sc = sub.add_parser("scale", help="one run per vGPU count: throughput, latency, CPU and "
@@ -396,6 +405,8 @@ def parser() -> argparse.ArgumentParser:
                     help="the vGPU counts, one run each (default: 1,2,4,8,16,32,64)")
     sc.add_argument("--config", help="the config each run starts from (default: configs/scale.toml)")
     sc.add_argument("--duration", type=float, metavar="S", help="seconds of load per run")
+    sc.add_argument("--processes", choices=PROCESS_LAYOUTS,
+                    help="where each GPU's nodes run (run.processes; default: the config's)")
     sc.add_argument("--json", metavar="PATH", help="write the sweep as JSON")
     sc.add_argument("--html", metavar="PATH", help="write the sweep as a self-contained HTML page")
     sc.set_defaults(fn=_scale)

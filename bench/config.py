@@ -51,6 +51,9 @@ def _ratio(v: Any) -> bool:
     return 0 <= v <= 1
 
 
+# run.processes: where a GPU's nodes run (bench.launch.HOST_ROLES; the guests are apart in all)
+PROCESS_LAYOUTS = ("split", "host", "machine")
+
 # section -> key -> (types, default, check, what the check wants)
 SCHEMA: dict[str, dict[str, tuple]] = {
     "run": {
@@ -60,10 +63,11 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "transport": (str, "ipc", lambda v: v in ("ipc", "tcp"), "'ipc' or 'tcp'"),
         "fabric": (str, "shm", lambda v: v in ("shm", "msg"), "'shm' or 'msg'"),
         "host": (str, "127.0.0.1", lambda v: bool(v), "a host address for tcp"),
-        "processes": (str, "split", lambda v: v in ("split", "host", "machine"),
-                      "'split' (every gpu, mediator and hypervisor its own process) or 'host' "
+        "processes": (str, "split", lambda v: v in PROCESS_LAYOUTS,
+                      "'split' (every gpu, mediator and hypervisor its own process), 'host' "
                       "(each GPU's mediator and hypervisors share a process, as kvmgt and "
-                      "GVT-g share the host kernel, and talk in memory)"),
+                      "GVT-g share the host kernel, and talk in memory) or 'machine' (its "
+                      "simulated gpu too)"),
         "start_timeout_s": ((int, float), 60.0, _pos, "seconds > 0"),
         "drain_timeout_s": ((int, float), 60.0, _pos, "seconds > 0"),
         "call_timeout_s": ((int, float), 10.0, _pos,
@@ -356,8 +360,10 @@ def load(path: str | os.PathLike | None = None) -> dict:
 def apply_overrides(cfg: dict, *, duration: float | None = None, vgpus: int | None = None,
                     seed: int | None = None, ops: int | None = None,
                     trace_rate: float | None = None, faults: list[str] | None = None,
-                    gpus: int | None = None) -> dict:
+                    gpus: int | None = None, processes: str | None = None) -> dict:
     raw = {sec: copy.deepcopy(v) for sec, v in cfg.items() if not sec.startswith("_")}
+    if processes is not None:
+        raw["run"]["processes"] = processes
     if gpus is not None:
         raw["gpu"]["count"] = gpus
     if faults:

@@ -126,9 +126,10 @@ def echo_rtt(seconds: float, cpu: dict | None = None) -> list[float]:
             pass
 
 
-def _bench_cfg(seconds: float, trace_rate: float = 0.0, **load) -> dict:
-    raw = {"run": {"duration_s": seconds, "seed": 7, "trace_rate": trace_rate}, "vgpus": {"count": 1},
-           "load": {"mode": "closed", **load}}
+def _bench_cfg(seconds: float, trace_rate: float = 0.0, processes: str = "split", **load) -> dict:
+    raw = {"run": {"duration_s": seconds, "seed": 7, "trace_rate": trace_rate,
+                   "processes": processes},
+           "vgpus": {"count": 1}, "load": {"mode": "closed", **load}}
     return config.validate(raw, "perf")
 
 
@@ -162,17 +163,33 @@ def _per_cpu(res: dict, what: str) -> float | None:
     return res["resources"]["per_cpu_s"][what]
 
 
-def run_trap(seconds: float = 3.0, rounds: int = 3, trace_rate: float = 0.0) -> dict:
+def _by_layout(processes: str, mine: float | None, measure: Callable[[str], float | None]
+               ) -> dict[str, float | None]:
+    """A per-CPU figure in every run.processes layout: the one measured already, the others
+    now (where the same work goes when a GPU's nodes share a process)."""
+    return {p: mine if p == processes else measure(p) for p in config.PROCESS_LAYOUTS}
+
+
+def run_trap(seconds: float = 3.0, rounds: int = 3, trace_rate: float = 0.0,
+             processes: str = "split") -> dict:
     """`trace_rate` > 0: every node records spans and the guest samples that many operations
-    per second (what tracing costs; the spans are not collected)."""
+    per second (what tracing costs; the spans are not collected). `processes`: the layout of
+    the runs (run.processes); MMIO reads per CPU-second are measured in the others as well."""
+    def reads_cfg(layout: str) -> dict:
+        return _bench_cfg(seconds, trace_rate, layout, concurrency=1, mix={"mmio-read": 1.0})
+
     def reads_once() -> tuple[dict, dict]:
-        res = _run(_bench_cfg(seconds, trace_rate, concurrency=1, mix={"mmio-read": 1.0}))
+        res = _run(reads_cfg(processes))
         return res, res["vgpus"][0]["traps"]["mmio_read"]
     rounds_out, mid, reads = _against_echo(seconds, rounds, "mmio_read", reads_once)
-    writes = _run(_bench_cfg(seconds, trace_rate, concurrency=1024, mix={"mmio-write": 1.0}))
+    writes = _run(_bench_cfg(seconds, trace_rate, processes, concurrency=1024,
+                             mix={"mmio-write": 1.0}))
     wg = writes["vgpus"][0]["guest"]
-    bursts = _run(_bench_cfg(seconds, trace_rate, concurrency=8, burst=4096, mix={"gtt-burst": 1.0},
-                             not_present_ratio=0.0, invalid_gfn_ratio=0.0, outside_ratio=0.0))
+    bursts = _run(_bench_cfg(seconds, trace_rate, processes, concurrency=8, burst=4096,
+                             mix={"gtt-burst": 1.0}, not_present_ratio=0.0, invalid_gfn_ratio=0.0,
+                             outside_ratio=0.0))
+    layouts = _by_layout(processes, _per_cpu(reads, "mmio_traps"),
+                         lambda p: _per_cpu(_run(reads_cfg(p)), "mmio_traps"))
     bg = bursts["vgpus"][0]
     return {
         "seconds": seconds,
@@ -191,6 +208,8 @@ def run_trap(seconds: float = 3.0, rounds: int = 3, trace_rate: float = 0.0) -> 
         # read could cost at best in three Python processes over ZeroMQ
         "echo_per_cpu_s": statistics.median(
             [r["echo_per_cpu_s"] for r in rounds_out if r["echo_per_cpu_s"]] or [0.0]) or None,
+        "mmio_reads_per_cpu_s_by_processes": layouts,
+        "processes": processes,
         "translator": reads["translator"],
         "trace_rate": trace_rate,
     }
@@ -209,6 +228,9 @@ def format_trap(r: dict) -> str:
         *([f"bare echo, same hops:         {r['echo_per_cpu_s']:,.0f} round trips per CPU-second "
            f"(reads reach {r['ops_per_cpu_s']['mmio_reads'] / r['echo_per_cpu_s']:.0%} of it)"]
           if r.get("echo_per_cpu_s") and r["ops_per_cpu_s"].get("mmio_reads") else []),
+        "reads per CPU-second, by run.processes: " + ", ".join(
+            f"{k} {v:,.0f}" for k, v in r["mmio_reads_per_cpu_s_by_processes"].items()
+            if v is not None) + f" (the runs above: {r['processes']})",
         f"translator:                   {r['translator']}",
         *([f"tracing:                      {r['trace_rate']:g} sampled ops/s per guest"]
           if r.get("trace_rate") else []),
@@ -363,23 +385,25 @@ def format_neighbour(r: dict) -> str:
 
 
 # ---- submit ---------------------------------------------------------------------------------------
-def _submit_cfg(seconds: float, vgpus: int, **load) -> dict:
-    raw = {"run": {"duration_s": seconds, "seed": 7},
+def _submit_cfg(seconds: float, vgpus: int, processes: str = "split", **load) -> dict:
+    raw = {"run": {"duration_s": seconds, "seed": 7, "processes": processes},
            "vgpus": {"count": vgpus, "type": "_8"},
            "load": {"mode": "closed", "stores_per_batch": 4, "batches_per_workload": 1, **load}}
     return config.validate(raw, "perf")
 
 
-def run_submit(seconds: float = 3.0, rounds: int = 3) -> dict:
-    """GPU workloads through all four processes: latency of one vGPU's workloads (one at a time)
+def run_submit(seconds: float = 3.0, rounds: int = 3, processes: str = "split") -> dict:
+    """GPU workloads through all four roles: latency of one vGPU's workloads (one at a time)
     next to a two-hop pyzmq echo in the same run, round by round, and what the command parser's
     scan of each took (the mediator times it); workloads per second with 1, 2
     and 4 vGPUs (closed loop, both engines); tracked page-table writes per second under
-    ppgtt-churn."""
+    ppgtt-churn. `processes`: the runs' layout (run.processes); 1 vGPU's workloads per
+    CPU-second are measured in the others as well."""
     scans: list[dict] = []
 
     def one_at_a_time() -> tuple[dict, dict]:
-        res = _run(_submit_cfg(seconds, 1, concurrency=1, mix={"submit": 1.0}, engines=["rcs"]))
+        res = _run(_submit_cfg(seconds, 1, processes, concurrency=1, mix={"submit": 1.0},
+                               engines=["rcs"]))
         m = res["vgpus"][0]["mediator"]
         scans.append({"us_per_workload": m["scan_ns"] / max(m["scans"], 1) / 1e3,
                       "us_per_command": m["scan_ns"] / max(m["commands_scanned"], 1) / 1e3,
@@ -391,11 +415,13 @@ def run_submit(seconds: float = 3.0, rounds: int = 3) -> dict:
     per_s: dict[str, float] = {}
     per_cpu: dict[str, float | None] = {}
     for n in (1, 2, 4):
-        res = _run(_submit_cfg(seconds, n, concurrency=16, mix={"submit": 1.0}))
+        res = _run(_submit_cfg(seconds, n, processes, concurrency=16, mix={"submit": 1.0}))
         per_s[str(n)] = round(sum(v["workloads"]["completed"] / max(v["guest"]["elapsed_s"], 1e-9)
                                   for v in res["vgpus"]))
         per_cpu[str(n)] = _per_cpu(res, "workloads")
-    churn = _run(_submit_cfg(seconds, 1, concurrency=256, mix={"ppgtt-churn": 1.0}))
+    layouts = _by_layout(processes, per_cpu["1"], lambda p: _per_cpu(
+        _run(_submit_cfg(seconds, 1, p, concurrency=16, mix={"submit": 1.0})), "workloads"))
+    churn = _run(_submit_cfg(seconds, 1, processes, concurrency=256, mix={"ppgtt-churn": 1.0}))
     v = churn["vgpus"][0]
     return {
         "seconds": seconds,
@@ -407,6 +433,8 @@ def run_submit(seconds: float = 3.0, rounds: int = 3) -> dict:
         "scan": scan,
         "workloads_per_s": per_s,
         "workloads_per_cpu_s": per_cpu,
+        "workloads_per_cpu_s_by_processes": layouts,
+        "processes": processes,
         "tracked_writes_per_s": round(v["ppgtt"]["tracked_writes"] / max(v["guest"]["elapsed_s"], 1e-9)),
         "targets_met": {"latency_vs_echo": mid["ratio"] <= 2.5, "workloads_per_s_1": per_s["1"] >= 2000,
                         "scales_to_4": per_s["4"] >= per_s["1"]},
@@ -500,6 +528,9 @@ def format_submit(r: dict) -> str:
         f"(target: >= 2000 with 1, 4 >= 1)",
         "workloads per CPU-second (all nodes): " + " / ".join(
             f"{v:,.0f}" if v is not None else "-" for v in r["workloads_per_cpu_s"].values()),
+        "1 vGPU's per CPU-second, by run.processes: " + ", ".join(
+            f"{k} {v:,.0f}" for k, v in r["workloads_per_cpu_s_by_processes"].items()
+            if v is not None) + f" (the runs above: {r['processes']})",
         f"tracked PTE writes/s (ppgtt-churn): {r['tracked_writes_per_s']:,}",
     ])
 

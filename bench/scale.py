@@ -36,7 +36,8 @@ def parse_counts(text: str) -> list[int]:
     return out
 
 
-def configs_for(cfg: dict, counts: list[int], duration: float | None) -> list[dict]:
+def configs_for(cfg: dict, counts: list[int], duration: float | None,
+                processes: str | None = None) -> list[dict]:
     """The config of each count: the sweep's config with vgpus.count set, on as many GPUs as
     it takes (at least the config's gpu.count, and one more per mediator.max_vgpus vGPUs),
     checked up front, so that a count the config cannot hold is refused before the first run,
@@ -50,7 +51,8 @@ def configs_for(cfg: dict, counts: list[int], duration: float | None) -> list[di
                                      f"{n} vGPUs need {gpus} GPUs of mediator.max_vgpus = {per_gpu}; "
                                      f"a run has at most {MAX_GPUS} GPUs ({MAX_GPUS * per_gpu} vGPUs)")
         try:
-            out.append(config.apply_overrides(cfg, vgpus=n, duration=duration, gpus=gpus))
+            out.append(config.apply_overrides(cfg, vgpus=n, duration=duration, gpus=gpus,
+                                              processes=processes))
         except config.ConfigError as err:
             raise config.ConfigError(f"--vgpus {n}", err.key, err.reason) from None
     return out
@@ -103,9 +105,10 @@ def summarize(result: dict, cfg: dict) -> dict:
 
 def run_scale(cfg: dict, counts: list[int], duration: float | None = None,
               on_run: Callable[[dict], None] | None = None,
-              launcher: Callable[[dict], Any] = Launcher) -> dict:
-    """Run each count in turn; `on_run` hears of each row as it is done."""
-    cfgs = configs_for(cfg, counts, duration)
+              launcher: Callable[[dict], Any] = Launcher, processes: str | None = None) -> dict:
+    """Run each count in turn; `on_run` hears of each row as it is done. `processes` overrides
+    the config's run.processes."""
+    cfgs = configs_for(cfg, counts, duration, processes)
     runs = []
     for c in cfgs:
         n = c["vgpus"]["count"]
@@ -120,6 +123,7 @@ def run_scale(cfg: dict, counts: list[int], duration: float | None = None,
     return {"schema": SCHEMA_VERSION, "config": cfg.get("_source", ""),
             "duration_s": float(cfgs[0]["run"]["duration_s"]),
             "rate": float(cfg["load"]["rate"]), "mode": cfg["load"]["mode"],
+            "processes": cfgs[0]["run"]["processes"],
             "mix": dict(cfg["load"]["mix"]),
             "verdict": "pass" if all(r["verdict"] == "pass" for r in runs) else "fail",
             "runs": runs}

@@ -11,6 +11,11 @@ authenticator, and every frame's User-Id must be its link's name. A peer with no
 one never gets past the handshake; that is counted. ipc endpoints must sit in a directory only
 this user can enter.
 
+Nodes of one process (a pool of guests; a GPU's host process, run.processes) share one NodeHost:
+one context, one poll loop, one ZAP authenticator. A node that connects to an endpoint another
+node of its process binds gets a link in memory (MemoryLink through NodeHost.inbox), whose HELLO
+runs as above and whose messages then skip ZeroMQ and the link header.
+
 Bounds. Every socket refuses frames over the frame limit (ZMQ_MAXMSGSIZE) and queues at most
 frames per peer (RCVHWM in, SNDHWM out); sends never block. Each link runs its LinkProtocol
 (nodes/wire/linkproto.py): this loop feeds it what arrives and ticks it when it is due (resends,
@@ -705,11 +710,17 @@ class Runtime:
         recv, events = sock.recv, sock.getsockopt
         curve = self.keys is not None
         gate = self._accepting if r.vm else None
+        host = self.host
         for n in range(budget):
             # ask before each recv but the first (the host saw input): a recv that finds
             # nothing raises zmq.Again, whose construction costs ten times the question
-            if n and not events(EVENTS) & POLLIN:
-                return n
+            if n:
+                if host.one_at_a_time(sock):
+                    return n
+                if not events(EVENTS) & POLLIN:
+                    if n == 1:
+                        host.busy.discard(sock)
+                    return n
             try:
                 head = recv(NOBLOCK, copy=False)
             except zmq.Again:
@@ -736,9 +747,15 @@ class Runtime:
     def _drain_dealer(self, sock: zmq.Socket, budget: int, deadline: int) -> int:
         link = self._dealers[sock]
         recv, events = sock.recv, sock.getsockopt
+        host = self.host
         for n in range(budget):
-            if n and not events(EVENTS) & POLLIN:     # as in _drain_router
-                return n
+            if n:                                     # as in _drain_router
+                if host.one_at_a_time(sock):
+                    return n
+                if not events(EVENTS) & POLLIN:
+                    if n == 1:
+                        host.busy.discard(sock)
+                    return n
             try:
                 frame = recv(NOBLOCK, copy=False)
             except zmq.Again:
@@ -885,9 +902,11 @@ def _describe(ev: Any) -> str:
 
 class NodeHost:
     """The poll loop of a process: one ZeroMQ context and one select() for every node it runs (one,
-    or a pool of guests). Each iteration takes frames from the ready sockets in turn, then gives
-    each node that got frames, or whose work is due, its step; the others are not looked at (a
-    pool of idle guests costs nothing per iteration), save once every IDLE_WAKE_NS."""
+    a pool of guests, or a GPU's host process). Each iteration takes frames from the ready
+    sockets in turn, then gives each node that got frames, or whose work is due, its step; the
+    others are not looked at (a pool of idle guests costs nothing per iteration), save once
+    every IDLE_WAKE_NS. What the nodes hand each other in memory is delivered after the steps,
+    and those nodes step again, for up to LOCAL_ROUNDS rounds before the sockets' next turn."""
 
     def __init__(self) -> None:
         self.ctx = zmq.Context()
@@ -903,6 +922,9 @@ class NodeHost:
         # VM) then looks at a few per iteration, not at all of them twice.
         self.hot: set[zmq.Socket] = set()
         self.sent: set[zmq.Socket] = set()
+        # sockets left after their first frame (one_at_a_time), and those that had more then
+        self.single: set[zmq.Socket] = set()
+        self.busy: set[zmq.Socket] = set()
         self.stopping = False
         # In-memory links between this process's nodes: the endpoints they bind, the side
         # that connected by its routing id, and the frames handed over, in order:
@@ -966,6 +988,8 @@ class NodeHost:
                 del self.socks[sock]
                 self.hot.discard(sock)
                 self.sent.discard(sock)
+                self.single.discard(sock)
+                self.busy.discard(sock)
                 self._paused.discard(sock)
                 sock.close(linger=0)
         self._fd_cache = None
@@ -993,12 +1017,26 @@ class NodeHost:
             hot |= self.sent
             self.sent.clear()
         ready = []
-        paused = self._paused
+        paused, single = self._paused, self.single
         for sock in hot:
             if sock not in paused and sock.getsockopt(EVENTS) & POLLIN:
                 ready.append((sock, POLLIN))
+                if sock in single:          # it had more than the one frame taken: drain it
+                    self.busy.add(sock)     # whole from now on
         hot.clear()
+        single.clear()
         return ready
+
+    def one_at_a_time(self, sock: zmq.Socket) -> bool:
+        """After a socket's first frame of a turn: leave the rest to the next look (True)? A
+        socket that brings one frame at a time (a closed loop: a request, then its answer) is
+        then asked for more once, with the question the look asks anyway after its node has
+        sent; one that brought more last time (a flood) is drained on at once."""
+        if sock in self.busy:
+            return False
+        self.single.add(sock)
+        self.hot.add(sock)
+        return True
 
     def _drain(self, ready: list) -> set[Runtime]:
         """Take frames from the ready sockets in turn, so a flood on one does not starve the

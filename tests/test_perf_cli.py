@@ -20,7 +20,7 @@ def test_perf_translate_json():
 
 
 def test_perf_trap_json():
-    res = perf_json("trap", "--seconds", "0.5", "--rounds", "1")
+    res = perf_json("trap", "--seconds", "0.5", "--rounds", "1", "--processes", "host")
     for key in ("mmio_read_p50_us", "mmio_read_p99_us", "echo_p50_us", "read_vs_echo",
                 "posted_writes_per_s", "gtt_entries_per_s"):
         assert res[key] > 0, key
@@ -30,6 +30,10 @@ def test_perf_trap_json():
     assert all(v > 0 for v in res["ops_per_cpu_s"].values()), res["ops_per_cpu_s"]
     # the floor beside them: the bare echo's round trips per CPU-second, each round's and the median
     assert res["rounds"][0]["echo_per_cpu_s"] > 0 and res["echo_per_cpu_s"] > 0
+    # the reads' per-CPU figure in every layout, the measured runs' own among them
+    layouts = res["mmio_reads_per_cpu_s_by_processes"]
+    assert res["processes"] == "host" and set(layouts) == {"split", "host", "machine"}
+    assert all(v > 0 for v in layouts.values()) and layouts["host"] == res["ops_per_cpu_s"]["mmio_reads"]
 
 
 def test_perf_neighbour_json():
@@ -60,6 +64,9 @@ def test_perf_submit_json():
     assert set(res["workloads_per_s"]) == {"1", "2", "4"} and all(v > 0 for v in res["workloads_per_s"].values())
     assert set(res["workloads_per_cpu_s"]) == {"1", "2", "4"}
     assert all(v > 0 for v in res["workloads_per_cpu_s"].values()), res["workloads_per_cpu_s"]
+    layouts = res["workloads_per_cpu_s_by_processes"]
+    assert res["processes"] == "split" and set(layouts) == {"split", "host", "machine"}
+    assert all(v > 0 for v in layouts.values()) and layouts["split"] == res["workloads_per_cpu_s"]["1"]
     (rnd,) = res["rounds"]
     assert rnd["workload_p50_us"] > 0 and rnd["samples"] > 0
     assert set(res["targets_met"]) == {"latency_vs_echo", "workloads_per_s_1", "scales_to_4"}

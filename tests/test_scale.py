@@ -186,6 +186,7 @@ def test_gvtbench_scale_runs_each_count_and_writes_json_and_html(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(out.read_text())
     assert [x["vgpus"] for x in res["runs"]] == [1, 3] and res["verdict"] == "pass"
+    assert res["processes"] == "machine"        # configs/scale.toml's: one process per GPU
     for row in res["runs"]:
         assert {"vgpus", "gpus", "verdict", "traps_per_s", "workloads_per_s", "p50_us", "p99_us",
                 "ops_per_cpu_s", "rss_mib", "rss_per_vgpu_mib"} <= set(row)
@@ -193,6 +194,7 @@ def test_gvtbench_scale_runs_each_count_and_writes_json_and_html(tmp_path):
         assert row["traps_per_s"] > 0 and row["workloads_per_s"] > 0 and row["ops_per_cpu_s"] > 0
         assert 0 < row["p50_us"] <= row["p99_us"] and row["rss_per_vgpu_mib"] > 0
         assert sum(row["cpu_s_by_process"].values()) == pytest.approx(row["cpu_s"], abs=0.01)
+        assert "host/0" in row["cpu_s_by_process"] and "mediator/0" not in row["cpu_s_by_process"]
     assert "<svg" in page.read_text()
     assert "vGPU" in r.stdout and "pass" in r.stdout
 
