@@ -219,7 +219,11 @@ class NodeEngine:
         if lane is None:
             self._handle(origin, None, now)
         else:
-            self.sched.submit(lane, lambda t: self._handle(origin, lane, t), now)
+            sched = self.sched
+            if sched.lane_idle(lane):   # submit() would start it now: no closure to make
+                self._handle(origin, lane, now)
+            else:
+                sched.submit(lane, lambda t: self._handle(origin, lane, t), now)
 
     def _admit(self, link: Link, env: Envelope) -> None:
         kind = env.kind

@@ -23,6 +23,7 @@ from nodes.wire.codec import check_reply_size
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "gvtbench-"
 FIRST_MFN = 0x1000       # machine frames below this belong to nobody: a stray access faults
+LOCAL_VIEWS = 1 << 16    # pages whose place a Fabric remembers
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Layout:
     def __init__(self, regions: list[Region]):
         self.regions = sorted(regions, key=lambda r: r.base_mfn)
         self._bases = [r.base_mfn for r in self.regions]
+        self._ends = [r.end_mfn for r in self.regions]
         self.by_name = {r.name: r for r in self.regions}
         self._host = next((r for r in self.regions if r.vm == 0), None)
 
@@ -64,7 +66,7 @@ class Layout:
 
     def region_of(self, mfn: int) -> Region | None:
         i = bisect.bisect_right(self._bases, mfn) - 1
-        if i >= 0 and mfn < self.regions[i].end_mfn:
+        if i >= 0 and mfn < self._ends[i]:
             return self.regions[i]
         return None
 
@@ -273,6 +275,9 @@ class Fabric:
         self.layout, self.backend, self.run_id = layout, backend, run_id
         self.owned = owned
         self._attached: dict[str, RegionMemory] = {}
+        # mfn -> (its region's bytes, the page's offset there), or None (not mapped here): the
+        # walkers ask for the same pages over and over (LOCAL_VIEWS of them are kept)
+        self._views: dict[int, tuple[memoryview, int] | None] = {}
 
     def _region(self, mfn: int) -> Region:
         r = self.layout.region_of(mfn)
@@ -330,16 +335,23 @@ class Fabric:
     def local_view(self, mfn: int) -> memoryview | None:
         """The page's bytes when its region is mapped here (shm, or owned), else None: a walker
         that reads many small pieces uses it instead of a message each."""
-        r = self.layout.region_of(mfn)
-        if r is None:
+        views = self._views
+        try:
+            at = views[mfn]
+        except KeyError:
+            r = self.layout.region_of(mfn)
+            rm = self._local(r) if r is not None else None
+            at = None if rm is None else (rm.view, (mfn - r.base_mfn) * PAGE_SIZE)
+            if len(views) >= LOCAL_VIEWS:
+                views.clear()
+            views[mfn] = at
+        if at is None:
             return None
-        rm = self._local(r)
-        if rm is None:
-            return None
-        a = (mfn - r.base_mfn) * PAGE_SIZE
-        return rm.view[a:a + PAGE_SIZE]
+        view, a = at
+        return view[a:a + PAGE_SIZE]
 
     def close(self) -> None:
+        self._views.clear()
         for rm in self._attached.values():
             rm.close(unlink=False)
         self._attached.clear()

@@ -1110,7 +1110,8 @@ class NodeHost:
                 ready = self._look()
                 if not ready and not self.inbox:
                     now = monotonic_ns()
-                    wake = min(now + IDLE_WAKE_NS, look_all, min(rt.wake for rt in live))
+                    first = live[0].wake if len(live) == 1 else min(rt.wake for rt in live)
+                    wake = min(now + IDLE_WAKE_NS, look_all, first)
                     if wake > now:
                         try:
                             fds = select.select(self._fds, (), (), (wake - now) / 1e9)[0]

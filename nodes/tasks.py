@@ -97,6 +97,11 @@ class Scheduler:
         start(now)
         return True
 
+    def lane_idle(self, lane: Hashable) -> bool:
+        """Nothing runs or waits in `lane`: what submit() would start at once."""
+        st = self._lanes.get(lane)
+        return st is None or not (st.active or st.queue)
+
     def lane_queued(self, lane: Hashable) -> int:
         st = self._lanes.get(lane)
         return len(st.queue) if st else 0

@@ -190,11 +190,11 @@ class MemoryLink(Link):
                  **kw) -> None:
         super().__init__(name, send, **kw)
         self._hand = hand
-        self._tx = 0
+        self._tx = self.proto.tx_seq
 
     @property
     def tx_seq(self) -> int:
-        return max(self._tx, self.proto.tx_seq)
+        return self._tx         # the protocol's own while framed (send_frame keeps it)
 
     def send_frame(self, body: bytes, seq: int, max_frame: int, now: int, counted: bool = True) -> int:
         if self.faults is not None or self.proto.state is not State.OPEN:
