@@ -295,15 +295,34 @@ class Fabric:
             return rm
         return None
 
+    def _page(self, mfn: int) -> tuple[memoryview, int] | None:
+        """Where the page sits in bytes mapped here (its region's view, the page's offset in
+        it), or None (not mapped here, or in no region), remembered per page."""
+        views = self._views
+        try:
+            return views[mfn]
+        except KeyError:
+            pass
+        r = self.layout.region_of(mfn)
+        rm = self._local(r) if r is not None else None
+        at = None if rm is None else (rm.view, (mfn - r.base_mfn) * PAGE_SIZE)
+        if len(views) >= LOCAL_VIEWS:
+            views.clear()
+        views[mfn] = at
+        return at
+
     def write_many(self, ops: list[tuple[int, int, bytes]]) -> Iterator[Any]:
         remote: dict[str, list[list]] = {}
         for mfn, off, data in ops:
-            r = self._region(mfn)
-            rm = self._local(r)
-            if rm is not None:
-                rm.write(mfn, off, data)
+            at = self._page(mfn)
+            if at is not None:
+                if not (0 <= off and off + len(data) <= PAGE_SIZE):
+                    raise GvtError("EINVAL", f"access of {len(data)} bytes at offset {off} "
+                                   f"crosses a page")
+                view, a = at
+                view[a + off:a + off + len(data)] = data
             else:
-                remote.setdefault(r.owner, []).append([mfn, off, data])
+                remote.setdefault(self._region(mfn).owner, []).append([mfn, off, data])
         for owner, batch in remote.items():
             yield Call(owner, "DMA_WRITE", {"ops": batch})
         return len(ops)
@@ -313,12 +332,14 @@ class Fabric:
         out: list[bytes | None] = [None] * len(ops)
         remote: dict[str, tuple[list[int], list[list]]] = {}
         for i, (mfn, off, n) in enumerate(ops):
-            r = self._region(mfn)
-            rm = self._local(r)
-            if rm is not None:
-                out[i] = rm.read(mfn, off, n)
+            page = self._page(mfn)
+            if page is not None:
+                if not (0 <= off and n >= 0 and off + n <= PAGE_SIZE):
+                    raise GvtError("EINVAL", f"access of {n} bytes at offset {off} crosses a page")
+                view, a = page
+                out[i] = bytes(view[a + off:a + off + n])
             else:
-                at, batch = remote.setdefault(r.owner, ([], []))
+                at, batch = remote.setdefault(self._region(mfn).owner, ([], []))
                 at.append(i)
                 batch.append([mfn, off, n])
         for owner, (at, batch) in remote.items():
@@ -335,16 +356,7 @@ class Fabric:
     def local_view(self, mfn: int) -> memoryview | None:
         """The page's bytes when its region is mapped here (shm, or owned), else None: a walker
         that reads many small pieces uses it instead of a message each."""
-        views = self._views
-        try:
-            at = views[mfn]
-        except KeyError:
-            r = self.layout.region_of(mfn)
-            rm = self._local(r) if r is not None else None
-            at = None if rm is None else (rm.view, (mfn - r.base_mfn) * PAGE_SIZE)
-            if len(views) >= LOCAL_VIEWS:
-                views.clear()
-            views[mfn] = at
+        at = self._page(mfn)
         if at is None:
             return None
         view, a = at

@@ -30,9 +30,9 @@ import heapq
 import os
 import select
 import signal
-from collections import deque
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -906,7 +906,8 @@ class NodeHost:
     sockets in turn, then gives each node that got frames, or whose work is due, its step; the
     others are not looked at (a pool of idle guests costs nothing per iteration), save once
     every IDLE_WAKE_NS. What the nodes hand each other in memory is delivered after the steps,
-    and those nodes step again, for up to LOCAL_ROUNDS rounds before the sockets' next turn."""
+    up to LOCAL_ROUNDS rounds of it before the sockets' next turn, and the nodes it reached
+    step once after."""
 
     def __init__(self) -> None:
         self.ctx = zmq.Context()
@@ -927,12 +928,11 @@ class NodeHost:
         self.busy: set[zmq.Socket] = set()
         self.stopping = False
         # In-memory links between this process's nodes: the endpoints they bind, the side
-        # that connected by its routing id, and the frames handed over, in order:
-        # (to node, its _Router (None: to the side that connected), routing id, frame)
+        # that connected by its routing id, and what is handed over, in order: (to node, its
+        # _Router (None: to the side that connected), routing id, frame or body, a body (True)
+        # or a frame of the link protocol)
         self.binds: dict[str, tuple[Runtime, _Router]] = {}
         self.local: dict[bytes, tuple[Runtime, Link]] = {}
-        # (to node, its _Router (None: to the side that connected), routing id, frame or body,
-        # a body (True) or a frame of the link protocol)
         self.inbox: deque[tuple[Runtime, _Router | None, bytes, bytes, bool]] = deque()
         self._auth: _KeyAuthenticator | None = None
 
@@ -1141,20 +1141,26 @@ class NodeHost:
                     look_all = now + IDLE_WAKE_NS
                     self.hot.update(s for s in self.socks if s not in self._paused)
                 stopped = False
+                # With frames handed over in memory waiting (a trap's call to the mediator, its
+                # answer), a node that only got frames steps once they have gone round: what
+                # its handlers send goes out as they run, so the round trip needs no step
+                # between its hops; a node whose own work is due steps now.
+                later: set[Runtime] = set()
                 for rt in live:
                     if rt.wake <= now or rt in touched:
+                        if self.inbox and rt.wake > now:
+                            later.add(rt)
+                            continue
                         rt.step(now)
                         now = monotonic_ns()
                     stopped |= rt.stopping
-                # what the nodes handed each other in memory (a trap's call to the mediator and
-                # its answer) goes on at once, a few rounds, before the sockets' turn again
                 rounds = 0
                 while self.inbox and rounds < LOCAL_ROUNDS and not stopped:
                     rounds += 1
-                    near: set[Runtime] = set()
-                    self._deliver_local(near)
+                    self._deliver_local(later)
+                if later:
                     now = monotonic_ns()
-                    for rt in near:
+                    for rt in later:
                         if not rt.stopping:
                             rt.step(now)
                             now = monotonic_ns()

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from nodes.gpu.sim import GpuSim
 
 _I = struct.Struct("<I")
+_II = struct.Struct("<2I")
 _Q = struct.Struct("<Q")
 
 
@@ -441,7 +442,7 @@ def _store_data_imm(ctx: _Context, w: tuple, at: int, priv: bool) -> Iterator[An
     n = len(w) - 3
     if n not in (1, 2) or (n == 2) != bool(w[0] & cmd.STORE_QWORD):
         raise Hang(at, f"MI_STORE_DATA_IMM of {len(w)} dwords")
-    yield from ctx.store(cmd.address(w, 1), struct.pack(f"<{n}I", *w[3:]), ggtt)
+    yield from ctx.store(cmd.address(w, 1), _I.pack(w[3]) if n == 1 else _II.pack(w[3], w[4]), ggtt)
 
 
 def _lri(ctx: _Context, w: tuple, at: int, priv: bool) -> Iterator[Any]:

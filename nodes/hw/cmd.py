@@ -58,7 +58,9 @@ ADDR_HI_MASK = 0xFFFF               # its high dword: bits 15:0 (48-bit addresse
 BATCH_MAX = 64 * 1024               # the longest batch the parser and the gpu follow, in bytes
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: each command is one object of TABLE, its identity what tells it (a dict keyed by
+# commands hashes by it, not by a tuple of every field)
+@dataclass(frozen=True, slots=True, eq=False)
 class Cmd:
     name: str
     client: int
