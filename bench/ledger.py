@@ -236,7 +236,8 @@ def check_links(snapshots: dict[str, dict]) -> tuple[list[dict], list[str]]:
                    "retransmits": c.get("retransmits", 0), "acks": c.get("acks", 0),
                    "duplicates": other.get("duplicates", 0) if other else None,
                    "corrupt": other.get("corrupt", 0) if other else None,
-                   "given_up": given_up, "earlier": c.get("earlier", {})}
+                   "given_up": given_up, "earlier": c.get("earlier", {}),
+                   "memory": c.get("memory", False)}
             rows.append(row)
             if other is None:
                 continue

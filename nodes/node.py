@@ -266,21 +266,24 @@ def run_host(cfg: dict, *, gpu: int, bind: str | None, hv_binds: dict[int, str],
         die_with_parent()
     host = NodeHost()
     nodes = []
+    later: list[Any] = []
     if gpu_bind:        # the simulated GPU too (run.processes = 'machine')
         nodes.append(_stack_node("gpu", cfg, gpu=gpu, hv=0, bind=gpu_bind,
                                  peers={local_hypervisor(k): ep for k, ep in hv_binds.items()},
                                  launcher=launcher, run_id=run_id, keys_dir=keys_dir,
-                                 vm_binds=None, restarted=False, host=host))
+                                 vm_binds=None, restarted=False, host=host, later=later))
         peers = {"gpu": gpu_bind}
     nodes += [_stack_node("mediator", cfg, gpu=gpu, hv=0, bind=bind, peers=dict(peers),
                          launcher=launcher, run_id=run_id, keys_dir=keys_dir, vm_binds=None,
-                         restarted=False, host=host)]
+                         restarted=False, host=host, later=later)]
     for k, ep in sorted(hv_binds.items()):
         mine = {v: e for v, e in (vm_binds or {}).items() if v in stack.hv_vms[k]}
         nodes.append(_stack_node("hypervisor", cfg, gpu=gpu, hv=k, bind=ep,
                                  peers={"mediator": bind, **peers}, launcher=launcher,
                                  run_id=run_id, keys_dir=keys_dir, vm_binds=mine, restarted=False,
-                                 host=host))
+                                 host=host, later=later))
+    for connect in later:
+        connect()
     for i, (rt, wanted, setup, info) in enumerate(nodes):
         port = rt.serve_metrics(metrics_addr, metrics_port if i == 0 else 0,
                                 translator=info.get("translator", ""))
@@ -295,11 +298,14 @@ def run_host(cfg: dict, *, gpu: int, bind: str | None, hv_binds: dict[int, str],
 
 def _stack_node(role: str, cfg: dict, *, gpu: int, hv: int, bind: str, peers: dict[str, str],
                 launcher: str | None, run_id: str, keys_dir: str | None,
-                vm_binds: dict[int, str] | None, restarted: bool, host: NodeHost | None = None
+                vm_binds: dict[int, str] | None, restarted: bool, host: NodeHost | None = None,
+                later: list[Any] | None = None
                 ) -> tuple[Runtime, list[str], Iterator[Any] | None, dict[str, Any]]:
     """One gpu, mediator or hypervisor node (of GPU `gpu`; a hypervisor: its GPU's `hv`), on
     `host` (None: a process of its own), linked to its peers: its runtime, the peers it says
-    HELLO to, its core's set-up and what its READY adds."""
+    HELLO to, its core's set-up and what its READY adds. On a shared host its connections are
+    made by the calls it appends to `later`, once all the process's nodes have bound theirs, so
+    that each link between them is in memory whichever binds first."""
     topo = Topology(cfg)
     stack = topo.stack(gpu)
     mine = list(stack.vms)          # the VMs whose vGPUs are on this GPU
@@ -363,9 +369,16 @@ def _stack_node(role: str, cfg: dict, *, gpu: int, hv: int, bind: str, peers: di
     for p in wanted:
         if p not in peers:
             raise GvtError("EINVAL", f"{role} needs --peer {p}=ENDPOINT")
-        rt.connect(p, peers[p])
-    if launcher:
-        rt.connect("launcher", launcher, control=True)
+
+    def connect() -> None:
+        for p in wanted:
+            rt.connect(p, peers[p])
+        if launcher:
+            rt.connect("launcher", launcher, control=True)
+    if later is None:
+        connect()
+    else:
+        later.append(connect)       # once every node of the process has bound its endpoints
     return rt, wanted, setup, info
 
 

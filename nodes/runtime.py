@@ -386,7 +386,8 @@ class Runtime:
         handed over in memory (NodeHost.inbox), as kvmgt calls into GVT-g in the one host
         kernel. No key: both ends are this process."""
         target, r = local
-        ident = f"{self.name}/{self.epoch:x}".encode()
+        # one per link in the process (a gpu links to each of its GPU's hypervisors)
+        ident = f"{self.name}/{self.epoch:x}>{r.endpoint}".encode()
         link = self._link(peer, node, *self.host.pipe(target, r, ident, peer), control=control)
         self.engine.add_link(link)
         self._dealers[ident] = link     # the side that connects (never drained as a socket)

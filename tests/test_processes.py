@@ -167,6 +167,19 @@ def test_a_machine_layout_over_tcp_with_curve_and_two_gpus():
     assert res["verdict"] == "pass", res["reasons"]
     assert sorted(res["resources"]["processes"]) == ["guests/1", "guests/3", "host/0", "host/1"]
     assert all(v["guest"]["completed"] > 0 for v in res["vgpus"])
+    # within a host process every link is in memory (the gpu's DMA to each hypervisor too),
+    # and it carried messages; a guest's and the launcher's cross a socket
+    memory = {(r["from"], r["to"]) for r in res["ledger"]["links"] if r["memory"]}
+    for g in (0, 1):
+        stack = {f"gpu/{g}", f"mediator/{g}", f"hypervisor/{g}", f"hypervisor/{g}.1"}
+        inside = {(a, b) for a in stack for b in stack if a != b}
+        linked = {(r["from"], r["to"]) for r in res["ledger"]["links"]} & inside
+        assert linked and linked <= memory, linked - memory
+        # msg fabric: DMA goes by message, from the gpu to each hypervisor on its own link
+        assert {(f"gpu/{g}", f"hypervisor/{g}"), (f"gpu/{g}", f"hypervisor/{g}.1")} <= linked
+    assert not any(r["memory"] for r in res["ledger"]["links"]
+                   if "launcher" in (r["from"], r["to"]) or r["from"].startswith("guest"))
+    assert all(r["sent"] > 0 for r in res["ledger"]["links"] if r["memory"])
 
 
 def test_node_faults_need_the_nodes_they_stop_in_a_process_of_their_own():

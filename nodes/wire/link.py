@@ -168,6 +168,7 @@ class Link:
                 "acks": c["acks"], "restarts": c["restarts"], "deaths": c["deaths"],
                 "given_up": c["lost"] - self._lost0, "earlier": dict(self.earlier),
                 "srtt_us": self.proto.srtt // 1000,
+                "memory": type(self) is MemoryLink,     # in memory: two nodes of one process
                 "faults": faults["counts"],
                 # each fault the plan played, [ns since the link's first frame, kind]: the first
                 # FAULT_LOG_MAX of each direction (past them, only counted)
