@@ -116,6 +116,20 @@ def test_ipc_shm_packs_on_the_launchers_host_and_gives_the_local_verdict_and_mem
     _same_as_local(cfg, res)
 
 
+def test_a_host_process_on_ray_is_one_actor_and_gives_the_split_runs_verdict_and_memory(cluster):
+    """run.processes = "machine": the GPU's gpu, mediator and hypervisor are one process, so
+    three processes fit strict-spread on three Ray nodes (split's five do not, below); tcp and
+    CURVE across, the msg fabric; the local split run of the seed gives the same guest memory."""
+    cfg = _cfg("tcp", "msg", processes="machine")
+    res, ex, parents, eps = _ray_run(cluster, cfg, "strict-spread")
+    where = ex.placement()
+    assert sorted(where) == ["guests/1", "guests/2", "host/0"]
+    assert len({w["node_id"] for w in where.values()}) == RAY_NODES
+    for ep in ("gpu/0", "mediator/0", "hypervisor/0", "hypervisor/0.vm1"):
+        assert eps[ep].startswith(f"tcp://{where['host/0']['ip']}:"), (ep, eps)
+    _same_as_local(_cfg("tcp", "msg"), res)
+
+
 def test_a_node_restarted_on_ray_starts_again_in_its_actor_and_the_run_passes(cluster):
     raw = {"run": {"duration_s": 4, "seed": 5, "transport": "tcp", "fabric": "msg"},
            "vgpus": {"count": 2, "ram_mib": 16, "per_process": 1},
