@@ -186,7 +186,8 @@ def _node(args: argparse.Namespace) -> int:
                         metrics_addr=args.metrics_addr, parent_death=args.parent_death,
                         gpu_bind=args.gpu_bind)
     if hv_binds or args.gpu_bind:
-        raise SystemExit("gvtbench node: --hypervisor-bind is for a host process (role host)")
+        raise SystemExit("gvtbench node: --hypervisor-bind and --gpu-bind are for a host process "
+                         "(role host)")
     return run_node(args.role, cfg, vms=vms, bind=args.bind, peers=peers,
                     launcher=args.launcher, run_id=args.run_id, keys_dir=args.keys,
                     metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,

@@ -22,7 +22,7 @@ from nodes.errors import GvtError
 from nodes.node import fault_plan, guest_pools, node_names, vgpu_types
 from nodes.topology import Topology
 from nodes.wire.faults import FaultSpecError
-from nodes.wire.schema import MAX_GPUS, MAX_HYPERVISORS, STACK_ROLES, canonical, parse_node
+from nodes.wire.schema import MAX_GPUS, MAX_HYPERVISORS, canonical, parse_node
 
 
 class ConfigError(Exception):
@@ -51,8 +51,11 @@ def _ratio(v: Any) -> bool:
     return 0 <= v <= 1
 
 
-# run.processes: where a GPU's nodes run (bench.launch.HOST_ROLES; the guests are apart in all)
-PROCESS_LAYOUTS = ("split", "host", "machine")
+# run.processes: where a GPU's nodes run, and the roles its one host process holds in each (none
+# in split; the guests are apart in all)
+HOST_ROLES: dict[str, tuple[str, ...]] = {"split": (), "host": ("mediator", "hypervisor"),
+                                          "machine": ("gpu", "mediator", "hypervisor")}
+PROCESS_LAYOUTS = tuple(HOST_ROLES)
 
 # section -> key -> (types, default, check, what the check wants)
 SCHEMA: dict[str, dict[str, tuple]] = {
@@ -308,11 +311,12 @@ def validate(raw: dict, where: str = "<config>") -> dict:
         if not known:
             raise ConfigError(where, "faults.links", f"{nf.kind}={nf.node}: no node {nf.node!r} in "
                               f"this run ({', '.join(node_names(cfg))})")
-        if cfg["run"]["processes"] != "split" and parse_node(canonical(nf.node))[0] in (
-                ("mediator", "hypervisor") if cfg["run"]["processes"] == "host" else STACK_ROLES):
+        layout = cfg["run"]["processes"]
+        if parse_node(canonical(nf.node))[0] in HOST_ROLES[layout]:
             raise ConfigError(where, "faults.links", f"{nf.kind}={nf.node}: with run.processes = "
-                              f"'host' the mediator and its hypervisors are one process and cannot "
-                              f"be stopped or killed alone; set run.processes = 'split'")
+                              f"'{layout}' the {', '.join(HOST_ROLES[layout])} of a GPU are one "
+                              f"process and cannot be stopped or killed alone; set "
+                              f"run.processes = 'split'")
         if nf.node.startswith("guest") and max(map(len, guest_pools(cfg))) > 1:
             raise ConfigError(where, "faults.links", f"{nf.kind}={nf.node}: a guest in a pool of "
                               f"guests cannot be stopped or killed alone; set vgpus.per_process = 1")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from bench import ledger, procstat, trace
-from bench.config import public
+from bench.config import HOST_ROLES, public
 # free_port is also this module's: bench.cli and the tests take it from here
 from bench.executor import Executor, LocalExecutor, NodeProcess, free_port, terminate  # noqa: F401
 from nodes.actions import Call, Post, Sleep
@@ -36,8 +36,6 @@ from nodes.wire.schema import STACK_ROLES, guest_name, hypervisor_index, role_of
 from nodes.wire.faults import NodeFault
 
 SCHEMA_VERSION = 1
-# the nodes of a GPU's host process, by run.processes
-HOST_ROLES = {"host": ("mediator", "hypervisor"), "machine": ("gpu", "mediator", "hypervisor")}
 DUMP_CHUNK = 65536          # GGTT entries per GGTT_DUMP (512 KiB: inside the frame limit)
 PROBE_CHUNK = 8192          # probes per GM_WRITE
 BEHIND_SHARE = 0.9          # a vGPU that completes less of its offered rate fell behind
@@ -152,8 +150,7 @@ class Launcher:
         pool = self.pool_of.get(name)
         if pool:
             return f"guests/{pool[0]}"
-        mode = self.cfg["run"]["processes"]
-        if mode != "split" and role_of(name)[0] in HOST_ROLES[mode]:
+        if role_of(name)[0] in HOST_ROLES[self.cfg["run"]["processes"]]:
             return f"host/{self.topo.stack_of(name).index}"
         return name
 

@@ -23,7 +23,7 @@ from nodes.wire.codec import check_reply_size
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "gvtbench-"
 FIRST_MFN = 0x1000       # machine frames below this belong to nobody: a stray access faults
-LOCAL_VIEWS = 1 << 16    # pages whose place a Fabric remembers
+LOCAL_PAGES = 1 << 16    # pages whose place a Fabric remembers
 
 
 @dataclass(frozen=True)
@@ -275,9 +275,9 @@ class Fabric:
         self.layout, self.backend, self.run_id = layout, backend, run_id
         self.owned = owned
         self._attached: dict[str, RegionMemory] = {}
-        # mfn -> (its region's bytes, the page's offset there), or None (not mapped here): the
-        # walkers ask for the same pages over and over (LOCAL_VIEWS of them are kept)
-        self._views: dict[int, tuple[memoryview, int] | None] = {}
+        # mfn -> its region's bytes mapped here, or None (not mapped here): the walkers ask for
+        # the same pages over and over (LOCAL_PAGES of them are kept)
+        self._pages: dict[int, RegionMemory | None] = {}
 
     def _region(self, mfn: int) -> Region:
         r = self.layout.region_of(mfn)
@@ -295,32 +295,27 @@ class Fabric:
             return rm
         return None
 
-    def _page(self, mfn: int) -> tuple[memoryview, int] | None:
-        """Where the page sits in bytes mapped here (its region's view, the page's offset in
-        it), or None (not mapped here, or in no region), remembered per page."""
-        views = self._views
+    def _mapped(self, mfn: int) -> RegionMemory | None:
+        """The bytes of the page's region when they are mapped here (shm, or owned), else None
+        (not mapped here, or in no region), remembered per page."""
+        pages = self._pages
         try:
-            return views[mfn]
+            return pages[mfn]
         except KeyError:
             pass
         r = self.layout.region_of(mfn)
         rm = self._local(r) if r is not None else None
-        at = None if rm is None else (rm.view, (mfn - r.base_mfn) * PAGE_SIZE)
-        if len(views) >= LOCAL_VIEWS:
-            views.clear()
-        views[mfn] = at
-        return at
+        if len(pages) >= LOCAL_PAGES:
+            pages.clear()
+        pages[mfn] = rm
+        return rm
 
     def write_many(self, ops: list[tuple[int, int, bytes]]) -> Iterator[Any]:
         remote: dict[str, list[list]] = {}
         for mfn, off, data in ops:
-            at = self._page(mfn)
-            if at is not None:
-                if not (0 <= off and off + len(data) <= PAGE_SIZE):
-                    raise GvtError("EINVAL", f"access of {len(data)} bytes at offset {off} "
-                                   f"crosses a page")
-                view, a = at
-                view[a + off:a + off + len(data)] = data
+            rm = self._mapped(mfn)
+            if rm is not None:
+                rm.write(mfn, off, data)
             else:
                 remote.setdefault(self._region(mfn).owner, []).append([mfn, off, data])
         for owner, batch in remote.items():
@@ -332,12 +327,9 @@ class Fabric:
         out: list[bytes | None] = [None] * len(ops)
         remote: dict[str, tuple[list[int], list[list]]] = {}
         for i, (mfn, off, n) in enumerate(ops):
-            page = self._page(mfn)
-            if page is not None:
-                if not (0 <= off and n >= 0 and off + n <= PAGE_SIZE):
-                    raise GvtError("EINVAL", f"access of {n} bytes at offset {off} crosses a page")
-                view, a = page
-                out[i] = bytes(view[a + off:a + off + n])
+            rm = self._mapped(mfn)
+            if rm is not None:
+                out[i] = rm.read(mfn, off, n)
             else:
                 at, batch = remote.setdefault(self._region(mfn).owner, ([], []))
                 at.append(i)
@@ -356,14 +348,14 @@ class Fabric:
     def local_view(self, mfn: int) -> memoryview | None:
         """The page's bytes when its region is mapped here (shm, or owned), else None: a walker
         that reads many small pieces uses it instead of a message each."""
-        at = self._page(mfn)
-        if at is None:
+        rm = self._mapped(mfn)
+        if rm is None:
             return None
-        view, a = at
-        return view[a:a + PAGE_SIZE]
+        a = (mfn - rm.region.base_mfn) * PAGE_SIZE
+        return rm.view[a:a + PAGE_SIZE]
 
     def close(self) -> None:
-        self._views.clear()
+        self._pages.clear()
         for rm in self._attached.values():
             rm.close(unlink=False)
         self._attached.clear()

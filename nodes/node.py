@@ -245,9 +245,9 @@ def run_host(cfg: dict, *, gpu: int, bind: str | None, hv_binds: dict[int, str],
              metrics_addr: str = "127.0.0.1", parent_death: bool = False,
              gpu_bind: str | None = None) -> int:
     """GPU `gpu`'s host process (run.processes = "host"): its mediator and its hypervisors in
-    one process, as kvmgt's trap handlers and GVT-g share the host kernel. Each is still its own
-    node, with its own endpoints, links, metrics and READY; the links between them carry the
-    same frames in memory instead of through ZeroMQ (Runtime._connect_local)."""
+    one process, as kvmgt's trap handlers and GVT-g share the host kernel; with `gpu_bind`
+    ("machine") its gpu too. Each is still its own node, with its own endpoints, links, metrics
+    and READY; the links between them are in memory (Runtime._connect_local)."""
     if not bind:
         raise GvtError("EINVAL", "a host process needs --bind ENDPOINT (its mediator's)")
     stack = Topology(cfg).stack(gpu)
@@ -255,9 +255,12 @@ def run_host(cfg: dict, *, gpu: int, bind: str | None, hv_binds: dict[int, str],
         raise GvtError("EINVAL", f"GPU {gpu}'s host process needs --hypervisor-bind K=ENDPOINT for "
                        f"each of its {len(stack.hv_vms)} hypervisor(s) (K from 0), got "
                        f"{sorted(hv_binds) or 'none'}")
-    if gpu_bind and not peers:
+    if gpu_bind:
+        if peers:
+            raise GvtError("EINVAL", "a host process that runs its gpu (--gpu-bind) has no peer: "
+                           "drop --peer")
         peers = {"gpu": gpu_bind}
-    if "gpu" not in peers or peers.keys() - {"gpu"}:
+    elif "gpu" not in peers or peers.keys() - {"gpu"}:
         raise GvtError("EINVAL", "a host process's one peer is its gpu: --peer gpu=ENDPOINT")
     stray = sorted(set(vm_binds or {}) - set(stack.vms))
     if stray:
@@ -272,7 +275,6 @@ def run_host(cfg: dict, *, gpu: int, bind: str | None, hv_binds: dict[int, str],
                                  peers={local_hypervisor(k): ep for k, ep in hv_binds.items()},
                                  launcher=launcher, run_id=run_id, keys_dir=keys_dir,
                                  vm_binds=None, restarted=False, host=host, later=later))
-        peers = {"gpu": gpu_bind}
     nodes += [_stack_node("mediator", cfg, gpu=gpu, hv=0, bind=bind, peers=dict(peers),
                          launcher=launcher, run_id=run_id, keys_dir=keys_dir, vm_binds=None,
                          restarted=False, host=host, later=later)]

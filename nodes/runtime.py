@@ -708,20 +708,14 @@ class Runtime:
         node (about 2 µs a message against 6 µs with the rcvmore attribute). With CURVE, the
         body frame carries the User-Id the authenticator gave the connection."""
         sock = r.sock
-        recv, events = sock.recv, sock.getsockopt
+        recv = sock.recv
         curve = self.keys is not None
         gate = self._accepting if r.vm else None
         host = self.host
         for n in range(budget):
-            # ask before each recv but the first (the host saw input): a recv that finds
-            # nothing raises zmq.Again, whose construction costs ten times the question
-            if n:
-                if host.one_at_a_time(sock):
-                    return n
-                if not events(EVENTS) & POLLIN:
-                    if n == 1:
-                        host.busy.discard(sock)
-                    return n
+            # the first recv without asking (the host saw input); then NodeHost.take_more
+            if n and not host.take_more(sock, n):
+                return n
             try:
                 head = recv(NOBLOCK, copy=False)
             except zmq.Again:
@@ -747,16 +741,11 @@ class Runtime:
 
     def _drain_dealer(self, sock: zmq.Socket, budget: int, deadline: int) -> int:
         link = self._dealers[sock]
-        recv, events = sock.recv, sock.getsockopt
+        recv = sock.recv
         host = self.host
         for n in range(budget):
-            if n:                                     # as in _drain_router
-                if host.one_at_a_time(sock):
-                    return n
-                if not events(EVENTS) & POLLIN:
-                    if n == 1:
-                        host.busy.discard(sock)
-                    return n
+            if n and not host.take_more(sock, n):     # as in _drain_router
+                return n
             try:
                 frame = recv(NOBLOCK, copy=False)
             except zmq.Again:
@@ -1028,16 +1017,21 @@ class NodeHost:
         single.clear()
         return ready
 
-    def one_at_a_time(self, sock: zmq.Socket) -> bool:
-        """After a socket's first frame of a turn: leave the rest to the next look (True)? A
-        socket that brings one frame at a time (a closed loop: a request, then its answer) is
-        then asked for more once, with the question the look asks anyway after its node has
-        sent; one that brought more last time (a flood) is drained on at once."""
-        if sock in self.busy:
+    def take_more(self, sock: zmq.Socket, n: int) -> bool:
+        """After a turn's n-th frame of a socket: take another now? A socket that brings one
+        frame at a time (a closed loop: a request, then its answer) is left to the next look,
+        which asks ZMQ_EVENTS anyway after its node has sent; one that brought more last time (a
+        flood) is asked at once. A recv that finds nothing raises zmq.Again, whose construction
+        costs ten times the question."""
+        if sock not in self.busy:
+            self.single.add(sock)
+            self.hot.add(sock)
             return False
-        self.single.add(sock)
-        self.hot.add(sock)
-        return True
+        if sock.getsockopt(EVENTS) & POLLIN:
+            return True
+        if n == 1:
+            self.busy.discard(sock)         # one frame this turn: back to one at a time
+        return False
 
     def _drain(self, ready: list) -> set[Runtime]:
         """Take frames from the ready sockets in turn, so a flood on one does not starve the
