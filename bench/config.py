@@ -313,9 +313,10 @@ def validate(raw: dict, where: str = "<config>") -> dict:
                               f"this run ({', '.join(node_names(cfg))})")
         layout = cfg["run"]["processes"]
         if parse_node(canonical(nf.node))[0] in HOST_ROLES[layout]:
+            *most, last = HOST_ROLES[layout]
             raise ConfigError(where, "faults.links", f"{nf.kind}={nf.node}: with run.processes = "
-                              f"'{layout}' the {', '.join(HOST_ROLES[layout])} of a GPU are one "
-                              f"process and cannot be stopped or killed alone; set "
+                              f"'{layout}' a GPU's {', '.join(most)} and {last} nodes share one "
+                              f"process, which cannot be stopped or killed for one of them; set "
                               f"run.processes = 'split'")
         if nf.node.startswith("guest") and max(map(len, guest_pools(cfg))) > 1:
             raise ConfigError(where, "faults.links", f"{nf.kind}={nf.node}: a guest in a pool of "
